@@ -1,0 +1,31 @@
+"""Project settings. https://docs.kedro.org/en/stable/kedro_project_setup/settings.html
+
+Telemetry: nothing in this project may contact the network at run time. kedro-viz
+pulls in kedro-telemetry; the committed ``.telemetry`` file (``consent: false``) turns it
+off for the CLI, and the environment variables below turn it off for any session that
+imports these settings (notebooks, tests).
+"""
+import os
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+# Model hubs are unreachable: never let transformers/diffusers try to download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+from pathlib import Path  # noqa: E402
+
+from kedro.config import OmegaConfigLoader  # noqa: E402
+
+# The project root (this file is src/fu_kedro/settings.py in the editable install the
+# README asks for). Used by conf/base/mlflow.yml so the MLflow store is always
+# <project>/mlflow.db, whatever the working directory.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "custom_resolvers": {"fu_project_root": lambda: PROJECT_ROOT.as_posix()},
+}
