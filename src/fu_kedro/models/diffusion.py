@@ -1,0 +1,277 @@
+"""Latent diffusion models for both profiles, built in one place.
+
+Both profiles are a diffusers ``StableDiffusionPipeline`` (``AutoencoderKL`` +
+``UNet2DConditionModel`` + CLIP text encoder + tokenizer); they differ only in where the
+weights come from and in a handful of sizes:
+
+* ``tiny`` (offline default): every component is built from the small config below and
+  trained here from scratch on CPU (see :mod:`fu_kedro.models.training`). It is named
+  "tiny base trained here" in every log and report, never "Stable Diffusion".
+* ``pretrained``: ``StableDiffusionPipeline.from_pretrained(<local dir or hub id>)`` —
+  Stable Diffusion v1.5 in the paper. Nothing is downloaded at run time: the weights must
+  be on disk (or in the local Hugging Face cache).
+
+``SD15_CONFIG`` holds SD v1.5's published architecture values so the paper's architecture
+can be built with random weights (tests, benchmarks) without a download.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_BASE_NAME = "tiny base trained here (not Stable Diffusion)"
+
+# Small enough to train on 2 CPU cores in minutes; same classes as SD v1.5's components.
+TINY_CONFIG: dict[str, Any] = {
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,  # 3 blocks -> downsampling factor f=4
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "mid_block_add_attention": False,
+    },
+    "unet": {
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [64, 128, 128],
+        "layers_per_block": 1,
+        "attention_head_dim": 4,  # diffusers' name; it is the number of heads in SD-style UNets
+        "norm_num_groups": 32,
+    },
+    "text_encoder": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 64,
+    },
+    "scheduler": {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+    },
+}
+
+# Stable Diffusion v1.5's published component configs (runwayml/stable-diffusion-v1-5,
+# */config.json), so its exact architecture can be built offline with random weights.
+SD15_CONFIG: dict[str, Any] = {
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    },
+    "unet": {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "text_encoder": {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+    "scheduler": {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+    },
+}
+
+# Words the offline tokenizer knows as whole tokens; anything else falls back to
+# byte-level pieces (still tokenised, never an error).
+# Earlier words win when merges conflict: the plane names come first so they stay whole.
+TOKENIZER_WORDS = (
+    "abdomen brain femur thorax other fetal photo a of "
+    "an the fetus ultrasound image scan plane view standard maternal cervix "
+    "abdominal head heart stomach bone "
+    "trans-thalamic trans-cerebellum trans-ventricular low quality blurry noise text"
+).split()
+
+
+def build_offline_tokenizer(words: Iterable[str] = TOKENIZER_WORDS) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer built offline: all 256 bytes plus whole-word tokens.
+
+    Each word gets the chain of merges that spells it left to right, so the caption words
+    become single tokens. ``model_max_length`` is 77 like CLIP's.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for word in dict.fromkeys(w.lower() for w in words):
+        for piece, _ in byte_level.pre_tokenize_str(word):
+            parts = _apply_bpe(list(piece[:-1]) + [piece[-1] + "</w>"], ranks)
+            # Each new merge ranks last, so it never changes how earlier words tokenise.
+            while len(parts) > 1:
+                ranks[(parts[0], parts[1])] = len(ranks)
+                vocab.setdefault(parts[0] + parts[1], len(vocab))
+                parts = _apply_bpe(parts, ranks)
+    merges = sorted(ranks, key=ranks.__getitem__)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as the BPE model does it: lowest-ranked adjacent pair first."""
+    while len(parts) > 1:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get((parts[i], parts[i + 1]), 1 << 30))
+        if (parts[best], parts[best + 1]) not in ranks:
+            break
+        parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2 :]
+    return parts
+
+
+def _text_config(tokenizer: CLIPTokenizer, values: dict[str, Any]) -> CLIPTextConfig:
+    # With a small vocab the special ids are not CLIP's; the pooled output is taken at the
+    # eos position, so the config must know the real ids.
+    return CLIPTextConfig(
+        **{"vocab_size": len(tokenizer)} | values,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_pipeline_from_config(
+    config: dict[str, Any], resolution: int, seed: int, tokenizer: CLIPTokenizer | None = None
+) -> StableDiffusionPipeline:
+    """Assemble a ``StableDiffusionPipeline`` with randomly initialised weights from ``config``.
+
+    Used for the tiny base (then trained) and for SD v1.5's architecture in tests. The
+    sampler is DPM-Solver++ (multistep), built from the training noise schedule.
+    """
+    torch.manual_seed(seed)
+    tokenizer = tokenizer or build_offline_tokenizer()
+    vae_cfg = dict(config["vae"])
+    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    vae_cfg.setdefault("sample_size", resolution)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, config["text_encoder"]))
+    unet_cfg = dict(config["unet"])
+    unet_cfg.setdefault("sample_size", resolution // down)
+    unet_cfg.setdefault("cross_attention_dim", config["text_encoder"]["hidden_size"])
+    unet = UNet2DConditionModel(**unet_cfg)
+    scheduler = DPMSolverMultistepScheduler(**config["scheduler"])
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def training_noise_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
+    """The DDPM noise schedule matching the pipeline's sampler (same betas and prediction type)."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
+    """Load SD v1.5 (or any SD-1.x layout) from a local folder or the local hub cache — never downloads.
+
+    A missing path fails at once, naming what to download and where to put it.
+    """
+    path = Path(model_id_or_path).expanduser()
+    looks_like_path = path.is_absolute() or model_id_or_path.startswith((".", "~")) or path.exists()
+    if looks_like_path and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"Pretrained base model not found at '{path}' (no model_index.json). Download Stable "
+            "Diffusion v1.5 in diffusers layout on a machine with internet, e.g. "
+            "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir "
+            f"{path}` (about 5 GB; only *.json, *.txt and the fp32 or fp16 *.safetensors are "
+            "needed), and set lora_training.base_model.pretrained_path to that folder."
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path) if looks_like_path else model_id_or_path,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"Pretrained base model '{model_id_or_path}' is neither a local folder nor in the local "
+            "Hugging Face cache, and this project never downloads at run time. Download it first "
+            "(e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir "
+            "models/stable-diffusion-v1-5`) and point lora_training.base_model.pretrained_path at it."
+        ) from exc
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def state_dict_hash(modules: dict[str, torch.nn.Module]) -> str:
+    """SHA-256 over the parameters of the named modules, in a fixed order (content hash)."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        for key, tensor in sorted(modules[name].state_dict().items()):
+            digest.update(f"{name}.{key}".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pipeline_hash(pipe: StableDiffusionPipeline) -> str:
+    """Content hash of the weights of a pipeline (VAE, UNet, text encoder)."""
+    return state_dict_hash({"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder})
+
+
+def describe_base(pipe: StableDiffusionPipeline) -> dict[str, Any]:
+    """The lineage record of a base model: name, source and content hash."""
+    info = copy.deepcopy(getattr(pipe, "fu_base_info", {}))
+    info.setdefault("name", TINY_BASE_NAME)
+    info["content_hash"] = info.get("content_hash") or pipeline_hash(pipe)
+    return info
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,185 @@
+"""LoRA adapters through peft and diffusers: attach, export, import (diffusers or kohya-ss files), apply.
+
+In memory an adapter is a :class:`LoraAdapter`: a diffusers-format state dict (keys
+``unet.…lora.down.weight`` / ``…lora.up.weight``, optional ``text_encoder.…``) plus string
+metadata (lineage: rank, alpha, base-model hash, …). The scale ``alpha / rank`` is folded
+into the ``up`` weights on export and import, so every adapter we pass on is exactly
+``load_lora_weights``-ready with no side-channel alphas; the original rank and alpha stay
+in the metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+UNET_TARGETS_DEFAULT = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter in diffusers format, alpha folded in, with string metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of the tensors (names, shapes, values): the adapter's identity."""
+        digest = hashlib.sha256()
+        for key in sorted(self.state_dict):
+            digest.update(key.encode())
+            digest.update(self.state_dict[key].detach().to(torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return any(k.startswith("text_encoder.") for k in self.state_dict)
+
+
+def attach_lora(
+    pipe: StableDiffusionPipeline,
+    rank: int,
+    alpha: float,
+    unet_targets: tuple[str, ...] = UNET_TARGETS_DEFAULT,
+    train_text_encoder: bool = False,
+    seed: int = 0,
+) -> None:
+    """Add trainable peft LoRA layers to the UNet (and optionally the text encoder); freeze the rest."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+    pipe.unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(unet_targets))
+    )
+    if train_text_encoder:
+        pipe.text_encoder.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS))
+        )
+
+
+_LORA_PART = re.compile(r"\.(lora|lora_linear_layer)\.(down|up)\.")
+
+
+def _module_of(key: str) -> str:
+    """``unet.x.to_q.lora.up.weight`` -> ``unet.x.to_q`` (also for ``lora_linear_layer``)."""
+    return _LORA_PART.split(key, 1)[0]
+
+
+def _fold_scale(state_dict: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Multiply each LoRA ``up`` weight by the scale of its module (alpha / rank)."""
+    out = {}
+    for key, value in state_dict.items():
+        module = _module_of(key)
+        match = _LORA_PART.search(key)
+        if match and match.group(2) == "up" and module in scales:
+            value = value * scales[module]
+        out[key] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def export_lora(pipe: StableDiffusionPipeline, rank: int, alpha: float, metadata: dict[str, Any]) -> LoraAdapter:
+    """The trained peft layers of ``pipe`` as a :class:`LoraAdapter` (diffusers keys, alpha folded)."""
+    state: dict[str, torch.Tensor] = {}
+    parts = {"unet": pipe.unet}
+    if getattr(pipe.text_encoder, "peft_config", None):
+        parts["text_encoder"] = pipe.text_encoder
+    for prefix, model in parts.items():
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        state.update({f"{prefix}.{k}": v for k, v in layers.items()})
+    modules = {_module_of(k) for k in state}
+    state = _fold_scale(state, {m: alpha / rank for m in modules})
+    meta = {"format": "diffusers", "rank": str(rank), "alpha": str(alpha), "alpha_folded": "true"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()})
+    return LoraAdapter(state, meta)
+
+
+def apply_lora(pipe: StableDiffusionPipeline, adapter: LoraAdapter, scale: float = 1.0, name: str = "fu_lora") -> None:
+    """Load ``adapter`` into ``pipe`` (through ``load_lora_weights``) and set its strength."""
+    if name in (pipe.get_list_adapters().get("unet", []) if hasattr(pipe, "get_list_adapters") else []):
+        pipe.delete_adapters(name)
+    pipe.load_lora_weights(dict(adapter.state_dict), adapter_name=name)
+    pipe.set_adapters([name], adapter_weights=[scale])
+
+
+def save_adapter_file(adapter: LoraAdapter, path: Path) -> None:
+    """Write the adapter as one ``.safetensors`` file, loadable by ``load_lora_weights(path)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(adapter.state_dict, str(path), metadata=adapter.metadata)
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def read_adapter_file(path: str | Path) -> LoraAdapter:
+    """Read a LoRA ``.safetensors`` file in diffusers or kohya-ss format as a :class:`LoraAdapter`.
+
+    kohya files (the published FU-LoRA adapters among them) are converted with diffusers'
+    own converter; their ``.alpha`` tensors are folded into the weights. Text-encoder keys
+    that still contain ``text_model`` are renamed for transformers >= 5, whose
+    ``CLIPTextModel`` no longer has a ``text_model`` level.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA adapter file '{path}' does not exist")
+    try:
+        raw = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            file_meta = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"LoRA adapter file '{path}' is not a readable safetensors file: {exc}") from exc
+    if not raw:
+        raise ValueError(f"LoRA adapter file '{path}' holds no tensors")
+    if all(k.startswith(_KOHYA_PREFIXES) for k in raw):
+        source_format = "kohya"
+    elif any(".lora" in k or "lora_A" in k or "lora_down" in k for k in raw):
+        source_format = "diffusers"
+    else:
+        raise ValueError(f"LoRA adapter file '{path}': no LoRA keys recognised (first key: {next(iter(raw))})")
+
+    state, alphas = StableDiffusionPipeline.lora_state_dict(dict(raw))
+    state = {_flatten_text_model(k): v for k, v in state.items()}
+    alphas = {_flatten_text_model(k): float(v) for k, v in (alphas or {}).items()}
+    # Fold alpha/rank per module; modules without an alpha keep scale 1 (alpha == rank).
+    scales = {}
+    for key, value in state.items():
+        match = _LORA_PART.search(key)
+        if match and match.group(2) == "down":
+            module = _module_of(key)
+            alpha_key = next((a for a in (module + ".alpha", module.split(".", 1)[-1] + ".alpha") if a in alphas), None)
+            if alpha_key is not None:
+                scales[module] = alphas[alpha_key] / value.shape[0]
+    state = _fold_scale(state, scales)
+    meta = {k: v for k, v in file_meta.items() if k != "lora_adapter_metadata"}
+    meta.update({"format": "diffusers", "imported_from": str(path), "imported_format": source_format, "alpha_folded": "true"})
+    return LoraAdapter(state, meta)
+
+
+def _flatten_text_model(key: str) -> str:
+    return re.sub(r"^text_encoder\.text_model\.", "text_encoder.", key)
+
+
+def as_json_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()}
+
+
+def temp_adapter_path() -> Path:
+    return Path(tempfile.mkdtemp(prefix="fu_lora_")) / "adapter.safetensors"

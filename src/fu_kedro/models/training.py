@@ -1,0 +1,280 @@
+"""Training loops: one for the autoencoder, one for the denoiser (base UNet or LoRA).
+
+The denoiser loop is the same for the tiny base (all UNet weights trainable) and for LoRA
+fine-tuning of either profile (only the peft layers trainable): which parameters train is
+decided before the loop by ``requires_grad``. Device and precision are left to accelerate,
+so the same loop runs on CPU, one GPU or several (``accelerate launch``). Reusable pieces
+come from ``diffusers.training_utils`` (``EMAModel``, ``compute_snr``), as in diffusers'
+``train_text_to_image_lora.py``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel, compute_snr
+
+from fu_kedro.models.diffusion import training_noise_scheduler
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class LoopConfig:
+    """Knobs of a training loop (all from ``conf/``)."""
+
+    max_steps: int
+    max_minutes: float
+    batch_size: int
+    learning_rate: float
+    seed: int
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    ema_decay: float | None = None
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    caption_dropout: float = 0.0
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    text_encoder_learning_rate: float | None = None
+    log_every: int = 10
+
+
+def _check_finite(loss: torch.Tensor, step: int, last_finite: float | None) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training loss became {value} at step {step}; last finite loss was {last_finite}. "
+            "Lower the learning rate, or use mixed_precision 'no'/'bf16' instead of 'fp16'."
+        )
+    return value
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless seeded shuffles of range(n), cut into batches (the last short one kept)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+def to_model_range(images: np.ndarray, channels: int = 3) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` grayscale -> float ``(N, C, H, W)`` in [-1, 1] (gray copied to C channels)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    return x[:, None].expand(-1, channels, -1, -1).contiguous()
+
+
+def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig, kl_weight: float) -> list[dict]:
+    """Train a (small) ``AutoencoderKL`` to reconstruct ``images``; returns the loss history.
+
+    Loss: mean squared reconstruction error + ``kl_weight`` x KL to the unit Gaussian.
+    """
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    vae, opt = accelerator.prepare(vae, opt)
+    history: list[dict] = []
+    start, last = time.monotonic(), None
+    bar = tqdm(total=cfg.max_steps, desc="autoencoder", leave=False)
+    for step, idx in enumerate(_batches(len(images), cfg.batch_size, gen), start=1):
+        x = images[idx].to(accelerator.device)
+        with accelerator.autocast():
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=None)).sample
+            rec = F.mse_loss(recon.float(), x.float())
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = rec + kl_weight * kl
+        last = _check_finite(loss, step, last)
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.monotonic() - start
+        history.append({"step": step, "loss": last, "reconstruction": float(rec), "seconds": elapsed})
+        bar.update(1)
+        bar.set_postfix(loss=f"{last:.4f}")
+        if step >= cfg.max_steps or elapsed > cfg.max_minutes * 60:
+            break
+    bar.close()
+    log.info("autoencoder: %d steps in %.0f s, final reconstruction MSE %.4f", step, elapsed, history[-1]["reconstruction"])
+    accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    return history
+
+
+@torch.no_grad()
+def encode_to_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Posterior means of ``images`` times the VAE's scaling factor (latents are cached once)."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(vae.device, vae.dtype)
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def tokenize(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
+    """Token ids ``(N, 77)`` of ``captions``, padded like the pipeline pads prompts."""
+    return pipe.tokenizer(
+        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def train_denoiser(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    cfg: LoopConfig,
+    clip_skip: int | None = None,
+) -> list[dict]:
+    """Train the pipeline's UNet (and text encoder) weights that have ``requires_grad`` set.
+
+    ``latents`` are cached VAE latents (already scaled), ``token_ids`` the tokenised
+    captions, one row per latent. With ``caption_dropout`` > 0 a caption is replaced by
+    the empty prompt that often, so classifier-free guidance works at sampling time.
+    Optional min-SNR loss weighting and noise offset; optional EMA of the trained weights
+    (copied into the model at the end). Stops at ``max_steps`` or ``max_minutes``,
+    whichever comes first. Returns the per-step history (step, loss, seconds).
+    """
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    noise_scheduler = training_noise_scheduler(pipe)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
+    )
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    empty_ids = tokenize(pipe, [""])[0]
+
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    if not unet_params and not te_params:
+        raise ValueError("train_denoiser: no trainable parameters (nothing has requires_grad)")
+    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+    # Train in float32 even when the frozen base is half precision (mixed precision via autocast).
+    for p in unet_params + te_params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    ema = EMAModel(unet_params + te_params, decay=cfg.ema_decay) if cfg.ema_decay else None
+    unet.train()
+    text_encoder.train(bool(te_params))
+    unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    device = accelerator.device
+
+    history: list[dict] = []
+    start, last, step = time.monotonic(), None, 0
+    bar = tqdm(total=cfg.max_steps, desc="denoiser", leave=False)
+    batches = _batches(len(latents), cfg.batch_size, gen)
+    while step < cfg.max_steps:
+        idx = next(batches)
+        with accelerator.accumulate(unet):
+            x0 = latents[idx].to(device)
+            ids = token_ids[idx].clone()
+            if cfg.caption_dropout > 0:
+                drop = torch.rand(len(ids), generator=gen) < cfg.caption_dropout
+                ids[drop] = empty_ids
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            if cfg.noise_offset:
+                noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            with torch.set_grad_enabled(bool(te_params)):
+                hidden = _encode_ids(text_encoder, ids.to(device), clip_skip)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(x0, noise, t)
+            else:
+                target = noise
+            with accelerator.autocast():
+                pred = unet(noisy, t, hidden).sample
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if cfg.min_snr_gamma:
+                snr = compute_snr(noise_scheduler, t)
+                weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+                loss = loss * weight
+            loss = loss.mean()
+            last = _check_finite(loss, step + 1, last)
+            accelerator.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            step += 1
+            if ema is not None:
+                ema.step(unet_params + te_params)
+            elapsed = time.monotonic() - start
+            history.append({"step": step, "loss": last, "seconds": elapsed})
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{last:.4f}")
+            if elapsed > cfg.max_minutes * 60:
+                log.info("denoiser: time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                break
+    bar.close()
+    if ema is not None:
+        ema.copy_to(unet_params + te_params)
+    unet = accelerator.unwrap_model(unet).eval()
+    text_encoder = accelerator.unwrap_model(text_encoder).eval()
+    if cfg.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    return history
+
+
+def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    """Text-encoder states the way ``StableDiffusionPipeline.encode_prompt`` computes them."""
+    if not clip_skip:
+        return text_encoder(ids)[0]
+    out = text_encoder(ids, output_hidden_states=True)
+    hidden = out.hidden_states[-(clip_skip + 1)]
+    return text_encoder.final_layer_norm(hidden) if hasattr(text_encoder, "final_layer_norm") else hidden
+
+
+@torch.no_grad()
+def denoising_loss(
+    pipe: StableDiffusionPipeline, latents: torch.Tensor, token_ids: torch.Tensor, seed: int, repeats: int = 4
+) -> float:
+    """Mean epsilon/v MSE of the pipeline on fixed (seeded) noise and timesteps — for comparisons."""
+    noise_scheduler = training_noise_scheduler(pipe)
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    device = pipe.unet.device
+    for _ in range(repeats):
+        for start in range(0, len(latents), 32):
+            x0 = latents[start : start + 32].to(device)
+            ids = token_ids[start : start + 32].to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+            target = (
+                noise_scheduler.get_velocity(x0, noise, t)
+                if noise_scheduler.config.prediction_type == "v_prediction"
+                else noise
+            )
+            pred = pipe.unet(noise_scheduler.add_noise(x0, noise, t), t, pipe.text_encoder(ids)[0]).sample
+            total += float(F.mse_loss(pred.float(), target.float(), reduction="sum"))
+            count += target.numel()
+    return total / count
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
+    """First/last-window mean loss and step count of a history (for logs and tests)."""
+    losses = [h["loss"] for h in history]
+    k = max(1, len(losses) // 10)
+    return {"steps": len(losses), "loss_start": float(np.mean(losses[:k])), "loss_end": float(np.mean(losses[-k:]))}
