@@ -1,6 +1,62 @@
-"""``ingestion`` pipeline (placeholder until its issue lands)."""
-from kedro.pipeline import Pipeline
+"""``ingestion``: source/target folders (or phantoms) -> validated, preprocessed, split image sets."""
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import (
+    build_quarantine_report,
+    count_ingestion,
+    draw_lora_subset,
+    plot_preview_grid,
+    read_source_images,
+    read_target_images,
+    split_source_by_patient,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([], tags="ingestion")
+    return Pipeline(
+        [
+            Node(
+                func=read_source_images,
+                inputs=["params:source_format", "params:source_path", "params:seed", "params:ingestion"],
+                outputs=["source_images_unsplit", "source_quarantine"],
+                name="read_source_images_node",
+            ),
+            Node(
+                func=read_target_images,
+                inputs=["params:target_format", "params:target_path", "params:seed", "params:ingestion"],
+                outputs=["target_images", "target_quarantine"],
+                name="read_target_images_node",
+            ),
+            Node(
+                func=split_source_by_patient,
+                inputs=["source_images_unsplit", "params:seed", "params:ingestion"],
+                outputs="source_images",
+                name="split_source_by_patient_node",
+            ),
+            Node(
+                func=draw_lora_subset,
+                inputs=["source_images", "params:seed", "params:ingestion"],
+                outputs="lora_subset",
+                name="draw_lora_subset_node",
+            ),
+            Node(
+                func=build_quarantine_report,
+                inputs=["source_quarantine", "target_quarantine"],
+                outputs=["quarantine_report", "quarantine_report_mlflow"],
+                name="build_quarantine_report_node",
+            ),
+            Node(
+                func=count_ingestion,
+                inputs=["source_images", "target_images", "lora_subset"],
+                outputs="ingestion_metrics",
+                name="count_ingestion_node",
+            ),
+            Node(
+                func=plot_preview_grid,
+                inputs=["source_images", "target_images", "params:ingestion"],
+                outputs=["ingestion_preview_grid", "ingestion_preview_grid_mlflow"],
+                name="plot_preview_grid_node",
+            ),
+        ],
+        tags="ingestion",
+    )

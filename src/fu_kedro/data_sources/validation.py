@@ -1,0 +1,133 @@
+"""Checks on real input: open every image, decide what is bad, apply the ``on_bad_input`` policy.
+
+Bad (skipped under ``skip``, named in the error under ``fail``): corrupt or truncated
+files, files that are not images, files listed in a CSV but missing, image files present
+but not listed, unknown plane labels, duplicate image names, empty class folders,
+required classes without images, absurd sizes, blank images.
+
+Converted with a logged note (never rejected): RGB (the African set is mixed grayscale/
+RGB), RGBA/LA (composited on black), palette, 16-bit (scaled by the image's own maximum)
+and any other PIL mode that converts to 8-bit grayscale.
+
+Structural problems that leave nothing to read (no CSV, a CSV with the wrong separator or
+missing columns, a missing folder) always raise, whatever the policy.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+REPORT_COLUMNS = ["file", "reason", "domain"]
+
+
+class BadInputError(ValueError):
+    """Input that cannot be used as it is; the message names the file(s) and the reason."""
+
+
+class BadImage(Exception):
+    """One image file that cannot be used (the message is the reason)."""
+
+
+@dataclass
+class IssueLog:
+    """Bad items of one domain (file + reason) and notes on converted images."""
+
+    domain: str
+    issues: list[dict] = field(default_factory=list)
+    conversions: Counter = field(default_factory=Counter)
+
+    def add(self, file, reason: str) -> None:
+        self.issues.append({"file": str(file), "reason": reason, "domain": self.domain})
+
+    def note_conversion(self, what: str) -> None:
+        self.conversions[what] += 1
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.issues, columns=REPORT_COLUMNS)
+
+    def enforce(self, policy: str) -> None:
+        """Raise under ``fail`` if anything is bad; under ``skip`` log each skipped item."""
+        if policy not in ("fail", "skip"):
+            raise ValueError(f"ingestion.on_bad_input must be 'fail' or 'skip', got {policy!r}")
+        for what, n in sorted(self.conversions.items()):
+            logger.info("%s: %d image(s) converted: %s", self.domain, n, what)
+        if not self.issues:
+            return
+        if policy == "fail":
+            lines = [f"  {i['file']}: {i['reason']}" for i in self.issues[:20]]
+            more = f"\n  ... and {len(self.issues) - 20} more" if len(self.issues) > 20 else ""
+            raise BadInputError(
+                f"{len(self.issues)} bad input item(s) in the {self.domain} data "
+                f"(set ingestion.on_bad_input=skip to quarantine them instead):\n"
+                + "\n".join(lines) + more
+            )
+        for i in self.issues:
+            logger.warning("%s: skipped %s: %s", self.domain, i["file"], i["reason"])
+
+
+def open_grayscale(path: Path, limits: dict, log: IssueLog) -> np.ndarray:
+    """Decode ``path`` fully and return it as 8-bit grayscale ``(H, W)``.
+
+    Raises ``BadImage`` with the reason for undecodable, truncated, absurdly sized or blank
+    images; records a conversion note for non-8-bit-grayscale modes.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            _check_size(w, h, limits)
+            im.load()  # decodes every byte: truncated files fail here, not later
+            arr = _to_gray8(im, log)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not a decodable image (PIL cannot identify it)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"absurd size: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"corrupt or truncated image: {exc}") from None
+    if int(arr.max()) - int(arr.min()) < int(limits.get("min_dynamic_range", 8)):
+        raise BadImage(f"blank image: grey levels {arr.min()}..{arr.max()}, no ultrasound content")
+    return arr
+
+
+def _check_size(w: int, h: int, limits: dict) -> None:
+    lo, hi = int(limits["min_side"]), int(limits["max_side"])
+    if min(w, h) < lo or max(w, h) > hi:
+        raise BadImage(f"absurd size {w}x{h} px (allowed sides {lo}..{hi}, ingestion.limits)")
+    aspect = max(w, h) / min(w, h)
+    if aspect > float(limits["max_aspect"]):
+        raise BadImage(f"absurd aspect ratio {aspect:.1f} of {w}x{h} px (max {limits['max_aspect']})")
+
+
+def _to_gray8(im: Image.Image, log: IssueLog) -> np.ndarray:
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit exports often use only 10-12 bits: scale by the image's own maximum so
+        # the picture is not nearly black
+        a = np.asarray(im).astype(np.float64)
+        top = a.max()
+        log.note_conversion(f"{mode} (high bit depth) scaled to 8-bit by its maximum")
+        return np.zeros(a.shape, np.uint8) if top <= 0 else np.clip(a * 255.0 / top + 0.5, 0, 255).astype(np.uint8)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        log.note_conversion("palette to grayscale")
+    if im.mode in ("RGBA", "LA", "PA"):
+        # transparent pixels become black: they are outside the ultrasound content anyway
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba).convert("RGB")
+        log.note_conversion(f"{mode} with alpha composited on black, to grayscale")
+    elif mode != "P":
+        log.note_conversion(f"{mode} to grayscale")
+    return np.asarray(im.convert("L"), dtype=np.uint8)

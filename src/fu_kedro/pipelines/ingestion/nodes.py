@@ -1,0 +1,168 @@
+"""Nodes of the ``ingestion`` pipeline: read + validate + preprocess both domains, split the
+source by patient, draw the LoRA subset, report what was skipped, count, and draw a preview."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.model_selection import StratifiedGroupKFold
+
+from fu_kedro.data_sources import CLASSES
+from fu_kedro.data_sources.readers import read_domain
+from fu_kedro.data_sources.validation import REPORT_COLUMNS
+from fu_kedro.datasets import ImageSet
+
+logger = logging.getLogger(__name__)
+
+
+def read_source_images(source_format: str, source_path: str | None, seed: int,
+                       ingestion: dict[str, Any]) -> tuple[ImageSet, pd.DataFrame]:
+    """Read, validate and preprocess the source (training) domain.
+
+    Args:
+        source_format: ``phantom | fetal_planes_db | african | folders``.
+        source_path: folder of the source data (unused for phantom).
+        seed: global seed (phantom pixels).
+        ingestion: the ``ingestion`` parameters.
+
+    Returns:
+        The source ``ImageSet`` (square uint8 images of ``image_size``; meta image_id,
+        patient_id, label, domain="source", center, machine, source_file) without a split
+        yet, and its quarantine rows (``file, reason, domain``).
+    """
+    return read_domain(source_format, source_path, "source", seed, ingestion)
+
+
+def read_target_images(target_format: str, target_path: str | None, seed: int,
+                       ingestion: dict[str, Any]) -> tuple[ImageSet, pd.DataFrame]:
+    """Read, validate and preprocess the target (zero-shot test) domain.
+
+    Returns the target ``ImageSet`` with ``domain="target"`` and ``split="test"`` on
+    every row (the target is never split or trained on), and its quarantine rows.
+    """
+    images, report = read_domain(target_format, target_path, "target", seed, ingestion)
+    images.meta["split"] = "test"
+    return images, report
+
+
+def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, Any]) -> ImageSet:
+    """Add ``split`` (``train``/``val``) so that no patient is on both sides.
+
+    Class-balanced, patient-grouped (``StratifiedGroupKFold`` with ``round(1/val_fraction)``
+    folds, seeded; one fold is validation), so the validation share is about
+    ``ingestion.val_fraction``. ``val_fraction: 0`` puts everything in train.
+    """
+    val_fraction = float(ingestion["val_fraction"])
+    meta = source.meta.copy()
+    meta["split"] = "train"
+    if val_fraction > 0:
+        if not 0 < val_fraction <= 0.5:
+            raise ValueError(f"ingestion.val_fraction must be in [0, 0.5], got {val_fraction}")
+        n_folds = max(2, round(1 / val_fraction))
+        n_patients = meta["patient_id"].nunique()
+        if n_patients < n_folds:
+            raise ValueError(f"cannot split {n_patients} source patient(s) into train/val with "
+                             f"val_fraction={val_fraction}: needs at least {n_folds} patients")
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(seed))
+        _, val_idx = next(folds.split(np.zeros(len(meta)), meta["label"], groups=meta["patient_id"]))
+        meta.loc[val_idx, "split"] = "val"
+    out = ImageSet(source.images, meta, dict(source.info))
+    out.info["split"] = {"val_fraction": val_fraction, "seed": int(seed),
+                         "train": int((meta["split"] == "train").sum()), "val": int((meta["split"] == "val").sum())}
+    logger.info("source split by patient: %s", meta.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict("index"))
+    return out
+
+
+def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, Any]) -> ImageSet:
+    """Seeded, class-balanced LoRA training subset drawn from the source *train* side only.
+
+    Takes ``ingestion.lora_per_class`` images per class (a class with fewer train images
+    gives all it has, with a warning naming the class and the counts) and adds ``caption``
+    from ``ingestion.caption_template`` (``{plane}`` = the label word).
+    """
+    per_class = int(ingestion["lora_per_class"])
+    template = str(ingestion["caption_template"])
+    rng = np.random.default_rng([int(seed), 2])
+    train = np.flatnonzero(source_images.meta["split"].to_numpy() == "train")
+    labels = source_images.meta["label"].to_numpy()
+    chosen = []
+    for c in CLASSES:
+        pool = train[labels[train] == c]
+        if len(pool) < per_class:
+            logger.warning("lora_subset: class %r has only %d source train image(s), fewer than "
+                           "lora_per_class=%d; using all %d", c, len(pool), per_class, len(pool))
+        chosen.extend(sorted(rng.choice(pool, size=min(per_class, len(pool)), replace=False)))
+    subset = source_images.select(np.array(chosen, dtype=int))
+    subset.meta["caption"] = [template.format(plane=p) for p in subset.meta["label"]]
+    subset.info.update({"lora_per_class": per_class, "caption_template": template, "seed": int(seed)})
+    return subset
+
+
+def build_quarantine_report(source_report: pd.DataFrame,
+                            target_report: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One table of every skipped item of both domains: ``file, reason, domain`` (may be
+    empty), returned twice: for the versioned local CSV and for the MLflow artifact."""
+    report = pd.concat([source_report, target_report], ignore_index=True)[REPORT_COLUMNS]
+    return report, report
+
+
+def count_ingestion(source_images: ImageSet, target_images: ImageSet, lora_subset: ImageSet) -> dict[str, dict]:
+    """MLflow metrics (``{name: {"value", "step"}}``; the catalog prefixes ``ingestion.``): read/kept/skipped per domain, images
+    per class and split, LoRA subset size per class."""
+    metrics: dict[str, float] = {}
+    for domain, s in (("source", source_images), ("target", target_images)):
+        for k, v in s.info.get("counts", {}).items():
+            metrics[f"{domain}.{k}"] = v
+        for c, n in s.meta["label"].value_counts().items():
+            metrics[f"{domain}.class.{c}"] = n
+        metrics[f"{domain}.patients"] = s.meta["patient_id"].nunique()
+    for split, n in source_images.meta["split"].value_counts().items():
+        metrics[f"source.split.{split}"] = n
+    metrics["target.centers"] = target_images.meta["center"].nunique()
+    for c, n in lora_subset.meta["label"].value_counts().items():
+        metrics[f"lora_subset.{c}"] = n
+    return {k: {"value": float(v), "step": 0} for k, v in sorted(metrics.items())}
+
+
+def _spread(meta: pd.DataFrame, idx: np.ndarray, by: str, n: int) -> list[int]:
+    # round-robin over centers/machines so the grid shows every acquisition setting
+    groups = [list(idx[meta.loc[idx, by].to_numpy() == g]) for g in sorted(meta.loc[idx, by].unique())]
+    out: list[int] = []
+    while len(out) < n and any(groups):
+        for g in groups:
+            if g and len(out) < n:
+                out.append(g.pop(0))
+    return out
+
+
+def plot_preview_grid(source_images: ImageSet, target_images: ImageSet,
+                      ingestion: dict[str, Any]) -> tuple[Figure, Figure]:
+    """A grid, one row per class: ``preview.per_class`` source images (left, spread over
+    machines) and as many target images (right, spread over centers), titled with their
+    machine/center. Returns the matplotlib ``Figure`` twice (versioned PNG, MLflow artifact)."""
+    n = int(ingestion["preview"]["per_class"])
+    fig = Figure(figsize=(1.6 * 2 * n + 0.6, 1.75 * len(CLASSES) + 0.6), dpi=100)
+    axes = fig.subplots(len(CLASSES), 2 * n, squeeze=False)
+    for r, c in enumerate(CLASSES):
+        for d, (s, by) in enumerate(((source_images, "machine"), (target_images, "center"))):
+            idx = np.flatnonzero(s.meta["label"].to_numpy() == c)
+            picks = _spread(s.meta, idx, by, n)
+            for k in range(n):
+                ax = axes[r, d * n + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(picks):
+                    ax.imshow(s.images[picks[k]], cmap="gray", vmin=0, vmax=255)
+                    ax.set_title(str(s.meta.loc[picks[k], by])[:16], fontsize=7)
+                else:
+                    ax.set_facecolor("#f0e0e0")
+                    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                if k == 0 and d == 0:
+                    ax.set_ylabel(c, fontsize=11)
+    fig.text(0.27, 0.985, f"source ({source_images.info.get('format', '?')})", ha="center", va="top", fontsize=12)
+    fig.text(0.75, 0.985, f"target ({target_images.info.get('format', '?')})", ha="center", va="top", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return fig, fig
