@@ -1,0 +1,56 @@
+"""Fixtures shared by the project's tests (real sample folders, parameters, phantom sets)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """``<project root>/../shared/data``: the real samples (read-only; never copy into the repo)."""
+    path = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.fail(f"shared real-data folder not found at {path} (expected ../shared/data beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fetal_planes_db_sample(shared_data_dir) -> Path:
+    """The 100-image FETAL_PLANES_DB sample (20 per class)."""
+    path = shared_data_dir / "fetal_planes_db_sample"
+    if not (path / "FETAL_PLANES_DB_data.csv").is_file():
+        pytest.fail(f"{path}: FETAL_PLANES_DB_data.csv missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def african_planes_dev(shared_data_dir) -> Path:
+    """The 217-image African dev set (5 centers, 4 classes, mixed grayscale/RGB)."""
+    path = shared_data_dir / "african_planes_dev"
+    if not path.is_dir():
+        pytest.fail(f"{path}: not found")
+    return path
+
+
+@pytest.fixture
+def ingestion_params() -> dict:
+    """A fresh copy of the ``ingestion:`` block of conf/base/parameters_ingestion.yml."""
+    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_ingestion.yml").read_text())
+    return conf["ingestion"]
+
+
+@pytest.fixture(scope="session")
+def small_phantom_sets():
+    """Small seeded phantom source (12 per class) and target (8 per class) sets at 64 px."""
+    from fu_kedro.data_sources import generate_phantoms
+
+    return (generate_phantoms("source", 12, 64, seed=7), generate_phantoms("target", 8, 64, seed=7))
