@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit
 
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.readers import read_domain
@@ -51,28 +51,37 @@ def read_target_images(target_format: str, target_path: str | None, seed: int,
 def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, Any]) -> ImageSet:
     """Add ``split`` (``train``/``val``) so that no patient is on both sides.
 
-    Class-balanced, patient-grouped (``StratifiedGroupKFold`` with ``round(1/val_fraction)``
-    folds, seeded; one fold is validation), so the validation share is about
-    ``ingestion.val_fraction``. ``val_fraction: 0`` puts everything in train.
+    Holds out about ``ingestion.val_fraction`` of the source *patients*: among
+    ``ingestion.split_candidates`` seeded random patient-level splits (``GroupShuffleSplit``)
+    it keeps the one whose per-class validation share is closest to ``val_fraction``, so
+    the validation side is class-balanced too. ``val_fraction: 0`` puts everything in train.
     """
     val_fraction = float(ingestion["val_fraction"])
     meta = source.meta.copy()
     meta["split"] = "train"
     if val_fraction > 0:
-        if not 0 < val_fraction <= 0.5:
-            raise ValueError(f"ingestion.val_fraction must be in [0, 0.5], got {val_fraction}")
-        n_folds = max(2, round(1 / val_fraction))
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"ingestion.val_fraction must be in [0, 1), got {val_fraction}")
         n_patients = meta["patient_id"].nunique()
-        if n_patients < n_folds:
-            raise ValueError(f"cannot split {n_patients} source patient(s) into train/val with "
-                             f"val_fraction={val_fraction}: needs at least {n_folds} patients")
-        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(seed))
-        _, val_idx = next(folds.split(np.zeros(len(meta)), meta["label"], groups=meta["patient_id"]))
-        meta.loc[val_idx, "split"] = "val"
+        if n_patients < 2:
+            raise ValueError(f"cannot split {n_patients} source patient(s) into train/val; set ingestion.val_fraction: 0")
+        splitter = GroupShuffleSplit(n_splits=int(ingestion.get("split_candidates", 50)),
+                                     test_size=val_fraction, random_state=int(seed))
+        labels = meta["label"].to_numpy()
+        per_class = pd.Series(labels).value_counts()
+
+        def imbalance(val_idx):
+            share = pd.Series(labels[val_idx]).value_counts().reindex(per_class.index, fill_value=0) / per_class
+            return float(np.abs(share - val_fraction).sum())
+
+        candidates = [v for _, v in splitter.split(np.zeros(len(meta)), labels, groups=meta["patient_id"])]
+        best = min(candidates, key=imbalance)
+        meta.loc[best, "split"] = "val"
     out = ImageSet(source.images, meta, dict(source.info))
     out.info["split"] = {"val_fraction": val_fraction, "seed": int(seed),
                          "train": int((meta["split"] == "train").sum()), "val": int((meta["split"] == "val").sum())}
-    logger.info("source split by patient: %s", meta.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict("index"))
+    logger.info("source split by patient: %s",
+                meta.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict("index"))
     return out
 
 

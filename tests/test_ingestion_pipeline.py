@@ -1,0 +1,160 @@
+"""The ingestion pipeline end to end (in memory, phantoms), on the real samples, and its nodes."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from matplotlib.figure import Figure
+
+from fu_kedro.data_sources import CLASSES
+from fu_kedro.data_sources.preprocess import content_box
+from fu_kedro.data_sources.readers import read_domain
+from fu_kedro.pipelines.ingestion import create_pipeline
+from fu_kedro.pipelines.ingestion.nodes import draw_lora_subset, split_source_by_patient
+
+CONTRACT_COLUMNS = ["image_id", "patient_id", "label", "domain", "center", "machine", "source_file", "split"]
+
+
+@pytest.fixture
+def small_params(ingestion_params):
+    p = ingestion_params
+    p["image_size"] = 64
+    p["phantom"]["source"]["n_per_class"] = 16
+    p["phantom"]["target"]["n_per_class"] = 10
+    p["lora_per_class"] = 5
+    return p
+
+
+class _KeptDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release, so the test can look at intermediate outputs."""
+
+    def _release(self) -> None:
+        pass
+
+
+def _run(params, **top):
+    top = {"seed": 3, "source_format": "phantom", "source_path": None, "target_format": "phantom",
+           "target_path": None, **top}
+    datasets = {f"params:{k}": MemoryDataset(v) for k, v in top.items()}
+    datasets["params:ingestion"] = MemoryDataset(params)
+    outputs = ["source_images", "target_images", "lora_subset", "quarantine_report", "quarantine_report_mlflow",
+               "ingestion_metrics", "ingestion_preview_grid", "ingestion_preview_grid_mlflow"]
+    datasets.update({name: _KeptDataset(copy_mode="assign") for name in outputs})
+    catalog = DataCatalog(datasets=datasets)
+    SequentialRunner().run(create_pipeline(), catalog)
+    return {name: catalog.load(name) for name in outputs}
+
+
+def test_pipeline_on_phantoms_meets_the_output_contract(small_params):
+    out = _run(small_params)
+    src, tgt, lora = out["source_images"], out["target_images"], out["lora_subset"]
+    for s, domain in ((src, "source"), (tgt, "target")):
+        assert s.images.dtype == np.uint8 and s.images.shape[1:] == (64, 64)
+        assert set(CONTRACT_COLUMNS) <= set(s.meta.columns)
+        assert set(s.meta["domain"]) == {domain}
+        assert s.meta["image_id"].is_unique
+    assert set(src.meta["split"]) == {"train", "val"} and set(tgt.meta["split"]) == {"test"}
+    assert set(src.meta["label"]) == set(CLASSES) and "other" not in set(tgt.meta["label"])
+    assert tgt.meta["center"].nunique() == 5
+    # LoRA subset: train rows only, balanced, captioned
+    assert set(lora.meta["split"]) == {"train"}
+    assert set(lora.meta["image_id"]) <= set(src.meta.loc[src.meta["split"] == "train", "image_id"])
+    assert lora.meta["label"].value_counts().to_dict() == {c: 5 for c in CLASSES}
+    assert (lora.meta["caption"] == "a photo of fetal " + lora.meta["label"]).all()
+    # reports
+    assert list(out["quarantine_report"].columns) == ["file", "reason", "domain"] and out["quarantine_report"].empty
+    m = out["ingestion_metrics"]
+    assert m["source.read"] == {"value": 80.0, "step": 0} and m["source.kept"]["value"] == 80.0
+    assert m["target.read"]["value"] == 40.0 and m["target.skipped"]["value"] == 0.0
+    assert m["lora_subset.brain"]["value"] == 5.0
+    assert m["source.split.train"]["value"] + m["source.split.val"]["value"] == 80.0
+    assert isinstance(out["ingestion_preview_grid"], Figure)
+
+
+def test_pipeline_stops_on_bad_input_naming_the_file(small_params, tmp_path):
+    (tmp_path / "brain").mkdir()
+    (tmp_path / "brain" / "scan.png").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="scan.png: not a decodable image"):
+        _run(small_params, source_format="folders", source_path=str(tmp_path))
+
+
+def test_no_patient_on_both_sides_of_the_split(small_phantom_sets, ingestion_params):
+    src, _ = small_phantom_sets
+    out = split_source_by_patient(src, 11, ingestion_params)
+    train = set(out.meta.loc[out.meta["split"] == "train", "patient_id"])
+    val = set(out.meta.loc[out.meta["split"] == "val", "patient_id"])
+    assert train and val and not train & val
+    share = (out.meta["split"] == "val").mean()
+    assert 0.1 < share < 0.35, share
+    again = split_source_by_patient(src, 11, ingestion_params)
+    assert again.meta["split"].equals(out.meta["split"])
+    other = split_source_by_patient(src, 12, ingestion_params)
+    assert not other.meta["split"].equals(out.meta["split"])
+
+
+def test_val_fraction_zero_keeps_everything_in_train(small_phantom_sets, ingestion_params):
+    src, _ = small_phantom_sets
+    ingestion_params["val_fraction"] = 0
+    assert set(split_source_by_patient(src, 1, ingestion_params).meta["split"]) == {"train"}
+
+
+def test_lora_subset_small_class_gives_all_with_warning(small_phantom_sets, ingestion_params, caplog):
+    src, _ = small_phantom_sets
+    split = split_source_by_patient(src, 1, ingestion_params)
+    ingestion_params["caption_template"] = "fetal ultrasound, {plane} plane"
+    n_train = split.meta[split.meta["split"] == "train"]["label"].value_counts()
+    with caplog.at_level(logging.WARNING):
+        lora = draw_lora_subset(split, 1, ingestion_params)  # 20 wanted, at most 12 exist
+    assert lora.meta["label"].value_counts().to_dict() == n_train.to_dict()
+    for c in CLASSES:
+        assert f"class '{c}' has only {n_train[c]} source train image(s)" in caplog.text
+    assert lora.meta.loc[0, "caption"] == f"fetal ultrasound, {lora.meta.loc[0, 'label']} plane"
+    assert draw_lora_subset(split, 1, ingestion_params).meta["image_id"].equals(lora.meta["image_id"])
+
+
+def test_real_fetal_planes_db_sample(fetal_planes_db_sample, ingestion_params, caplog):
+    src, report = read_domain("fetal_planes_db", str(fetal_planes_db_sample), "source", 42, ingestion_params)
+    assert report.empty and len(src) == 100
+    assert src.meta["label"].value_counts().to_dict() == {c: 20 for c in CLASSES}
+    assert set(src.meta["machine"]) == {"Voluson E6", "Voluson S10", "Aloka", "Other"}
+    assert src.images.shape == (100, 128, 128)
+    assert (src.meta["source_file"].str.endswith(".png")).all()
+    split = split_source_by_patient(src, 42, ingestion_params)
+    train = split.meta[split.meta["split"] == "train"]
+    val = split.meta[split.meta["split"] == "val"]
+    assert not set(train["patient_id"]) & set(val["patient_id"])
+    with caplog.at_level(logging.WARNING):
+        lora = draw_lora_subset(split, 42, ingestion_params)
+    counts = train["label"].value_counts()
+    short = [c for c in CLASSES if counts[c] < 20]
+    assert short  # 100 images, 20% held out: some class is short of 20
+    for c in short:
+        assert f"class '{c}' has only {counts[c]}" in caplog.text
+    assert len(lora) == int(np.minimum(counts, 20).sum())
+
+
+def test_real_african_dev_set(african_planes_dev, ingestion_params):
+    tgt, report = read_domain("african", str(african_planes_dev), "target", 42, ingestion_params)
+    assert report.empty and len(tgt) == 217
+    assert sorted(tgt.meta["center"].unique()) == ["Algeria", "Egypt", "Ghana", "Malawi", "Uganda"]
+    assert set(tgt.meta["label"]) == {"abdomen", "brain", "femur", "thorax"}
+    assert not ((tgt.meta["center"].isin(["Ghana", "Uganda"])) & (tgt.meta["label"] == "thorax")).any()
+    assert tgt.info["conversions"] == {"RGB to grayscale": 48}
+
+
+def test_border_crop_keeps_the_fan_and_drops_margin_text():
+    img = np.zeros((200, 300), np.uint8)
+    yy, xx = np.mgrid[:200, :300]
+    fan = ((xx - 150) ** 2 + (yy + 20) ** 2 < 170 ** 2) & (np.abs(xx - 150) < (yy + 20) * 0.8) & (yy > 20)
+    rng = np.random.default_rng(0)
+    img[fan] = rng.integers(60, 200, fan.sum())
+    img[5:12, 5:60] = 255  # patient name / machine text in the black margin
+    img[190:196, 250:295] = 255
+    t, b, l, r = content_box(img, 12, 0.05)
+    rows, cols = np.flatnonzero(fan.any(1)), np.flatnonzero(fan.any(0))
+    assert abs(t - rows[0]) <= 3 and abs(b - rows[-1] - 1) <= 3
+    assert abs(l - cols[0]) <= 3 and abs(r - cols[-1] - 1) <= 3
