@@ -235,7 +235,7 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -
     report = log.frame()
     # every examined item ends up either kept or as one quarantine row
     n_listed = len(images) + len(report)
-    images.info.update({"format": fmt, "path": None if fmt == "phantom" else str(path), "domain": domain,
+    images.info.update({"format": fmt, "path": None if fmt == "phantom" else str(root), "domain": domain,
                         "seed": int(seed), "image_size": int(cfg["image_size"]),
                         "conversions": dict(log.conversions),
                         "counts": {"read": int(n_listed), "kept": len(images), "skipped": len(report)}})
