@@ -3,6 +3,7 @@ under ``fail`` the error names the file, under ``skip`` the quarantine report li
 nothing else is dropped."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -194,9 +195,11 @@ def test_16bit_rgba_palette_rgb_are_converted_not_rejected(fpdb_copy, ingestion_
     else:
         Image.fromarray(gray).convert(mode).save(target)
     assert Image.open(target).mode.startswith(mode[0])
-    images, report = _read(fpdb_copy, ingestion_params, "fail")
+    with caplog.at_level(logging.INFO, logger="fu_kedro.data_sources.validation"):
+        images, report = _read(fpdb_copy, ingestion_params, "fail")
     assert report.empty and len(images) == 5 * PER_CLASS
     assert sum(images.info["conversions"].values()) == 1
+    assert "source: 1 image(s) converted" in caplog.text
     # the converted image carries the same picture as the 8-bit original
     i = images.meta.index[images.meta["source_file"] == str(target)][0]
     j = before.meta.index[before.meta["source_file"] == str(target)][0]
