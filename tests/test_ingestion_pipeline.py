@@ -157,3 +157,27 @@ def test_border_crop_keeps_the_fan_and_drops_margin_text():
     rows, cols = np.flatnonzero(fan.any(1)), np.flatnonzero(fan.any(0))
     assert abs(t - rows[0]) <= 3 and abs(b - rows[-1] - 1) <= 3
     assert abs(l - cols[0]) <= 3 and abs(r - cols[-1] - 1) <= 3
+
+
+def test_catalog_entries_match_the_output_contract(project_root, tmp_path, monkeypatch):
+    import yaml
+    from kedro.io import AbstractVersionedDataset
+
+    from fu_kedro.datasets import ImageSetDataset
+
+    monkeypatch.chdir(tmp_path)  # relative filepaths resolve here; nothing is written
+    conf = yaml.safe_load((project_root / "conf" / "base" / "catalog_ingestion.yml").read_text())
+    catalog = DataCatalog.from_config(conf)
+    outputs = create_pipeline().all_outputs()
+    assert {"source_images", "target_images", "lora_subset", "quarantine_report", "ingestion_preview_grid",
+            "ingestion_metrics"} <= outputs
+    for name, folder in (("source_images", "data/03_primary/source_images"),
+                         ("target_images", "data/03_primary/target_images"),
+                         ("lora_subset", "data/05_model_input/lora_subset")):
+        ds = catalog.get(name)
+        assert isinstance(ds, ImageSetDataset) and ds._version is not None
+        assert str(ds._filepath).endswith(folder)
+    for name in ("quarantine_report", "ingestion_preview_grid"):
+        ds = catalog.get(name)
+        assert isinstance(ds, AbstractVersionedDataset) and ds._version is not None
+        assert "data/08_reporting" in str(ds._filepath)
