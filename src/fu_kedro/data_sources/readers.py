@@ -36,7 +36,8 @@ def _is_listable(p: Path) -> bool:
 
 def _read_csv(path: Path, sep: str, required: list[str]) -> pd.DataFrame:
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        # utf-8-sig: a CSV saved by Excel starts with a BOM that would glue onto the first column name
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except Exception as exc:  # noqa: BLE001 - any parser failure means the same to the user
         raise BadInputError(f"{path}: cannot be parsed as a {sep!r}-separated CSV: {exc}") from exc
     # the FETAL_PLANES_DB header has 'Train ' with a trailing space; match on stripped names
