@@ -74,3 +74,11 @@ def test_class_cues_survive_32px_and_target_is_a_real_domain_shift():
     assert source_acc >= 0.85, source_acc
     # clearly above chance (0.25 over the four target classes) but clearly below the source
     assert 0.3 < target_acc < source_acc - 0.1, (source_acc, target_acc)
+
+
+def test_conf_phantom_settings_equal_the_generator_defaults(ingestion_params):
+    # others' tests call generate_phantoms() without settings and expect the pipeline's phantoms
+    from fu_kedro.data_sources.phantom import DEFAULT_SOURCE_MACHINES
+
+    assert ingestion_params["phantom"]["source"]["settings"] == DEFAULT_SOURCE_MACHINES
+    assert ingestion_params["phantom"]["target"]["settings"] == DEFAULT_TARGET_CENTERS

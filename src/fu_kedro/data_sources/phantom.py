@@ -46,8 +46,8 @@ DEFAULT_SOURCE_MACHINES: list[dict[str, Any]] = [
      "sector_deg": 35, "apex": -0.10, "attenuation": 0.5, "gamma": 0.95},
 ]
 DEFAULT_TARGET_CENTERS: list[dict[str, Any]] = [
-    {"name": "center_1", "gain": 1.35, "speckle": 1.0, "noise": 0.05, "zoom": 0.85,
-     "sector_deg": 30, "apex": -0.02, "attenuation": 0.3, "gamma": 0.8, "missing": []},
+    {"name": "center_1", "gain": 1.20, "speckle": 1.0, "noise": 0.05, "zoom": 0.85,
+     "sector_deg": 30, "apex": -0.02, "attenuation": 0.3, "gamma": 0.9, "missing": []},
     {"name": "center_2", "gain": 0.70, "speckle": 2.6, "noise": 0.06, "zoom": 1.15,
      "sector_deg": 48, "apex": -0.15, "attenuation": 1.2, "gamma": 1.3, "missing": []},
     {"name": "center_3", "gain": 1.00, "speckle": 3.2, "noise": 0.10, "zoom": 0.95,
