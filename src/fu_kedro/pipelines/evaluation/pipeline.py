@@ -1,6 +1,80 @@
-"""``evaluation`` pipeline (placeholder until its issue lands)."""
-from kedro.pipeline import Pipeline
+"""``evaluation`` pipeline: classifiers on real vs hybrid data, zero-shot metrics, synthetic quality, report."""
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import (
+    assess_synthetic_quality,
+    build_report,
+    compute_zero_shot_metrics,
+    plan_experiments,
+    predict_target,
+    prepare_classifier_data,
+    train_cas_classifier,
+    train_experiments,
+    zero_shot_mlflow_metrics,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([], tags="evaluation")
+    """source/target images + synthetic batch -> trained classifiers -> contract files and report."""
+    return Pipeline(
+        [
+            Node(
+                prepare_classifier_data,
+                inputs=["source_images", "target_images", "synthetic_batch", "params:evaluation"],
+                outputs="classifier_data",
+                name="prepare_classifier_data_node",
+            ),
+            Node(
+                plan_experiments,
+                inputs=["classifier_data", "params:evaluation", "params:seed"],
+                outputs="evaluation_plan",
+                name="plan_experiments_node",
+            ),
+            Node(
+                train_experiments,
+                inputs=["classifier_data", "evaluation_plan", "params:evaluation"],
+                outputs=["trained_classifiers", "classifier_training_history"],
+                name="train_experiments_node",
+            ),
+            Node(
+                predict_target,
+                inputs=["classifier_data", "trained_classifiers", "evaluation_plan"],
+                outputs="zero_shot_predictions",
+                name="predict_target_node",
+            ),
+            Node(
+                compute_zero_shot_metrics,
+                inputs=["zero_shot_predictions", "evaluation_plan", "params:evaluation", "params:seed"],
+                outputs="zero_shot_metrics",
+                name="compute_zero_shot_metrics_node",
+            ),
+            Node(
+                zero_shot_mlflow_metrics,
+                inputs="zero_shot_metrics",
+                outputs="zero_shot_headline_metrics",
+                name="zero_shot_mlflow_metrics_node",
+            ),
+            Node(
+                train_cas_classifier,
+                inputs=["classifier_data", "evaluation_plan", "params:evaluation", "params:seed"],
+                outputs="cas_classifier",
+                name="train_cas_classifier_node",
+            ),
+            Node(
+                assess_synthetic_quality,
+                inputs=["classifier_data", "trained_classifiers", "cas_classifier", "evaluation_plan",
+                        "params:evaluation", "params:seed"],
+                outputs=["synthetic_quality", "synthetic_embedding"],
+                name="assess_synthetic_quality_node",
+            ),
+            Node(
+                build_report,
+                inputs=["classifier_data", "evaluation_plan", "classifier_training_history", "zero_shot_metrics",
+                        "synthetic_quality", "synthetic_embedding", "params:evaluation", "params:seed"],
+                outputs=["evaluation_report", "evaluation_confusion_matrices", "evaluation_training_curves",
+                         "evaluation_sample_grid", "synthetic_embedding_plot", "evaluation_per_center"],
+                name="build_report_node",
+            ),
+        ],
+        tags="evaluation",
+    )

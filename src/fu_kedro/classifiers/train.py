@@ -1,0 +1,198 @@
+"""The one classifier training loop (baseline, hybrid, fidelity scorer and CAS models all use it).
+
+Per epoch: shuffle, augment on tensors, AdamW step with cross-entropy; then score the
+held-out validation set. The weights of the best validation epoch are kept (checkpoint
+selection) and training stops after ``patience`` epochs without improvement. The
+validation set is whatever the caller passes; the evaluation pipeline passes source
+validation patients only, never target images.
+
+Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each epoch's
+``train_loss``, ``train_accuracy``, ``val_loss`` and ``val_accuracy`` are logged with
+``mlflow.log_metrics(..., step=epoch)`` under ``<run_name>.``; the full history is also
+returned as a DataFrame.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from tqdm.auto import tqdm
+
+from .data import TensorSet, augment_batch, build_augmentation, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of one training run (``evaluation.train`` in the parameters)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 3
+    selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher)
+    eval_batch_size: int = 256
+    bn_recalibration_images: int = 256  # 0 = off; see train_classifier
+
+    def __post_init__(self) -> None:
+        if self.selection_metric not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"selection_metric must be val_loss or val_accuracy, got {self.selection_metric!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+
+@dataclass
+class TrainedClassifier:
+    """A trained model (best validation epoch, eval mode) and how it was made."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float, float]:
+    proba = predict_proba(model, data, batch_size)
+    loss = nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), data.labels).item()
+    return float(loss), float(accuracy_score(data.labels.numpy(), proba.argmax(axis=1)))
+
+
+def train_classifier(
+    model: nn.Module,
+    train: TensorSet,
+    val: TensorSet,
+    cfg: TrainConfig,
+    seed: int,
+    augmentation: dict | None = None,
+    run_name: str = "classifier",
+) -> TrainedClassifier:
+    """Train ``model`` on ``train``, select the best epoch on ``val``, return it with its history.
+
+    Args:
+        model: a freshly built classifier (its head sized to the label space).
+        train: training tensors (``uint8`` images, class indices).
+        val: validation tensors used only for checkpoint selection and early stopping.
+        cfg: loop knobs.
+        seed: seeds shuffling and augmentation (torch's global generator, which the v2
+            transforms draw from); same seed and inputs -> same weights on the same device.
+        augmentation: augmentation knobs (see ``build_augmentation``) or ``None`` for none.
+        run_name: prefix of the MLflow metric keys and the progress bar label.
+
+    Returns:
+        ``TrainedClassifier`` in eval mode holding the best epoch's weights; ``history`` has
+        one row per epoch (epoch, train_loss, train_accuracy, val_loss, val_accuracy).
+    """
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{run_name}: empty training ({len(train)}) or validation ({len(val)}) set")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    size = int(train.images.shape[-1])
+    aug = build_augmentation(augmentation, size) if augmentation else None
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sign = 1.0 if cfg.selection_metric == "val_loss" else -1.0
+    best_score, best_epoch, best_state, stale = np.inf, 0, None, 0
+    rows = []
+    active = mlflow.active_run() is not None
+    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    bar = tqdm(range(1, cfg.epochs + 1), desc=run_name, unit="epoch", leave=False)
+    for epoch in bar:
+        model.train()
+        losses, correct = [], 0
+        for idx in torch.randperm(len(train), generator=generator).split(cfg.batch_size):
+            if len(idx) < 2 and len(train) > 1:
+                continue  # a batch of one breaks batch norm and says nothing
+            x = to_model_input(augment_batch(train.images[idx], aug))
+            y = train.labels[idx]
+            logits = _logits(model(x))
+            loss = nn.functional.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{run_name}: training loss became {loss.item()} at epoch {epoch}")
+            losses.append(loss.item() * len(idx))
+            correct += int((logits.argmax(1) == y).sum())
+        if cfg.bn_recalibration_images:
+            # With few images there are few steps, and batch-norm running averages (momentum
+            # 0.1) are still far from the data when validation starts: eval-mode outputs then
+            # collapse to one class. Re-estimating them on un-augmented training images fixes
+            # that at the cost of one forward pass over at most this many images.
+            n_cal = min(cfg.bn_recalibration_images, len(train))
+            cal = to_model_input(train.images[calibration_idx[:n_cal]])
+            update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], model)
+        val_loss, val_acc = _evaluate(model, val, cfg.eval_batch_size)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.sum(losses) / len(train)),
+            "train_accuracy": correct / len(train),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+        }
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+        if active:
+            mlflow.log_metrics({f"{run_name}.{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+        score = sign * row[cfg.selection_metric]
+        if score < best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    history = pd.DataFrame(rows)
+    log.info(
+        "%s: %d epochs, best epoch %d (val_loss %.3f, val_accuracy %.3f)",
+        run_name, len(rows), best_epoch, rows[best_epoch - 1]["val_loss"], rows[best_epoch - 1]["val_accuracy"],
+    )
+    return TrainedClassifier(model, history, best_epoch, {"seed": seed, "n_train": len(train), "n_val": len(val)})
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, data: TensorSet, batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities ``float64 (N, n_classes)`` of a model in eval mode."""
+    model.eval()
+    out = [
+        torch.softmax(_logits(model(to_model_input(data.images[i : i + batch_size]))), dim=1)
+        for i in range(0, len(data), batch_size)
+    ]
+    return torch.cat(out).to(torch.float64).numpy() if out else np.zeros((0, 0))
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear head to take features from")
+    return linears[-1]
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, data: TensorSet, batch_size: int = 256) -> np.ndarray:
+    """Penultimate-layer features ``float64 (N, D)``: the input of the model's last linear layer."""
+    captured: list[torch.Tensor] = []
+    handle = _last_linear(model).register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    try:
+        model.eval()
+        for i in range(0, len(data), batch_size):
+            model(to_model_input(data.images[i : i + batch_size]))
+    finally:
+        handle.remove()
+    return torch.cat(captured).to(torch.float64).numpy()

@@ -1,0 +1,111 @@
+"""Synthetic-data quality measures: fidelity, feature-space distance, diversity, memorisation, embedding.
+
+Feature space: the penultimate layer of the baseline classifier (trained on real source
+images only, first seed of the first backbone in the plan). It is available offline and
+is tuned to the classes being judged, but it is *not* Inception-v3, so the distance here
+is a Fréchet distance in that space ("FD-baseline"), not FID, and is comparable only
+between runs that use the same baseline classifier. The reference value real-val vs
+real-train (two disjoint real samples) tells how large "no difference" looks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import linalg
+from sklearn.manifold import TSNE
+from sklearn.metrics.pairwise import cosine_distances, cosine_similarity
+
+
+def fidelity(prompted: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """Share of synthetic images a real-only classifier assigns to the class they were prompted for.
+
+    Returns ``{"overall": share of all images, "per_class": {class: share}, "n_per_class": ...}``;
+    classes with no synthetic image are left out of ``per_class``.
+    """
+    prompted = np.asarray(prompted, dtype=object)
+    predicted = np.asarray(predicted, dtype=object)
+    per_class, counts = {}, {}
+    for c in classes:
+        mask = prompted == c
+        if mask.any():
+            per_class[c] = float(np.mean(predicted[mask] == c))
+            counts[c] = int(mask.sum())
+    return {"overall": float(np.mean(predicted == prompted)) if len(prompted) else float("nan"),
+            "per_class": per_class, "n_per_class": counts}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature samples (rows = samples).
+
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``; with fewer samples than
+    dimensions the covariances are singular and the value is biased upwards, so compare it
+    with a real-vs-real reference of similar sample sizes.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(sa @ sb)
+    covmean = np.real(covmean)  # numerical noise gives tiny imaginary parts
+    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * np.trace(covmean))
+
+
+def mean_pairwise_cosine_distance(features: np.ndarray) -> float:
+    """Within-set diversity: mean cosine distance over all pairs of distinct rows."""
+    n = len(features)
+    if n < 2:
+        return float("nan")
+    d = cosine_distances(features)
+    return float(d[np.triu_indices(n, k=1)].mean())
+
+
+def nearest_real_similarity(synthetic: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each synthetic image, the highest pixel correlation with any real image and its index.
+
+    Images are flattened, centred and scaled per image, so the cosine similarity is the
+    Pearson correlation of pixel values: 1.0 means a copy up to brightness and contrast.
+    """
+    def _norm(x: np.ndarray) -> np.ndarray:
+        x = x.reshape(len(x), -1).astype(np.float64)
+        return x - x.mean(axis=1, keepdims=True)
+
+    sim = cosine_similarity(_norm(synthetic), _norm(real))
+    return sim.max(axis=1), sim.argmax(axis=1)
+
+
+def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    """2-D t-SNE of ``features`` (perplexity capped below the sample count)."""
+    perplexity = float(min(perplexity, max(2.0, (len(features) - 1) / 3.0)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def per_class_embedding(
+    real_features: np.ndarray,
+    real_labels: np.ndarray,
+    syn_features: np.ndarray,
+    syn_labels: np.ndarray,
+    classes: list[str],
+    perplexity: float,
+    max_per_class: int,
+    seed: int,
+) -> pd.DataFrame:
+    """One t-SNE per class of real (source train) and synthetic features, as a long table.
+
+    Columns: class, kind (real | synthetic), x, y. At most ``max_per_class`` points of each
+    kind per class (a seeded random subset) keep t-SNE quick.
+    """
+    rng = np.random.default_rng(seed)
+    frames = []
+    for c in classes:
+        parts, kinds = [], []
+        for feats, labels, kind in ((real_features, real_labels, "real"), (syn_features, syn_labels, "synthetic")):
+            idx = np.flatnonzero(np.asarray(labels) == c)
+            if len(idx) > max_per_class:
+                idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+            parts.append(feats[idx])
+            kinds += [kind] * len(idx)
+        if len(kinds) < 5 or "synthetic" not in kinds:
+            continue
+        xy = tsne_embedding(np.concatenate(parts), perplexity, seed)
+        frames.append(pd.DataFrame({"class": c, "kind": kinds, "x": xy[:, 0], "y": xy[:, 1]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["class", "kind", "x", "y"])
