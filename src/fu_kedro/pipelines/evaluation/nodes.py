@@ -63,12 +63,14 @@ def prepare_classifier_data(
         target_images: real target images (zero-shot test only); meta ``label``,
             ``patient_id``, ``center``.
         synthetic_batch: synthetic images; meta ``label`` = prompted class. May be empty.
-        params: ``evaluation`` parameters (``classes``, ``image_size``).
+        params: ``evaluation`` parameters (``classes``, ``image_size``,
+            ``quality.memorisation_size``).
 
     Returns:
         dict with ``classes``, ``image_size``, ``source_train``, ``source_val``, ``target``,
-        ``synthetic`` (``TensorSet``; ``synthetic`` is ``None`` when the batch is empty) and
-        ``info`` (counts and the synthetic batch's lineage).
+        ``synthetic`` (``TensorSet``; ``synthetic`` is ``None`` when the batch is empty),
+        ``memorisation_images`` (uint8 arrays at the copy-check resolution) and ``info``
+        (counts and the synthetic batch's lineage).
 
     Raises:
         ValueError: a label outside ``classes`` (naming set and labels), a source without
@@ -111,6 +113,16 @@ def prepare_classifier_data(
         "source_val": source.subset((splits == "val").to_numpy()),
         "target": target,
         "synthetic": synthetic,
+    }
+    # The copy check compares pixels at a higher resolution than the classifier sees: at 32 px
+    # two different real images already correlate above 0.95.
+    mem_size = int(params["quality"]["memorisation_size"])
+    mem = {"source_train": source_images.select((splits == "train").to_numpy()),
+           "source_val": source_images.select((splits == "val").to_numpy())}
+    if synthetic is not None:
+        mem["synthetic"] = synthetic_batch
+    data["memorisation_images"] = {
+        k: prepare_tensors(v, classes, mem_size, k).images[:, 0].numpy() for k, v in mem.items()
     }
     data["info"] = {
         "n_source_train": len(data["source_train"]),
@@ -459,8 +471,9 @@ def assess_synthetic_quality(
     f_syn = extract_features(scorer, synthetic)
     real_names = names[real_train.labels.numpy()]
     val_names = names[classifier_data["source_val"].labels.numpy()]
-    sim, nn_idx = quality.nearest_real_similarity(synthetic.images.numpy(), real_train.images.numpy())
-    ref_sim, _ = quality.nearest_real_similarity(classifier_data["source_val"].images.numpy(), real_train.images.numpy())
+    mem = classifier_data["memorisation_images"]
+    sim, nn_idx = quality.nearest_real_similarity(mem["synthetic"], mem["source_train"])
+    ref_sim, _ = quality.nearest_real_similarity(mem["source_val"], mem["source_train"])
     threshold = float(q["memorisation_threshold"])
     flagged = np.flatnonzero(sim >= threshold)
 
@@ -505,7 +518,7 @@ def assess_synthetic_quality(
         "diversity_real_train": quality.mean_pairwise_cosine_distance(f_real),
         "memorisation": {
             "method": "max Pearson correlation of pixels with any real source-train image "
-                      f"at {classifier_data['image_size']} px",
+                      f"at {mem['synthetic'].shape[-1]} px",
             "threshold": threshold,
             "real_val_reference_max_correlation": float(ref_sim.max()),
             "real_val_reference_p99": float(np.quantile(ref_sim, 0.99)),

@@ -9,6 +9,8 @@ real-train (two disjoint real samples) tells how large "no difference" looks.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import linalg
@@ -45,7 +47,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(sa @ sb)
+    with warnings.catch_warnings():
+        # singular covariances are expected here (fewer images than feature dimensions)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sa @ sb)
     covmean = np.real(covmean)  # numerical noise gives tiny imaginary parts
     return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * np.trace(covmean))
 

@@ -1,0 +1,100 @@
+"""Classifier building, the tensor data path and the one training loop."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from fu_kedro.classifiers import (
+    TrainConfig,
+    build_augmentation,
+    build_classifier,
+    extract_features,
+    predict_proba,
+    prepare_tensors,
+    train_classifier,
+)
+from fu_kedro.classifiers.data import augment_batch
+from fu_kedro.datasets import ImageSet
+
+AUG = {"rotation_degrees": 15, "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "hflip_p": 0.5}
+
+
+def _bright_dark(n=24, size=40, seed=0):
+    """Two trivially separable classes: bright discs and dark squares on noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, labels = [], []
+    for i in range(n):
+        img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+        if i % 2:
+            img[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2] = 230
+            labels.append("brain")
+        else:
+            img[size // 3: 2 * size // 3, size // 3: 2 * size // 3] = 120
+            labels.append("femur")
+        images.append(img)
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "label": labels})
+    return ImageSet(np.stack(images), meta)
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ValueError, match="resnet7"):
+        build_classifier("resnet7", 5, 32)
+
+
+def test_weights_file_must_match_backbone(tmp_path):
+    torch.manual_seed(0)
+    imagenet = torchvision.models.mobilenet_v3_small(num_classes=1000)
+    path = tmp_path / "mobilenet_v3_small-imagenet.pth"
+    torch.save(imagenet.state_dict(), path)
+    model, desc = build_classifier("mobilenet_v3_small", 5, 32, str(path))
+    assert desc == f"ImageNet weights from {path}"
+    assert torch.equal(model.features[0][0].weight, imagenet.features[0][0].weight)
+    assert model.classifier[-1].out_features == 5
+    with pytest.raises(ValueError, match="does not match backbone 'shufflenet_v2_x0_5'"):
+        build_classifier("shufflenet_v2_x0_5", 5, 32, str(path))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_classifier("mobilenet_v3_small", 5, 32, str(tmp_path / "missing.pth"))
+
+
+def test_random_init_is_recorded():
+    _, desc = build_classifier("resnet18", 5, 32)
+    assert desc == "random init"
+
+
+def test_prepare_tensors_resizes_once_and_rejects_unknown_labels():
+    images = _bright_dark(n=4, size=40)
+    ts = prepare_tensors(images, ["brain", "femur", "other"], 16, "toy")
+    assert ts.images.shape == (4, 1, 16, 16) and ts.images.dtype == torch.uint8
+    assert ts.labels.tolist() == [1, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"toy: labels \['femur'\]"):
+        prepare_tensors(images, ["brain", "other"], 16, "toy")
+
+
+def test_augmentation_draws_parameters_per_image():
+    torch.manual_seed(0)
+    batch = prepare_tensors(_bright_dark(n=2, size=32), ["brain", "femur"], 32, "toy").images[1:2].repeat(8, 1, 1, 1)
+    out = augment_batch(batch, build_augmentation(AUG, 32))
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    distinct = {tuple(o.flatten().tolist()) for o in out}
+    assert len(distinct) > 1
+
+
+def test_training_learns_and_is_seeded():
+    data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
+    train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))
+    cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, patience=4, selection_metric="val_accuracy")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model, _ = build_classifier("resnet18", 2, 24)
+        runs.append(train_classifier(model, train, val, cfg, seed=7, augmentation=AUG, run_name="toy"))
+    a, b = runs
+    pd.testing.assert_frame_equal(a.history, b.history)
+    assert a.history["val_accuracy"].max() == 1.0
+    proba = predict_proba(a.model, val)
+    assert proba.shape == (8, 2) and np.allclose(proba.sum(1), 1.0)
+    # the kept checkpoint is the best validation epoch
+    assert a.best_epoch == int(a.history["val_accuracy"].idxmax()) + 1
+    assert extract_features(a.model, val).shape == (8, 512)

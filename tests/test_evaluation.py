@@ -1,0 +1,180 @@
+"""The evaluation pipeline: bad input stops before training; a small run writes contract files whose
+metrics can be recomputed from the predictions CSV; synthetic-quality measures on known cases."""
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from kedro_datasets.json import JSONDataset
+from kedro_datasets.pandas import CSVDataset
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets import ImageSet
+from fu_kedro.pipelines.evaluation import create_pipeline
+from fu_kedro.pipelines.evaluation import nodes, quality
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
+
+
+def _params(**over):
+    params = yaml.safe_load((ROOT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
+    params = copy.deepcopy(params)
+    params.update(
+        image_size=32, n_seeds=2,
+        train={**params["train"], "epochs": 2, "batch_size": 32, "bn_recalibration_images": 64},
+        metrics={"n_bootstrap": 20, "ci": 0.95},
+        quality={**params["quality"], "max_points_per_class": 20},
+        report={"samples_per_class": 2},
+    )
+    params.update(over)
+    return params
+
+
+def _sets(n_src=8, n_tgt=4, n_syn=6):
+    src = generate_phantoms("source", n_per_class=n_src, image_size=64, seed=1)
+    pids = src.meta["patient_id"].unique()
+    src.meta["split"] = np.where(src.meta["patient_id"].isin(pids[::4]), "val", "train")
+    tgt = generate_phantoms("target", n_per_class=n_tgt, image_size=64, seed=2)
+    syn = generate_phantoms("source", n_per_class=n_syn, image_size=64, seed=3)
+    meta = pd.DataFrame({"image_id": "syn_" + syn.meta["image_id"], "label": syn.meta["label"],
+                         "prompt": "a photo of fetal " + syn.meta["label"], "seed": np.arange(len(syn))})
+    return src, tgt, ImageSet(syn.images, meta, {"adapter_sha256": "test"})
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_target_label_outside_source_space_stops_before_training():
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    tgt.meta.loc[0, "label"] = "cervix"
+    with pytest.raises(ValueError, match=r"target_images: labels \['cervix'\] are outside"):
+        nodes.prepare_classifier_data(src, tgt, syn, _params())
+
+
+def test_hybrid_without_synthetic_images_is_refused():
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    empty = syn.select(np.zeros(len(syn), bool))
+    data = nodes.prepare_classifier_data(src, tgt, empty, _params())
+    with pytest.raises(ValueError, match="hybrid experiment needs synthetic images"):
+        nodes.plan_experiments(data, _params(), seed=0)
+    assert len(nodes.plan_experiments(data, _params(training_sets=["baseline"]), seed=0)) == 2
+
+
+def test_unknown_backbone_and_mismatched_weights_are_refused(tmp_path):
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    data = nodes.prepare_classifier_data(src, tgt, syn, _params())
+    with pytest.raises(ValueError, match="'resnet_18' is not a torchvision classification model"):
+        nodes.plan_experiments(data, _params(backbones=["resnet_18"]), seed=0)
+    path = tmp_path / "shufflenet.pth"
+    torch.save(torchvision.models.shufflenet_v2_x0_5().state_dict(), path)
+    with pytest.raises(ValueError, match="does not match backbone 'resnet18'"):
+        nodes.plan_experiments(data, _params(weights={"resnet18": str(path)}), seed=0)
+
+
+def test_source_without_validation_patients_is_refused():
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    src.meta["split"] = "train"
+    with pytest.raises(ValueError, match="no 'val' images"):
+        nodes.prepare_classifier_data(src, tgt, syn, _params())
+
+
+def test_synthetic_ratio_sweep_draws_stratified_subsets():
+    src, tgt, syn = _sets(n_src=8, n_tgt=2, n_syn=6)
+    data = nodes.prepare_classifier_data(src, tgt, syn, _params())
+    plan = nodes.plan_experiments(data, _params(training_sets=["baseline"], synthetic_ratios=[0.5], n_seeds=1), seed=3)
+    run = [r for r in plan if r["experiment"] == "hybrid_x0.5"][0]
+    assert run["n_synthetic"] == round(0.5 * len(data["source_train"]))
+    train = nodes.training_set(data, run)
+    assert len(train) == run["n_real"] + run["n_synthetic"]
+    with pytest.raises(ValueError, match="synthetic ratio 5"):
+        nodes.plan_experiments(data, _params(synthetic_ratios=[5]), seed=0)
+
+
+# ----------------------------------------------------------------------------- quality measures
+def test_fidelity_is_per_class_recall_of_prompted_labels():
+    prompted = np.array(["brain", "brain", "femur", "femur", "femur", "other"], object)
+    predicted = np.array(["brain", "femur", "femur", "femur", "thorax", "brain"], object)
+    fid = quality.fidelity(prompted, predicted, CLASSES)
+    assert fid["overall"] == pytest.approx(accuracy_score(prompted, predicted))
+    present = ["brain", "femur", "other"]
+    recalls = recall_score(prompted, predicted, labels=present, average=None)
+    assert [fid["per_class"][c] for c in present] == pytest.approx(list(recalls))
+    assert "abdomen" not in fid["per_class"]
+
+
+def test_memorisation_check_flags_copies_only():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 255, (10, 16, 16)).astype(np.uint8)
+    copy_of_3 = np.clip(real[3].astype(float) * 0.8 + 20, 0, 255).astype(np.uint8)  # brightness/contrast change
+    fresh = rng.integers(0, 255, (2, 16, 16)).astype(np.uint8)
+    sim, idx = quality.nearest_real_similarity(np.stack([copy_of_3, *fresh]), real)
+    assert sim[0] > 0.99 and idx[0] == 3
+    assert (sim[1:] < 0.5).all()
+
+
+def test_frechet_distance_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
+    assert quality.frechet_distance(a, b) < quality.frechet_distance(a, b + 2.0)
+    assert quality.frechet_distance(a, b + 2.0) == pytest.approx(16.0, rel=0.2)
+
+
+# ----------------------------------------------------------------------------- whole pipeline
+@pytest.mark.slow
+def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path):
+    src, tgt, syn = _sets()
+    params = _params()
+    catalog_conf = yaml.safe_load((ROOT / "conf/base/catalog_evaluation.yml").read_text())
+    csv_conf = catalog_conf["zero_shot_predictions"]["dataset"]
+    csv = CSVDataset(filepath=str(tmp_path / "zero_shot_predictions.csv"),
+                     save_args=csv_conf["save_args"], load_args=csv_conf["load_args"])
+    catalog = DataCatalog(
+        {
+            "source_images": MemoryDataset(src), "target_images": MemoryDataset(tgt),
+            "synthetic_batch": MemoryDataset(syn), "params:evaluation": MemoryDataset(params),
+            "params:seed": MemoryDataset(11), "zero_shot_predictions": csv,
+            "zero_shot_metrics": JSONDataset(filepath=str(tmp_path / "zero_shot_metrics.json")),
+            "synthetic_quality": JSONDataset(filepath=str(tmp_path / "synthetic_quality.json")),
+            "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
+        }
+    )
+    pipeline = create_pipeline()
+    outputs = SequentialRunner().run(pipeline, catalog)
+    # the metrics node reads the CSV back, so JSON == f(CSV) by construction; check it independently too
+    pred = csv.load()
+    expected_cols = ["experiment", "backbone", "augmentation", "seed", "image_id", "patient_id", "center",
+                     "label", "prediction"] + [f"prob_{c}" for c in CLASSES]
+    assert list(pred.columns) == expected_cols
+    assert set(pred["experiment"]) == {"baseline", "hybrid"}
+    assert len(pred) == 2 * 2 * len(tgt)
+
+    metrics = json.loads((tmp_path / "zero_shot_metrics.json").read_text())
+    plan = json.loads((tmp_path / "evaluation_plan.json").read_text())
+    # every figure in the JSON, intervals included, follows from the CSV (and the seed)
+    assert nodes.compute_zero_shot_metrics(pred, plan, params, 11) == metrics
+    target_classes = metrics["target_classes"]
+    for (exp, seed), f in pred.groupby(["experiment", "seed"]):
+        got = metrics["experiments"][f"{exp}/resnet18/aug"]["all_classes"]["per_seed"][str(seed)]
+        assert got["accuracy"] == pytest.approx(accuracy_score(f["label"], f["prediction"]))
+        assert got["f1_macro"] == pytest.approx(
+            f1_score(f["label"], f["prediction"], labels=target_classes, average="macro", zero_division=0))
+        argmax = f[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(1)
+        assert (np.asarray(CLASSES)[argmax] == f["prediction"].to_numpy()).all()
+    assert "hybrid/resnet18/aug - baseline/resnet18/aug" in metrics["differences"]
+
+    quality_json = json.loads((tmp_path / "synthetic_quality.json").read_text())
+    for key in ("fidelity", "cas_accuracy", "n_images", "feature_space", "per_class"):
+        assert key in quality_json
+    assert 0.0 <= quality_json["fidelity"] <= 1.0 and quality_json["n_images"] == len(syn)
+
+    report = outputs["evaluation_report"].load()
+    assert "Zero-shot comparison" in report and "data:image/png;base64," in report
+    for name in ("evaluation_confusion_matrices", "evaluation_training_curves", "evaluation_sample_grid",
+                 "synthetic_embedding_plot", "evaluation_per_center"):
+        assert outputs[name].load().axes, name

@@ -1,0 +1,151 @@
+"""Metric code against scikit-learn on hand-made cases; the bootstrap resamples patients."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+from sklearn.preprocessing import label_binarize
+
+from fu_kedro.metrics import (
+    bootstrap_patient_indices,
+    classification_metrics,
+    patient_keys,
+    prob_columns,
+    summarise_zero_shot,
+)
+
+CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
+TARGET = CLASSES[:4]
+
+
+def _hand_case():
+    y_true = np.array(["abdomen", "abdomen", "brain", "brain", "femur", "femur", "thorax", "thorax", "brain"], object)
+    y_pred = np.array(["abdomen", "other", "brain", "femur", "femur", "femur", "thorax", "abdomen", "brain"], object)
+    rng = np.random.default_rng(3)
+    proba = rng.random((len(y_true), 5)) * 0.3
+    proba[np.arange(len(y_true)), [CLASSES.index(c) for c in y_pred]] += 1.0
+    proba /= proba.sum(axis=1, keepdims=True)
+    return y_true, y_pred, proba
+
+
+def test_metrics_match_sklearn_with_other_counted_as_error():
+    y_true, y_pred, proba = _hand_case()
+    got = classification_metrics(y_true, y_pred, proba, CLASSES, TARGET)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    for avg in ("macro", "weighted"):
+        assert got[f"precision_{avg}"] == pytest.approx(
+            precision_score(y_true, y_pred, labels=TARGET, average=avg, zero_division=0)
+        )
+        assert got[f"recall_{avg}"] == pytest.approx(recall_score(y_true, y_pred, labels=TARGET, average=avg))
+        assert got[f"f1_{avg}"] == pytest.approx(f1_score(y_true, y_pred, labels=TARGET, average=avg))
+    onehot = label_binarize(y_true, classes=TARGET)
+    per_class_auc = [roc_auc_score(onehot[:, k], proba[:, k]) for k in range(4)]
+    assert got["roc_auc_macro"] == pytest.approx(np.mean(per_class_auc))
+    hard = [roc_auc_score(onehot[:, k], (y_pred == c).astype(int)) for k, c in enumerate(TARGET)]
+    assert got["auc_hard_label"] == pytest.approx(np.mean(hard))
+    # the 'other' prediction is a miss: 6 of 9 right
+    assert got["accuracy"] == pytest.approx(6 / 9)
+
+
+def test_auc_uses_only_classes_present_in_labels():
+    y_true, y_pred, proba = _hand_case()
+    keep = y_true != "thorax"
+    got = classification_metrics(y_true[keep], y_pred[keep], proba[keep], CLASSES, TARGET)
+    present = ["abdomen", "brain", "femur"]
+    onehot = label_binarize(y_true[keep], classes=present)
+    cols = [CLASSES.index(c) for c in present]
+    assert got["roc_auc_macro"] == pytest.approx(roc_auc_score(onehot, proba[keep][:, cols], average="macro"))
+
+
+def _predictions(n_patients=30, images_per_patient=1, experiments=("baseline", "hybrid"), seeds=(1, 2), seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(TARGET, n_patients)
+    rows = []
+    for exp in experiments:
+        for s in seeds:
+            logits = rng.normal(size=(n_patients, 5))
+            logits[np.arange(n_patients), [CLASSES.index(c) for c in labels]] += 1.0 if exp == "baseline" else 2.0
+            proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+            for rep in range(images_per_patient):
+                df = pd.DataFrame(
+                    {
+                        "experiment": exp, "backbone": "resnet18", "augmentation": True, "seed": s,
+                        "image_id": [f"img{p:03d}_{rep}" for p in range(n_patients)],
+                        "patient_id": [f"p{p:03d}" for p in range(n_patients)],
+                        "center": [f"c{p % 3}" for p in range(n_patients)],
+                        "label": labels,
+                        "prediction": np.asarray(CLASSES, object)[proba.argmax(1)],
+                    }
+                )
+                df[prob_columns(CLASSES)] = proba
+                rows.append(df)
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_bootstrap_draws_whole_patients():
+    frame = pd.DataFrame({"center": ["a"] * 6 + ["b"] * 3, "patient_id": ["1", "1", "1", "2", "2", "3", "1", "1", "4"]})
+    keys = patient_keys(frame)
+    sizes = pd.Series(keys).value_counts()
+    assert sizes["a::1"] == 3 and sizes["b::1"] == 2  # same id in two centers = two patients
+    for idx in bootstrap_patient_indices(keys, 50, seed=1):
+        counts = pd.Series(keys[idx]).value_counts()
+        for patient, c in counts.items():
+            assert c % sizes[patient] == 0, "a patient's images must be drawn together"
+        assert sum(c // sizes[p] for p, c in counts.items()) == len(sizes)  # as many draws as patients
+
+
+def test_interval_depends_on_patients_not_images():
+    one = summarise_zero_shot(_predictions(images_per_patient=1), CLASSES, n_bootstrap=40, ci=0.95, seed=5)
+    four = summarise_zero_shot(_predictions(images_per_patient=4), CLASSES, n_bootstrap=40, ci=0.95, seed=5)
+    key = "hybrid/resnet18/aug"
+    assert four["n_target_images"] == 4 * one["n_target_images"]
+    assert four["n_target_patients"] == one["n_target_patients"]
+    # copies of an image inside its patient add no information: identical intervals
+    for m in ("accuracy", "f1_macro", "roc_auc_macro"):
+        assert four["experiments"][key]["all_classes"]["ci"][m] == pytest.approx(one["experiments"][key]["all_classes"]["ci"][m])
+        lo, hi = one["experiments"][key]["all_classes"]["ci"][m]
+        assert lo < hi
+
+
+def test_summary_means_sd_and_differences():
+    pred = _predictions()
+    res = summarise_zero_shot(pred, CLASSES, n_bootstrap=30, ci=0.9, seed=0)
+    per_seed = {}
+    for (exp, s), f in pred.groupby(["experiment", "seed"]):
+        per_seed.setdefault(exp, []).append(accuracy_score(f["label"], f["prediction"]))
+    for exp in ("baseline", "hybrid"):
+        e = res["experiments"][f"{exp}/resnet18/aug"]["all_classes"]
+        assert e["mean"]["accuracy"] == pytest.approx(np.mean(per_seed[exp]))
+        assert e["sd"]["accuracy"] == pytest.approx(np.std(per_seed[exp], ddof=1))
+    d = res["differences"]["hybrid/resnet18/aug - baseline/resnet18/aug"]["all_classes"]["accuracy"]
+    assert d["mean"] == pytest.approx(np.mean(per_seed["hybrid"]) - np.mean(per_seed["baseline"]))
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+
+
+def test_target_class_protocol_ignores_other():
+    pred = _predictions(experiments=("baseline",), seeds=(1,))
+    # make 'other' the top class everywhere, with the true class second
+    probs = pred[prob_columns(CLASSES)].to_numpy()
+    for i, lab in enumerate(pred["label"]):
+        probs[i] = 0.05
+        probs[i, CLASSES.index(lab)] = 0.3
+        probs[i, 4] = 0.5
+    pred[prob_columns(CLASSES)] = probs / probs.sum(1, keepdims=True)
+    pred["prediction"] = "other"
+    res = summarise_zero_shot(pred, CLASSES, n_bootstrap=0, ci=0.95, seed=0)["experiments"]["baseline/resnet18/aug"]
+    assert res["all_classes"]["mean"]["accuracy"] == 0.0
+    assert res["target_classes"]["mean"]["accuracy"] == 1.0
+
+
+def test_labels_outside_label_space_are_rejected():
+    pred = _predictions()
+    pred.loc[0, "label"] = "cervix"
+    with pytest.raises(ValueError, match="cervix"):
+        summarise_zero_shot(pred, CLASSES, n_bootstrap=0, ci=0.95, seed=0)
