@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class TrainConfig:
     """Knobs of one training run (``evaluation.train`` in the parameters)."""
 
     epochs: int = 10
+    min_steps: int = 0  # at least this many optimiser steps: small sets get more epochs
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -109,7 +111,12 @@ def train_classifier(
     rows = []
     active = mlflow.active_run() is not None
     calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    bar = tqdm(range(1, cfg.epochs + 1), desc=run_name, unit="epoch", leave=False)
+    # A fixed epoch count means very few optimiser steps for a small training set (80 real
+    # images = 2 steps per epoch); stretch epochs (and patience with them) to min_steps.
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    patience = max(cfg.patience, math.ceil(cfg.patience * epochs / cfg.epochs))
+    bar = tqdm(range(1, epochs + 1), desc=run_name, unit="epoch", leave=False)
     for epoch in bar:
         model.train()
         losses, correct = [], 0
@@ -153,7 +160,7 @@ def train_classifier(
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= cfg.patience:
+            if stale >= patience:
                 break
     bar.close()
     model.load_state_dict(best_state)
@@ -163,7 +170,10 @@ def train_classifier(
         "%s: %d epochs, best epoch %d (val_loss %.3f, val_accuracy %.3f)",
         run_name, len(rows), best_epoch, rows[best_epoch - 1]["val_loss"], rows[best_epoch - 1]["val_accuracy"],
     )
-    return TrainedClassifier(model, history, best_epoch, {"seed": seed, "n_train": len(train), "n_val": len(val)})
+    return TrainedClassifier(
+        model, history, best_epoch,
+        {"seed": seed, "n_train": len(train), "n_val": len(val), "max_epochs": epochs, "patience": patience},
+    )
 
 
 @torch.no_grad()

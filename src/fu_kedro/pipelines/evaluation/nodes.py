@@ -359,13 +359,17 @@ def compute_zero_shot_metrics(
 
 
 def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
-    """Headline metrics as MLflow metrics: ``zero_shot.<experiment key>.<metric>`` (seed mean, all classes)."""
+    """Headline metrics for MLflow: ``{"<experiment key>.<metric>": {"value", "step"}}`` (seed mean, paper protocol).
+
+    The catalog's ``MlflowMetricsHistoryDataset`` (prefix ``zero_shot``) logs them as
+    ``zero_shot.<experiment key>.<metric>``.
+    """
     out = {}
     for key, entry in zero_shot_metrics["experiments"].items():
         for m in ("accuracy", "f1_macro", "roc_auc_macro", "auc_hard_label"):
             value = entry["all_classes"]["mean"].get(m)
             if value is not None:
-                out[f"zero_shot.{key}.{m}"] = {"value": float(value), "step": 0}
+                out[f"{key}.{m}"] = {"value": float(value), "step": 0}
     return out
 
 
