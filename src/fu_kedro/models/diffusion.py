@@ -73,6 +73,7 @@ TINY_CONFIG: dict[str, Any] = {
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
         "prediction_type": "epsilon",
+        "steps_offset": 1,
     },
 }
 
@@ -119,6 +120,9 @@ SD15_CONFIG: dict[str, Any] = {
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
     },
 }
 

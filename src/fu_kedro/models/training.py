@@ -105,7 +105,7 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig,
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.monotonic() - start
-        history.append({"step": step, "loss": last, "reconstruction": float(rec), "seconds": elapsed})
+        history.append({"step": step, "loss": last, "reconstruction": rec.item(), "seconds": elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}")
         if step >= cfg.max_steps or elapsed > cfg.max_minutes * 60:
