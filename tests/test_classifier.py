@@ -81,7 +81,16 @@ def test_augmentation_draws_parameters_per_image():
     assert len(distinct) > 1
 
 
-def test_training_learns_and_is_seeded():
+@pytest.fixture
+def one_thread():
+    # tiny models on a CPU shared with other jobs: two OpenMP threads spin against each other
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_learns_and_is_seeded(one_thread):
     data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
     train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))
     cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, patience=4, selection_metric="val_accuracy")

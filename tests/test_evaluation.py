@@ -29,7 +29,7 @@ def _params(**over):
     params = copy.deepcopy(params)
     params.update(
         image_size=32, n_seeds=2,
-        train={**params["train"], "epochs": 2, "batch_size": 32, "bn_recalibration_images": 64},
+        train={**params["train"], "epochs": 2, "min_steps": 0, "batch_size": 32, "bn_recalibration_images": 64},
         metrics={"n_bootstrap": 20, "ci": 0.95},
         quality={**params["quality"], "max_points_per_class": 20},
         report={"samples_per_class": 2},
@@ -131,7 +131,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     src, tgt, syn = _sets()
     params = _params()
     catalog_conf = yaml.safe_load((ROOT / "conf/base/catalog_evaluation.yml").read_text())
-    csv_conf = catalog_conf["zero_shot_predictions"]["dataset"]
+    csv_conf = catalog_conf["zero_shot_predictions"]
     csv = CSVDataset(filepath=str(tmp_path / "zero_shot_predictions.csv"),
                      save_args=csv_conf["save_args"], load_args=csv_conf["load_args"])
     catalog = DataCatalog(
