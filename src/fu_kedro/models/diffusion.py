@@ -45,10 +45,10 @@ TINY_CONFIG: dict[str, Any] = {
         "out_channels": 3,
         "down_block_types": ["DownEncoderBlock2D"] * 3,  # 3 blocks -> downsampling factor f=4
         "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [32, 64, 64],
+        "block_out_channels": [16, 32, 32],
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 16,
+        "norm_num_groups": 8,
         "mid_block_add_attention": False,
     },
     "unet": {
@@ -56,10 +56,10 @@ TINY_CONFIG: dict[str, Any] = {
         "out_channels": 4,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "block_out_channels": [64, 128, 128],
+        "block_out_channels": [32, 64, 64],
         "layers_per_block": 1,
         "attention_head_dim": 4,  # diffusers' name; it is the number of heads in SD-style UNets
-        "norm_num_groups": 32,
+        "norm_num_groups": 16,
     },
     "text_encoder": {
         "hidden_size": 64,
@@ -69,9 +69,11 @@ TINY_CONFIG: dict[str, Any] = {
         "max_position_embeddings": 77,
         "projection_dim": 64,
     },
-    "scheduler": {
+    "scheduler": {  # SD v1.5's noise schedule (DPM-Solver++ is unstable at the cosine schedule's end)
         "num_train_timesteps": 1000,
-        "beta_schedule": "squaredcos_cap_v2",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon",
         "steps_offset": 1,
     },

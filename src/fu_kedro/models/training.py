@@ -178,6 +178,15 @@ def train_denoiser(
     unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
     device = accelerator.device
 
+    # A frozen text encoder gives the same states for the same caption: encode each distinct
+    # caption (and the empty one) once instead of every step.
+    cached = None
+    if not te_params:
+        with torch.no_grad():
+            unique, inverse = torch.unique(torch.cat([token_ids, empty_ids[None]]), dim=0, return_inverse=True)
+            states = torch.cat([_encode_ids(text_encoder, unique[i : i + 64].to(device), clip_skip) for i in range(0, len(unique), 64)])
+        cached = (states, inverse[:-1], inverse[-1])
+
     history: list[dict] = []
     start, last, step = time.monotonic(), None, 0
     bar = tqdm(total=cfg.max_steps, desc="denoiser", leave=False)
@@ -187,6 +196,7 @@ def train_denoiser(
         with accelerator.accumulate(unet):
             x0 = latents[idx].to(device)
             ids = token_ids[idx].clone()
+            drop = torch.zeros(len(ids), dtype=torch.bool)
             if cfg.caption_dropout > 0:
                 drop = torch.rand(len(ids), generator=gen) < cfg.caption_dropout
                 ids[drop] = empty_ids
@@ -195,7 +205,10 @@ def train_denoiser(
                 noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen).to(device)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
-            with torch.set_grad_enabled(bool(te_params)):
+            if cached is not None:
+                rows = torch.where(drop, cached[2], cached[1][idx])
+                hidden = cached[0][rows]
+            else:
                 hidden = _encode_ids(text_encoder, ids.to(device), clip_skip)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(x0, noise, t)
@@ -249,7 +262,12 @@ def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch
 
 @torch.no_grad()
 def denoising_loss(
-    pipe: StableDiffusionPipeline, latents: torch.Tensor, token_ids: torch.Tensor, seed: int, repeats: int = 4
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    seed: int,
+    repeats: int = 4,
+    clip_skip: int | None = None,
 ) -> float:
     """Mean epsilon/v MSE of the pipeline on fixed (seeded) noise and timesteps — for comparisons."""
     noise_scheduler = training_noise_scheduler(pipe)
@@ -267,7 +285,7 @@ def denoising_loss(
                 if noise_scheduler.config.prediction_type == "v_prediction"
                 else noise
             )
-            pred = pipe.unet(noise_scheduler.add_noise(x0, noise, t), t, pipe.text_encoder(ids)[0]).sample
+            pred = pipe.unet(noise_scheduler.add_noise(x0, noise, t), t, _encode_ids(pipe.text_encoder, ids, clip_skip)).sample
             total += float(F.mse_loss(pred.float(), target.float(), reduction="sum"))
             count += target.numel()
     return total / count

@@ -1,6 +1,59 @@
-"""``lora_training`` pipeline (placeholder until its issue lands)."""
-from kedro.pipeline import Pipeline
+"""``lora_training`` pipeline: source images -> base model -> LoRA adapter -> curves, grid, lineage.
+
+Reusing an earlier tiny base instead of training it again (documented in the README)::
+
+    kedro run --pipeline lora_training --from-nodes fit_lora_adapter_node \
+        [--load-versions base_model=<version>]
+
+``--from-nodes`` skips ``build_base_model_node``; ``base_model`` (and, by default, its
+training history) is then loaded from the catalog — the latest version, or the pinned one.
+"""
+from kedro.pipeline import Node, Pipeline
+
+from fu_kedro.pipelines.evaluation.pipeline import with_mlflow_copies
+
+from .nodes import build_base_model, fit_lora_adapter, summarize_training
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([], tags="lora_training")
+    return Pipeline(
+        [
+            Node(
+                build_base_model,
+                inputs=["source_images", "params:lora_training", "params:ingestion.caption_template", "params:seed"],
+                outputs=["base_model", "base_training_history"],
+                name="build_base_model_node",
+            ),
+            Node(
+                fit_lora_adapter,
+                inputs=["base_model", "lora_subset", "params:lora_training", "params:seed"],
+                outputs=["lora_adapter", "lora_training_history", "lora_training_summary"],
+                name="fit_lora_adapter_node",
+            ),
+            Node(
+                with_mlflow_copies(summarize_training, [True, True, False, True]),
+                inputs=[
+                    "base_model",
+                    "lora_adapter",
+                    "base_training_history",
+                    "lora_training_history",
+                    "lora_training_summary",
+                    "params:lora_training",
+                    "params:lora_training.validation.classes",
+                    "params:ingestion.caption_template",
+                    "params:seed",
+                ],
+                outputs=[
+                    "lora_loss_curves",
+                    "lora_loss_curves_mlflow",
+                    "lora_validation_grid",
+                    "lora_validation_grid_mlflow",
+                    "lora_training_metrics",
+                    "lora_lineage",
+                    "lora_lineage_mlflow",
+                ],
+                name="summarize_lora_training_node",
+            ),
+        ],
+        tags="lora_training",
+    )

@@ -1,0 +1,143 @@
+"""Versioned Kedro datasets for the diffusion base model and the LoRA adapter.
+
+``DiffusionModelDataset`` stores the base model a run used::
+
+    <filepath>/<version>/<name>/
+        reference.json     kind (tiny | pretrained), model id/path, content hash, description
+        model/             the trained weights (``save_pretrained``) — tiny base only
+
+For the ``tiny`` base trained here the weights themselves are the artifact (a later run can
+reuse them by loading this catalog version). For a ``pretrained`` base (SD v1.5, gigabytes)
+only the reference is written — the id/path and a content hash of the weights that were
+used — and loading reads the weights from that path again (the hash is checked).
+
+``LoraAdapterDataset`` stores the adapter as one safetensors file in diffusers' LoRA key
+format (``StableDiffusionPipeline.load_lora_weights(<file>)`` loads it) with its lineage
+(rank, alpha, base hash, LoRA subset ids, parameters) in the file's metadata header.
+
+Both write under a temporary name and rename at the end, so a failed run never leaves a
+file or folder that looks complete. Loaded objects carry the catalog version they came from
+(``fu_base_info["catalog_version"]`` / ``metadata["catalog_version"]``) so later steps can
+record it (the synthesis manifest does).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+
+from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
+from fu_kedro.models.lora import LoraAdapter, read_adapter_file, save_adapter_file
+
+
+def _version_of(path: Path) -> str | None:
+    """The Kedro version folder a versioned path sits in (``.../<version>/<name>``)."""
+    return path.parent.name if path.parent.name.count(".") >= 3 else None
+
+
+class _LocalVersioned(AbstractVersionedDataset):
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict | None = None):
+        protocol, path = get_protocol_and_path(filepath)
+        if protocol != "file":
+            raise DatasetError(f"{type(self).__name__} writes to the local file system only")
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol)
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists, glob_function=self._fs.glob
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}
+
+    def _load_path(self) -> Path:
+        return Path(get_filepath_str(self._get_load_path(), self._protocol))
+
+    def _save_path(self) -> Path:
+        path = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        if path.exists():
+            raise DatasetError(f"{path} exists already; a versioned artifact is never overwritten")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _exists(self) -> bool:
+        try:
+            return self._fs.exists(str(self._load_path()))
+        except DatasetError:
+            return False
+
+
+class DiffusionModelDataset(_LocalVersioned):
+    """A ``StableDiffusionPipeline`` with its reference (see module docstring).
+
+    The pipeline to save must carry ``pipe.fu_base_info`` (a dict with at least ``kind``;
+    for ``pretrained`` also ``model``, the id/path it was loaded from), as set by the
+    ``lora_training`` pipeline.
+    """
+
+    def load(self):
+        from diffusers import StableDiffusionPipeline
+
+        folder = self._load_path()
+        ref_file = folder / "reference.json"
+        if not ref_file.is_file():
+            raise DatasetError(f"{folder}: no reference.json (not a base-model artifact, or an incomplete one)")
+        reference = json.loads(ref_file.read_text())
+        if reference["kind"] == "pretrained":
+            pipe = load_pretrained_pipeline(reference["model"])
+            found = pipeline_hash(pipe)
+            if reference.get("content_hash") and found != reference["content_hash"]:
+                raise DatasetError(
+                    f"{reference['model']}: weights changed since this reference was written "
+                    f"(hash {found}, recorded {reference['content_hash']} in {ref_file})"
+                )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(folder / "model", local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.fu_base_info = reference | {"catalog_version": _version_of(folder)}
+        return pipe
+
+    def save(self, data) -> None:
+        reference = dict(getattr(data, "fu_base_info", {}) or {})
+        if "kind" not in reference:
+            raise DatasetError("DiffusionModelDataset.save: the pipeline has no fu_base_info['kind'] (tiny | pretrained)")
+        reference.setdefault("content_hash", pipeline_hash(data))
+        reference.pop("catalog_version", None)
+        folder = self._save_path()
+        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            if reference["kind"] != "pretrained":
+                data.save_pretrained(tmp / "model", safe_serialization=True)
+            (tmp / "reference.json").write_text(to_json(reference))
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+class LoraAdapterDataset(_LocalVersioned):
+    """A :class:`~fu_kedro.models.lora.LoraAdapter` as one diffusers-format safetensors file."""
+
+    def load(self) -> LoraAdapter:
+        path = self._load_path()
+        adapter = read_adapter_file(path)
+        adapter.metadata["catalog_version"] = _version_of(path)
+        adapter.metadata["file"] = str(path)
+        return adapter
+
+    def save(self, data: LoraAdapter) -> None:
+        path = self._save_path()
+        tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            save_adapter_file(data, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

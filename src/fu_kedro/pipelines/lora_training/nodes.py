@@ -1,0 +1,381 @@
+"""Nodes of the ``lora_training`` pipeline: base model -> LoRA adapter -> loss curve + validation grid.
+
+One code path for both profiles (``lora_training.base_model.kind``):
+
+* ``tiny`` (offline default) — a small ``StableDiffusionPipeline`` (same diffusers classes as
+  SD v1.5) built from :data:`fu_kedro.models.diffusion.TINY_CONFIG` and trained here from
+  scratch on the *source training* images (all of them, every class, with their class
+  captions; never target images): first the VAE briefly, then the UNet on cached latents
+  with caption dropout (for classifier-free guidance), EMA weights and a time budget.
+  It is called "tiny base trained here" everywhere, never Stable Diffusion.
+* ``pretrained`` — ``StableDiffusionPipeline.from_pretrained`` from a local folder or the
+  local Hugging Face cache (SD v1.5 in the paper); nothing is downloaded.
+
+The LoRA step is the same for both: peft layers on the UNet's attention projections
+(optionally the text encoder), trained on the LoRA subset's captioned images with the one
+denoiser loop of :mod:`fu_kedro.models.training` (accelerate: CPU, one GPU, or several).
+``adapter_source: file`` skips training and passes on an existing LoRA file (diffusers or
+kohya-ss format, e.g. the published FU-LoRA adapters) through the same catalog entry.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
+from fu_kedro.models.diffusion import (  # noqa: E402
+    TINY_BASE_NAME,
+    TINY_CONFIG,
+    build_pipeline_from_config,
+    load_pretrained_pipeline,
+    pipeline_hash,
+)
+from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
+from fu_kedro.models.training import (  # noqa: E402
+    LoopConfig,
+    denoising_loss,
+    encode_to_latents,
+    summarize,
+    to_model_range,
+    tokenize,
+    train_autoencoder,
+    train_denoiser,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _deep_update(base: dict, overrides: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def vae_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def check_resolution(resolution: int, factor: int) -> None:
+    """The VAE must take the resolution: a positive multiple of 8 (SD pipelines) and of the VAE factor."""
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 8 or resolution % factor:
+        raise ValueError(
+            f"lora_training.resolution={resolution!r}: the VAE cannot take it; use a positive multiple of 8 "
+            f"(and of the VAE downsampling factor {factor}), e.g. 32 (tiny) or 512 (SD v1.5)"
+        )
+
+
+def resize_images(image_set: ImageSet, resolution: int) -> torch.Tensor:
+    """``ImageSet`` grayscale images -> model-range tensors ``(N, 3, R, R)`` in [-1, 1]."""
+    images = torch.from_numpy(np.ascontiguousarray(image_set.images)).unsqueeze(1)
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        images = v2.functional.resize(images, [resolution, resolution], antialias=True)
+    return to_model_range(images.squeeze(1).numpy())
+
+
+def _captions(image_set: ImageSet, template: str) -> list[str]:
+    if "caption" in image_set.meta.columns:
+        return image_set.meta["caption"].astype(str).tolist()
+    return [template.format(plane=label) for label in image_set.meta["label"].astype(str)]
+
+
+def _loop(cfg: dict, seed: int, **extra) -> LoopConfig:
+    fields = LoopConfig.__dataclass_fields__
+    values = {k: v for k, v in cfg.items() if k in fields}
+    return LoopConfig(**({"max_steps": 10**9, "max_minutes": 10**6, "seed": int(seed)} | values | extra))
+
+
+def build_base_model(source_images: ImageSet, params: dict[str, Any], caption_template: str, seed: int):
+    """The base diffusion model: the tiny model trained here, or a pretrained one loaded from disk.
+
+    Args:
+        source_images: ingestion's source set; only rows with ``split == "train"`` are used
+            (all classes, each image captioned from ``caption_template``).
+        params: ``lora_training`` parameters (``resolution``, ``base_model``).
+        caption_template: ``ingestion.caption_template`` (``{plane}`` = class word).
+        seed: project seed.
+
+    Returns:
+        (pipeline with ``fu_base_info``, per-step training history of the tiny base — empty for
+        a pretrained base).
+    """
+    cfg = params["base_model"]
+    resolution = params["resolution"]
+    kind = cfg["kind"]
+    if kind == "pretrained":
+        path = cfg.get("pretrained_path")
+        if not path:
+            raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
+        pipe = load_pretrained_pipeline(str(path))
+        check_resolution(resolution, vae_factor(pipe))
+        pipe.fu_base_info = {
+            "kind": "pretrained",
+            "name": str(path),
+            "model": str(path),
+            "resolution": resolution,
+            "content_hash": pipeline_hash(pipe),
+        }
+        log.info("base model: pretrained %s (hash %s)", path, pipe.fu_base_info["content_hash"][:12])
+        return pipe, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
+    if kind != "tiny":
+        raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
+
+    tiny = cfg["tiny"]
+    config = _deep_update(TINY_CONFIG, tiny.get("architecture"))
+    factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+    check_resolution(resolution, factor)
+    if "split" in source_images.meta.columns:
+        train = source_images.select(source_images.meta["split"].to_numpy() == "train")
+    else:
+        train = source_images
+    if len(train) == 0:
+        raise ValueError("build_base_model: the source set has no training images (split == 'train')")
+    torch.manual_seed(seed)
+    pipe = build_pipeline_from_config(config, resolution, seed)
+    log.info(
+        "base model: %s — %d source training images at %d px (never target images)",
+        TINY_BASE_NAME, len(train), resolution,
+    )
+    x = resize_images(train, resolution)
+    ae_cfg = dict(tiny["autoencoder"])
+    kl_weight = float(ae_cfg.pop("kl_weight", 1e-6))
+    ae_hist = train_autoencoder(pipe.vae, x, _loop(ae_cfg, seed), kl_weight=kl_weight)
+    pipe.vae.register_to_config(scaling_factor=1.0)  # raw posterior means first...
+    latents = encode_to_latents(pipe.vae, x)
+    scale = 1.0 / float(latents.std())  # ...then SD's convention: scaled latents have unit spread
+    pipe.vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    ids = tokenize(pipe, _captions(train, caption_template))
+    pipe.unet.requires_grad_(True)
+    pipe.text_encoder.requires_grad_(False)
+    unet_hist = train_denoiser(pipe, latents, ids, _loop(tiny["denoiser"], seed + 1))
+    pipe.unet.requires_grad_(False)
+    log.info("tiny base denoiser: %s", summarize(unet_hist))
+    pipe.fu_base_info = {
+        "kind": "tiny",
+        "name": TINY_BASE_NAME,
+        "resolution": resolution,
+        "trained_on": {
+            "images": len(train),
+            "source_version": source_images.info.get("version"),
+            "per_class": train.meta["label"].value_counts().sort_index().to_dict(),
+        },
+        "architecture": config,
+        "content_hash": pipeline_hash(pipe),
+    }
+    history = pd.concat(
+        [
+            pd.DataFrame(ae_hist).assign(stage="autoencoder"),
+            pd.DataFrame(unet_hist).assign(stage="base_denoiser"),
+        ],
+        ignore_index=True,
+    )
+    return pipe, history[["stage", "step", "loss", "seconds"]]
+
+
+def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], seed: int):
+    """Train the LoRA adapter on the LoRA subset, or read it from ``adapter_file``.
+
+    Returns:
+        (adapter, per-step history, summary dict with the denoising loss on the LoRA images
+        with and without the adapter).
+    """
+    source = params.get("adapter_source", "train")
+    lora = params["lora"]
+    resolution = params["resolution"]
+    base_info = dict(getattr(base_model, "fu_base_info", {}))
+    if source == "file":
+        path = params.get("adapter_file")
+        if not path:
+            raise ValueError("lora_training.adapter_source is 'file' but lora_training.adapter_file is not set")
+        adapter = read_adapter_file(path)
+        _check_adapter_fits(base_model, adapter, path)
+        adapter.metadata.setdefault("base_content_hash", str(base_info.get("content_hash")))
+        adapter.metadata["adapter_source"] = "file"
+        log.info("LoRA adapter: read %s (%s format), not trained", path, adapter.metadata.get("imported_format"))
+        return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), {"adapter_source": "file", "file": str(path)}
+    if source != "train":
+        raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
+    rank = lora["rank"]
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"lora_training.lora.rank must be a positive integer, got {rank!r}")
+    if len(lora_subset) == 0:
+        raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
+    check_resolution(resolution, vae_factor(base_model))
+
+    pipe = base_model
+    x = resize_images(lora_subset, resolution)
+    latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
+    captions = _captions(lora_subset, "{plane}")
+    ids = tokenize(pipe, captions)
+    clip_skip = lora.get("clip_skip")
+    before = denoising_loss(pipe, latents, ids, seed=seed, clip_skip=clip_skip)
+    alpha = float(lora.get("alpha") or rank)
+    attach_lora(
+        pipe,
+        rank=rank,
+        alpha=alpha,
+        unet_targets=tuple(lora["unet_targets"]),
+        train_text_encoder=bool(lora.get("train_text_encoder")),
+        seed=seed,
+    )
+    hist = train_denoiser(pipe, latents, ids, _loop(lora, seed + 2), clip_skip=clip_skip)
+    after = denoising_loss(pipe, latents, ids, seed=seed, clip_skip=clip_skip)
+    log.info("LoRA: %s; denoising loss on the LoRA images %.4f -> %.4f", summarize(hist), before, after)
+    adapter = export_lora(
+        pipe,
+        rank,
+        alpha,
+        {
+            "adapter_source": "train",
+            "base_name": base_info.get("name"),
+            "base_content_hash": base_info.get("content_hash"),
+            "base_catalog_version": base_info.get("catalog_version"),
+            "resolution": resolution,
+            "lora_params": lora,
+            "lora_subset_version": lora_subset.info.get("version"),
+            "lora_subset_image_ids": lora_subset.meta["image_id"].astype(str).tolist(),
+            "captions": sorted(set(captions)),
+            "caption_template": lora_subset.info.get("caption_template"),
+            "seed": seed,
+        },
+    )
+    summary = {
+        "adapter_source": "train",
+        "steps": len(hist),
+        "denoising_loss_without_adapter": before,
+        "denoising_loss_with_adapter": after,
+        "images": len(lora_subset),
+    }
+    return adapter, pd.DataFrame(hist).assign(stage="lora")[["stage", "step", "loss", "seconds"]], summary
+
+
+def _check_adapter_fits(pipe, adapter: LoraAdapter, path) -> None:
+    """Load the adapter into (a throwaway adapter slot of) ``pipe``; a mismatch names the file."""
+    try:
+        apply_lora(pipe, adapter, 1.0, name="fu_check")
+    except Exception as exc:  # diffusers/peft raise various types for mismatched keys/shapes
+        raise ValueError(f"LoRA adapter file '{path}' does not fit the base model: {exc}") from exc
+    pipe.delete_adapters("fu_check")
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance: float) -> np.ndarray:
+    """Images for ``prompts`` (one seeded generator each) as ``uint8 (N, R, R)`` grayscale."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    out = pipe(
+        prompts, height=resolution, width=resolution, num_inference_steps=steps,
+        guidance_scale=guidance, generator=gens, output_type="np",
+    ).images
+    return (out.mean(axis=-1) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
+    """A few images per class from fixed seeds, without (left) and with (right) the adapter."""
+    cfg = params["validation"]
+    resolution = params["resolution"]
+    per_class = int(cfg["per_class"])
+    prompts = [caption_template.format(plane=c) for c in classes for _ in range(per_class)]
+    seeds = [seed + i for i in range(per_class)] * len(classes)
+    pipe = base_model
+    pipe.set_progress_bar_config(disable=True)
+    without = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"])
+    apply_lora(pipe, lora_adapter, float(cfg.get("lora_scale", 1.0)))
+    with_lora = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"])
+    fig, axes = plt.subplots(
+        len(classes), 2, figsize=(2 * 0.9 * per_class + 0.5, 0.95 * len(classes) + 0.6), squeeze=False
+    )
+    for r, cls in enumerate(classes):
+        for c, (images, title) in enumerate([(without, "base"), (with_lora, "base + LoRA")]):
+            row = images[r * per_class : (r + 1) * per_class]
+            axes[r, c].imshow(np.concatenate(list(row), axis=1), cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=9)
+            if c == 0:
+                axes[r, c].set_ylabel(cls, fontsize=9)
+    name = getattr(base_model, "fu_base_info", {}).get("name", "base")
+    fig.suptitle(f"validation: {name}; seeds {seed}..{seed + per_class - 1}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(base_history: pd.DataFrame, lora_history: pd.DataFrame) -> Figure:
+    """Loss per step of each training stage (raw, and a moving average)."""
+    history = pd.concat([base_history, lora_history], ignore_index=True)
+    stages = [s for s in ["autoencoder", "base_denoiser", "lora"] if s in set(history["stage"])]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4 * max(1, len(stages)), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        h = history[history["stage"] == stage]
+        ax.plot(h["step"], h["loss"], alpha=0.3, lw=0.8)
+        ax.plot(h["step"], h["loss"].rolling(max(1, len(h) // 20), min_periods=1).mean(), lw=1.5)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+    if not stages:
+        axes[0, 0].text(0.5, 0.5, "no training in this run (pretrained base, adapter from file)", ha="center")
+    fig.tight_layout()
+    return fig
+
+
+def _history_metric(h: pd.DataFrame, max_points: int = 200) -> list[dict]:
+    """A loss history as MLflow metric history, averaged into at most ``max_points`` windows."""
+    if h.empty:
+        return []
+    window = int(np.ceil(len(h) / max_points))
+    grouped = h.groupby(np.arange(len(h)) // window)
+    return [{"value": float(g["loss"].mean()), "step": int(g["step"].iloc[-1])} for _, g in grouped]
+
+
+def summarize_training(
+    base_model,
+    lora_adapter: LoraAdapter,
+    base_history: pd.DataFrame,
+    lora_history: pd.DataFrame,
+    lora_summary: dict,
+    params: dict[str, Any],
+    classes: list[str],
+    caption_template: str,
+    seed: int,
+):
+    """Loss-curve figure, validation grid, MLflow metric histories and a lineage record."""
+    metrics: dict[str, Any] = {}
+    for stage in ["autoencoder", "base_denoiser", "lora"]:
+        for hist in (base_history, lora_history):
+            part = hist[hist["stage"] == stage]
+            if not part.empty:
+                metrics[f"{stage}_loss"] = _history_metric(part)
+                metrics[f"{stage}_steps"] = {"value": float(len(part)), "step": 0}
+                metrics[f"{stage}_seconds"] = {"value": float(part["seconds"].iloc[-1]), "step": 0}
+    for key in ("denoising_loss_without_adapter", "denoising_loss_with_adapter"):
+        if key in lora_summary:
+            metrics[key] = {"value": float(lora_summary[key]), "step": 0}
+    info = dict(getattr(base_model, "fu_base_info", {}))
+    record = {
+        "base_model": {k: v for k, v in info.items() if k != "architecture"},
+        "adapter": {
+            "content_hash": lora_adapter.content_hash,
+            "catalog_version": lora_adapter.metadata.get("catalog_version"),
+            "metadata": {k: v for k, v in lora_adapter.metadata.items() if k != "lora_subset_image_ids"},
+            "tensors": len(lora_adapter.state_dict),
+            "has_text_encoder": lora_adapter.has_text_encoder,
+        },
+        "training": lora_summary,
+    }
+    grid = validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
+    curves = loss_curves(base_history, lora_history)
+    return curves, grid, metrics, json.loads(json.dumps(record, default=str))

@@ -1,0 +1,235 @@
+"""lora_training: the adapter matters, bad inputs stop with clear messages, the Kedro run's outputs.
+
+The SD v1.5-architecture checks live in test_sd15_architecture.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets.image_set import ImageSet
+from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
+from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
+from fu_kedro.models.training import NonFiniteLossError, denoising_loss, encode_to_latents, tokenize
+from fu_kedro.pipelines.lora_training.nodes import (
+    build_base_model,
+    fit_lora_adapter,
+    generate,
+    resize_images,
+    summarize_training,
+)
+
+CAPTION = "a photo of fetal {plane}"
+CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def params(project_root) -> dict:
+    """conf/base's lora_training block with CPU-test budgets (tiny step counts)."""
+    conf = yaml.safe_load((project_root / "conf" / "base" / "parameters_lora_training.yml").read_text())
+    p = conf["lora_training"]
+    p["base_model"]["tiny"]["autoencoder"].update(max_steps=15)
+    p["base_model"]["tiny"]["denoiser"].update(max_steps=15)
+    p["lora"].update(max_steps=60, batch_size=16, caption_dropout=0.0)
+    p["validation"].update(per_class=2, steps=4)
+    return p
+
+
+@pytest.fixture(scope="module")
+def lora_subset() -> ImageSet:
+    """4 captioned phantom images per class (like ingestion's LoRA subset) at 64 px."""
+    src = generate_phantoms("source", 4, 64, seed=11)
+    src.meta["caption"] = [CAPTION.format(plane=p) for p in src.meta["label"]]
+    src.meta["split"] = "train"
+    return src
+
+
+def _random_base(seed: int = 0) -> StableDiffusionPipeline:
+    pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.fu_base_info = {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": "x"}
+    return pipe
+
+
+def test_adapter_changes_pixels_and_lowers_denoising_loss_on_its_images(params, lora_subset):
+    adapter, history, summary = fit_lora_adapter(_random_base(), lora_subset, params, seed=5)
+    assert isinstance(adapter, LoraAdapter) and len(history) == 60
+    assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in adapter.state_dict)
+    assert adapter.metadata["rank"] == "8" and json.loads(adapter.metadata["lora_subset_image_ids"]) == list(
+        lora_subset.meta["image_id"]
+    )
+    # lower loss on the LoRA images with the adapter than without (fresh base, same weights)
+    base = _random_base()
+    x = resize_images(lora_subset, 32)
+    latents = encode_to_latents(base.vae, x)
+    ids = tokenize(base, lora_subset.meta["caption"].tolist())
+    without = denoising_loss(base, latents, ids, seed=99)
+    seeds, prompts = [1, 2, 3], [CAPTION.format(plane=c) for c in ("brain", "femur", "other")]
+    pixels_without = generate(base, prompts, seeds, 32, 4, 3.0)
+    apply_lora(base, adapter, 1.0)
+    with_adapter = denoising_loss(base, latents, ids, seed=99)
+    pixels_with = generate(base, prompts, seeds, 32, 4, 3.0)
+    assert with_adapter < 0.9 * without, (without, with_adapter)
+    assert summary["denoising_loss_with_adapter"] < summary["denoising_loss_without_adapter"]
+    assert np.abs(pixels_with.astype(int) - pixels_without).mean() > 1.0
+    # same seed, same adapter -> same pixels
+    assert np.array_equal(pixels_with, generate(base, prompts, seeds, 32, 4, 3.0))
+
+
+def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
+    src = generate_phantoms("source", 6, 64, seed=4)
+    src.meta["split"] = np.where(np.arange(len(src)) % 3 == 0, "val", "train")
+    pipe, history = build_base_model(src, params, CAPTION, seed=1)
+    info = pipe.fu_base_info
+    assert info["kind"] == "tiny" and "tiny base trained here" in info["name"]
+    assert info["trained_on"]["images"] == int((src.meta["split"] == "train").sum())
+    assert set(history["stage"]) == {"autoencoder", "base_denoiser"}
+    assert (history.groupby("stage").size() == 15).all()
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
+    adapter, lora_hist, summary = fit_lora_adapter(pipe, src.select(src.meta["split"] == "train"), params, seed=1)
+    curves, grid, metrics, record = summarize_training(
+        pipe, adapter, history, lora_hist, summary, params, CLASSES, CAPTION, seed=1
+    )
+    assert len(metrics["lora_loss"]) == 60 and {"value", "step"} <= set(metrics["lora_loss"][0])
+    assert metrics["base_denoiser_steps"] == {"value": 15.0, "step": 0}
+    assert record["adapter"]["content_hash"] == adapter.content_hash
+    assert record["base_model"]["content_hash"] == info["content_hash"]
+    assert len(grid.axes) == 2 * len(CLASSES)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["lora"].update(rank=0), "rank must be a positive integer"),
+        (lambda p: p.update(resolution=30), "the VAE cannot take it"),
+        (lambda p: p.update(adapter_source="download"), "must be 'train' or 'file'"),
+    ],
+)
+def test_bad_lora_parameters_stop_with_a_clear_message(params, lora_subset, change, message):
+    change(params)
+    with pytest.raises(ValueError, match=message):
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+
+
+def test_empty_lora_subset_is_an_error(params, lora_subset):
+    with pytest.raises(ValueError, match="LoRA subset is empty"):
+        fit_lora_adapter(_random_base(), lora_subset.select([]), params, seed=0)
+
+
+def test_missing_pretrained_base_names_what_to_download(params, tmp_path):
+    params["base_model"].update(kind="pretrained", pretrained_path=str(tmp_path / "stable-diffusion-v1-5"))
+    with pytest.raises(FileNotFoundError, match="Download Stable Diffusion v1.5.*huggingface-cli download"):
+        build_base_model(generate_phantoms("source", 2, 64, seed=1), params, CAPTION, seed=0)
+
+
+def test_corrupt_and_mismatched_adapter_files_are_named(params, lora_subset, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    params.update(adapter_source="file", adapter_file=str(bad))
+    with pytest.raises(ValueError, match="broken.safetensors.*not a readable safetensors"):
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+    # a LoRA made for another architecture (wider UNet) does not fit the tiny base
+    other = copy.deepcopy(TINY_CONFIG)
+    other["unet"]["block_out_channels"] = [64, 128, 256]
+    wide = build_pipeline_from_config(other, 32, 0)
+    from fu_kedro.models.lora import attach_lora, export_lora
+
+    attach_lora(wide, rank=4, alpha=4)
+    path = tmp_path / "wide.safetensors"
+    save_adapter_file(export_lora(wide, 4, 4, {}), path)
+    params["adapter_file"] = str(path)
+    with pytest.raises(ValueError, match="wide.safetensors.*does not fit the base model"):
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+
+
+def test_nan_loss_names_the_step_and_last_finite_loss(params, lora_subset):
+    params["lora"].update(learning_rate=1.0e12, max_steps=40)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+; last finite loss was [0-9.]+"):
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+
+
+def _project_copy(project_root, tmp_path):
+    """The project's conf + pyproject in a temporary folder, MLflow pointed there too."""
+    shutil.copytree(project_root / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    (tmp_path / "conf" / "local").mkdir()
+    shutil.copy(project_root / "pyproject.toml", tmp_path / "pyproject.toml")
+    mlflow_yml = tmp_path / "conf" / "local" / "mlflow.yml"
+    mlflow_yml.write_text(
+        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    )
+    return tmp_path
+
+
+def _kedro_run(project, pipeline, params, **kwargs):
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=params) as session:
+        return session.run(pipeline_name=pipeline, **kwargs)
+
+
+TEST_RUN_PARAMS = {
+    "ingestion.phantom.source.n_per_class": 12,
+    "ingestion.phantom.target.n_per_class": 4,
+    "ingestion.lora_per_class": 4,
+    "ingestion.image_size": 64,
+    "lora_training.base_model.tiny.autoencoder.max_steps": 10,
+    "lora_training.base_model.tiny.denoiser.max_steps": 10,
+    "lora_training.lora.max_steps": 10,
+    "lora_training.validation.per_class": 1,
+    "lora_training.validation.steps": 2,
+}
+
+
+@pytest.mark.slow
+def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project_root, tmp_path):
+    import mlflow
+
+    project = _project_copy(project_root, tmp_path)
+    _kedro_run(project, "ingestion", TEST_RUN_PARAMS)
+    _kedro_run(project, "lora_training", TEST_RUN_PARAMS)
+    adapters = sorted((project / "data/06_models/lora_adapter.safetensors").iterdir())
+    bases = sorted((project / "data/06_models/base_model").iterdir())
+    assert len(adapters) == 1 and len(bases) == 1
+    adapter_file = adapters[0] / "lora_adapter.safetensors"
+    # the file is diffusers' LoRA format: StableDiffusionPipeline.load_lora_weights(<file>) takes it
+    base = StableDiffusionPipeline.from_pretrained(bases[0] / "base_model" / "model", local_files_only=True)
+    reference = json.loads((bases[0] / "base_model" / "reference.json").read_text())
+    assert reference["kind"] == "tiny" and reference["resolution"] == 32
+    base.load_lora_weights(str(adapter_file), adapter_name="check")
+    assert "check" in base.get_list_adapters()["unet"]
+    for name in ("lora_validation_grid.png", "lora_loss_curves.png", "lora_lineage.json"):
+        assert len(list((project / "data/08_reporting" / name).glob(f"*/{name}"))) == 1
+    lineage = json.loads(next((project / "data/08_reporting/lora_lineage.json").glob("*/*")).read_text())
+    assert lineage["adapter"]["catalog_version"] == adapters[0].name
+    assert lineage["base_model"]["catalog_version"] == bases[0].name
+    # MLflow: parameters, loss history, curve and grid artifacts
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"])[0]
+    assert "lora_training.lora.rank" in run.data.params
+    assert len(client.get_metric_history(run.info.run_id, "lora_training.lora_loss")) == 10
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lora_training")}
+    assert {"lora_training/lora_loss_curves.png", "lora_training/lora_validation_grid.png"} <= artifacts
+    # reuse the trained base: skip its node, the catalog's latest base is loaded, a new adapter written
+    _kedro_run(project, "lora_training", TEST_RUN_PARAMS, from_nodes=["fit_lora_adapter_node"])
+    assert len(list((project / "data/06_models/base_model").iterdir())) == 1
+    assert len(list((project / "data/06_models/lora_adapter.safetensors").iterdir())) == 2
