@@ -96,7 +96,7 @@ def test_kohya_file_for_sd15_loads_through_adapter_source_file(sd15, paper_lora,
     kohya, expected = {}, {}
     rank, alpha = 8, 4.0
     targets = [
-        ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", 640, 640),
+        ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", 768, 640),
         ("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", 1280, 1280),
         ("text_encoder.encoder.layers.3.self_attn.q_proj", 768, 768),
     ]

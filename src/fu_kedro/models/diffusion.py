@@ -205,7 +205,7 @@ def build_pipeline_from_config(
     unet_cfg.setdefault("sample_size", resolution // down)
     unet_cfg.setdefault("cross_attention_dim", config["text_encoder"]["hidden_size"])
     unet = UNet2DConditionModel(**unet_cfg)
-    scheduler = DPMSolverMultistepScheduler(**config["scheduler"])
+    scheduler = DPMSolverMultistepScheduler.from_config(config["scheduler"])  # ignores DDIM-only keys
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
