@@ -183,9 +183,17 @@ def _kedro_run(project, pipeline, params, **kwargs):
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
+    import mlflow
+    from omegaconf import OmegaConf
+
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, runtime_params=params) as session:
-        return session.run(pipeline_name=pipeline, **kwargs)
+    # dotted keys as on the command line (``--params a.b=1``) -> nested dict, as Kedro's CLI does
+    nested = OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]))
+    try:
+        with KedroSession.create(project_path=project, runtime_params=nested) as session:
+            return session.run(pipeline_name=pipeline, **kwargs)
+    finally:
+        mlflow.end_run()  # one `kedro run` = one MLflow run, also when several run in one process
 
 
 TEST_RUN_PARAMS = {
