@@ -14,7 +14,6 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
-from fu_kedro.classifiers.data import augment_batch
 from fu_kedro.datasets import ImageSet
 
 AUG = {"rotation_degrees": 15, "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "hflip_p": 0.5}
@@ -72,13 +71,30 @@ def test_prepare_tensors_resizes_once_and_rejects_unknown_labels():
         prepare_tensors(images, ["brain", "other"], 16, "toy")
 
 
-def test_augmentation_draws_parameters_per_image():
-    torch.manual_seed(0)
+def test_augmentation_draws_parameters_per_image_from_the_generator():
     batch = prepare_tensors(_bright_dark(n=2, size=32), ["brain", "femur"], 32, "toy").images[1:2].repeat(8, 1, 1, 1)
-    out = augment_batch(batch, build_augmentation(AUG, 32))
+    aug = build_augmentation(AUG)
+    out = aug(batch, torch.Generator().manual_seed(0))
     assert out.shape == batch.shape and out.dtype == torch.uint8
-    distinct = {tuple(o.flatten().tolist()) for o in out}
-    assert len(distinct) > 1
+    assert len({tuple(o.flatten().tolist()) for o in out}) == len(out)
+    assert torch.equal(out, aug(batch, torch.Generator().manual_seed(0)))
+
+
+def test_augmentation_geometry():
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    identity = {"rotation_degrees": 0, "crop_scale": [1, 1], "crop_ratio": [1, 1], "hflip_p": 0.0}
+    assert torch.equal(build_augmentation(identity)(images), images)
+    assert torch.equal(build_augmentation(dict(identity, hflip_p=1.0))(images), images.flip(-1))
+    # a box that never fits (ratio 1.5 at full area) falls back to the whole image, as torchvision's
+    assert torch.equal(build_augmentation(dict(identity, crop_ratio=[1.5, 1.5]))(images), images)
+    # a quarter-area crop is a 2x zoom into a box that lies inside the image
+    theta = build_augmentation(dict(identity, crop_scale=[0.25, 0.25])).affine(100, torch.Generator().manual_seed(0))
+    assert torch.allclose(theta[:, 0, 0], torch.tensor(0.5)) and torch.allclose(theta[:, 1, 1], torch.tensor(0.5))
+    assert bool((theta[:, :, 2].abs() <= 0.5 + 1e-6).all())
+    # rotation angles are uniform in +-15 degrees, one per image
+    angles = torch.rad2deg(torch.atan2(*build_augmentation(dict(identity, rotation_degrees=15)).affine(
+        2000, torch.Generator().manual_seed(0))[:, [1, 0], 0].T))
+    assert 14 < angles.abs().max() <= 15 and abs(float(angles.mean())) < 1
 
 
 @pytest.fixture
