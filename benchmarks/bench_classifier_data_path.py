@@ -1,162 +1,246 @@
-"""Classifier training throughput: our data path vs the FU-LoRA notebook's, same images/backbone/resolution.
+"""Classifier training throughput: our data path vs the FU-LoRA notebook's, on the same original images.
 
-* notebook path: a ``Dataset`` that opens every PNG from disk with PIL in every epoch and
-  runs torchvision transforms (Resize, the paper's augmentation, ToTensor, Normalize),
-  ``DataLoader(num_workers=0, shuffle=True)``;
-* our path (``fu_kedro.classifiers``): images decoded and resized once into one ``uint8``
-  tensor, each batch augmented and normalised in memory.
+Both paths train the same backbone (one random init, copied), at the same resolution, with
+the same batch size, number of epochs, optimiser and training step (``make_optimiser`` and
+``train_step`` of ``fu_kedro.classifiers.train``, the ones ``train_classifier`` uses), in one
+process on the CPU. Only where the batches come from differs:
 
-Both feed the same model, optimiser and batch size, in one process, one after the other.
-Printed figures: images/second of whole training epochs (data + forward/backward/step)
-and of the data path alone (batches produced, no model), and their ratios (ours /
-notebook). The one-time decode of our path is timed separately and also folded into an
-"including preparation" figure.
+* **notebook** (the paper's): a ``Dataset`` that opens the original PNG with PIL in every
+  ``__getitem__`` (so every epoch), converts it to RGB and applies the notebook's torchvision
+  transforms ``Resize((S, S)), ToTensor(), Normalize(ImageNet)``;
+  ``DataLoader(shuffle=True, num_workers=0)``. With ``--augment`` the paper's augmentation
+  (``RandomRotation``, ``RandomResizedCrop``, ``RandomHorizontalFlip`` on the PIL image) is
+  inserted after the resize, where it is cheapest.
+* **ours** (``fu_kedro``): the originals are read once by the project's reader
+  (``fu_kedro.data_sources.read_domain``: decode, validate, crop the black border, pad square,
+  Lanczos resize to the ingestion size), ``prepare_tensors`` resizes them once to ``S`` and keeps
+  one ``uint8`` tensor; every epoch's batches come from ``training_batches``, the generator
+  ``train_classifier`` uses (shuffle, batch augmentation, normalisation, all in memory).
+  That one-time preparation is timed and charged to our path.
 
-Usage (from the project root)::
+Epochs are interleaved (notebook epoch 1, ours epoch 1, notebook epoch 2, ...) so that load
+from other jobs on the machine hits both paths alike: absolute figures are noisy on a shared
+CPU, the ratio is the result. Both models first get an untimed forward/backward on every
+batch shape. Printed: images/second over whole training epochs (data + forward + backward +
+optimiser step), for our path once including the one-time preparation and once per epoch
+(steady state); and where the time per image goes (data vs model step, the notebook's data
+split into PNG decode and transforms).
 
-    python benchmarks/bench_classifier_data_path.py [--images DIR] [--size 32] [--epochs 2]
+Usage (from anywhere; a relative ``--path`` is resolved against the project root)::
 
-Default images: the 100 real FETAL_PLANES_DB sample PNGs in ../shared/data (full size,
-as the notebook reads them); without them, phantoms written to a temporary folder.
+    nice -n 19 python benchmarks/bench_classifier_data_path.py            # parameters_evaluation.yml defaults
+    nice -n 19 python benchmarks/bench_classifier_data_path.py --augment --epochs 20
+
+Figures measured here: ``benchmarks/RESULTS_classifier.md``.
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import copy
+import os
+import platform
+import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-import yaml
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+os.environ.setdefault("TQDM_DISABLE", "1")  # the reader's progress bar would interleave with the table
 
-from fu_kedro.classifiers import build_augmentation, build_classifier, prepare_tensors, to_model_input
-from fu_kedro.classifiers.data import IMAGENET_MEAN, IMAGENET_STD, augment_batch
-from fu_kedro.datasets import ImageSet
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from fu_kedro.classifiers import TrainConfig, build_augmentation, build_classifier, prepare_tensors  # noqa: E402
+from fu_kedro.classifiers.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fu_kedro.classifiers.train import make_optimiser, train_step, training_batches  # noqa: E402
+from fu_kedro.data_sources import read_domain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "fetal_planes_db_sample" / "Images"
+TARGET_RATIO = 5.0
 
 
 class NotebookDataset(Dataset):
-    """Decode from disk on every access, as the paper's notebook does."""
+    """The notebook's dataset: decode the original PNG from disk on every access.
 
-    def __init__(self, files: list[Path], labels: list[int], tf):
-        self.files, self.labels, self.tf = files, labels, tf
+    ``decode_s`` / ``transform_s`` add up the time spent in PIL decoding (open + convert to
+    RGB, which forces the full decode) and in the torchvision transforms.
+    """
+
+    def __init__(self, files: list[str], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+        self.decode_s = self.transform_s = 0.0
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        t0 = time.perf_counter()
         with Image.open(self.files[i]) as im:
-            return self.tf(im.convert("RGB")), self.labels[i]
+            rgb = im.convert("RGB")
+        t1 = time.perf_counter()
+        x = self.transform(rgb)
+        self.decode_s += t1 - t0
+        self.transform_s += time.perf_counter() - t1
+        return x, self.labels[i]
 
 
-def _files(folder: Path | None, tmp: Path) -> list[Path]:
-    if folder is not None and folder.is_dir():
-        files = sorted(folder.glob("*.png"))
-        if files:
-            return files
-    from fu_kedro.data_sources import generate_phantoms
-
-    phantoms = generate_phantoms("source", n_per_class=20, image_size=128, seed=0)
-    out = []
-    for image_id, img in zip(phantoms.meta["image_id"], phantoms.images):
-        path = tmp / f"{image_id}.png"
-        Image.fromarray(img).save(path)
-        out.append(path)
-    return out
+def notebook_transform(size: int, aug: dict | None) -> transforms.Compose:
+    steps = [transforms.Resize((size, size))]
+    if aug:
+        steps += [
+            transforms.RandomRotation(aug["rotation_degrees"]),
+            transforms.RandomResizedCrop(size, scale=tuple(aug["crop_scale"]), ratio=tuple(aug["crop_ratio"])),
+            transforms.RandomHorizontalFlip(aug["hflip_p"]),
+        ]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _train_epochs(model, batches_fn, epochs: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+@dataclass
+class EpochTimes:
+    """Per-epoch wall times of one path: whole epoch, waiting for batches, model steps."""
+
+    epoch_s: list[float] = field(default_factory=list)
+    data_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+
+
+def run_epoch(model, optimiser, batches, times: EpochTimes) -> None:
+    """One training epoch over ``batches`` with ``train_step``, timed."""
     model.train()
+    step_s, n = 0.0, 0
     start = time.perf_counter()
-    for _ in range(epochs):
-        for x, y in batches_fn():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - start
+    for x, y in batches:  # the time between steps is the data path's
+        t0 = time.perf_counter()
+        train_step(model, optimiser, x, y)
+        step_s += time.perf_counter() - t0
+        n += len(y)
+    times.epoch_s.append(time.perf_counter() - start)
+    times.step_s.append(step_s)
+    times.data_s.append(times.epoch_s[-1] - step_s)
+    times.images.append(n)
 
 
-def _drain(batches_fn, epochs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for _batch in batches_fn():
-            pass
-    return time.perf_counter() - start
+def warm_up(model, batch_sizes: list[int], size: int) -> None:
+    """Untimed forward/backward per batch shape (oneDNN primitives, allocator); no weight update."""
+    model.train()
+    for b in batch_sizes:
+        out = model(torch.randn(b, 3, size, size))
+        torch.nn.functional.cross_entropy(out, torch.zeros(b, dtype=torch.long)).backward()
+        model.zero_grad(set_to_none=True)
 
 
 def main() -> None:
     params = yaml.safe_load((ROOT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
+    ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
-    ap.add_argument("--size", type=int, default=int(params["image_size"]))
+    ap.add_argument("--path", default="../shared/data/fetal_planes_db_sample", help="FETAL_PLANES_DB folder")
+    ap.add_argument("--image-size", type=int, default=int(params["image_size"]), help="classifier input px")
     ap.add_argument("--backbone", default=params["backbones"][0])
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=int(params["train"]["batch_size"]))
+    ap.add_argument("--augment", action="store_true", help="the paper's augmentation in both paths")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    aug_cfg = params["augment"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size, classes, b = args.image_size, list(params["classes"]), args.batch_size
+    cfg = TrainConfig(**dict(params["train"], batch_size=b))
+    aug_cfg = params["augment"] if args.augment else None
+    folder = Path(args.path).expanduser()
+    folder = folder if folder.is_absolute() else (ROOT / folder).resolve()
+    load_before = os.getloadavg()
+
+    # ---- ours, one-time preparation: read the originals once, resize once ------------------
+    # read at the ingestion size (as the pipeline stores them), or at the classifier's if larger
+    ing = dict(ingestion, image_size=max(int(ingestion["image_size"]), size))
+    t0 = time.perf_counter()
+    image_set, _ = read_domain("fetal_planes_db", str(folder), "source", 0, ing)
+    t1 = time.perf_counter()
+    data = prepare_tensors(image_set, classes, size, "benchmark")
+    read_s, tensor_s = t1 - t0, time.perf_counter() - t1
+    prep_s, n = read_s + tensor_s, len(data)
+    aug = build_augmentation(aug_cfg) if aug_cfg else None
+    order, augment_rng = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+
+    # ---- notebook: the same files (those the reader kept), decoded every epoch --------------
+    files = list(image_set.meta["source_file"])
+    sides = [Image.open(f).size for f in files]
+    nb_set = NotebookDataset(files, data.labels.tolist(), notebook_transform(size, aug_cfg))
+    loader = DataLoader(nb_set, batch_size=b, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+
+    # ---- one random init, copied; the same optimiser and step ------------------------------
     torch.manual_seed(0)
+    model = build_classifier(args.backbone, len(classes), size)[0]
+    models = {"notebook": model, "ours": copy.deepcopy(model)}
+    opts = {k: make_optimiser(m, cfg) for k, m in models.items()}
+    shapes = sorted({min(b, n), n % b} - {0, 1}, reverse=True)
+    for m in models.values():
+        warm_up(m, shapes, size)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files = _files(args.images, Path(tmp))
-        labels = [i % 5 for i in range(len(files))]  # throughput only: labels do not matter
-        n = len(files)
-        print(f"{n} images from {files[0].parent}, backbone {args.backbone}, {args.size} px, "
-              f"{args.epochs} epochs, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    nb, us = EpochTimes(), EpochTimes()
+    nb_decode, nb_transform = [], []  # per notebook epoch
+    for epoch in range(args.epochs):  # interleaved: notebook, ours, notebook, ours, ...
+        d0, t0 = nb_set.decode_s, nb_set.transform_s
+        run_epoch(models["notebook"], opts["notebook"], loader, nb)
+        nb_decode.append(nb_set.decode_s - d0)
+        nb_transform.append(nb_set.transform_s - t0)
+        run_epoch(models["ours"], opts["ours"], training_batches(data, b, order, aug, augment_rng), us)
+        print(f"  epoch {epoch + 1}/{args.epochs}: notebook {nb.epoch_s[-1]:6.2f} s, ours {us.epoch_s[-1]:6.2f} s,"
+              f" ratio {nb.epoch_s[-1] / us.epoch_s[-1]:4.1f}x", flush=True)
+    load_after = os.getloadavg()
 
-        notebook_tf = transforms.Compose([
-            transforms.Resize((args.size, args.size)),
-            transforms.RandomRotation(aug_cfg["rotation_degrees"]),
-            transforms.RandomResizedCrop(args.size, scale=tuple(aug_cfg["crop_scale"]), ratio=tuple(aug_cfg["crop_ratio"])),
-            transforms.RandomHorizontalFlip(aug_cfg["hflip_p"]),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-        loader = DataLoader(NotebookDataset(files, labels, notebook_tf), batch_size=args.batch_size,
-                            shuffle=True, num_workers=0)
-
-        # ours: decode once (what the catalog does when it loads an ImageSet), then tensors
-        t0 = time.perf_counter()
-        decoded = [np.asarray(Image.open(f).convert("L").resize((args.size, args.size), Image.BILINEAR)) for f in files]
-        images = ImageSet(np.stack(decoded), pd.DataFrame({"image_id": [f.stem for f in files],
-                                                            "label": [str(label) for label in labels]}))
-        data = prepare_tensors(images, [str(i) for i in range(5)], args.size, "benchmark")
-        prep_s = time.perf_counter() - t0
-        aug = build_augmentation(aug_cfg, args.size)
-        gen = torch.Generator().manual_seed(0)
-
-        def ours():
-            for idx in torch.randperm(len(data), generator=gen).split(args.batch_size):
-                yield to_model_input(augment_batch(data.images[idx], aug)), data.labels[idx]
-
-        # data path alone
-        nb_data_s = _drain(lambda: loader, args.epochs)
-        our_data_s = _drain(ours, args.epochs)
-        # whole training epochs (same architecture, fresh weights for each path)
-        model_nb, _ = build_classifier(args.backbone, 5, args.size)
-        model_ours, _ = build_classifier(args.backbone, 5, args.size)
-        _train_epochs(model_ours, ours, 1)  # warm-up (allocator, oneDNN kernels) outside the timing
-        nb_train_s = _train_epochs(model_nb, lambda: loader, args.epochs)
-        our_train_s = _train_epochs(model_ours, ours, args.epochs)
-
-    seen = n * args.epochs
-    rows = [
-        ("data path only", seen / nb_data_s, seen / our_data_s),
-        ("training epochs", seen / nb_train_s, seen / our_train_s),
-        ("training incl. one-time decode", seen / nb_train_s, seen / (our_train_s + prep_s)),
+    # ---- figures ---------------------------------------------------------------------------
+    # The median epoch is the headline (one epoch stalled by another job does not decide the
+    # result); sums over all epochs are printed beside it.
+    med, E = statistics.median, args.epochs
+    assert nb.images == us.images, (nb.images, us.images)
+    per_epoch = us.images[0]
+    seen = E * per_epoch
+    rows = [  # label, seconds for E epochs from the median epoch, from the sum of epochs
+        ("notebook (decode every epoch, num_workers=0)", E * med(nb.epoch_s), sum(nb.epoch_s)),
+        ("ours, including one-time preparation", E * med(us.epoch_s) + prep_s, sum(us.epoch_s) + prep_s),
+        ("ours, steady state (per epoch)", E * med(us.epoch_s), sum(us.epoch_s)),
     ]
-    print(f"one-time decode + resize of our path: {prep_s:.2f} s ({n / prep_s:.0f} images/s)")
-    print(f"{'measure':34s} {'notebook img/s':>15s} {'ours img/s':>12s} {'ratio':>7s}")
-    for name, nb, ours_ in rows:
-        print(f"{name:34s} {nb:15.1f} {ours_:12.1f} {ours_ / nb:6.1f}x")
+    w, h = zip(*sides)
+    print()
+    print(f"{n} FETAL_PLANES_DB originals from {folder} ({min(w)}-{max(w)} x {min(h)}-{max(h)} px, median "
+          f"{int(med(w))} x {int(med(h))}); backbone {args.backbone} (random init), {size} px, batch {b}, {E} epochs "
+          f"of {per_epoch} images, AdamW (fused), augmentation {'on' if aug else 'off'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "
+          f"({platform.machine()}), python {platform.python_version()}, load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
+    print(f"our one-time preparation {prep_s:.2f} s ({1e3 * prep_s / n:.1f} ms/image): read_domain {read_s:.2f} s "
+          f"(decode, border crop, pad, resize to {ing['image_size']} px), prepare_tensors {tensor_s:.3f} s")
+    print()
+    print(f"{'':46s} {'median epoch':>22s}   {'all epochs summed':>22s}")
+    print(f"{'path':46s} {'img/s':>8s} {'ratio':>13s}   {'img/s':>8s} {'ratio':>13s}")
+    for label, t_med, t_sum in rows:
+        print(f"{label:46s} {seen / t_med:8.1f} {rows[0][1] / t_med:12.2f}x   {seen / t_sum:8.1f} "
+              f"{rows[0][2] / t_sum:12.2f}x")
+    ratios = [a / c for a, c in zip(nb.epoch_s, us.epoch_s)]
+    print(f"per-epoch ratio (interleaved pairs): min {min(ratios):.2f}x, median {med(ratios):.2f}x, "
+          f"max {max(ratios):.2f}x")
+    print()
+    ms = lambda xs: 1e3 * med(xs) / per_epoch  # noqa: E731 - median epoch, ms per training image
+    nb_data, us_data, nb_step, us_step = ms(nb.data_s), ms(us.data_s), ms(nb.step_s), ms(us.step_s)
+    print("where the time goes (ms per training image, median epoch):")
+    print(f"  notebook: data {nb_data:.2f} (PNG decode {ms(nb_decode):.2f} + transforms {ms(nb_transform):.2f} + "
+          f"loader/collate) + model step {nb_step:.2f} = {ms(nb.epoch_s):.2f}")
+    print(f"  ours:     data {us_data:.2f} + model step {us_step:.2f} = {ms(us.epoch_s):.2f}; one-time preparation "
+          f"{1e3 * prep_s / n:.2f} per image = {1e3 * prep_s / n / max(nb_data - us_data, 1e-9):.1f} epochs of the "
+          f"notebook's data cost")
+    print(f"  data path alone: ours {nb_data / max(us_data, 1e-9):.0f}x faster")
+    need = (nb_data - TARGET_RATIO * us_data) / (TARGET_RATIO - 1)
+    print(f"  the model step is the same code in both paths; with one step cost x for both, the steady-state "
+          f"ratio is (notebook data + x) / (our data + x): >= {TARGET_RATIO:.0f}x needs x <= {need:.2f} ms/image")
+    print()
+    for label, t_med, t_sum in rows[1:]:
+        r = rows[0][1] / t_med
+        print(f"target >= {TARGET_RATIO:.0f}x, {label.removeprefix('ours, ')}: {r:.2f}x (median epoch; "
+              f"{rows[0][2] / t_sum:.2f}x summed) -> {'MET' if r >= TARGET_RATIO else 'NOT MET'}")
 
 
 if __name__ == "__main__":
