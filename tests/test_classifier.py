@@ -123,3 +123,73 @@ def test_training_learns_and_is_seeded(one_thread):
     # the kept checkpoint is the best validation epoch
     assert a.best_epoch == int(a.history["val_accuracy"].idxmax()) + 1
     assert extract_features(a.model, val).shape == (8, 512)
+
+
+def _train_toy(cfg, backbone="resnet18"):
+    data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
+    train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))
+    torch.manual_seed(7)
+    model, _ = build_classifier(backbone, 2, 24)
+    return train_classifier(model, train, val, cfg, seed=7, augmentation=AUG, run_name="toy"), val
+
+
+def test_cpu_default_is_float32_and_unchanged_by_the_gpu_path(one_thread):
+    # mixed_precision "auto" (the default) must be exactly "no" on a CPU: same weights,
+    # probabilities and curves, bit for bit; mobilenet_v3_small adds dropout (global RNG)
+    for backbone in ("resnet18", "mobilenet_v3_small"):
+        runs = {
+            mp: _train_toy(TrainConfig(epochs=2, batch_size=8, patience=2, mixed_precision=mp), backbone)
+            for mp in ("no", "auto")
+        }
+        (a, val), (b, _) = runs["no"], runs["auto"]
+        assert a.info["device"] == b.info["device"] == "cpu" and a.info["autocast"] == b.info["autocast"] == "no"
+        state_a, state_b = a.model.state_dict(), b.model.state_dict()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in b.model.parameters())
+        np.testing.assert_array_equal(predict_proba(a.model, val), predict_proba(b.model, val))
+        pd.testing.assert_frame_equal(a.history, b.history)
+
+
+def test_autocast_dtype_per_device():
+    from fu_kedro.classifiers.train import autocast_dtype
+
+    assert autocast_dtype("auto", "cuda", bf16_supported=True) == torch.bfloat16
+    assert autocast_dtype("auto", "cuda", bf16_supported=False) == torch.float16
+    assert autocast_dtype("fp16", "cuda", bf16_supported=True) == torch.float16
+    assert autocast_dtype("no", "cuda", bf16_supported=True) is None
+    assert autocast_dtype("auto", "cpu", bf16_supported=False) is None
+    assert autocast_dtype("bf16", "cpu", bf16_supported=False) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast_dtype("fp16", "cpu", bf16_supported=False)
+
+
+def test_bad_precision_or_missing_gpu_fails_before_training():
+    with pytest.raises(ValueError, match="'fp32'"):
+        TrainConfig(mixed_precision="fp32")
+    data = prepare_tensors(_bright_dark(n=8), ["brain", "femur"], 24, "toy")
+    model, _ = build_classifier("resnet18", 2, 24)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train_classifier(model, data, data, TrainConfig(device="cpu", mixed_precision="fp16"), seed=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train_classifier(model, data, data, TrainConfig(device="cuda"), seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_autocast_branch_runs_on_cpu_bf16(one_thread):
+    # the code a GPU takes (autocast, loss scaling), exercised on the CPU in bf16
+    from fu_kedro.classifiers.train import make_optimiser, train_step
+
+    result, val = _train_toy(TrainConfig(epochs=2, batch_size=8, patience=2, mixed_precision="bf16"))
+    assert result.info["autocast"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a bf16 model
+    assert np.isfinite(predict_proba(result.model, val)).all()
+    torch.manual_seed(0)
+    model, _ = build_classifier("resnet18", 2, 24)
+    optimiser = make_optimiser(model, TrainConfig())
+    before = model.fc.weight.detach().clone()
+    x, y = torch.randn(4, 3, 24, 24), torch.tensor([0, 1, 0, 1])
+    loss, logits = train_step(model, optimiser, x, y, torch.bfloat16, torch.amp.GradScaler("cpu"))
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert not torch.equal(before, model.fc.weight)

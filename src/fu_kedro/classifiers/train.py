@@ -6,6 +6,19 @@ selection) and training stops after ``patience`` epochs without improvement. The
 validation set is whatever the caller passes; the evaluation pipeline passes source
 validation patients only, never target images.
 
+Device (``device``, ``mixed_precision`` in ``evaluation.train``): on the CPU (the default
+wherever torch sees no CUDA device) training runs in float32 exactly as it always did. On a
+CUDA device the model and the whole ``uint8`` image tensor are moved to the GPU once, so
+every batch is indexed, augmented and normalised there (no host-to-device copy per batch,
+no DataLoader workers needed); the model and its inputs use the channels-last memory
+format; forward passes run under autocast (bf16 where the GPU supports it, else fp16 with
+a ``GradScaler``); losses and accuracies are accumulated on the device and read once per
+epoch, so the CPU does not wait for the GPU after every step. Validation and prediction run
+in float32. **Not run on a GPU**: no CUDA device was available where this was written; the
+CUDA branch (autocast on CUDA, ``GradScaler``, channels-last, the device-resident tensors)
+is untested here. The CPU branch is tested, including autocast in bf16 on the CPU, which
+the same code takes when ``mixed_precision: bf16`` is asked for on a CPU.
+
 Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each epoch's
 ``train_loss``, ``train_accuracy``, ``val_loss`` and ``val_accuracy`` are logged with
 ``mlflow.log_metrics(..., step=epoch)`` under ``<run_name>.``; the full history is also
@@ -32,6 +45,8 @@ from .data import BatchAugmentation, TensorSet, build_augmentation, to_model_inp
 
 log = logging.getLogger(__name__)
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -46,8 +61,12 @@ class TrainConfig:
     selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher)
     eval_batch_size: int = 256
     bn_recalibration_images: int = 256  # 0 = off; see train_classifier
+    device: str = "auto"  # auto: this process's CUDA device if there is one, else cpu | cpu | cuda | cuda:N
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16; see autocast_dtype
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.selection_metric not in ("val_loss", "val_accuracy"):
             raise ValueError(f"selection_metric must be val_loss or val_accuracy, got {self.selection_metric!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -64,8 +83,68 @@ class TrainedClassifier:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where one training run computes and how: device, autocast dtype (``None`` = float32), memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    @property
+    def grad_scaling(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none."""
+        return self.amp_dtype == torch.float16
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this process's CUDA device (its own one under ``fu_kedro.launch``) or the CPU."""
+    if name == "auto":
+        from fu_kedro.launch import distributed_state
+
+        device = distributed_state().device
+        return device if device.type == "cuda" else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"evaluation.train.device is {name!r} but torch sees no CUDA device; use auto or cpu")
+    return device
+
+
+def autocast_dtype(mixed_precision: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
+    """The autocast dtype for ``mixed_precision`` on a device, ``None`` for float32.
+
+    On CUDA: ``auto`` is bf16 where the GPU supports it (Ampere and later), else fp16. On
+    the CPU: ``auto`` and ``no`` are float32 (so the CPU default is unchanged); ``bf16`` is
+    CPU autocast; ``fp16`` is refused, as the CPU has no fp16 convolutions.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+    if mixed_precision == "no" or (mixed_precision == "auto" and device_type != "cuda"):
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if mixed_precision == "fp16" and device_type != "cuda":
+        raise ValueError(
+            f"mixed_precision fp16 needs a CUDA device, training is on {device_type} "
+            "(no fp16 convolutions there); use auto, no or bf16"
+        )
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def device_plan(cfg: TrainConfig) -> DevicePlan:
+    """The device, autocast dtype and memory format a run with ``cfg`` uses (channels-last on CUDA only)."""
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    amp = autocast_dtype(cfg.mixed_precision, device.type, cuda and torch.cuda.is_bf16_supported())
+    return DevicePlan(device, amp, torch.channels_last if cuda else torch.contiguous_format)
+
+
 def _logits(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def make_optimiser(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -80,29 +159,45 @@ def training_batches(
     order: torch.Generator,
     augmentation: BatchAugmentation | None,
     augment_rng: torch.Generator,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ):
     """One epoch of shuffled ``(model input, labels)`` batches made in memory from ``train``.
 
+    Batches are made on the device that holds ``train``'s tensors; the order and the
+    augmentation parameters come from CPU generators, so they do not depend on the device.
     A batch of one is skipped (it breaks batch norm and says nothing) unless the set has one image.
     """
     for idx in torch.randperm(len(train), generator=order).split(batch_size):
         if len(idx) < 2 and len(train) > 1:
             continue
+        idx = idx.to(train.images.device)
         batch = train.images[idx]
         if augmentation is not None:
             batch = augmentation(batch, augment_rng)
-        yield to_model_input(batch), train.labels[idx]
+        yield to_model_input(batch).contiguous(memory_format=memory_format), train.labels[idx]
 
 
 def train_step(
-    model: nn.Module, optimiser: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One AdamW step on cross-entropy; returns (loss, logits)."""
-    logits = _logits(model(x))
-    loss = nn.functional.cross_entropy(logits, y)
+    """One optimiser step on cross-entropy, the forward pass under autocast if ``amp_dtype``
+    is set, the loss scaled by ``scaler`` if given (fp16); returns (loss, logits)."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = _logits(model(x))
+        loss = nn.functional.cross_entropy(logits, y)
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
-    optimiser.step()
+    if scaler is None:
+        loss.backward()
+        optimiser.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)  # skipped when the scaled gradients overflowed
+        scaler.update()
     return loss, logits
 
 
@@ -127,7 +222,7 @@ def train_classifier(
         model: a freshly built classifier (its head sized to the label space).
         train: training tensors (``uint8`` images, class indices).
         val: validation tensors used only for checkpoint selection and early stopping.
-        cfg: loop knobs.
+        cfg: loop knobs, including the device and mixed precision (see ``device_plan``).
         seed: seeds shuffling and augmentation (a generator each, so augmentation on/off
             does not change the batch order); same seed and inputs -> same weights on the
             same device.
@@ -135,11 +230,17 @@ def train_classifier(
         run_name: prefix of the MLflow metric keys and the progress bar label.
 
     Returns:
-        ``TrainedClassifier`` in eval mode holding the best epoch's weights; ``history`` has
-        one row per epoch (epoch, train_loss, train_accuracy, val_loss, val_accuracy).
+        ``TrainedClassifier`` in eval mode holding the best epoch's weights, on the training
+        device; ``history`` has one row per epoch (epoch, train_loss, train_accuracy,
+        val_loss, val_accuracy); ``info`` records the device and autocast dtype used.
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{run_name}: empty training ({len(train)}) or validation ({len(val)}) set")
+    plan = device_plan(cfg)  # before any work: a bad device or precision fails here
+    model.to(plan.device, memory_format=plan.memory_format)
+    # the whole uint8 set goes to the device once; batches are made there (a no-op on the CPU)
+    train = TensorSet(train.images.to(plan.device), train.labels.to(plan.device), train.meta)
+    scaler = torch.amp.GradScaler(plan.device.type) if plan.grad_scaling else None
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     augment_rng = torch.Generator().manual_seed(seed + 1)
@@ -149,7 +250,7 @@ def train_classifier(
     best_score, best_epoch, best_state, stale = np.inf, 0, None, 0
     rows = []
     active = mlflow.active_run() is not None
-    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(plan.device)
     # A fixed epoch count means very few optimiser steps for a small training set (80 real
     # images = 2 steps per epoch); stretch epochs (and patience with them) to min_steps.
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
@@ -158,26 +259,30 @@ def train_classifier(
     bar = tqdm(range(1, epochs + 1), desc=run_name, unit="epoch", leave=False)
     for epoch in bar:
         model.train()
-        losses, correct = [], 0
-        for x, y in training_batches(train, cfg.batch_size, order, aug, augment_rng):
-            loss, logits = train_step(model, optimiser, x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{run_name}: training loss became {loss.item()} at epoch {epoch}")
-            losses.append(loss.item() * len(y))
-            correct += int((logits.argmax(1) == y).sum())
+        # kept on the device and read once per epoch: no wait for the GPU after every step
+        losses, sizes, correct = [], [], 0
+        for x, y in training_batches(train, cfg.batch_size, order, aug, augment_rng, plan.memory_format):
+            loss, logits = train_step(model, optimiser, x, y, plan.amp_dtype, scaler)
+            losses.append(loss.detach())
+            sizes.append(len(y))
+            correct = correct + (logits.argmax(1) == y).sum()
+        batch_losses = torch.stack(losses).double().cpu().numpy() * np.array(sizes)
+        if not np.isfinite(batch_losses).all():
+            bad = batch_losses[~np.isfinite(batch_losses)][0]
+            raise FloatingPointError(f"{run_name}: training loss became {bad} at epoch {epoch}")
         if cfg.bn_recalibration_images:
             # With few images there are few steps, and batch-norm running averages (momentum
             # 0.1) are still far from the data when validation starts: eval-mode outputs then
             # collapse to one class. Re-estimating them on un-augmented training images fixes
             # that at the cost of one forward pass over at most this many images.
             n_cal = min(cfg.bn_recalibration_images, len(train))
-            cal = to_model_input(train.images[calibration_idx[:n_cal]])
+            cal = to_model_input(train.images[calibration_idx[:n_cal]]).contiguous(memory_format=plan.memory_format)
             update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], model)
         val_loss, val_acc = _evaluate(model, val, cfg.eval_batch_size)
         row = {
             "epoch": epoch,
-            "train_loss": float(np.sum(losses) / len(train)),
-            "train_accuracy": correct / len(train),
+            "train_loss": float(np.sum(batch_losses) / len(train)),
+            "train_accuracy": int(correct) / len(train),
             "val_loss": val_loss,
             "val_accuracy": val_acc,
         }
@@ -203,16 +308,21 @@ def train_classifier(
     )
     return TrainedClassifier(
         model, history, best_epoch,
-        {"seed": seed, "n_train": len(train), "n_val": len(val), "max_epochs": epochs, "patience": patience},
+        {
+            "seed": seed, "n_train": len(train), "n_val": len(val), "max_epochs": epochs, "patience": patience,
+            "device": str(plan.device), "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else "no",
+        },
     )
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, data: TensorSet, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities ``float64 (N, n_classes)`` of a model in eval mode."""
+    """Softmax probabilities ``float64 (N, n_classes)`` of a model in eval mode, computed in
+    float32 on the model's device."""
     model.eval()
+    device = _device_of(model)
     out = [
-        torch.softmax(_logits(model(to_model_input(data.images[i : i + batch_size]))), dim=1)
+        torch.softmax(_logits(model(to_model_input(data.images[i : i + batch_size].to(device)))), dim=1).cpu()
         for i in range(0, len(data), batch_size)
     ]
     return torch.cat(out).to(torch.float64).numpy() if out else np.zeros((0, 0))
@@ -229,11 +339,12 @@ def _last_linear(model: nn.Module) -> nn.Linear:
 def extract_features(model: nn.Module, data: TensorSet, batch_size: int = 256) -> np.ndarray:
     """Penultimate-layer features ``float64 (N, D)``: the input of the model's last linear layer."""
     captured: list[torch.Tensor] = []
-    handle = _last_linear(model).register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    handle = _last_linear(model).register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach().cpu()))
+    device = _device_of(model)
     try:
         model.eval()
         for i in range(0, len(data), batch_size):
-            model(to_model_input(data.images[i : i + batch_size]))
+            model(to_model_input(data.images[i : i + batch_size].to(device)))
     finally:
         handle.remove()
     return torch.cat(captured).to(torch.float64).numpy()
