@@ -6,18 +6,24 @@ selection) and training stops after ``patience`` epochs without improvement. The
 validation set is whatever the caller passes; the evaluation pipeline passes source
 validation patients only, never target images.
 
-Device (``device``, ``mixed_precision`` in ``evaluation.train``): on the CPU (the default
-wherever torch sees no CUDA device) training runs in float32 exactly as it always did. On a
-CUDA device the model and the whole ``uint8`` image tensor are moved to the GPU once, so
-every batch is indexed, augmented and normalised there (no host-to-device copy per batch,
-no DataLoader workers needed); the model and its inputs use the channels-last memory
-format; forward passes run under autocast (bf16 where the GPU supports it, else fp16 with
-a ``GradScaler``); losses and accuracies are accumulated on the device and read once per
-epoch, so the CPU does not wait for the GPU after every step. Validation and prediction run
-in float32. **Not run on a GPU**: no CUDA device was available where this was written; the
-CUDA branch (autocast on CUDA, ``GradScaler``, channels-last, the device-resident tensors)
-is untested here. The CPU branch is tested, including autocast in bf16 on the CPU, which
-the same code takes when ``mixed_precision: bf16`` is asked for on a CPU.
+Device (``device``, ``mixed_precision`` in ``evaluation.train``): on the CPU (``auto``
+wherever torch sees no CUDA device) training runs in float32 and the GPU path changes
+nothing, bit for bit (``tests/test_classifier.py``). On a CUDA device the model and the
+whole ``uint8`` image tensor are moved to the GPU once, so every batch is indexed,
+augmented and normalised there: no host-to-device copy per batch and no DataLoader workers
+to keep the GPU fed (at 224 px an image is 50 kB, 20,000 images about 1 GB of GPU memory;
+a set that does not fit would need pinned host memory and per-batch copies instead, which
+is not implemented). Model and inputs use the channels-last memory format; the forward pass
+runs under autocast (bf16 where the GPU supports it, else fp16 with a ``GradScaler``);
+losses and accuracies stay on the device and are read once per epoch, so the CPU does not
+wait for the GPU after every step. Validation and prediction run in float32.
+
+**Not run on a GPU**: no CUDA device existed where this was written. Untested here: the
+CUDA device choice (``auto`` under ``fu_kedro.launch`` -> each process's own GPU), autocast
+on CUDA, fp16 with ``GradScaler`` and the fused AdamW on CUDA, channels-last, the
+device-resident tensors, and any speed-up. Tested on the CPU: the default is unchanged,
+bad settings fail before training, and the autocast + ``GradScaler`` code of
+``train_step`` runs (CPU bf16).
 
 Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each epoch's
 ``train_loss``, ``train_accuracy``, ``val_loss`` and ``val_accuracy`` are logged with
@@ -266,7 +272,7 @@ def train_classifier(
             losses.append(loss.detach())
             sizes.append(len(y))
             correct = correct + (logits.argmax(1) == y).sum()
-        batch_losses = torch.stack(losses).double().cpu().numpy() * np.array(sizes)
+        batch_losses = torch.stack(losses).double().cpu().numpy() * np.array(sizes) if losses else np.zeros(0)
         if not np.isfinite(batch_losses).all():
             bad = batch_losses[~np.isfinite(batch_losses)][0]
             raise FloatingPointError(f"{run_name}: training loss became {bad} at epoch {epoch}")
