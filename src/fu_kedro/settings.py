@@ -18,6 +18,9 @@ from pathlib import Path  # noqa: E402
 
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
+from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
+from fu_kedro.launch import is_main_process  # noqa: E402
+
 # The project root (this file is src/fu_kedro/settings.py in the editable install the
 # README asks for). Used by conf/base/mlflow.yml so the MLflow store is always
 # <project>/mlflow.db, whatever the working directory.
@@ -28,4 +31,18 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"fu_project_root": lambda: PROJECT_ROOT.as_posix()},
+    # An env (conf/paper, conf/local) changes single parameters and keeps the rest of each
+    # block: conf/paper/parameters_lora_training.yml sets lora.rank without repeating
+    # lora.unet_targets. (Kedro's default merge would replace the whole lora_training block.)
+    "merge_strategy": {"parameters": "soft"},
 }
+
+# Before any node runs: the data, weights and upstream outputs this run needs exist, else
+# one error names each missing thing and where to put it. Under `accelerate launch` /
+# `python -m fu_kedro.launch`, only the main process writes catalog outputs.
+HOOKS = (PrerequisiteChecks(), MainProcessWrites())
+
+# Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
+# kedro-viz's run files; the others never load those plugins' hooks.
+if not is_main_process():
+    DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow", "kedro-viz")

@@ -1,0 +1,313 @@
+"""Project hooks (registered in ``settings.py``).
+
+``PrerequisiteChecks`` — before any node runs, the files a run needs are checked against
+the resolved parameters of the pipelines about to run: the data sources (FETAL_PLANES_DB,
+the African set), the Stable Diffusion v1.5 weights, a LoRA adapter file, the
+torchvision ImageNet weight files, and the saved outputs of earlier pipelines that this
+run loads (``lora_subset`` from ``ingestion``, ...). Everything missing is named in one
+error, with what to download and where to put it, within seconds of ``kedro run`` —
+instead of a failure deep inside the run, or after an hour of ingestion.
+
+``MainProcessWrites`` — under several processes (``accelerate launch``,
+``python -m fu_kedro.launch``) every process runs the same Kedro session; only the main
+one may write catalog outputs. On the others every output of the run becomes an
+in-memory dataset, so the nodes still pass data to each other but nothing is written.
+(kedro-mlflow and kedro-viz hooks are not even registered there: ``settings.py``.)
+
+Heavy libraries are imported inside functions: ``settings.py`` imports this module for
+every ``kedro`` command.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+from fu_kedro.launch import is_main_process, process_rank
+
+log = logging.getLogger(__name__)
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # was runwayml/stable-diffusion-v1-5 until 2024
+FU_LORA_HUB_ID = "fangyijie/fu-lora"
+DOCS = "docs/paper_profile.md"
+
+# What each data-source format needs on disk, and where the public data come from.
+DATA_SOURCES = {
+    "fetal_planes_db": {
+        "name": "FETAL_PLANES_DB (Burgos-Artizzu et al. 2020)",
+        "get": "download FETAL_PLANES_DB.zip from https://zenodo.org/records/3904280 (about 2 GB) and unzip it",
+        "layout": "{root}/FETAL_PLANES_DB_data.csv and {root}/Images/*.png",
+    },
+    "african": {
+        "name": "the African fetal planes dataset (Sendra-Balcells et al. 2023)",
+        "get": "download it from https://zenodo.org/records/7540448 and unzip it",
+        "layout": "exactly one CSV (Patient_num,Plane,Train,Center,Image_name) with the PNGs beside it, all directly in {root}",
+    },
+    "folders": {
+        "name": "a folder of class folders",
+        "get": "put your images in one sub-folder per class",
+        "layout": "{root}/<class>/<images>",
+    },
+}
+
+
+class MissingPrerequisitesError(RuntimeError):
+    """Files a run needs are missing; the message says which and how to get them."""
+
+
+@dataclass
+class Problem:
+    what: str  # the thing that is missing, e.g. "Stable Diffusion v1.5 weights"
+    detail: str  # why it counts as missing, and how to get it
+
+
+# --------------------------------------------------------------------------- checks
+def _resolve(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_data_source(domain: str, fmt: str, path: str | None) -> list[Problem]:
+    """The ``source``/``target`` folder of ingestion has the layout its format needs."""
+    if fmt == "phantom" or fmt not in DATA_SOURCES:
+        return []  # phantoms need no files; an unknown format is ingestion's own error
+    spec = DATA_SOURCES[fmt]
+    what = f"{spec['name']} ({domain}_format={fmt}, {domain}_path={path!r})"
+    if not path:
+        return [Problem(what, f"{domain}_path is not set. {spec['get'].capitalize()} and set {domain}_path to the folder.")]
+    root = _resolve(path)
+    if not root.is_dir():
+        wrong = f"{root} does not exist"
+    elif fmt == "fetal_planes_db" and not (root / "FETAL_PLANES_DB_data.csv").is_file():
+        wrong = f"{root} has no FETAL_PLANES_DB_data.csv"
+    elif fmt == "fetal_planes_db" and not (root / "Images").is_dir():
+        wrong = f"{root} has no Images/ folder"
+    elif fmt == "african" and len(list(root.glob("*.csv"))) != 1:
+        wrong = f"{root} holds {len(list(root.glob('*.csv')))} CSV files, not exactly one"
+    elif fmt == "african" and not any(root.glob("*.png")):
+        wrong = f"{root} holds no PNG images"
+    elif fmt == "folders" and not any(p.is_dir() for p in root.iterdir()):
+        wrong = f"{root} has no class sub-folders"
+    else:
+        return []
+    layout = spec["layout"].format(root=root)
+    return [Problem(what, f"{wrong}. {spec['get'].capitalize()} so that there is {layout}.")]
+
+
+def _hub_cached(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "model_index.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no hub library: not cached
+        return False
+
+
+def check_pretrained_base(model_id_or_path: str | None) -> list[Problem]:
+    """SD v1.5 (diffusers layout) is in the named folder or, for a hub id, in the local HF cache.
+
+    Mirrors :func:`fu_kedro.models.diffusion.load_pretrained_pipeline`, which never downloads.
+    """
+    what = f"Stable Diffusion v1.5 weights (lora_training.base_model.pretrained_path={model_id_or_path!r})"
+
+    def download(dest: str) -> str:
+        return (
+            f"On a machine with internet, download the diffusers folder of {SD15_HUB_ID} (formerly "
+            f"runwayml/stable-diffusion-v1-5; about 5 GB): `hf download {SD15_HUB_ID} --local-dir {dest} "
+            '--include "*.json" --include "*.txt" --include "unet/diffusion_pytorch_model.safetensors" '
+            '--include "vae/diffusion_pytorch_model.safetensors" --include "text_encoder/model.safetensors"` '
+            "(older huggingface_hub: `huggingface-cli download` with the same arguments)"
+        )
+
+    if not model_id_or_path:
+        folder = "models/stable-diffusion-v1-5"
+        return [Problem(what, f"pretrained_path is not set. {download(folder)}, put the folder at "
+                        f"{_resolve(folder)} and set lora_training.base_model.pretrained_path: {folder}.")]
+    text = str(model_id_or_path)
+    path = Path(text).expanduser()
+    if (path / "model_index.json").is_file():
+        return []
+    looks_like_path = path.is_absolute() or text.startswith((".", "~")) or path.exists() or text.count("/") != 1
+    if not looks_like_path and _hub_cached(text):
+        return []
+    dest = path.resolve()
+    where = (
+        f"{dest} has no model_index.json (not a diffusers folder)" if looks_like_path
+        else f"'{text}' is neither a folder here ({dest}) nor a model in the local Hugging Face cache, and runs never download"
+    )
+    return [Problem(what, f"{where}. {download(text)}, and put the folder at {dest} "
+                    "(or point pretrained_path at the folder where it is).")]
+
+
+def check_adapter_file(path: str | None) -> list[Problem]:
+    """``adapter_source: file`` names an existing LoRA file (diffusers or kohya-ss safetensors)."""
+    what = f"LoRA adapter file (lora_training.adapter_file={path!r})"
+    get = (
+        f"The published FU-LoRA adapters (kohya-ss format) are on https://huggingface.co/{FU_LORA_HUB_ID}: "
+        "fetal_ultrasound_v1.0.safetensors (rank 128), v2.0 (rank 32), v3.0 (rank 8); e.g. "
+        f"`hf download {FU_LORA_HUB_ID} fetal_ultrasound_v1.0.safetensors --local-dir models/fu-lora` and set "
+        "adapter_file: models/fu-lora/fetal_ultrasound_v1.0.safetensors."
+    )
+    if not path:
+        return [Problem(what, "adapter_source is 'file' but adapter_file is not set. " + get)]
+    if not _resolve(path).is_file():
+        return [Problem(what, f"{_resolve(path)} does not exist. " + get)]
+    return []
+
+
+def check_backbone_weights(params: dict) -> list[Problem]:
+    """Every weights file named for a backbone of the grid exists (absent entry = random init, not checked)."""
+    weights = params.get("weights") or {}
+    problems = []
+    for name in params.get("backbones") or []:
+        file = weights.get(name)
+        if file and not _resolve(file).is_file():
+            make = (
+                "On a machine with internet: `python -c \"import torch, torchvision; torch.save(torchvision.models."
+                f"get_model('{name}', weights='IMAGENET1K_V1').state_dict(), '{file}')\"` and copy the file here "
+                "(saving the state dict this way also gives densenet the key names torchvision's loader expects)."
+            )
+            problems.append(Problem(f"ImageNet weights of {name} (evaluation.weights.{name}={file!r})",
+                                    f"{_resolve(file)} does not exist. {make}"))
+    return problems
+
+
+def _producer(dataset: str) -> str | None:
+    """The registered pipeline (other than __default__) whose nodes output ``dataset``."""
+    from fu_kedro.pipeline_registry import PIPELINE_ORDER, register_pipelines
+
+    try:
+        pipelines = register_pipelines()
+    except Exception:  # noqa: BLE001 - a broken pipeline module fails the run on its own, with its own error
+        return None
+    return next((name for name in PIPELINE_ORDER if name in pipelines and dataset in pipelines[name].all_outputs()), None)
+
+
+def _latest_info(catalog, name: str) -> dict | None:
+    """``info.json`` of the latest saved version of an image-set dataset (None if not one)."""
+    from fu_kedro.datasets import ImageSetDataset
+
+    dataset = catalog.get(name)
+    if not isinstance(dataset, ImageSetDataset):
+        return None
+    try:
+        version = dataset.resolve_load_version()
+        root = Path(str(dataset._filepath))  # noqa: SLF001 - our own dataset class
+        info_file = root / version / root.name / "info.json" if version else root / "info.json"
+        return json.loads(info_file.read_text()) if info_file.is_file() else None
+    except Exception:  # noqa: BLE001 - unreadable lineage is not this check's business
+        return None
+
+
+def _lineage_mismatch(info: dict, params: dict) -> str | None:
+    """How an image set's recorded source differs from this run's data-source parameters."""
+    domain = info.get("domain")
+    if domain not in ("source", "target"):
+        return None
+    fmt, path = params.get(f"{domain}_format"), params.get(f"{domain}_path")
+    if info.get("format") != fmt:
+        return f"it was read from {domain}_format={info.get('format')!r}, but this run has {domain}_format={fmt!r}"
+    if fmt != "phantom" and path and info.get("path") and Path(info["path"]) != _resolve(path):
+        return f"it was read from {info['path']}, but this run has {domain}_path={str(_resolve(path))!r}"
+    return None
+
+
+def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> tuple[list[Problem], list[str]]:
+    """The run's free inputs (outputs of other pipelines) are saved, and come from this run's data sources.
+
+    Returns (problems, warnings): a lineage mismatch is a problem when
+    ``prerequisites.on_lineage_mismatch`` is ``fail`` (the paper env), else a warning.
+    """
+    problems, warnings = [], []
+    mismatch_fails = (params.get("prerequisites") or {}).get("on_lineage_mismatch", "warn") == "fail"
+    env_flag = f" --env {env}" if env and env != "local" else ""
+    for name in sorted(pipeline.inputs()):
+        if name == "parameters" or name.startswith("params:"):
+            continue
+        producer = _producer(name)
+        how = (
+            f"it is made by the {producer} pipeline: run `kedro run{env_flag} --pipeline {producer}` first"
+            if producer else "no registered pipeline makes it"
+        )
+        try:
+            exists = catalog.exists(name)
+        except Exception:  # noqa: BLE001 - e.g. a broken dataset config: report it as missing
+            exists = False
+        if not exists:
+            problems.append(Problem(f"`{name}` (input of this run)", f"no saved version found; {how}."))
+            continue
+        info = _latest_info(catalog, name)
+        mismatch = _lineage_mismatch(info, params) if info else None
+        if mismatch:
+            text = f"the latest `{name}` does not come from this run's data: {mismatch}; re-run {producer or 'its pipeline'} with these parameters"
+            (problems.append(Problem(f"`{name}` (input of this run)", text + f" (`kedro run{env_flag} --pipeline {producer}`).")) if mismatch_fails
+             else warnings.append(text + "."))
+    return problems, warnings
+
+
+def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None = None) -> tuple[list[Problem], list[str]]:
+    """Everything the pipeline about to run needs and does not find, in the order a user fixes it."""
+    nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
+    problems: list[Problem] = []
+    if "read_source_images_node" in nodes:
+        problems += check_data_source("source", params.get("source_format"), params.get("source_path"))
+    if "read_target_images_node" in nodes:
+        problems += check_data_source("target", params.get("target_format"), params.get("target_path"))
+    lora = params.get("lora_training") or {}
+    base = lora.get("base_model") or {}
+    # base_model is built here, or loaded from the catalog (which reloads a pretrained base from its path)
+    if base.get("kind") == "pretrained" and ("build_base_model_node" in nodes or "base_model" in pipeline.inputs()):
+        problems += check_pretrained_base(base.get("pretrained_path"))
+    if "fit_lora_adapter_node" in nodes and lora.get("adapter_source") == "file":
+        problems += check_adapter_file(lora.get("adapter_file"))
+    if "plan_experiments_node" in nodes:
+        problems += check_backbone_weights(params.get("evaluation") or {})
+    upstream, warnings = check_upstream_outputs(pipeline, catalog, params, env)
+    return problems + upstream, warnings
+
+
+def format_problems(problems: list[Problem], env: str | None) -> str:
+    env_text = f"--env {env}" if env else "the default env"
+    lines = [f"This run cannot start ({env_text}): {len(problems)} thing(s) it needs are missing. Nothing was run."]
+    for i, p in enumerate(problems, 1):
+        lines.append(f"\n{i}. {p.what}:\n   {p.detail}")
+    lines.append(f"\nWhat to download and where to put it: {DOCS}.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- hooks
+class PrerequisiteChecks:
+    """Fail before the first node (and before kedro-mlflow opens a run) if files are missing."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        params = catalog.load("parameters")
+        problems, warnings = find_missing_prerequisites(pipeline, catalog, params, run_params.get("env"))
+        for text in warnings:
+            log.warning(text)
+        if problems:
+            raise MissingPrerequisitesError(format_problems(problems, run_params.get("env")))
+
+
+class MainProcessWrites:
+    """On every process but the main one, the run's outputs go to memory instead of the catalog's files."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if is_main_process():
+            return
+        from kedro.io import MemoryDataset
+
+        outputs = sorted(pipeline.all_outputs())
+        catalog_log = logging.getLogger(type(catalog).__module__)
+        level = catalog_log.level
+        catalog_log.setLevel(logging.ERROR)  # one line here instead of a "Replacing dataset" warning each
+        try:
+            for name in outputs:
+                catalog[name] = MemoryDataset(copy_mode="assign")
+        finally:
+            catalog_log.setLevel(level)
+        log.info("process %d (not the main process): %d outputs kept in memory, none written", process_rank(), len(outputs))
