@@ -42,6 +42,7 @@ from fu_kedro.models.diffusion import (  # noqa: E402
     load_pretrained_pipeline,
     pipeline_hash,
 )
+from fu_kedro.models.generation import generate_images  # noqa: E402
 from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
@@ -273,13 +274,8 @@ def _check_adapter_fits(pipe, adapter: LoraAdapter, path) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance: float) -> np.ndarray:
-    """Images for ``prompts`` (one seeded generator each) as ``uint8 (N, R, R)`` grayscale."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    out = pipe(
-        prompts, height=resolution, width=resolution, num_inference_steps=steps,
-        guidance_scale=guidance, generator=gens, output_type="np",
-    ).images
-    return (out.mean(axis=-1) * 255).round().clip(0, 255).astype(np.uint8)
+    """Images for ``prompts`` (one seeded generator each) as ``uint8 (N, R, R)`` grayscale, in one call."""
+    return generate_images(pipe, prompts, seeds, resolution=resolution, steps=steps, guidance_scale=guidance)
 
 
 def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
