@@ -1,6 +1,7 @@
 """Fixtures shared by the project's tests (real sample folders, parameters, phantom sets)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,25 @@ def small_phantom_sets():
     from fu_kedro.data_sources import generate_phantoms
 
     return (generate_phantoms("source", 12, 64, seed=7), generate_phantoms("target", 8, 64, seed=7))
+
+
+def copy_project(project_root: Path, tmp_path: Path) -> Path:
+    """The project's conf + pyproject + src in a temporary folder, MLflow pointed there too.
+
+    For tests that run pipelines through a ``KedroSession``: nothing they write lands in
+    the real project (data/, mlflow.db).
+    """
+    shutil.copytree(project_root / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    (tmp_path / "conf" / "local").mkdir()
+    shutil.copy(project_root / "pyproject.toml", tmp_path / "pyproject.toml")
+    # Kedro wants the package source inside the project folder (a symlink is refused)
+    shutil.copytree(project_root / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    mlflow_yml = tmp_path / "conf" / "local" / "mlflow.yml"
+    mlflow_yml.write_text(yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    return tmp_path
+
+
+@pytest.fixture
+def project_copy(project_root, tmp_path) -> Path:
+    """A temporary copy of the project (see :func:`copy_project`)."""
+    return copy_project(project_root, tmp_path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -165,20 +164,6 @@ def test_nan_loss_names_the_step_and_last_finite_loss(params, lora_subset):
         fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
 
 
-def _project_copy(project_root, tmp_path):
-    """The project's conf + pyproject in a temporary folder, MLflow pointed there too."""
-    shutil.copytree(project_root / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
-    (tmp_path / "conf" / "local").mkdir()
-    shutil.copy(project_root / "pyproject.toml", tmp_path / "pyproject.toml")
-    # Kedro wants the package source inside the project folder (a symlink is refused)
-    shutil.copytree(project_root / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    mlflow_yml = tmp_path / "conf" / "local" / "mlflow.yml"
-    mlflow_yml.write_text(
-        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
-    )
-    return tmp_path
-
-
 def _kedro_run(project, pipeline, params, **kwargs):
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -210,10 +195,10 @@ TEST_RUN_PARAMS = {
 
 
 @pytest.mark.slow
-def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project_root, tmp_path):
+def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project_copy):
     import mlflow
 
-    project = _project_copy(project_root, tmp_path)
+    project = project_copy
     _kedro_run(project, "ingestion", TEST_RUN_PARAMS)
     _kedro_run(project, "lora_training", TEST_RUN_PARAMS)
     adapters = sorted((project / "data/06_models/lora_adapter.safetensors").iterdir())

@@ -1,0 +1,400 @@
+"""synthesis: per-image reproducibility, shards, several processes, bad input, the Kedro run.
+
+A small random-weight tiny pipeline (32 px, few sampler steps) with a random LoRA adapter
+stands in for the trained models: these tests are about bookkeeping and determinism, not
+image quality. One torch thread everywhere (images are pixel-identical for a fixed call
+shape *and* thread count, see docs/synthesis.md).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from kedro.io.core import DatasetError, Version
+
+from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, LoraAdapterDataset
+from fu_kedro.datasets.image_set import ImageSet
+from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
+from fu_kedro.models.generation import image_seed, prepare_pipeline, regenerate, resolve_device, shard_indices
+from fu_kedro.models.lora import attach_lora, export_lora
+from fu_kedro.pipelines.synthesis.nodes import (
+    generate_synthetic_shard,
+    merge_synthetic_shards,
+    plan_synthetic_batch,
+    summarize_synthetic_batch,
+)
+from fu_kedro.pipelines.synthesis.shard_store import ImageSetShardsDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+MANIFEST_COLUMNS = {
+    "image_id", "label", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "lora_scale",
+    "resolution", "batch_size", "adapter_content_hash", "adapter_file_sha256", "adapter_catalog_version",
+    "base_model_name", "base_model_hash", "base_catalog_version", "torch_version", "diffusers_version",
+    "peft_version", "torch_threads", "device", "dtype",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- models and params
+@functools.lru_cache(maxsize=1)
+def base_hash() -> str:
+    return pipeline_hash(build_pipeline_from_config(TINY_CONFIG, 32, seed=0))
+
+
+def random_base() -> StableDiffusionPipeline:
+    """A fresh random tiny pipeline (the same weights every call)."""
+    pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.fu_base_info = {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": base_hash()}
+    return pipe
+
+
+def random_adapter():
+    """A rank-4 UNet adapter with random up *and* down weights (peft's init leaves up at 0)."""
+    pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
+    attach_lora(pipe, rank=4, alpha=4, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return export_lora(pipe, 4, 4, {"base_content_hash": base_hash(), "adapter_source": "train"})
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return random_adapter()
+
+
+@pytest.fixture(scope="module")
+def conf():
+    base = yaml.safe_load((ROOT / "conf/base/parameters_synthesis.yml").read_text())["synthesis"]
+    ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    return base, ingestion
+
+
+@pytest.fixture
+def params(conf) -> dict:
+    """conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch)."""
+    p = dict(conf[0])
+    p.update(images_per_class=3, classes=["abdomen", "brain", "femur"], steps=4, batch_size=4, torch_threads=1)
+    return p
+
+
+def plan_for(params, adapter, conf, seed=42, base=None):
+    return plan_synthetic_batch(base or random_base(), adapter, conf[1]["caption_template"], conf[1]["plane_labels"], params, seed)
+
+
+def make_batch(params, adapter, conf) -> ImageSet:
+    plan = plan_for(params, adapter, conf)
+    shards = generate_synthetic_shard(random_base(), adapter, plan, params)
+    return merge_synthetic_shards(shards, plan, params)
+
+
+@pytest.fixture(scope="module")
+def batch(conf, adapter) -> ImageSet:
+    p = dict(conf[0])
+    p.update(images_per_class=3, classes=["abdomen", "brain", "femur"], steps=4, batch_size=4, torch_threads=1)
+    torch.set_num_threads(1)
+    return make_batch(p, adapter, conf)
+
+
+# --------------------------------------------------------------------------- reproducibility
+def test_manifest_has_one_row_per_image_with_lineage(batch, adapter):
+    meta = batch.meta
+    assert MANIFEST_COLUMNS <= set(meta.columns), MANIFEST_COLUMNS - set(meta.columns)
+    assert batch.images.shape == (9, 32, 32) and batch.images.dtype == np.uint8
+    assert meta["label"].tolist() == ["abdomen"] * 3 + ["brain"] * 3 + ["femur"] * 3
+    assert meta["image_id"].is_unique and meta["index"].tolist() == list(range(9))
+    assert meta["prompt"].iloc[4] == "a photo of fetal brain"
+    assert meta["seed"].tolist() == [image_seed(42, i) for i in range(9)] and meta["seed"].is_unique
+    assert set(meta["adapter_content_hash"]) == {adapter.content_hash}
+    assert set(meta["base_model_hash"]) == {base_hash()}
+    assert set(meta["torch_version"]) == {torch.__version__} and set(meta["torch_threads"]) == {1}
+    assert batch.info["per_class"] == {"abdomen": 3, "brain": 3, "femur": 3}
+    # class-distinct prompts give different images; different seeds too
+    assert len({img.tobytes() for img in batch.images}) == 9
+
+
+def test_three_manifest_rows_regenerated_alone_are_pixel_identical(batch, adapter):
+    rows = batch.meta.iloc[[0, 5, 8]]  # first call, middle of the second, the padded last call
+    assert rows["lora_fused"].tolist() == [False] * 3 and set(rows["device"]) == {"cpu"}
+    pipe = prepare_pipeline(random_base(), adapter, float(rows["lora_scale"].iloc[0]), CPU, torch.float32, False,
+                            str(rows["scheduler"].iloc[0]))
+    for i, (_, row) in zip([0, 5, 8], rows.iterrows()):
+        alone = regenerate(pipe, row.to_frame().T)  # one image, from the row's own fields
+        assert np.array_equal(alone[0], batch.images[i]), f"row {i} differs"
+
+
+def test_manifest_round_trips_through_the_dataset_and_still_regenerates(batch, adapter, tmp_path):
+    ds = ImageSetDataset(str(tmp_path / "synthetic_batch"), version=Version(None, None))
+    ds.save(batch)
+    loaded = ImageSetDataset(str(tmp_path / "synthetic_batch"), version=Version(None, None)).load()
+    assert np.array_equal(loaded.images, batch.images)
+    row = loaded.meta.iloc[[7]]
+    pipe = prepare_pipeline(random_base(), adapter, float(row["lora_scale"].iloc[0]), CPU, torch.float32, False, row["scheduler"].iloc[0])
+    assert np.array_equal(regenerate(pipe, row)[0], batch.images[7])
+
+
+def test_shards_0_and_1_of_2_equal_the_unsharded_batch(batch, params, adapter, conf, tmp_path):
+    params.update(num_shards=2)
+    plan = plan_for(params, adapter, conf)
+    store = ImageSetShardsDataset(str(tmp_path / "shards"))
+    for k in range(2):  # two shard runs, one after the other, each writing only its indices
+        shard = generate_synthetic_shard(random_base(), adapter, plan, dict(params, shard_index=k))
+        (only,) = shard.values()
+        assert only.meta["index"].tolist() == list(shard_indices(9, k, 2))
+        store.save(shard)
+    merged = merge_synthetic_shards(store.load(), plan, params)
+    assert merged.meta["image_id"].tolist() == batch.meta["image_id"].tolist()
+    assert np.array_equal(merged.images, batch.images)
+    assert merged.meta["shard"].tolist() == ["0-of-2"] * 5 + ["1-of-2"] * 4
+    assert merged.info["batch_key"] == batch.info["batch_key"]  # the shard split is not part of the batch's identity
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> None:
+    """One of two gloo CPU processes, as `python -m fu_kedro.launch -n 2` would start it."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="true",
+    )
+    torch.set_num_threads(1)
+    adapter = random_adapter()
+    ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params, 42)
+    (result,) = generate_synthetic_shard(random_base(), adapter, plan, params).values()
+    np.save(Path(out_dir) / f"images_{rank}.npy", result.images)
+    result.meta.to_csv(Path(out_dir) / f"meta_{rank}.csv", index=False)
+
+
+def test_two_gloo_processes_each_return_the_one_process_batch(batch, params, tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), params, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        images = np.load(tmp_path / f"images_{rank}.npy")
+        meta = pd.read_csv(tmp_path / f"meta_{rank}.csv", dtype={"image_id": str})
+        assert meta["image_id"].tolist() == batch.meta["image_id"].tolist()
+        assert np.array_equal(images, batch.images), f"rank {rank}: pixels differ from the 1-process batch"
+        assert meta["process_index"].tolist() == [0] * 5 + [1] * 4 and set(meta["num_processes"]) == {2}
+
+
+def test_lora_training_generate_is_unchanged_by_the_delegation():
+    from fu_kedro.pipelines.lora_training.nodes import generate
+
+    pipe = random_base()
+    prompts, seeds = ["a photo of fetal brain", "a photo of fetal femur", "a photo of fetal other"], [3, 4, 5]
+    with torch.no_grad():
+        old = pipe(prompts, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
+                   generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    assert np.array_equal(generate(pipe, prompts, seeds, 32, 3, 5.0), (old.mean(axis=-1) * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def test_fused_adapter_gives_the_same_images_as_peft_layers(adapter):
+    """The GPU path fuses the adapter into the weights; on CPU it must match the unfused model closely."""
+    prompts, seeds = ["a photo of fetal thorax"] * 2, [1, 2]
+    kwargs = dict(resolution=32, steps=4, guidance_scale=5.0, batch_size=2)
+    from fu_kedro.models.generation import generate_images
+
+    unfused = generate_images(prepare_pipeline(random_base(), adapter, 0.8, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
+    fused_pipe = prepare_pipeline(random_base(), adapter, 0.8, CPU, torch.float32, True, "dpm++_multistep")
+    assert not fused_pipe.get_list_adapters().get("unet")  # LoRA layers folded in and removed
+    fused = generate_images(fused_pipe, prompts, seeds, **kwargs)
+    plain = generate_images(prepare_pipeline(random_base(), None, 1.0, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
+    assert np.abs(fused.astype(int) - unfused.astype(int)).max() <= 2
+    assert np.abs(plain.astype(int) - unfused.astype(int)).max() > 2  # the adapter does change the images
+
+
+def test_cpu_default_is_fp32_unfused_and_fp16_on_cpu_is_refused():
+    assert resolve_device("auto", "auto") == (CPU, torch.float32) or torch.cuda.is_available()
+    assert resolve_device("cpu", "auto") == (CPU, torch.float32)
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        resolve_device("cpu", "fp16")
+
+
+def test_preview_grid_and_metrics(batch, params):
+    fig, metrics, manifest = summarize_synthetic_batch(batch, params)
+    assert len(fig.axes) == 3 and [ax.get_ylabel().split("\n")[0] for ax in fig.axes] == params["classes"]
+    assert metrics["images"] == {"value": 9.0, "step": 0} and metrics["images_brain"]["value"] == 3.0
+    assert all(set(v) == {"value", "step"} for v in metrics.values())
+    assert manifest is batch.meta
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"images_per_class": 0}, "images_per_class must be a positive integer, got 0"),
+        ({"images_per_class": -5}, "images_per_class must be a positive integer, got -5"),
+        ({"images_per_class": 2.5}, "images_per_class must be a positive integer"),
+        ({"classes": ["brain", "brian"]}, r"classes \['brian'\] are unknown"),
+        ({"classes": []}, "classes must be a non-empty list"),
+        ({"classes": ["brain", "brain"]}, r"classes \['brain'\] are listed more than once"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"batch_size": -1}, "batch_size must be a positive integer"),
+        ({"num_shards": 0}, "num_shards must be a positive integer"),
+        ({"num_shards": 2, "shard_index": 2}, r"shard_index must be an integer in \[0, num_shards=2\)"),
+        ({"num_shards": 10}, "num_shards=10 is more than the 9 images"),
+        ({"scheduler": "euler_ancestral"}, "scheduler must be one of"),
+        ({"resolution": 30}, "resolution must be null"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+        ({"base_seed": -1}, "base_seed must be null"),
+        ({"precision": "fp8"}, "precision must be"),
+    ],
+)
+def test_bad_parameters_stop_before_any_image(params, adapter, conf, change, message):
+    params.update(change)
+    with pytest.raises(ValueError, match=message):
+        plan_for(params, adapter, conf)
+
+
+def test_adapter_of_another_base_model_is_refused(params, adapter, conf):
+    other = type(adapter)(adapter.state_dict, dict(adapter.metadata, base_content_hash="f" * 64, base_catalog_version="2020-01-01T00.00.00.000Z"))
+    with pytest.raises(ValueError, match=r"trained on base model ffffffffffff.*--load-versions base_model=2020-01-01T00.00.00.000Z"):
+        plan_for(params, other, conf)
+
+
+def test_merge_names_missing_shards_and_the_command(params, adapter, conf):
+    params.update(num_shards=3)
+    plan = plan_for(params, adapter, conf)
+    shard = generate_synthetic_shard(random_base(), adapter, plan, dict(params, shard_index=1))
+    with pytest.raises(ValueError, match=r"shard\(s\) \[0, 2\] of 3 not found.*--tags synthesis_shard"):
+        merge_synthetic_shards(shard, plan, params)
+
+
+def test_merge_refuses_a_shard_of_another_plan(params, adapter, conf):
+    plan = plan_for(params, adapter, conf)
+    shard = generate_synthetic_shard(random_base(), adapter, plan, params)
+    (name, part), = shard.items()
+    part.meta.loc[2, "seed"] += 1
+    with pytest.raises(ValueError, match="do not match the plan's rows.*'seed'"):
+        merge_synthetic_shards({name: part}, plan, params)
+
+
+def disk_full_after(n: int):
+    """A ``PIL.Image.Image.save`` that fails with ENOSPC from the ``n+1``-th image on."""
+    from PIL import Image
+
+    real, calls = Image.Image.save, []
+
+    def save(image, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(image, *args, **kwargs)
+
+    return save
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_write_error_mid_batch_leaves_no_batch_that_looks_complete(batch, tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = tmp_path / "synthetic_batch"
+    ImageSetDataset(str(root), version=Version(None, None)).save(batch)  # an earlier, complete version
+    before = _tree(root)
+    monkeypatch.setattr(Image.Image, "save", disk_full_after(4))
+    with pytest.raises(DatasetError, match="No space left on device"):  # Kedro wraps the OSError
+        ImageSetDataset(str(root), version=Version(None, "2099-01-01T00.00.00.000Z")).save(batch)
+    monkeypatch.undo()
+    assert _tree(root) == before  # nothing half-written beside the earlier version, which is untouched
+    assert not [p for p in root.rglob("*") if ".partial-" in p.name]
+    latest = ImageSetDataset(str(root), version=Version(None, None))
+    assert latest.resolve_load_version() != "2099-01-01T00.00.00.000Z" and len(latest.load()) == 9
+
+
+def test_write_error_in_a_shard_keeps_the_old_shard_whole(batch, tmp_path, monkeypatch):
+    from PIL import Image
+
+    store = ImageSetShardsDataset(str(tmp_path / "shards"))
+    store.save({"k/shard-00000-of-00001": batch})
+    before = _tree(tmp_path / "shards")
+    monkeypatch.setattr(Image.Image, "save", disk_full_after(3))
+    with pytest.raises(DatasetError, match="No space left on device"):
+        store.save({"k/shard-00000-of-00001": batch})
+    monkeypatch.undo()
+    assert _tree(tmp_path / "shards") == before
+    assert list(store.load()) == ["k/shard-00000-of-00001"]
+
+
+# --------------------------------------------------------------------------- the Kedro run
+# Nested, not dotted: KedroSession.create(runtime_params=...) does not split "a.b" keys (the CLI's --params does)
+RUN_PARAMS = {"synthesis": {"images_per_class": 2, "classes": ["femur", "thorax"], "steps": 3, "batch_size": 4, "torch_threads": 1}}
+
+
+def _seed_models(project: Path, adapter) -> tuple[str, str]:
+    """A random tiny base and adapter saved as catalog versions of the copied project."""
+    version = "2026-01-01T00.00.00.000Z"
+    base = random_base()
+    DiffusionModelDataset(str(project / "data/06_models/base_model"), version=Version(None, version)).save(base)
+    LoraAdapterDataset(str(project / "data/06_models/lora_adapter.safetensors"), version=Version(None, version)).save(adapter)
+    return version, version
+
+
+def _kedro_run(project: Path, **kwargs):
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=RUN_PARAMS) as session:
+        return session.run(pipeline_name="synthesis", **kwargs)
+
+
+@pytest.mark.slow
+def test_kedro_run_writes_a_new_version_each_run_and_leaves_the_first_untouched(project_copy, adapter):
+    import mlflow
+
+    project = project_copy
+    base_version, adapter_version = _seed_models(project, adapter)
+    batches = project / "data/07_model_output/synthetic_batch"
+    _kedro_run(project)
+    (first,) = sorted(batches.iterdir())
+    first_files = _tree(first)
+    _kedro_run(project)
+    versions = sorted(batches.iterdir())
+    assert len(versions) == 2 and versions[0] == first
+    assert _tree(first) == first_files  # the first batch is untouched
+    loaded = ImageSetDataset(str(batches), version=Version(None, None)).load()
+    assert np.array_equal(loaded.images, ImageSetDataset(str(batches), version=Version(first.name, None)).load().images)
+    meta = loaded.meta
+    assert MANIFEST_COLUMNS <= set(meta.columns) and len(meta) == 4
+    assert set(meta["adapter_catalog_version"]) == {adapter_version} and set(meta["base_catalog_version"]) == {base_version}
+    assert len(list((project / "data/08_reporting/synthetic_preview_grid.png").glob("*/synthetic_preview_grid.png"))) == 2
+    # MLflow: parameters, counts, the grid and the manifest
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"])[0]
+    assert run.data.params["synthesis.images_per_class"] == "2" and run.data.metrics["synthesis.images"] == 4.0
+    assert run.data.metrics["synthesis.images_thorax"] == 2.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "synthesis")}
+    assert {"synthesis/synthetic_preview_grid.png", "synthesis/synthetic_manifest.csv"} <= artifacts
+    # a pinned adapter version that does not exist: the run stops, naming it, and writes nothing
+    with pytest.raises(Exception, match="lora_adapter") as error:
+        _kedro_run(project, load_versions={"lora_adapter": "2001-01-01T00.00.00.000Z"})
+    assert len(list(batches.iterdir())) == 2, error.value
