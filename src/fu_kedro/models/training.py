@@ -3,7 +3,10 @@
 The denoiser loop is the same for the tiny base (all UNet weights trainable) and for LoRA
 fine-tuning of either profile (only the peft layers trainable): which parameters train is
 decided before the loop by ``requires_grad``. Device and precision are left to accelerate,
-so the same loop runs on CPU, one GPU or several (``accelerate launch``). Reusable pieces
+so the same loop runs on CPU, one GPU or several (``accelerate launch``, or
+``python -m fu_kedro.launch``). Under N processes every process draws the same global batch
+(same seeded generator) and trains on its 1/N share of it; DDP averages the gradients, so
+the weights equal those of one process with the same ``batch_size``. Reusable pieces
 come from ``diffusers.training_utils`` (``EMAModel``, ``compute_snr``), as in diffusers'
 ``train_text_to_image_lora.py``.
 """
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 
@@ -82,13 +86,22 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig,
     """Train a (small) ``AutoencoderKL`` to reconstruct ``images``; returns the loss history.
 
     Loss: mean squared reconstruction error + ``kl_weight`` x KL to the unit Gaussian.
+
+    Under several processes every process trains the same VAE on the same batches (this
+    small first stage of the tiny base is not split: ``encode``/``decode`` would bypass a
+    DDP wrapper's gradient sync), and the main process's weights are copied to the others
+    at the end.
     """
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    vae, opt = accelerator.prepare(vae, opt)
+    if accelerator.num_processes == 1:
+        vae, opt = accelerator.prepare(vae, opt)
+    else:
+        vae = vae.to(accelerator.device)
+        opt = accelerator.prepare(opt)
     history: list[dict] = []
     start, last = time.monotonic(), None
     bar = tqdm(total=cfg.max_steps, desc="autoencoder", leave=False)
@@ -108,11 +121,15 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig,
         history.append({"step": step, "loss": last, "reconstruction": rec.item(), "seconds": elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}")
-        if step >= cfg.max_steps or elapsed > cfg.max_minutes * 60:
+        if step >= cfg.max_steps or _out_of_time(accelerator, elapsed, cfg):
             break
     bar.close()
     log.info("autoencoder: %d steps in %.0f s, final reconstruction MSE %.4f", step, elapsed, history[-1]["reconstruction"])
-    accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    vae = accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    if accelerator.num_processes > 1:
+        for tensor in vae.state_dict().values():
+            tensor.copy_(broadcast(tensor, from_process=0))
+    accelerator.free_memory()
     return history
 
 
@@ -151,17 +168,21 @@ def train_denoiser(
     """
     unet, text_encoder = pipe.unet, pipe.text_encoder
     noise_scheduler = training_noise_scheduler(pipe)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
-    )
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    empty_ids = tokenize(pipe, [""])[0]
-
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     te_params = [p for p in text_encoder.parameters() if p.requires_grad]
     if not unet_params and not te_params:
         raise ValueError("train_denoiser: no trainable parameters (nothing has requires_grad)")
+    # With clip skip the last text-encoder layers do not reach the loss: DDP must not wait
+    # for gradients of their LoRA weights.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(te_params and clip_skip))
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        kwargs_handlers=[ddp],
+    )
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    empty_ids = tokenize(pipe, [""])[0]
     groups = [{"params": unet_params, "lr": cfg.learning_rate}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
@@ -175,8 +196,15 @@ def train_denoiser(
     ema = EMAModel(unet_params + te_params, decay=cfg.ema_decay) if cfg.ema_decay else None
     unet.train()
     text_encoder.train(bool(te_params))
-    unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if te_params or n_proc == 1:
+        unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    else:  # DDP refuses a module without trainable parameters (the frozen text encoder)
+        text_encoder = text_encoder.to(accelerator.device)
+        unet, opt, sched = accelerator.prepare(unet, opt, sched)
     device = accelerator.device
+    if cfg.batch_size < n_proc:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {n_proc} processes it is split between")
 
     # A frozen text encoder gives the same states for the same caption: encode each distinct
     # caption (and the empty one) once instead of every step.
@@ -193,17 +221,23 @@ def train_denoiser(
     batches = _batches(len(latents), cfg.batch_size, gen)
     while step < cfg.max_steps:
         idx = next(batches)
-        with accelerator.accumulate(unet):
-            x0 = latents[idx].to(device)
+        with accelerator.accumulate(unet, text_encoder):
+            # every random draw is made for the whole (global) batch, on every process...
+            x0 = latents[idx]
             ids = token_ids[idx].clone()
             drop = torch.zeros(len(ids), dtype=torch.bool)
             if cfg.caption_dropout > 0:
                 drop = torch.rand(len(ids), generator=gen) < cfg.caption_dropout
                 ids[drop] = empty_ids
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen)
             if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen).to(device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
+                noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            # ...then each process keeps its share (all of it when there is one process)
+            global_batch = len(idx)
+            share = torch.arange(global_batch).tensor_split(n_proc)[rank]
+            idx, ids, drop = idx[share], ids[share], drop[share]
+            x0, noise, t = x0[share].to(device), noise[share].to(device), t[share].to(device)
             noisy = noise_scheduler.add_noise(x0, noise, t)
             if cached is not None:
                 rows = torch.where(drop, cached[2], cached[1][idx])
@@ -223,8 +257,15 @@ def train_denoiser(
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
                 loss = loss * weight
-            loss = loss.mean()
-            last = _check_finite(loss, step + 1, last)
+            if n_proc == 1:
+                loss = loss.mean()
+            else:
+                # this share's sum / (global batch / processes): DDP averages the gradients over
+                # the processes, which makes them those of the mean over the global batch
+                loss = loss.sum() * n_proc / global_batch
+            # every process logs (and checks) the global batch's mean loss
+            global_loss = loss if n_proc == 1 else accelerator.reduce(loss.detach(), reduction="mean")
+            last = _check_finite(global_loss, step + 1, last)
             accelerator.backward(loss)
             opt.step()
             sched.step()
@@ -238,7 +279,7 @@ def train_denoiser(
             bar.update(1)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{last:.4f}")
-            if elapsed > cfg.max_minutes * 60:
+            if _out_of_time(accelerator, elapsed, cfg):
                 log.info("denoiser: time budget of %.1f min reached at step %d", cfg.max_minutes, step)
                 break
     bar.close()
@@ -248,7 +289,17 @@ def train_denoiser(
     text_encoder = accelerator.unwrap_model(text_encoder).eval()
     if cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
+    accelerator.free_memory()  # drops the DDP wrappers; pipe.unet / pipe.text_encoder stay
     return history
+
+
+def _out_of_time(accelerator: Accelerator, elapsed: float, cfg: LoopConfig) -> bool:
+    """The time budget is spent — on any process: all of them stop at the same step."""
+    if accelerator.num_processes == 1:
+        return elapsed > cfg.max_minutes * 60
+    if elapsed > cfg.max_minutes * 60:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
@@ -257,7 +308,8 @@ def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-(clip_skip + 1)]
-    return text_encoder.final_layer_norm(hidden) if hasattr(text_encoder, "final_layer_norm") else hidden
+    model = getattr(text_encoder, "module", text_encoder)  # the CLIP model inside a DDP wrapper
+    return model.final_layer_norm(hidden) if hasattr(model, "final_layer_norm") else hidden
 
 
 @torch.no_grad()

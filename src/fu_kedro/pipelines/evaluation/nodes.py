@@ -13,6 +13,7 @@ import logging
 import math
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -28,7 +29,9 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
+from fu_kedro.classifiers.train import resolve_device
 from fu_kedro.datasets import ImageSet
+from fu_kedro.launch import distributed_state
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
 
 from . import quality
@@ -267,13 +270,21 @@ def train_experiments(
         (classifiers by ``run_key``, training history with one row per run and epoch:
         run, experiment, backbone, augmentation, seed, epoch, train_loss, train_accuracy,
         val_loss, val_accuracy, best_epoch). Curves go to MLflow as the loop runs.
+
+    Under several processes (``python -m fu_kedro.launch -n N run ...``) process k trains
+    runs k, k + N, ...; the results are gathered so that every process returns all of them,
+    in plan order — the same classifiers and table as one process.
     """
     cfg = TrainConfig(**params["train"])
     classes = classifier_data["classes"]
+    # Under several processes (fu_kedro.launch) each trains every n-th run; all get all results.
+    state = distributed_state()
+    mine = list(range(len(experiment_plan)))[state.process_index :: state.num_processes]
     trained, histories = {}, []
-    for i, run in enumerate(experiment_plan, 1):
+    for i in mine:
+        run = experiment_plan[i]
         key = run_key(run)
-        log.info("classifier %d/%d: %s (%s)", i, len(experiment_plan), key, run["weights"])
+        log.info("classifier %d/%d: %s (%s)", i + 1, len(experiment_plan), key, run["weights"])
         torch.manual_seed(run["seed"])  # head and random-init weights depend on the seed
         model, _ = build_classifier(run["backbone"], len(classes), classifier_data["image_size"], run["weights_file"])
         result = train_classifier(
@@ -293,7 +304,33 @@ def train_experiments(
             hist[col] = run[col]
         hist["best_epoch"] = result.best_epoch
         histories.append(hist)
+    if state.num_processes > 1:
+        trained, histories = _gather_runs(trained, histories, experiment_plan, state.process_index)
+        for result in trained.values():
+            result.model.to(resolve_device(cfg.device))  # predictions run on this process's device
     return trained, pd.concat(histories, ignore_index=True)
+
+
+def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: list[dict], rank: int):
+    """Every process's trained runs on every process, in plan order; MLflow gets the other processes' curves.
+
+    Only the main process logs to MLflow (fu_kedro.settings); the curves of runs trained
+    elsewhere are logged here, after the fact, with the same keys ``train_classifier`` uses.
+    """
+    from accelerate.utils import gather_object
+
+    for result in trained.values():
+        result.model.cpu()  # a pickled model must not point at this process's GPU
+    mine = [(key, trained[key], hist, rank) for key, hist in zip(trained, histories)]
+    everyone = {key: (result, hist, source) for key, result, hist, source in gather_object(mine)}
+    if mlflow.active_run() is not None:
+        for key, (_, hist, source) in everyone.items():
+            if source != rank:
+                for row in hist.itertuples(index=False):
+                    metrics = {m: getattr(row, m) for m in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
+                    mlflow.log_metrics({f"{key.replace('/', '.')}.{m}": float(v) for m, v in metrics.items()}, step=int(row.epoch))
+    keys = [run_key(run) for run in experiment_plan]
+    return {k: everyone[k][0] for k in keys}, [everyone[k][1] for k in keys]
 
 
 # --------------------------------------------------------------------------- zero-shot
