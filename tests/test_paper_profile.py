@@ -1,0 +1,212 @@
+"""The ``paper`` env: its resolved values, and the prerequisite checks of ``fu_kedro.hooks``.
+
+The first two tests run the real CLI (``kedro run --env paper ...``) and time it: on a
+machine without the SD v1.5 weights / the datasets / the ImageNet files, the run must stop
+within seconds, before any node runs, naming what to download and where to put it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from kedro.config import OmegaConfigLoader
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Node, Pipeline
+
+from fu_kedro import hooks
+from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets import ImageSetDataset
+
+FAIL_FAST_SECONDS = 60  # CLI start-up is ~10 s on 2 idle cores; generous for a loaded machine
+
+
+def _kedro(args: list[str], cwd, timeout: int = 300) -> tuple[int, str, float]:
+    """Run ``kedro <args>`` in ``cwd``; return (exit code, stdout+stderr with whitespace collapsed, seconds)."""
+    env = dict(os.environ, COLUMNS="200", KEDRO_DISABLE_TELEMETRY="1")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kedro", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc.returncode, " ".join((proc.stdout + proc.stderr).split()), time.monotonic() - start
+
+
+def _paper_params(project_root, runtime_params: dict | None = None) -> dict:
+    loader = OmegaConfigLoader(
+        str(project_root / "conf"),
+        env="paper",
+        base_env="base",
+        default_run_env="local",
+        runtime_params=runtime_params,
+        custom_resolvers={"fu_project_root": lambda: str(project_root)},
+        merge_strategy={"parameters": "soft"},
+    )
+    return loader["parameters"]
+
+
+# --------------------------------------------------------------------------- the real CLI
+@pytest.fixture(scope="module")
+def clean_project(project_root, tmp_path_factory):
+    """The project as a fresh clone has it: conf, src, pyproject; no models/, no data/, own MLflow store."""
+    root = tmp_path_factory.mktemp("clean_project")
+    shutil.copytree(project_root / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    (root / "conf" / "local" / "mlflow.yml").write_text(
+        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{root}/mlflow.db"}})
+    )
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(project_root / name, root / name)
+    # Kedro wants the package source inside the project folder (a symlink is refused)
+    shutil.copytree(project_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return root
+
+
+def test_paper_lora_training_without_sd15_fails_in_seconds_naming_the_download(clean_project):
+    code, out, seconds = _kedro(["run", "--env", "paper", "--pipeline", "lora_training"], clean_project)
+    print(f"kedro run --env paper --pipeline lora_training: exit {code} after {seconds:.1f} s")
+    assert code != 0
+    assert "MissingPrerequisitesError" in out and "Nothing was run" in out
+    assert "Stable Diffusion v1.5 weights" in out
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in out  # what to download
+    assert "runwayml/stable-diffusion-v1-5" in out
+    assert f"put the folder at {clean_project / 'models' / 'stable-diffusion-v1-5'}" in out  # where to put it
+    # ingestion's outputs are missing too: named, with the command that makes them
+    assert "`lora_subset` (input of this run)" in out and "kedro run --env paper --pipeline ingestion" in out
+    assert "docs/paper_profile.md" in out
+    assert "Running node" not in out  # stopped before the first node
+    assert seconds < FAIL_FAST_SECONDS
+
+
+def test_paper_ingestion_and_evaluation_name_the_datasets_and_imagenet_files(clean_project):
+    code, out, seconds = _kedro(["run", "--env", "paper", "--pipelines", "ingestion,evaluation"], clean_project)
+    print(f"kedro run --env paper --pipelines ingestion,evaluation: exit {code} after {seconds:.1f} s")
+    raw = clean_project / "data" / "01_raw"
+    assert code != 0 and "Running node" not in out
+    assert "FETAL_PLANES_DB" in out and "https://zenodo.org/records/3904280" in out
+    assert str(raw / "FETAL_PLANES_DB") in out and "FETAL_PLANES_DB_data.csv" in out
+    assert "African fetal planes dataset" in out and "https://zenodo.org/records/7540448" in out
+    assert str(raw / "african_planes") in out
+    for backbone in ("resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16"):
+        assert f"ImageNet weights of {backbone}" in out and f"models/torchvision/{backbone}.pth" in out
+    assert "`synthetic_batch` (input of this run)" in out  # made by the synthesis pipeline
+    assert seconds < FAIL_FAST_SECONDS
+
+
+# --------------------------------------------------------------------------- resolved values
+def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(project_root):
+    p = _paper_params(project_root)
+    lora = p["lora_training"]
+    assert lora["resolution"] == 512 and lora["base_model"]["kind"] == "pretrained"
+    assert lora["lora"]["rank"] == 128 and lora["lora"]["alpha"] is None  # alpha = rank
+    assert lora["lora"]["learning_rate"] == 1e-4 and lora["lora"]["text_encoder_learning_rate"] == 5e-5
+    assert lora["lora"]["clip_skip"] == 1  # kohya's "clip skip 2" in diffusers' count
+    assert lora["lora"]["train_text_encoder"] is True
+    # from conf/base, kept by the soft merge
+    assert lora["lora"]["unet_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert lora["validation"]["classes"] == ["abdomen", "brain", "femur", "thorax", "other"]
+    assert "tiny" in lora["base_model"]
+    ev = p["evaluation"]
+    assert ev["image_size"] == 224 and ev["augmentation"] == [True, False]
+    assert ev["training_sets"] == ["baseline", "hybrid"]
+    assert set(ev["weights"]) == set(ev["backbones"]) == {"resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16"}
+    assert ev["metrics"]["n_bootstrap"] == 200  # from conf/base
+    assert p["ingestion"]["lora_per_class"] == 20 and p["ingestion"]["image_size"] == 512
+    assert p["ingestion"]["plane_labels"]["Fetal brain"] == "brain"  # from conf/base
+    assert (p["source_format"], p["target_format"]) == ("fetal_planes_db", "african")
+    assert p["seed"] == 42
+
+
+def test_rank_sweep_override_changes_the_rank_only(project_root):
+    # `kedro run --env paper --params lora_training.lora.rank=32` reaches the loader as a nested dict
+    p = _paper_params(project_root, {"lora_training": {"lora": {"rank": 32}}})
+    lora = p["lora_training"]["lora"]
+    assert lora["rank"] == 32 and lora["alpha"] is None and lora["learning_rate"] == 1e-4
+    assert lora["unet_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# --------------------------------------------------------------------------- the checks, one by one
+def test_pretrained_folder_with_model_index_passes_and_a_missing_one_is_named(tmp_path):
+    folder = tmp_path / "sd15"
+    (folder).mkdir()
+    problem = hooks.check_pretrained_base(str(folder))
+    assert len(problem) == 1 and str(folder) in problem[0].detail and "model_index.json" in problem[0].detail
+    (folder / "model_index.json").write_text("{}")
+    assert hooks.check_pretrained_base(str(folder)) == []
+    [unset] = hooks.check_pretrained_base(None)
+    assert "pretrained_path is not set" in unset.detail
+
+
+def test_data_source_layouts_are_checked(tmp_path):
+    fpdb = tmp_path / "fpdb"
+    [p] = hooks.check_data_source("source", "fetal_planes_db", str(fpdb))
+    assert "does not exist" in p.detail and "zenodo.org/records/3904280" in p.detail
+    fpdb.mkdir()
+    (fpdb / "FETAL_PLANES_DB_data.csv").write_text("Image_name;Patient_num;Plane\n")
+    [p] = hooks.check_data_source("source", "fetal_planes_db", str(fpdb))
+    assert "no Images/ folder" in p.detail
+    (fpdb / "Images").mkdir()
+    assert hooks.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
+    african = tmp_path / "african"
+    african.mkdir()
+    [p] = hooks.check_data_source("target", "african", str(african))
+    assert "0 CSV files" in p.detail and "zenodo.org/records/7540448" in p.detail
+    assert hooks.check_data_source("source", "phantom", None) == []
+
+
+def test_weight_and_adapter_files_are_checked(tmp_path):
+    present = tmp_path / "resnet18.pth"
+    present.write_bytes(b"x")
+    params = {"backbones": ["resnet18", "vit_b_16", "mobilenet_v2"],
+              "weights": {"resnet18": str(present), "vit_b_16": str(tmp_path / "vit_b_16.pth")}}
+    [p] = hooks.check_backbone_weights(params)  # mobilenet_v2 without a file = random init, not an error
+    assert "vit_b_16" in p.what and "IMAGENET1K_V1" in p.detail
+    [p] = hooks.check_adapter_file(str(tmp_path / "fu_lora.safetensors"))
+    assert "huggingface.co/fangyijie/fu-lora" in p.detail and "fetal_ultrasound_v1.0.safetensors" in p.detail
+
+
+def _two_stage_pipeline() -> Pipeline:
+    """A stand-in for lora_training: reads ingestion's lora_subset, writes an adapter."""
+    return Pipeline([Node(lambda subset, params: subset, ["lora_subset", "params:lora_training"], "lora_adapter",
+                          name="fit_lora_adapter_node")])
+
+
+def test_missing_upstream_output_names_the_pipeline_that_makes_it(tmp_path):
+    catalog = DataCatalog({"lora_subset": ImageSetDataset(str(tmp_path / "lora_subset"), version=None)})
+    params = {"lora_training": {"adapter_source": "train"}, "source_format": "phantom"}
+    problems, _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
+    [p] = problems
+    assert "lora_subset" in p.what and "kedro run --env paper --pipeline ingestion" in p.detail
+
+
+def test_upstream_output_from_other_data_fails_in_paper_mode_and_warns_otherwise(tmp_path):
+    from kedro.io import Version
+
+    subset = generate_phantoms("source", 1, 64, seed=0)
+    subset.info.update({"format": "phantom", "domain": "source"})
+    ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, "2026-01-01T00.00.00.000Z")).save(subset)
+    catalog = DataCatalog({"lora_subset": ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, None))})
+    params = {"lora_training": {}, "source_format": "fetal_planes_db", "source_path": str(tmp_path)}
+    problems, warnings = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env=None)
+    assert problems == [] and "source_format='phantom'" in warnings[0]
+    params["prerequisites"] = {"on_lineage_mismatch": "fail"}
+    problems, _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
+    assert "does not come from this run's data" in problems[0].detail
+    params["source_format"] = "phantom"  # matching lineage: nothing to report
+    assert hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper") == ([], [])
+
+
+def test_only_the_main_process_writes(tmp_path, monkeypatch):
+    inputs = ImageSetDataset(str(tmp_path / "lora_subset"))
+    output = ImageSetDataset(str(tmp_path / "lora_adapter"))
+    catalog = DataCatalog({"lora_subset": inputs, "lora_adapter": output})
+    monkeypatch.setenv("RANK", "0")
+    hooks.MainProcessWrites().before_pipeline_run({}, _two_stage_pipeline(), catalog)
+    assert catalog.get("lora_adapter") is output
+    monkeypatch.setenv("RANK", "1")
+    hooks.MainProcessWrites().before_pipeline_run({}, _two_stage_pipeline(), catalog)
+    assert isinstance(catalog.get("lora_adapter"), MemoryDataset)  # rank 1 keeps its output in memory
+    assert catalog.get("lora_subset") is inputs  # and still reads its inputs from disk
