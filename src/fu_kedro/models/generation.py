@@ -263,10 +263,8 @@ def regenerate(pipe: StableDiffusionPipeline, rows: pd.DataFrame, progress: bool
     if missing:
         raise ValueError(f"regenerate: manifest rows lack {missing}")
     rows = rows.reset_index(drop=True)
-    out = np.zeros((len(rows), 1, 1), np.uint8)
-    keys = ["scheduler", "steps", "guidance", "resolution", "batch_size"]
     threads_col = "torch_threads" if "torch_threads" in rows.columns else None
-    group_keys = keys + ([threads_col] if threads_col else [])
+    group_keys = ["scheduler", "steps", "guidance", "resolution", "batch_size"] + ([threads_col] if threads_col else [])
     results: dict[int, np.ndarray] = {}
     for values, group in rows.groupby(group_keys, sort=False):
         setting = dict(zip(group_keys, values))
@@ -286,6 +284,6 @@ def regenerate(pipe: StableDiffusionPipeline, rows: pd.DataFrame, progress: bool
                 desc="regenerating",
             )
         results.update(zip(group.index, images))
-    if results:
-        out = np.stack([results[i] for i in range(len(rows))])
-    return out
+    if not results:
+        return np.zeros((0, 1, 1), np.uint8)
+    return np.stack([results[i] for i in range(len(rows))])

@@ -8,8 +8,10 @@
 ``batch_key`` is a hash of the batch's whole plan (every manifest field of every image,
 the base model's and the adapter's content hashes included), so shards of different
 batches never mix. A shard folder is written whole under a temporary name and renamed
-(:func:`~fu_kedro.datasets.image_set.write_image_set`); a shard written again replaces the
-old one in one rename, so a reader sees either the old complete shard or the new one.
+(:func:`~fu_kedro.datasets.image_set.write_image_set`). A shard written again is staged
+complete first and only then swapped in (old folder renamed away, new one renamed in, old
+one deleted): a failed write leaves the old shard whole, and no reader ever finds a
+partial shard under a shard name.
 
 Kedro's ``PartitionedDataset`` cannot hold these (its partitions are files, not folders),
 hence this small dataset. ``load`` returns ``{"<batch_key>/shard-…": loader}`` (lazy, like
