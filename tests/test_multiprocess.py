@@ -13,7 +13,6 @@ The worker side of the first two tests is this file run as a script by ``acceler
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -152,19 +151,6 @@ def test_evaluation_grid_split_over_two_processes_gives_the_same_predictions(tmp
     assert list(two_history["run"]) == list(history["run"])  # same plan order as one process
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    """The project (conf, src, pyproject) in a temporary folder, with its own MLflow store."""
-    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
-    (tmp_path / "conf" / "local").mkdir()
-    (tmp_path / "conf" / "local" / "mlflow.yml").write_text(
-        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
-    )
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
-    shutil.copytree(PROJECT_ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return tmp_path
-
-
 TINY_RUN = ",".join([
     "ingestion.phantom.source.n_per_class=12",
     "ingestion.phantom.target.n_per_class=4",
@@ -175,25 +161,32 @@ TINY_RUN = ",".join([
     "lora_training.lora.max_steps=4",
     "lora_training.validation.per_class=1",
     "lora_training.validation.steps=2",
+    "synthesis.images_per_class=2",
+    "synthesis.steps=2",
+    "synthesis.batch_size=2",
+    "synthesis.preview.per_class=1",
 ])
 
 
 @pytest.mark.slow
-def test_kedro_cli_under_two_processes_writes_once_and_logs_one_mlflow_run(tmp_path):
-    project = _project_copy(tmp_path)
-    proc = _launch_two(["-m", "kedro", "run", "--pipelines", "ingestion,lora_training", "--params", TINY_RUN], project)
+def test_kedro_cli_under_two_processes_writes_once_and_logs_one_mlflow_run(project_copy):
+    pipelines = "ingestion,lora_training,synthesis"
+    proc = _launch_two(["-m", "kedro", "run", "--pipelines", pipelines, "--params", TINY_RUN], project_copy)
     log = proc.stdout + proc.stderr
     assert "process 1 (not the main process)" in log  # the non-main process kept its outputs in memory
-    for folder in ("data/03_primary/source_images", "data/05_model_input/lora_subset",
-                   "data/06_models/base_model", "data/06_models/lora_adapter.safetensors"):
-        assert len(list((project / folder).iterdir())) == 1, folder  # one version, written once
-    with sqlite3.connect(project / "mlflow.db") as db:
+    for folder in ("data/03_primary/source_images", "data/05_model_input/lora_subset", "data/06_models/base_model",
+                   "data/06_models/lora_adapter.safetensors", "data/07_model_output/synthetic_batch"):
+        assert len(list((project_copy / folder).iterdir())) == 1, folder  # one version, written once
+    with sqlite3.connect(project_copy / "mlflow.db") as db:
         runs = db.execute("select run_uuid from runs").fetchall()
         assert len(runs) == 1  # only the main process opened an MLflow run
         steps = db.execute("select count(*) from metrics where key = 'lora_training.lora_loss'").fetchone()[0]
     assert steps == 4  # 4 LoRA steps, each logged once
-    lineage = json.loads(next((project / "data/08_reporting/lora_lineage.json").glob("*/*")).read_text())
+    lineage = json.loads(next((project_copy / "data/08_reporting/lora_lineage.json").glob("*/*")).read_text())
     assert lineage["training"]["steps"] == 4
+    # synthesis split its 10 images between the two processes; the main process wrote them all
+    manifest = pd.read_csv(next((project_copy / "data/07_model_output/synthetic_batch").glob("*/*/metadata.csv")))
+    assert len(manifest) == 10 and set(manifest["num_processes"]) == {2} and set(manifest["process_index"]) == {0, 1}
 
 
 if __name__ == "__main__":  # worker: python tests/test_multiprocess.py lora|evaluation <out dir>

@@ -7,13 +7,13 @@ within seconds, before any node runs, naming what to download and where to put i
 from __future__ import annotations
 
 import os
-import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
+from conftest import copy_project
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
@@ -52,17 +52,7 @@ def _paper_params(project_root, runtime_params: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def clean_project(project_root, tmp_path_factory):
     """The project as a fresh clone has it: conf, src, pyproject; no models/, no data/, own MLflow store."""
-    root = tmp_path_factory.mktemp("clean_project")
-    shutil.copytree(project_root / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    (root / "conf" / "local" / "mlflow.yml").write_text(
-        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{root}/mlflow.db"}})
-    )
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, root / name)
-    # Kedro wants the package source inside the project folder (a symlink is refused)
-    shutil.copytree(project_root / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return root
+    return copy_project(project_root, tmp_path_factory.mktemp("clean_project"))
 
 
 def test_paper_lora_training_without_sd15_fails_in_seconds_naming_the_download(clean_project):
@@ -78,6 +68,10 @@ def test_paper_lora_training_without_sd15_fails_in_seconds_naming_the_download(c
     assert "`lora_subset` (input of this run)" in out and "kedro run --env paper --pipeline ingestion" in out
     assert "docs/paper_profile.md" in out
     assert "Running node" not in out  # stopped before the first node
+    assert not (clean_project / "data").exists()  # nothing written
+    if (clean_project / "mlflow.db").exists():  # kedro-mlflow may have created its store, but no run
+        with sqlite3.connect(clean_project / "mlflow.db") as db:
+            assert db.execute("select count(*) from runs").fetchone()[0] == 0
     assert seconds < FAIL_FAST_SECONDS
 
 
