@@ -156,8 +156,9 @@ def read_adapter_file(path: str | Path) -> LoraAdapter:
         raise ValueError(f"LoRA adapter file '{path}': no LoRA keys recognised (first key: {next(iter(raw))})")
 
     state, alphas = StableDiffusionPipeline.lora_state_dict(dict(raw))
-    state = {_flatten_text_model(k): v for k, v in state.items()}
-    alphas = {_flatten_text_model(k): float(v) for k, v in (alphas or {}).items()}
+    state = {_canonical_key(k): v for k, v in state.items()}
+    alphas = {_canonical_key(k).removesuffix(".alpha"): float(v) for k, v in (alphas or {}).items()}
+    alphas = {(_module_of(k) if _LORA_PART.search(k) else k) + ".alpha": v for k, v in alphas.items()}
     # Fold alpha/rank per module; modules without an alpha keep scale 1 (alpha == rank).
     scales = {}
     for key, value in state.items():
@@ -173,8 +174,20 @@ def read_adapter_file(path: str | Path) -> LoraAdapter:
     return LoraAdapter(state, meta)
 
 
-def _flatten_text_model(key: str) -> str:
-    return re.sub(r"^text_encoder\.text_model\.", "text_encoder.", key)
+# diffusers 0.42 converts kohya files to its *old* attention-processor key style for the
+# attention projections (``attn1.processor.to_q_lora.down.weight``,
+# ``self_attn.to_q_lora.down.weight``); our adapters use the current style everywhere
+# (``attn1.to_q.lora.down.weight``, ``self_attn.q_proj.lora_linear_layer.down.weight``).
+_OLD_UNET = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.")
+_OLD_TEXT = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.")
+_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _canonical_key(key: str) -> str:
+    """One adapter key in our format (see above; transformers >= 5 has no ``text_model`` level)."""
+    key = re.sub(r"^text_encoder\.text_model\.", "text_encoder.", key)
+    key = _OLD_UNET.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.{m[2]}.", key)
+    return _OLD_TEXT.sub(lambda m: f".self_attn.{_TEXT_PROJ[m[1]]}.lora_linear_layer.{m[2]}.", key)
 
 
 def as_json_metadata(metadata: dict[str, Any]) -> dict[str, str]:
