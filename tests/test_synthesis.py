@@ -7,6 +7,8 @@ shape *and* thread count, see docs/synthesis.md).
 """
 from __future__ import annotations
 
+import json
+
 import errno
 import functools
 import hashlib
@@ -143,6 +145,26 @@ def test_three_manifest_rows_regenerated_alone_are_pixel_identical(batch, adapte
     for i, (_, row) in zip([0, 5, 8], rows.iterrows()):
         alone = regenerate(pipe, row.to_frame().T)  # one image, from the row's own fields
         assert np.array_equal(alone[0], batch.images[i]), f"row {i} differs"
+
+
+def test_clip_skip_follows_the_adapter_changes_images_and_regenerates(params, conf):
+    # an adapter trained with clip skip 1 records it; `clip_skip: auto` takes it over
+    trained = random_adapter()
+    trained.metadata["lora_params"] = json.dumps({"clip_skip": 1})
+    params.update(images_per_class=1, steps=3, batch_size=3)
+    plan = plan_for(params, trained, conf)
+    assert set(plan["clip_skip"]) == {1}
+    skipped = merge_synthetic_shards(generate_synthetic_shard(random_base(), trained, plan, params), plan, params)
+    plain = merge_synthetic_shards(
+        generate_synthetic_shard(random_base(), trained, plan.assign(clip_skip=0), params), plan, params
+    )
+    assert np.abs(skipped.images.astype(int) - plain.images).mean() > 1.0  # another text layer, other images
+    row = skipped.meta.iloc[[1]]
+    pipe = prepare_pipeline(random_base(), trained, 1.0, CPU, torch.float32, False, row["scheduler"].iloc[0])
+    assert np.array_equal(regenerate(pipe, row)[0], skipped.images[1])
+    # an explicit value wins; an adapter that records nothing gets 0
+    assert set(plan_for(dict(params, clip_skip=0), trained, conf)["clip_skip"]) == {0}
+    assert set(plan_for(params, random_adapter(), conf)["clip_skip"]) == {0}
 
 
 def test_manifest_round_trips_through_the_dataset_and_still_regenerates(batch, adapter, tmp_path):

@@ -43,6 +43,7 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from fu_kedro.models.lora import LoraAdapter, apply_lora
+from fu_kedro.models.training import encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,19 @@ def generate_images(
     batch_size: int | None = None,
     progress: bool = False,
     desc: str = "generating",
+    clip_skip: int | None = None,
 ) -> np.ndarray:
     """Images for ``prompts``, image *i* from its own generator seeded with ``seeds[i]``.
 
     Calls the pipeline once per ``batch_size`` images (``None``: one call for all), every
     call with exactly ``batch_size`` rows (see the module docstring); progress per image.
+
+    ``clip_skip`` (diffusers' count: 1 = the penultimate CLIP layer, kohya's "clip skip 2")
+    conditions on an earlier text-encoder layer, as the adapter was trained
+    (``lora_training.lora.clip_skip``). The prompt *and* the negative/unconditional prompt are
+    encoded that way — as in training, where the dropped caption "" also went through the
+    skipped layers — by :func:`fu_kedro.models.training.encode_prompts` (diffusers 0.42's own
+    ``encode_prompt(clip_skip=...)`` fails with transformers 5, which dropped ``text_model``).
 
     Returns:
         ``uint8 (N, resolution, resolution)`` grayscale images, in the order of ``prompts``.
@@ -145,9 +154,19 @@ def generate_images(
         for start in range(0, n, batch_size):
             real = list(range(start, min(start + batch_size, n)))
             rows = real + [real[0]] * (batch_size - len(real))  # fixed call shape (padding is discarded)
+            if clip_skip:
+                negatives = [""] * len(rows) if negative_prompts is None else [negative_prompts[i] for i in rows]
+                text = {
+                    "prompt_embeds": encode_prompts(pipe, [prompts[i] for i in rows], clip_skip),
+                    "negative_prompt_embeds": encode_prompts(pipe, negatives, clip_skip),
+                }
+            else:
+                text = {
+                    "prompt": [prompts[i] for i in rows],
+                    "negative_prompt": None if negative_prompts is None else [negative_prompts[i] for i in rows],
+                }
             result = pipe(
-                [prompts[i] for i in rows],
-                negative_prompt=None if negative_prompts is None else [negative_prompts[i] for i in rows],
+                **text,
                 height=resolution,
                 width=resolution,
                 num_inference_steps=int(steps),
@@ -255,7 +274,7 @@ def regenerate(pipe: StableDiffusionPipeline, rows: pd.DataFrame, progress: bool
 
     ``pipe`` must hold the rows' base model and adapter (see :func:`prepare_pipeline`, with
     the rows' ``lora_scale``, ``device``/``dtype`` and ``lora_fused``); everything else —
-    prompt, negative prompt, seed, sampler, steps, guidance, resolution, call shape
+    prompt, negative prompt, seed, sampler, steps, guidance, clip skip, resolution, call shape
     (``batch_size``) and, on CPU, the thread count (``torch_threads``) — is read from the
     rows. Rows may be any subset of a batch, in any order, one at a time.
     """
@@ -264,7 +283,11 @@ def regenerate(pipe: StableDiffusionPipeline, rows: pd.DataFrame, progress: bool
         raise ValueError(f"regenerate: manifest rows lack {missing}")
     rows = rows.reset_index(drop=True)
     threads_col = "torch_threads" if "torch_threads" in rows.columns else None
-    group_keys = ["scheduler", "steps", "guidance", "resolution", "batch_size"] + ([threads_col] if threads_col else [])
+    if "clip_skip" not in rows.columns:  # manifests written before clip skip was recorded
+        rows = rows.assign(clip_skip=0)
+    group_keys = ["scheduler", "steps", "guidance", "resolution", "batch_size", "clip_skip"] + (
+        [threads_col] if threads_col else []
+    )
     results: dict[int, np.ndarray] = {}
     for values, group in rows.groupby(group_keys, sort=False):
         setting = dict(zip(group_keys, values))
@@ -280,6 +303,7 @@ def regenerate(pipe: StableDiffusionPipeline, rows: pd.DataFrame, progress: bool
                 steps=int(setting["steps"]),
                 guidance_scale=float(setting["guidance"]),
                 batch_size=int(setting["batch_size"]),
+                clip_skip=int(setting["clip_skip"]),
                 progress=progress,
                 desc="regenerating",
             )

@@ -313,6 +313,14 @@ def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch
 
 
 @torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], clip_skip: int | None) -> torch.Tensor:
+    """Prompt embeddings as the denoiser was trained on them (``clip_skip`` included), on the
+    pipeline's device and dtype; for ``pipe(prompt_embeds=...)`` at generation time."""
+    ids = tokenize(pipe, list(prompts)).to(pipe.text_encoder.device)
+    return _encode_ids(pipe.text_encoder, ids, clip_skip).to(pipe.unet.dtype)
+
+
+@torch.no_grad()
 def denoising_loss(
     pipe: StableDiffusionPipeline,
     latents: torch.Tensor,

@@ -216,7 +216,12 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
     check_resolution(resolution, vae_factor(base_model))
 
-    pipe = base_model
+    from accelerate import PartialState
+
+    # VAE and text encoder on this process's device beside the UNet that accelerate moves
+    # there (GPU: latents are encoded on the GPU; the validation grid runs on one device).
+    # CPU: a no-op. Not run on a GPU here.
+    pipe = base_model.to(PartialState().device)
     x = resize_images(lora_subset, resolution)
     latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
     captions = _captions(lora_subset, "{plane}")
@@ -273,9 +278,13 @@ def _check_adapter_fits(pipe, adapter: LoraAdapter, path) -> None:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance: float) -> np.ndarray:
+def generate(
+    pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance: float, clip_skip: int | None = None
+) -> np.ndarray:
     """Images for ``prompts`` (one seeded generator each) as ``uint8 (N, R, R)`` grayscale, in one call."""
-    return generate_images(pipe, prompts, seeds, resolution=resolution, steps=steps, guidance_scale=guidance)
+    return generate_images(
+        pipe, prompts, seeds, resolution=resolution, steps=steps, guidance_scale=guidance, clip_skip=clip_skip
+    )
 
 
 def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
@@ -285,11 +294,12 @@ def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any
     per_class = int(cfg["per_class"])
     prompts = [caption_template.format(plane=c) for c in classes for _ in range(per_class)]
     seeds = [seed + i for i in range(per_class)] * len(classes)
+    clip_skip = params.get("lora", {}).get("clip_skip")  # as the adapter was trained
     pipe = base_model
     pipe.set_progress_bar_config(disable=True)
-    without = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"])
+    without = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"], clip_skip)
     apply_lora(pipe, lora_adapter, float(cfg.get("lora_scale", 1.0)))
-    with_lora = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"])
+    with_lora = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"], clip_skip)
     fig, axes = plt.subplots(
         len(classes), 2, figsize=(2 * 0.9 * per_class + 0.5, 0.95 * len(classes) + 0.6), squeeze=False
     )

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from numbers import Integral, Real
+import json
 from typing import Any, Callable
 
 import matplotlib
@@ -60,6 +61,19 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _clip_skip(params: dict[str, Any], lora_adapter: LoraAdapter) -> int:
+    """``synthesis.clip_skip``; ``auto`` = the adapter's training value (``lora_params.clip_skip``
+    in its metadata), 0 for an adapter that does not record it (e.g. an imported file)."""
+    value = params.get("clip_skip", "auto")
+    if value in ("auto", None):
+        trained = lora_adapter.metadata.get("lora_params") or "{}"
+        try:
+            value = (trained if isinstance(trained, dict) else json.loads(trained)).get("clip_skip")
+        except (AttributeError, TypeError, ValueError):
+            value = None
+    return int(value or 0)
 
 
 def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
@@ -196,6 +210,7 @@ def plan_synthetic_batch(
         steps=int(params["steps"]),
         guidance=float(params["guidance_scale"]),
         lora_scale=float(params["lora_scale"]),
+        clip_skip=_clip_skip(params, lora_adapter),
         resolution=int(resolution),
         batch_size=int(params["batch_size"]),
         base_model_name=str(base.get("name", "")),
@@ -246,6 +261,7 @@ def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.Dat
             steps=int(first["steps"]),
             guidance_scale=float(first["guidance"]),
             batch_size=int(first["batch_size"]),
+            clip_skip=int(first["clip_skip"]),
             progress=state.is_main_process,
             desc=f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else ""),
         )
