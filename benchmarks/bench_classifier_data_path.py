@@ -241,7 +241,8 @@ def main() -> None:
         print(f"  {which}:")
         print(f"    notebook: data {ms_nb(nb.data_s):.2f} (PNG decode {ms_nb(nb_decode):.2f} + transforms "
               f"{ms_nb(nb_transform):.2f} + loader) + model step {ms_nb(nb.step_s):.2f} = {ms_nb(nb.epoch_s):.2f}")
-        print(f"    ours:     data {ms_us(us.data_s):.2f} + model step {ms_us(us.step_s):.2f} = {ms_us(us.epoch_s):.2f}")
+        print(f"    ours:     data {ms_us(us.data_s):.2f} + model step {ms_us(us.step_s):.2f} = "
+              f"{ms_us(us.epoch_s):.2f}")
     nb_data, us_data = 1e3 * med(nb.data_s) / per_epoch, 1e3 * med(us.data_s) / per_epoch
     print(f"  one-time preparation {1e3 * prep_s / n:.2f} ms per image = {1e3 * prep_s / n / (nb_data - us_data):.1f} "
           f"epochs of the notebook's data cost (median); data path alone: ours {nb_data / us_data:.0f}x faster")

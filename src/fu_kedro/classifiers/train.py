@@ -316,7 +316,8 @@ def train_classifier(
         model, history, best_epoch,
         {
             "seed": seed, "n_train": len(train), "n_val": len(val), "max_epochs": epochs, "patience": patience,
-            "device": str(plan.device), "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else "no",
+            "device": str(plan.device),
+            "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else "no",
         },
     )
 
