@@ -176,6 +176,17 @@ def test_missing_upstream_output_names_the_pipeline_that_makes_it(tmp_path):
     assert "lora_subset" in p.what and "kedro run --env paper --pipeline ingestion" in p.detail
 
 
+def test_a_pinned_version_that_is_not_saved_is_named_with_the_saved_ones(tmp_path):
+    from kedro.io import Version
+
+    subset = generate_phantoms("source", 1, 64, seed=0)
+    ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, "2026-01-01T00.00.00.000Z")).save(subset)
+    pinned = ImageSetDataset(str(tmp_path / "lora_subset"), version=Version("2020-05-05T00.00.00.000Z", None))
+    params = {"lora_training": {"adapter_source": "train"}, "source_format": "phantom"}
+    [p], _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), DataCatalog({"lora_subset": pinned}), params, env=None)
+    assert "version 2020-05-05T00.00.00.000Z is pinned" in p.detail and "2026-01-01T00.00.00.000Z" in p.detail
+
+
 def test_upstream_output_from_other_data_fails_in_paper_mode_and_warns_otherwise(tmp_path):
     from kedro.io import Version
 

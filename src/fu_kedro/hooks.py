@@ -202,6 +202,19 @@ def _latest_info(catalog, name: str) -> dict | None:
         return None
 
 
+def _pinned_version(catalog, name: str) -> tuple[str | None, list[str]]:
+    """The load version pinned for a versioned dataset (``--load-versions``) and the saved versions."""
+    try:
+        dataset = catalog.get(name)
+        version = getattr(dataset, "_version", None)
+        pinned = getattr(version, "load", None)
+        root = Path(str(getattr(dataset, "_filepath", "")))
+        saved = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return pinned, saved
+    except Exception:  # noqa: BLE001 - not a versioned file dataset: nothing pinned
+        return None, []
+
+
 def _lineage_mismatch(info: dict, params: dict) -> str | None:
     """How an image set's recorded source differs from this run's data-source parameters."""
     domain = info.get("domain")
@@ -237,7 +250,15 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
         except Exception:  # noqa: BLE001 - e.g. a broken dataset config: report it as missing
             exists = False
         if not exists:
-            problems.append(Problem(f"`{name}` (input of this run)", f"no saved version found; {how}."))
+            pinned, saved = _pinned_version(catalog, name)
+            if pinned:
+                listed = ", ".join(saved[-5:]) if saved else "none"
+                problems.append(Problem(
+                    f"`{name}` (input of this run)",
+                    f"version {pinned} is pinned (--load-versions) but not saved; saved versions (latest 5): {listed}.",
+                ))
+            else:
+                problems.append(Problem(f"`{name}` (input of this run)", f"no saved version found; {how}."))
             continue
         info = _latest_info(catalog, name)
         mismatch = _lineage_mismatch(info, params) if info else None
