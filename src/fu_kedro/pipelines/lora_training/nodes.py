@@ -216,12 +216,12 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
     check_resolution(resolution, vae_factor(base_model))
 
-    from accelerate import PartialState
+    from fu_kedro.launch import distributed_state
 
     # VAE and text encoder on this process's device beside the UNet that accelerate moves
     # there (GPU: latents are encoded on the GPU; the validation grid runs on one device).
     # CPU: a no-op. Not run on a GPU here.
-    pipe = base_model.to(PartialState().device)
+    pipe = base_model.to(distributed_state().device)
     x = resize_images(lora_subset, resolution)
     latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
     captions = _captions(lora_subset, "{plane}")
