@@ -77,3 +77,25 @@ def copy_project(project_root: Path, tmp_path: Path) -> Path:
 def project_copy(project_root, tmp_path) -> Path:
     """A temporary copy of the project (see :func:`copy_project`)."""
     return copy_project(project_root, tmp_path)
+
+
+def run_kedro_session(project: Path, pipeline: str, runtime_params: dict | None = None, **run_kwargs):
+    """``kedro run --pipeline <pipeline>`` in-process on a project copy: one MLflow run per call.
+
+    MLflow's fluent API keeps the active run in the process; a run left open by an earlier
+    in-process session would make kedro-mlflow log into it ("already active ... mlflow.yml is
+    ignored"), so none is left before or after.
+    """
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    bootstrap_project(project)
+    try:
+        with KedroSession.create(project_path=project, runtime_params=runtime_params or {}) as session:
+            return session.run(pipeline_name=pipeline, **run_kwargs)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_kedro_session
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
@@ -165,20 +166,11 @@ def test_nan_loss_names_the_step_and_last_finite_loss(params, lora_subset):
 
 
 def _kedro_run(project, pipeline, params, **kwargs):
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    import mlflow
     from omegaconf import OmegaConf
 
-    bootstrap_project(project)
     # dotted keys as on the command line (``--params a.b=1``) -> nested dict, as Kedro's CLI does
     nested = OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]))
-    try:
-        with KedroSession.create(project_path=project, runtime_params=nested) as session:
-            return session.run(pipeline_name=pipeline, **kwargs)
-    finally:
-        mlflow.end_run()  # one `kedro run` = one MLflow run, also when several run in one process
+    return run_kedro_session(project, pipeline, nested, **kwargs)
 
 
 TEST_RUN_PARAMS = {

@@ -24,6 +24,8 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from kedro.io.core import DatasetError, Version
 
+from conftest import run_kedro_session
+
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
@@ -380,12 +382,7 @@ def _seed_models(project: Path, adapter) -> tuple[str, str]:
 
 
 def _kedro_run(project: Path, **kwargs):
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(project)
-    with KedroSession.create(project_path=project, runtime_params=RUN_PARAMS) as session:
-        return session.run(pipeline_name="synthesis", **kwargs)
+    return run_kedro_session(project, "synthesis", RUN_PARAMS, **kwargs)
 
 
 @pytest.mark.slow
