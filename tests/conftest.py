@@ -99,3 +99,21 @@ def run_kedro_session(project: Path, pipeline: str, runtime_params: dict | None 
     finally:
         while mlflow.active_run():
             mlflow.end_run()
+
+
+# `kedro run --params` for a tiny end-to-end run (CLI tests): every node runs, on tiny data
+TINY_RUN_PARAMS = [
+    "ingestion.phantom.source.n_per_class=12",
+    "ingestion.phantom.target.n_per_class=4",
+    "ingestion.lora_per_class=4",
+    "ingestion.image_size=64",
+    "lora_training.base_model.tiny.autoencoder.max_steps=4",
+    "lora_training.base_model.tiny.denoiser.max_steps=4",
+    "lora_training.lora.max_steps=4",
+    "lora_training.validation.per_class=1",
+    "lora_training.validation.steps=2",
+    "synthesis.images_per_class=2",
+    "synthesis.steps=2",
+    "synthesis.batch_size=2",
+    "synthesis.preview.per_class=1",
+]

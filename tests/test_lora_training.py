@@ -10,14 +10,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_kedro_session
 import torch
 import yaml
+from conftest import run_kedro_session
 from diffusers import StableDiffusionPipeline
 
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
+from fu_kedro.models.generation import torch_threads
 from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
 from fu_kedro.models.training import NonFiniteLossError, denoising_loss, encode_to_latents, tokenize
 from fu_kedro.pipelines.lora_training.nodes import (
@@ -34,10 +35,8 @@ CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
 
 @pytest.fixture(autouse=True)
 def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_RUN_PARAMS
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -151,21 +152,7 @@ def test_evaluation_grid_split_over_two_processes_gives_the_same_predictions(tmp
     assert list(two_history["run"]) == list(history["run"])  # same plan order as one process
 
 
-TINY_RUN = ",".join([
-    "ingestion.phantom.source.n_per_class=12",
-    "ingestion.phantom.target.n_per_class=4",
-    "ingestion.lora_per_class=4",
-    "ingestion.image_size=64",
-    "lora_training.base_model.tiny.autoencoder.max_steps=4",
-    "lora_training.base_model.tiny.denoiser.max_steps=4",
-    "lora_training.lora.max_steps=4",
-    "lora_training.validation.per_class=1",
-    "lora_training.validation.steps=2",
-    "synthesis.images_per_class=2",
-    "synthesis.steps=2",
-    "synthesis.batch_size=2",
-    "synthesis.preview.per_class=1",
-])
+TINY_RUN = ",".join(TINY_RUN_PARAMS)
 
 
 @pytest.mark.slow

@@ -16,25 +16,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import TINY_RUN_PARAMS
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_run.ipynb"
 
 # ~30 s on 2 CPU cores: every node of the four pipelines runs, on tiny data
-TINY_RUN = ",".join([
-    "ingestion.phantom.source.n_per_class=12",
-    "ingestion.phantom.target.n_per_class=4",
-    "ingestion.lora_per_class=4",
-    "ingestion.image_size=64",
-    "lora_training.base_model.tiny.autoencoder.max_steps=4",
-    "lora_training.base_model.tiny.denoiser.max_steps=4",
-    "lora_training.lora.max_steps=4",
-    "lora_training.validation.per_class=1",
-    "lora_training.validation.steps=2",
-    "synthesis.images_per_class=2",
-    "synthesis.steps=2",
-    "synthesis.batch_size=2",
-    "synthesis.preview.per_class=1",
+TINY_RUN = ",".join(TINY_RUN_PARAMS + [
     "evaluation.n_seeds=1",
     "evaluation.train.epochs=1",
     "evaluation.train.min_steps=0",

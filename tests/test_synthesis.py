@@ -29,7 +29,7 @@ from conftest import run_kedro_session
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
-from fu_kedro.models.generation import image_seed, prepare_pipeline, regenerate, resolve_device, shard_indices
+from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, resolve_device, shard_indices
 from fu_kedro.models.lora import attach_lora, export_lora
 from fu_kedro.pipelines.synthesis.nodes import (
     generate_synthetic_shard,
@@ -52,10 +52,8 @@ MANIFEST_COLUMNS = {
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 # --------------------------------------------------------------------------- models and params
