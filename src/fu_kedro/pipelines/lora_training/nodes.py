@@ -65,10 +65,6 @@ def _deep_update(base: dict, overrides: dict | None) -> dict:
     return out
 
 
-def vae_factor(pipe) -> int:
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-
-
 def check_resolution(resolution: int, factor: int) -> None:
     """The VAE must take the resolution: a positive multiple of 8 (SD pipelines) and of the VAE factor."""
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 8 or resolution % factor:
@@ -120,7 +116,7 @@ def build_base_model(source_images: ImageSet, params: dict[str, Any], caption_te
         if not path:
             raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
         pipe = load_pretrained_pipeline(str(path))
-        check_resolution(resolution, vae_factor(pipe))
+        check_resolution(resolution, pipe.vae_scale_factor)
         pipe.fu_base_info = {
             "kind": "pretrained",
             "name": str(path),
@@ -214,7 +210,7 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         raise ValueError(f"lora_training.lora.rank must be a positive integer, got {rank!r}")
     if len(lora_subset) == 0:
         raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
-    check_resolution(resolution, vae_factor(base_model))
+    check_resolution(resolution, base_model.vae_scale_factor)
 
     from fu_kedro.launch import distributed_state
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import json
 import time
 from numbers import Integral, Real
-import json
 from typing import Any, Callable
 
 import matplotlib
@@ -132,10 +132,6 @@ def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
         raise ValueError("synthesis parameters: " + "; ".join(problems))
 
 
-def _vae_factor(pipe) -> int:
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-
-
 def _adapter_identity(adapter: LoraAdapter) -> dict[str, str]:
     meta = adapter.metadata
     return {
@@ -191,7 +187,7 @@ def plan_synthetic_batch(
             f"base_model={lora_adapter.metadata.get('base_catalog_version', '<version>')}"
         )
     resolution = params.get("resolution") or base.get("resolution") or base_model.vae.config.sample_size
-    factor = _vae_factor(base_model)
+    factor = base_model.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
     if int(resolution) % factor:
         raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
     base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
