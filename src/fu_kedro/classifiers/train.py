@@ -207,6 +207,14 @@ def train_step(
     return loss, logits
 
 
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def log_epoch_metrics(run_name: str, row: dict[str, Any]) -> None:
+    """One epoch's curves to the active MLflow run, keys ``<run_name>.<metric>``, step = epoch."""
+    mlflow.log_metrics({f"{run_name}.{m}": float(row[m]) for m in EPOCH_METRICS}, step=int(row["epoch"]))
+
+
 def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float, float]:
     proba = predict_proba(model, data, batch_size)
     loss = nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), data.labels).item()
@@ -295,7 +303,7 @@ def train_classifier(
         rows.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
         if active:
-            mlflow.log_metrics({f"{run_name}.{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+            log_epoch_metrics(run_name, row)
         score = sign * row[cfg.selection_metric]
         if score < best_score:
             best_score, best_epoch, stale = score, epoch, 0

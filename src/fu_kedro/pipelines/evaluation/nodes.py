@@ -29,7 +29,7 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
-from fu_kedro.classifiers.train import resolve_device
+from fu_kedro.classifiers.train import log_epoch_metrics, resolve_device
 from fu_kedro.datasets import ImageSet
 from fu_kedro.launch import distributed_state
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
@@ -326,9 +326,8 @@ def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: 
     if mlflow.active_run() is not None:
         for key, (_, hist, source) in everyone.items():
             if source != rank:
-                for row in hist.itertuples(index=False):
-                    metrics = {m: getattr(row, m) for m in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")}
-                    mlflow.log_metrics({f"{key.replace('/', '.')}.{m}": float(v) for m, v in metrics.items()}, step=int(row.epoch))
+                for row in hist.to_dict("records"):
+                    log_epoch_metrics(key.replace("/", "."), row)  # the run_name train_experiments gives
     keys = [run_key(run) for run in experiment_plan]
     return {k: everyone[k][0] for k in keys}, [everyone[k][1] for k in keys]
 
