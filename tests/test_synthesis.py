@@ -26,7 +26,7 @@ from kedro.io.core import DatasetError, Version
 
 from conftest import run_kedro_session
 
-from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, LoraAdapterDataset
+from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetShardsDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, resolve_device, shard_indices
@@ -37,7 +37,6 @@ from fu_kedro.pipelines.synthesis.nodes import (
     plan_synthetic_batch,
     summarize_synthetic_batch,
 )
-from fu_kedro.pipelines.synthesis.shard_store import ImageSetShardsDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
+from fu_kedro.datasets.image_set_shards import shard_name  # noqa: E402
 from fu_kedro.launch import distributed_state  # noqa: E402
 from fu_kedro.models.diffusion import describe_base  # noqa: E402
 from fu_kedro.models.generation import (  # noqa: E402
@@ -45,8 +46,6 @@ from fu_kedro.models.generation import (  # noqa: E402
     torch_threads,
 )
 from fu_kedro.models.lora import LoraAdapter  # noqa: E402
-
-from .shard_store import shard_name  # noqa: E402
 
 log = logging.getLogger(__name__)
 
