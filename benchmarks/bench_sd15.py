@@ -37,27 +37,17 @@ from kedro.config import OmegaConfigLoader
 
 from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config
 from fu_kedro.models.lora import attach_lora
-from fu_kedro.models.training import LoopConfig, tokenize, train_denoiser
+from fu_kedro.models.training import LoopConfig, encode_prompts, tokenize, train_denoiser
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def paper_lora_params() -> dict:
     """``lora_training`` as ``kedro run --env paper`` resolves it (conf/base + conf/paper, soft merge)."""
-    loader = OmegaConfigLoader(
-        str(PROJECT_ROOT / "conf"), env="paper", base_env="base", default_run_env="local",
-        custom_resolvers={"fu_project_root": lambda: str(PROJECT_ROOT)}, merge_strategy={"parameters": "soft"},
-    )
+    from fu_kedro.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env="paper", **CONFIG_LOADER_ARGS)
     return copy.deepcopy(loader["parameters"]["lora_training"])
-
-
-def prompt_states(pipe, text: str, clip_skip: int | None) -> torch.Tensor:
-    """CLIP states of ``text`` as diffusers' encode_prompt computes them (clip skip: diffusers' count)."""
-    ids = tokenize(pipe, [text]).to(pipe.device)
-    if not clip_skip:
-        return pipe.text_encoder(ids)[0]
-    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-    return pipe.text_encoder.final_layer_norm(hidden)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -138,9 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     kwargs = dict(height=res, width=res, num_inference_steps=args.steps, guidance_scale=float(params["validation"]["guidance_scale"]),
                   output_type="np")
     with torch.no_grad():
-        # diffusers 0.42's encode_prompt(clip_skip=...) reaches for text_encoder.text_model, which
-        # transformers 5 removed: the prompt states are made here, with the same clip skip as training
-        prompts = {k: prompt_states(pipe, text, lora.get("clip_skip"))
+        # the prompt states as synthesis makes them: encode_prompts (diffusers 0.42's own
+        # encode_prompt(clip_skip=...) fails under transformers 5), with the training clip skip
+        prompts = {k: encode_prompts(pipe, [text], lora.get("clip_skip"))
                    for k, text in (("prompt_embeds", "a photo of fetal brain"), ("negative_prompt_embeds", ""))}
         for _ in range(warmup_images):
             pipe(generator=torch.Generator().manual_seed(0), **prompts, **kwargs)
@@ -148,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(n_images):
-            prompts = {k: prompt_states(pipe, text, lora.get("clip_skip"))
+            prompts = {k: encode_prompts(pipe, [text], lora.get("clip_skip"))
                        for k, text in (("prompt_embeds", "a photo of fetal brain"), ("negative_prompt_embeds", ""))}
             image = pipe(generator=torch.Generator().manual_seed(i + 1), **prompts, **kwargs).images
         if gpu:

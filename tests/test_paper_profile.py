@@ -36,15 +36,9 @@ def _kedro(args: list[str], cwd, timeout: int = 300) -> tuple[int, str, float]:
 
 
 def _paper_params(project_root, runtime_params: dict | None = None) -> dict:
-    loader = OmegaConfigLoader(
-        str(project_root / "conf"),
-        env="paper",
-        base_env="base",
-        default_run_env="local",
-        runtime_params=runtime_params,
-        custom_resolvers={"fu_project_root": lambda: str(project_root)},
-        merge_strategy={"parameters": "soft"},
-    )
+    from fu_kedro.settings import CONFIG_LOADER_ARGS  # the project's own loader settings (soft merge, resolvers)
+
+    loader = OmegaConfigLoader(str(project_root / "conf"), env="paper", runtime_params=runtime_params, **CONFIG_LOADER_ARGS)
     return loader["parameters"]
 
 
