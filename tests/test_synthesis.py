@@ -294,7 +294,7 @@ def test_bad_parameters_stop_before_any_image(params, adapter, conf, change, mes
 
 def test_adapter_of_another_base_model_is_refused(params, adapter, conf):
     other = type(adapter)(adapter.state_dict, dict(adapter.metadata, base_content_hash="f" * 64, base_catalog_version="2020-01-01T00.00.00.000Z"))
-    with pytest.raises(ValueError, match=r"trained on base model ffffffffffff.*--load-versions base_model=2020-01-01T00.00.00.000Z"):
+    with pytest.raises(ValueError, match=r"trained on base model ffffffffffff.*--load-versions base_model:2020-01-01T00.00.00.000Z"):
         plan_for(params, other, conf)
 
 

@@ -3,7 +3,7 @@
 Reusing an earlier tiny base instead of training it again (documented in the README)::
 
     kedro run --pipeline lora_training --from-nodes fit_lora_adapter_node \
-        [--load-versions base_model=<version>]
+        [--load-versions base_model:<version>]
 
 ``--from-nodes`` skips ``build_base_model_node``; ``base_model`` (and, by default, its
 training history) is then loaded from the catalog — the latest version, or the pinned one.

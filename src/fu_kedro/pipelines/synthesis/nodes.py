@@ -183,7 +183,7 @@ def plan_synthetic_batch(
             f"the LoRA adapter (version {adapter['adapter_catalog_version'] or '?'}) was trained on base model "
             f"{trained_on[:12]}…, but base_model (version {base.get('catalog_version') or '?'}) is "
             f"{base['content_hash'][:12]}…; pin matching versions, e.g. --load-versions "
-            f"base_model={lora_adapter.metadata.get('base_catalog_version', '<version>')}"
+            f"base_model:{lora_adapter.metadata.get('base_catalog_version', '<version>')}"
         )
     resolution = params.get("resolution") or base.get("resolution") or base_model.vae.config.sample_size
     factor = base_model.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)

@@ -2,7 +2,7 @@
 
 The default run makes the whole batch as its one shard and merges it::
 
-    kedro run --pipeline synthesis [--load-versions base_model=<v>,lora_adapter=<v>]
+    kedro run --pipeline synthesis [--load-versions base_model:<v>,lora_adapter:<v>]
 
 A big batch split by image index, one shard per machine/GPU, then one merge (the same
 parameters and model versions everywhere)::
