@@ -81,8 +81,10 @@ def test_pipeline_stops_on_bad_input_naming_the_file(small_params, tmp_path):
         _run(small_params, source_format="folders", source_path=str(tmp_path))
 
 
-def test_no_patient_on_both_sides_of_the_split(small_phantom_sets, ingestion_params):
-    src, _ = small_phantom_sets
+def test_no_patient_on_both_sides_of_the_split(ingestion_params):
+    from fu_kedro.data_sources import generate_phantoms
+
+    src = generate_phantoms("source", 40, 32, seed=7)  # ~45 patients: enough for the share to be near 0.2
     out = split_source_by_patient(src, 11, ingestion_params)
     train = set(out.meta.loc[out.meta["split"] == "train", "patient_id"])
     val = set(out.meta.loc[out.meta["split"] == "val", "patient_id"])

@@ -68,13 +68,15 @@ def _assert_fail_names(root, params, file_part, reason_part, fmt="fetal_planes_d
     assert str(file_part) in str(err.value) and reason_part in str(err.value), str(err.value)
 
 
-def _assert_skip_lists(root, params, file_part, reason_part, n_good, fmt="fetal_planes_db"):
+def _assert_skip_lists(root, params, file_part, reason_part, n_good, fmt="fetal_planes_db", folder=False):
     images, report = _read(root, params, "skip", fmt)
     assert len(report) == 1, report
     assert str(file_part) in report.loc[0, "file"] and reason_part in report.loc[0, "reason"]
     assert report.loc[0, "domain"] == "source"
     assert len(images) == n_good  # nothing else dropped
-    assert images.info["counts"] == {"read": n_good + 1, "kept": n_good, "skipped": 1}
+    # a folder-level row (empty class folder) is reported but is not an image read
+    assert images.info["counts"] == {"read": n_good + (not folder), "kept": n_good, "skipped": int(not folder),
+                                     "skipped_folders": int(folder)}
     return images
 
 
@@ -165,7 +167,9 @@ def test_empty_class_in_csv_formats(fpdb_copy, ingestion_params):
         (fpdb_copy / "Images" / f"{name}.png").unlink()
     rows[~femur].to_csv(_csv(fpdb_copy), sep=";", index=False)
     _assert_fail_names(fpdb_copy, ingestion_params, fpdb_copy, "empty class: no usable 'femur'")
-    _assert_skip_lists(fpdb_copy, ingestion_params, fpdb_copy, "'femur'", 4 * PER_CLASS)
+    # a required class without images is fatal under skip too (the rest of the config asks for it)
+    with pytest.raises(BadInputError, match="empty class: no usable 'femur'"):
+        _read(fpdb_copy, ingestion_params, "skip")
 
 
 def test_non_image_file(fpdb_copy, ingestion_params):
@@ -277,7 +281,7 @@ def test_folders_empty_class_folder(phantom_folders, ingestion_params):
         f.unlink()
     ingestion_params["required_classes"]["source"] = []
     _assert_fail_names(phantom_folders, ingestion_params, empty, "empty class folder", fmt="folders")
-    _assert_skip_lists(phantom_folders, ingestion_params, empty, "empty class folder", 12, fmt="folders")
+    _assert_skip_lists(phantom_folders, ingestion_params, empty, "empty class folder", 12, fmt="folders", folder=True)
 
 
 def test_folders_unknown_label_folder(phantom_folders, ingestion_params):

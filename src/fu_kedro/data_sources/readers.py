@@ -7,6 +7,7 @@ every listed image. :func:`read_domain` is the entry point the ingestion node ca
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from fu_kedro.datasets import ImageSet
 
 from .phantom import CLASSES, generate_phantoms
 from .preprocess import preprocess_image
-from .validation import IMAGE_SUFFIXES, BadImage, BadInputError, IssueLog, open_grayscale
+from .validation import IMAGE_SUFFIXES, BadImage, BadInputError, IssueLog, check_policy, open_grayscale
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,23 @@ AFRICAN_COLUMNS = ["Patient_num", "Plane", "Train", "Center", "Image_name"]
 META_COLUMNS = ["image_id", "patient_id", "label", "domain", "center", "machine", "source_file"]
 
 
+HIDDEN_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
+
+
+def is_hidden(name: str) -> bool:
+    """OS litter, ignored in every layout: ``.*`` (``.DS_Store``, ``._x.png``, ``.thumbnails/``),
+    ``__MACOSX/``, ``Thumbs.db``, ``desktop.ini``."""
+    return name.startswith(".") or name.lower() in HIDDEN_NAMES
+
+
 def _is_listable(p: Path) -> bool:
-    # hidden files (.DS_Store, ._foo.png from macOS) are OS litter, not data
-    return p.is_file() and not p.name.startswith(".") and p.name != "Thumbs.db"
+    return p.is_file() and not is_hidden(p.name)
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (recursively) with no hidden part in its path below ``folder``."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(is_hidden(part) for part in p.relative_to(folder).parts))
 
 
 def _read_csv(path: Path, sep: str, required: list[str]) -> pd.DataFrame:
@@ -48,7 +63,44 @@ def _read_csv(path: Path, sep: str, required: list[str]) -> pd.DataFrame:
         if len(df.columns) == 1 and any(s in df.columns[0] for s in ",;\t"):
             hint = f" (the header is one column {df.columns[0]!r}: wrong separator? expected {sep!r})"
         raise BadInputError(f"{path}: missing column(s) {missing}; found {list(df.columns)}{hint}")
-    return df.apply(lambda col: col.str.strip())
+    if df.empty:
+        raise BadInputError(f"{path}: no data rows (only the header): nothing to read")
+    df = df.apply(lambda col: col.str.strip())
+    # the line of each row in the file (header = line 1), so a message can point at the row
+    df["csv_line"] = np.arange(2, len(df) + 2)
+    return df
+
+
+def _where(row, csv: Path) -> str:
+    return f"{csv.name} line {row['csv_line']}"
+
+
+def _image_files(df: pd.DataFrame, folder: Path, csv: Path, log: IssueLog) -> pd.DataFrame:
+    """Add ``image_id`` and ``file`` from ``Image_name``; rows whose name is blank or would leave
+    ``folder`` (``../x``, ``a/b``, an absolute path) are bad: only plain names inside it are read."""
+    names = df["Image_name"].str.replace(r"\.png$", "", regex=True)
+    ok = []
+    for name, (_, row) in zip(names, df.iterrows()):
+        plain = bool(name) and name not in (".", "..") and not any(c in name for c in "/\\") and ":" not in name
+        if not plain:
+            log.add(f"{csv}:{row['csv_line']}",
+                    f"image name {row['Image_name']!r} is not a plain file name inside {folder} ({_where(row, csv)})")
+        ok.append(plain)
+    ok = np.array(ok, dtype=bool)
+    df = df.assign(image_id=names, file=[str(folder / f"{n}.png") for n in names])
+    return df.loc[ok]
+
+
+def _blank_fields(df: pd.DataFrame, columns: list[str], csv: Path, log: IssueLog) -> pd.DataFrame:
+    """Rows with a blank identifying field (a blank Patient_num would merge unrelated images into
+    one patient) are bad, named by their line."""
+    blank = np.zeros(len(df), dtype=bool)
+    for col in columns:
+        is_blank = (df[col] == "").to_numpy()
+        for (_, row) in df.loc[is_blank & ~blank].iterrows():
+            log.add(row["file"], f"blank {col} ({_where(row, csv)})")
+        blank |= is_blank
+    return df.loc[~blank]
 
 
 def plane_to_label(plane: str, plane_labels: dict[str, str]) -> str | None:
@@ -59,44 +111,56 @@ def plane_to_label(plane: str, plane_labels: dict[str, str]) -> str | None:
     return table.get(key)
 
 
-def _label_rows(df: pd.DataFrame, plane_col: str, file_col: str, cfg: dict, log: IssueLog) -> pd.DataFrame:
+def _label_rows(df: pd.DataFrame, plane_col: str, cfg: dict, log: IssueLog, csv: Path) -> pd.DataFrame:
     """Add ``label``; drop excluded planes (counted), quarantine unknown ones."""
     excluded = {p.strip().lower() for p in cfg.get("exclude_planes") or []}
-    is_excl = df[plane_col].str.lower().isin(excluded)
+    is_excl = df[plane_col].str.lower().isin(excluded).to_numpy(dtype=bool)
     if is_excl.any():
         logger.info("%s: %d image(s) of excluded planes %s left out (ingestion.exclude_planes)",
                     log.domain, int(is_excl.sum()), sorted(df.loc[is_excl, plane_col].unique()))
-    df = df[~is_excl].copy()
+    if len(df) and is_excl.all():
+        raise BadInputError(f"{csv}: all {len(df)} row(s) are of excluded planes "
+                            f"{sorted(df[plane_col].unique())} (ingestion.exclude_planes): nothing to read")
+    df = df.loc[~is_excl].copy()
     df["label"] = [plane_to_label(p, cfg["plane_labels"]) for p in df[plane_col]]
-    for _, row in df[df["label"].isna()].iterrows():
-        log.add(row[file_col], f"unknown plane label {row[plane_col]!r} (not in ingestion.plane_labels)")
-    return df[df["label"].notna()]
+    unknown = df["label"].isna().to_numpy(dtype=bool)
+    for _, row in df.loc[unknown].iterrows():
+        log.add(row["file"], f"unknown plane label {row[plane_col]!r} (not in ingestion.plane_labels; {_where(row, csv)})")
+    return df.loc[~unknown]
 
 
-def _quarantine_duplicates(df: pd.DataFrame, log: IssueLog, where: str) -> pd.DataFrame:
+def _quarantine_duplicates(df: pd.DataFrame, log: IssueLog, where: str, csv: Path | None = None) -> pd.DataFrame:
     # Which of the rows is right cannot be told, so every row of a duplicated name goes.
     counts = df["image_id"].value_counts()
-    dup = df["image_id"].map(counts) > 1
-    for _, row in df[dup].iterrows():
-        log.add(row["file"], f"duplicate image name {row['image_id']!r} ({counts[row['image_id']]} times in {where})")
-    return df[~dup]
+    dup = (df["image_id"].map(counts) > 1).to_numpy(dtype=bool)
+    for _, row in df.loc[dup].iterrows():
+        if csv is not None:
+            lines = df.loc[df["image_id"] == row["image_id"], "csv_line"].tolist()
+            reason = (f"duplicate image name {row['image_id']!r} ({_where(row, csv)}; "
+                      f"the name is on lines {', '.join(map(str, lines))} of {csv.name})")
+        else:
+            reason = f"duplicate image name {row['image_id']!r} ({counts[row['image_id']]} times in {where})"
+        log.add(row["file"], reason)
+    return df.loc[~dup]
 
 
 def _quarantine_unlisted(folder: Path, listed: set[str], log: IssueLog, ignore: set[Path] = frozenset()) -> None:
     for p in sorted(folder.iterdir()):
-        if not _is_listable(p) or p in ignore:
+        if is_hidden(p.name) or p in ignore:
             continue
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
+        if p.is_dir():
+            log.add(p, "sub-folder inside the image folder: not part of the layout, not read", folder=True)
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
             log.add(p, f"not an image file ({p.suffix or 'no extension'}) in the image folder")
         elif str(p) not in listed:
             log.add(p, "image file present but not listed in the CSV")
 
 
 def _check_missing(df: pd.DataFrame, csv: Path, log: IssueLog) -> pd.DataFrame:
-    exists = df["file"].map(lambda f: Path(f).is_file())
-    for f in df.loc[~exists, "file"]:
-        log.add(f, f"listed in {csv.name} but missing")
-    return df[exists]
+    exists = np.array([Path(f).is_file() for f in df["file"]], dtype=bool)
+    for _, row in df.loc[~exists].iterrows():
+        log.add(row["file"], f"listed in {csv.name} but missing ({_where(row, csv)})")
+    return df.loc[exists]
 
 
 def scan_fetal_planes_db(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
@@ -108,11 +172,11 @@ def scan_fetal_planes_db(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     if not images.is_dir():
         raise BadInputError(f"{images}: folder not found (fetal_planes_db layout)")
     df = _read_csv(csv, ";", FPDB_COLUMNS)
-    names = df["Image_name"].str.replace(r"\.png$", "", regex=True)
-    df = df.assign(image_id=names, file=[str(images / f"{n}.png") for n in names])
+    df = _image_files(df, images, csv, log)
     listed = set(df["file"])
-    df = _label_rows(df, "Plane", "file", cfg, log)
-    df = _quarantine_duplicates(df, log, csv.name)
+    df = _label_rows(df, "Plane", cfg, log, csv)
+    df = _blank_fields(df, ["Patient_num"], csv, log)
+    df = _quarantine_duplicates(df, log, csv.name, csv)
     df = _check_missing(df, csv, log)
     _quarantine_unlisted(images, listed, log)
     return pd.DataFrame({
@@ -130,13 +194,13 @@ def scan_african(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
         raise BadInputError(f"{path}: african layout needs exactly one CSV beside the PNGs, found {[c.name for c in csvs]}")
     csv = csvs[0]
     df = _read_csv(csv, ",", AFRICAN_COLUMNS)
-    names = df["Image_name"].str.replace(r"\.png$", "", regex=True)
+    df = _image_files(df, path, csv, log)
     # patient numbers restart in every center (patient002 exists in Egypt and Malawi)
-    df = df.assign(image_id=names, file=[str(path / f"{n}.png") for n in names],
-                   patient_id=df["Center"] + "_" + df["Patient_num"])
+    df = df.assign(patient_id=df["Center"] + "_" + df["Patient_num"])
     listed = set(df["file"])
-    df = _label_rows(df, "Plane", "file", cfg, log)
-    df = _quarantine_duplicates(df, log, csv.name)
+    df = _label_rows(df, "Plane", cfg, log, csv)
+    df = _blank_fields(df, ["Patient_num", "Center"], csv, log)
+    df = _quarantine_duplicates(df, log, csv.name, csv)
     df = _check_missing(df, csv, log)
     _quarantine_unlisted(path, listed, log, ignore={csv})
     return pd.DataFrame({
@@ -148,7 +212,7 @@ def scan_african(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
 
 def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     """One sub-folder per class (``brain/``, ``Fetal brain/`` ...); no patient ids, so each image is its own patient."""
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not is_hidden(p.name))
     if not subdirs:
         raise BadInputError(f"{path}: folders layout needs one sub-folder of images per class, found none")
     excluded = {p.strip().lower() for p in cfg.get("exclude_planes") or []}
@@ -160,17 +224,20 @@ def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
             logger.info("%s: folder %s left out (ingestion.exclude_planes)", log.domain, d)
             continue
         label = plane_to_label(d.name, cfg["plane_labels"])
-        files = sorted(p for p in d.rglob("*") if _is_listable(p))
+        files = _visible_files(d)
         if label is None:
-            for f in files or [d]:
+            for f in files:
                 log.add(f, f"unknown plane label {d.name!r} (class folder name not in ingestion.plane_labels)")
+            if not files:
+                log.add(d, f"unknown plane label {d.name!r} (class folder name not in ingestion.plane_labels)",
+                        folder=True)
             continue
         images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
         for f in files:
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 log.add(f, f"not an image file ({f.suffix or 'no extension'})")
         if not images:
-            log.add(d, "empty class folder: no images")
+            log.add(d, "empty class folder: no images", folder=True)
         for f in images:
             stem = "_".join(f.relative_to(d).with_suffix("").parts)
             rows.append({"file": str(f), "image_id": f"{label}__{stem}", "plane": d.name, "label": label,
@@ -184,37 +251,72 @@ def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
 SCANNERS = {"fetal_planes_db": scan_fetal_planes_db, "african": scan_african, "folders": scan_folders}
 
 
+def pixel_hash(img: np.ndarray) -> str:
+    """Content hash of decoded 8-bit grayscale pixels (shape included): the same picture saved
+    under another name, format or colour mode (gray copied into RGB) gets the same hash."""
+    h = hashlib.sha256(f"{img.shape[0]}x{img.shape[1]}:".encode())
+    h.update(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+    return h.hexdigest()[:32]
+
+
 def load_manifest(manifest: pd.DataFrame, domain: str, cfg: dict, log: IssueLog) -> ImageSet:
-    """Open, check and preprocess every image of ``manifest``; bad ones go to ``log``."""
+    """Open, check and preprocess every image of ``manifest``; bad ones go to ``log``.
+
+    Adds ``pixel_hash`` (:func:`pixel_hash` of the decoded image before cropping and resizing),
+    used by the domain-separation check.
+    """
     size = int(cfg["image_size"])
-    images, keep = [], []
+    images, keep, hashes = [], [], []
     for i, f in enumerate(tqdm(manifest["file"], desc=f"ingestion: reading {domain} images", leave=False)):
         try:
             gray = open_grayscale(Path(f), cfg["limits"], log)
             images.append(preprocess_image(gray, size, cfg["preprocess"]))
+            hashes.append(pixel_hash(gray))
             keep.append(i)
         except (BadImage, ValueError) as exc:
             log.add(f, str(exc))
     meta = manifest.iloc[keep].rename(columns={"file": "source_file"}).reset_index(drop=True)
+    meta = meta.drop(columns=["csv_line"], errors="ignore")
     meta["domain"] = domain
+    meta["pixel_hash"] = hashes
     extra = [c for c in meta.columns if c not in META_COLUMNS]
     arr = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
     return ImageSet(arr, meta[META_COLUMNS + extra], {})
 
 
 def _check_required_classes(images: ImageSet, where: str, required: list[str], log: IssueLog) -> None:
+    """A required class without any usable image stops the run in both modes: the configuration
+    (LoRA subset, classifiers) asks for it, and going on with fewer classes would be a silent change."""
     present = set(images.meta["label"])
-    for c in required:
-        if c not in present:
-            log.add(where, f"empty class: no usable {c!r} images (ingestion.required_classes)")
+    missing = [c for c in required if c not in present]
+    if not missing:
+        return
+    bad = [i for i in log.issues if i["file"] != where]
+    lines = [f"  {i['file']}: {i['reason']}" for i in bad[:10]]
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    raise BadInputError(
+        f"{where}: empty class: no usable {', '.join(map(repr, missing))} image(s) in the {log.domain} data "
+        f"(ingestion.required_classes.{log.domain} = {required}); this stops the run whatever "
+        f"ingestion.on_bad_input says."
+        + (f" {len(bad)} item(s) were bad:\n" + "\n".join(lines) + more if bad else "")
+    )
+
+
+# Patient numbers are comparable between two domains only if they come from the same numbering
+# (the same database); the domain-separation check compares them then.
+PATIENT_NUMBERING = {"fetal_planes_db": "fetal_planes_db", "african": "african", "phantom": "phantom",
+                     "folders": None}
 
 
 def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -> tuple[ImageSet, pd.DataFrame]:
     """Read one domain in format ``fmt`` from ``path``; apply ``cfg['on_bad_input']``.
 
-    Returns the preprocessed ``ImageSet`` (meta columns ``META_COLUMNS`` + format extras)
-    and the quarantine rows (``file, reason, domain``). ``info['counts']`` holds read/kept/skipped.
+    Returns the preprocessed ``ImageSet`` (meta columns ``META_COLUMNS`` + format extras +
+    ``pixel_hash``) and the quarantine rows (``file, reason, domain``). ``info['counts']``
+    holds read/kept/skipped images and skipped_folders (folder-level report rows, such as an
+    empty class folder, are not images and are not counted as read).
     """
+    policy = check_policy(cfg.get("on_bad_input"))  # before anything is read
     if fmt not in FORMATS:
         raise BadInputError(f"{domain}_format={fmt!r} is not one of {FORMATS}")
     log = IssueLog(domain)
@@ -223,6 +325,7 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -
         images = generate_phantoms(domain, int(ph["n_per_class"]), int(cfg["image_size"]), int(seed),
                                    settings=ph.get("settings"),
                                    images_per_patient=tuple(ph.get("images_per_patient", (3, 6))))
+        images.meta["pixel_hash"] = [pixel_hash(img) for img in images.images]
     else:
         if not path:
             raise BadInputError(f"{domain}_format={fmt} needs {domain}_path (a folder); got {path!r}")
@@ -230,16 +333,25 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -
         if not root.is_dir():
             raise BadInputError(f"{root}: {domain}_path is not a folder")
         manifest = SCANNERS[fmt](root, cfg, log)
+        if manifest.empty and not log.issues:
+            raise BadInputError(f"{root}: no images to read in the {fmt} layout")
         images = load_manifest(manifest, domain, cfg, log)
+        if len(images) == 0:
+            log.enforce("fail")  # names every bad item
+            raise BadInputError(f"{root}: no usable image in the {domain} data")
         _check_required_classes(images, str(root), list(cfg["required_classes"][domain] or []), log)
-    log.enforce(cfg["on_bad_input"])
+    log.enforce(policy)
     report = log.frame()
-    # every examined item ends up either kept or as one quarantine row
-    n_listed = len(images) + len(report)
+    skipped = len(report) - log.n_folder_items
+    # every examined image ends up either kept or as one quarantine row
+    n_listed = len(images) + skipped
     images.info.update({"format": fmt, "path": None if fmt == "phantom" else str(root), "domain": domain,
                         "seed": int(seed), "image_size": int(cfg["image_size"]),
+                        "patient_numbering": PATIENT_NUMBERING[fmt],
                         "conversions": dict(log.conversions),
-                        "counts": {"read": int(n_listed), "kept": len(images), "skipped": len(report)}})
-    logger.info("%s (%s): read %d, kept %d, skipped %d; per class %s", domain, fmt, n_listed, len(images),
-                len(report), images.meta["label"].value_counts().sort_index().to_dict())
+                        "counts": {"read": int(n_listed), "kept": len(images), "skipped": int(skipped),
+                                   "skipped_folders": int(log.n_folder_items)}})
+    logger.info("%s (%s): read %d, kept %d, skipped %d (+%d folder item(s)); per class %s", domain, fmt, n_listed,
+                len(images), skipped, log.n_folder_items,
+                images.meta["label"].value_counts().sort_index().to_dict())
     return images, report

@@ -1,16 +1,19 @@
 """Checks on real input: open every image, decide what is bad, apply the ``on_bad_input`` policy.
 
 Bad (skipped under ``skip``, named in the error under ``fail``): corrupt or truncated
-files, files that are not images, files listed in a CSV but missing, image files present
-but not listed, unknown plane labels, duplicate image names, empty class folders,
-required classes without images, absurd sizes, blank images.
+files (PNG chunk checksums are verified before decoding), files that are not images,
+files listed in a CSV but missing, image files present but not listed, unknown plane
+labels, duplicate image names, CSV rows with a blank patient number or centre or an image
+name that leaves the dataset folder, empty class folders, absurd sizes, blank images.
 
 Converted with a logged note (never rejected): RGB (the African set is mixed grayscale/
 RGB), RGBA/LA (composited on black), palette, 16-bit (scaled by the image's own maximum)
 and any other PIL mode that converts to 8-bit grayscale.
 
-Structural problems that leave nothing to read (no CSV, a CSV with the wrong separator or
-missing columns, a missing folder) always raise, whatever the policy.
+Always an error, whatever the policy: structural problems that leave nothing to read (no
+CSV, a CSV with the wrong separator or missing columns or no data rows, a missing folder,
+no usable image at all), a class of ``ingestion.required_classes`` without any usable
+image, and a misspelt ``on_bad_input`` (checked before anything is read).
 """
 from __future__ import annotations
 
@@ -27,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 REPORT_COLUMNS = ["file", "reason", "domain"]
+POLICIES = ("fail", "skip")
+
+
+def check_policy(policy) -> str:
+    """``ingestion.on_bad_input`` is ``fail`` or ``skip``; called before any image is read."""
+    if policy not in POLICIES:
+        raise BadInputError(f"ingestion.on_bad_input must be one of {POLICIES}, got {policy!r}")
+    return policy
 
 
 class BadInputError(ValueError):
@@ -39,14 +50,20 @@ class BadImage(Exception):
 
 @dataclass
 class IssueLog:
-    """Bad items of one domain (file + reason) and notes on converted images."""
+    """Bad items of one domain (file + reason) and notes on converted images.
+
+    ``folder=True`` marks an item that is a folder, not an image (an empty class folder):
+    it is reported like the others but not counted among the images read.
+    """
 
     domain: str
     issues: list[dict] = field(default_factory=list)
     conversions: Counter = field(default_factory=Counter)
+    n_folder_items: int = 0
 
-    def add(self, file, reason: str) -> None:
+    def add(self, file, reason: str, folder: bool = False) -> None:
         self.issues.append({"file": str(file), "reason": reason, "domain": self.domain})
+        self.n_folder_items += int(folder)
 
     def note_conversion(self, what: str) -> None:
         self.conversions[what] += 1
@@ -56,8 +73,7 @@ class IssueLog:
 
     def enforce(self, policy: str) -> None:
         """Raise under ``fail`` if anything is bad; under ``skip`` log each skipped item."""
-        if policy not in ("fail", "skip"):
-            raise ValueError(f"ingestion.on_bad_input must be 'fail' or 'skip', got {policy!r}")
+        check_policy(policy)
         for what, n in sorted(self.conversions.items()):
             logger.info("%s: %d image(s) converted: %s", self.domain, n, what)
         if not self.issues:
@@ -77,22 +93,30 @@ class IssueLog:
 def open_grayscale(path: Path, limits: dict, log: IssueLog) -> np.ndarray:
     """Decode ``path`` fully and return it as 8-bit grayscale ``(H, W)``.
 
-    Raises ``BadImage`` with the reason for undecodable, truncated, absurdly sized or blank
-    images; records a conversion note for non-8-bit-grayscale modes.
+    Raises ``BadImage`` with the reason for undecodable, corrupt (failed integrity check),
+    truncated, absurdly sized or blank images; records a conversion note for
+    non-8-bit-grayscale modes.
     """
     try:
         with Image.open(path) as im:
             w, h = im.size
             _check_size(w, h, limits)
-            im.load()  # decodes every byte: truncated files fail here, not later
-            arr = _to_gray8(im, log)
+            # PIL's decoder does not check PNG chunk CRCs, so a flipped byte inside IDAT can
+            # decode to silently different pixels; verify() checks every chunk's CRC first.
+            im.verify()
     except BadImage:
         raise
     except UnidentifiedImageError:
         raise BadImage("not a decodable image (PIL cannot identify it)") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"absurd size: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(f"corrupt or truncated image (integrity check failed: {exc})") from None
+    try:
+        with Image.open(path) as im:  # verify() leaves the file unusable: open it again
+            im.load()  # decodes every byte: truncated files fail here, not later
+            arr = _to_gray8(im, log)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from None
     if int(arr.max()) - int(arr.min()) < int(limits.get("min_dynamic_range", 8)):
         raise BadImage(f"blank image: grey levels {arr.min()}..{arr.max()}, no ultrasound content")

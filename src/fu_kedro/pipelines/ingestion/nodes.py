@@ -1,17 +1,19 @@
 """Nodes of the ``ingestion`` pipeline: read + validate + preprocess both domains, split the
-source by patient, draw the LoRA subset, report what was skipped, count, and draw a preview."""
+source by patient, draw the LoRA subset, report what was skipped, count, and draw a preview.
+Source and target are checked not to overlap (files, pixels, patients) before the split."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.model_selection import GroupShuffleSplit
 
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.readers import read_domain
+from fu_kedro.data_sources.separation import check_domain_separation
 from fu_kedro.data_sources.validation import REPORT_COLUMNS
 from fu_kedro.datasets import ImageSet
 
@@ -48,38 +50,57 @@ def read_target_images(target_format: str, target_path: str | None, seed: int,
     return images, report
 
 
+def check_source_target_separation(source_images: ImageSet, target_images: ImageSet) -> ImageSet:
+    """Stop if the target overlaps the source: same folder, a shared file, identical decoded
+    pixels, or a shared patient id under the same patient numbering (always fatal; the error
+    names a few examples and the count). Returns the source set unchanged, so the split waits
+    for this check."""
+    check_domain_separation(source_images, target_images)
+    return source_images
+
+
+def patient_hash(patient_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (seed, patient id) alone: sha256, not Python's salted ``hash``."""
+    digest = hashlib.sha256(f"{int(seed)}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
 def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, Any]) -> ImageSet:
     """Add ``split`` (``train``/``val``) so that no patient is on both sides.
 
-    Holds out about ``ingestion.val_fraction`` of the source *patients*: among
-    ``ingestion.split_candidates`` seeded random patient-level splits (``GroupShuffleSplit``)
-    it keeps the one whose per-class validation share is closest to ``val_fraction``, so
-    the validation side is class-balanced too. ``val_fraction: 0`` puts everything in train.
+    A patient is in ``val`` iff ``patient_hash(patient_id, seed) < ingestion.val_fraction``.
+    Each patient's side depends on its own id and the seed only, so quarantining one image (or
+    one patient) moves no other patient between train and val. The price: class shares on the
+    val side are not tuned, they scatter around ``val_fraction`` (binomially over patients); the
+    log shows them and a class with no val (or no train) image is warned about.
+    ``val_fraction: 0`` puts everything in train.
     """
     val_fraction = float(ingestion["val_fraction"])
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"ingestion.val_fraction must be in [0, 1), got {val_fraction}")
     meta = source.meta.copy()
     meta["split"] = "train"
     if val_fraction > 0:
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"ingestion.val_fraction must be in [0, 1), got {val_fraction}")
         n_patients = meta["patient_id"].nunique()
         if n_patients < 2:
             raise ValueError(f"cannot split {n_patients} source patient(s) into train/val; set ingestion.val_fraction: 0")
-        splitter = GroupShuffleSplit(n_splits=int(ingestion.get("split_candidates", 50)),
-                                     test_size=val_fraction, random_state=int(seed))
-        labels = meta["label"].to_numpy()
-        per_class = pd.Series(labels).value_counts()
-
-        def imbalance(val_idx):
-            share = pd.Series(labels[val_idx]).value_counts().reindex(per_class.index, fill_value=0) / per_class
-            return float(np.abs(share - val_fraction).sum())
-
-        candidates = [v for _, v in splitter.split(np.zeros(len(meta)), labels, groups=meta["patient_id"])]
-        best = min(candidates, key=imbalance)
-        meta.loc[best, "split"] = "val"
+        u = {p: patient_hash(str(p), seed) for p in meta["patient_id"].unique()}
+        meta.loc[meta["patient_id"].map(u) < val_fraction, "split"] = "val"
+        table = meta.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "val"],
+                                                                                     fill_value=0)
+        for label, row in table.iterrows():
+            if row["val"] == 0 or row["train"] == 0:
+                logger.warning("source split: class %r has %d train and %d val image(s) (val_fraction=%s, seed=%d)",
+                               label, row["train"], row["val"], val_fraction, int(seed))
     out = ImageSet(source.images, meta, dict(source.info))
-    out.info["split"] = {"val_fraction": val_fraction, "seed": int(seed),
+    out.info["split"] = {"method": "patient_hash", "val_fraction": val_fraction, "seed": int(seed),
                          "train": int((meta["split"] == "train").sum()), "val": int((meta["split"] == "val").sum())}
+    # one fingerprint of which image is on which side: later pipelines' inputs can be matched
+    # to the split they were made from (fu_kedro.hooks)
+    rows = "\n".join(f"{i},{p},{lab},{sp}" for i, p, lab, sp in
+                      sorted(zip(meta["image_id"].astype(str), meta["patient_id"].astype(str), meta["label"],
+                                 meta["split"])))
+    out.info["split_id"] = hashlib.sha256(rows.encode()).hexdigest()[:16]
     logger.info("source split by patient: %s",
                 meta.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict("index"))
     return out

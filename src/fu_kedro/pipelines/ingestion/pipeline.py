@@ -3,6 +3,7 @@ from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
     build_quarantine_report,
+    check_source_target_separation,
     count_ingestion,
     draw_lora_subset,
     plot_preview_grid,
@@ -28,8 +29,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="read_target_images_node",
             ),
             Node(
+                func=check_source_target_separation,
+                inputs=["source_images_unsplit", "target_images"],
+                outputs="source_images_separated",
+                name="check_source_target_separation_node",
+            ),
+            Node(
                 func=split_source_by_patient,
-                inputs=["source_images_unsplit", "params:seed", "params:ingestion"],
+                inputs=["source_images_separated", "params:seed", "params:ingestion"],
                 outputs="source_images",
                 name="split_source_by_patient_node",
             ),
