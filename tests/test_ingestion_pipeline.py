@@ -40,8 +40,8 @@ def _run(params, **top):
            "target_path": None, **top}
     datasets = {f"params:{k}": MemoryDataset(v) for k, v in top.items()}
     datasets["params:ingestion"] = MemoryDataset(params)
-    outputs = ["source_images", "target_images", "lora_subset", "quarantine_report", "quarantine_report_mlflow",
-               "ingestion_metrics", "ingestion_preview_grid", "ingestion_preview_grid_mlflow"]
+    outputs = ["source_images", "target_images", "lora_subset", "quarantine_report",
+               "ingestion_metrics", "ingestion_preview_grid"]
     datasets.update({name: _KeptDataset(copy_mode="assign") for name in outputs})
     catalog = DataCatalog(datasets=datasets)
     SequentialRunner().run(create_pipeline(), catalog)

@@ -257,11 +257,10 @@ def test_cpu_default_is_fp32_unfused_and_fp16_on_cpu_is_refused():
 
 
 def test_preview_grid_and_metrics(batch, params):
-    fig, metrics, manifest = summarize_synthetic_batch(batch, params)
+    fig, metrics = summarize_synthetic_batch(batch, params)
     assert len(fig.axes) == 3 and [ax.get_ylabel().split("\n")[0] for ax in fig.axes] == params["classes"]
     assert metrics["images"] == {"value": 9.0, "step": 0} and metrics["images_brain"]["value"] == 3.0
     assert all(set(v) == {"value", "step"} for v in metrics.values())
-    assert manifest is batch.meta
 
 
 # --------------------------------------------------------------------------- bad input

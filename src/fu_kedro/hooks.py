@@ -228,6 +228,108 @@ def _lineage_mismatch(info: dict, params: dict) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- inputs from different runs
+INGESTION_SETS = ("source_images", "target_images", "lora_subset")  # written together by one ingestion run
+
+
+def _saved_folder(catalog, name: str) -> tuple[str | None, Path | None]:
+    """(version, ``<filepath>/<version>/<name>``) this run would load for a versioned dataset."""
+    try:
+        dataset = catalog.get(name)
+        version = dataset.resolve_load_version()
+        return version, Path(str(dataset._get_versioned_path(version)))  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - not a versioned file dataset, or nothing saved
+        return None, None
+
+
+def _split_of(folder: Path) -> dict[str, str]:
+    """image_id -> split of a saved image set (empty if unreadable)."""
+    import pandas as pd
+
+    try:
+        meta = pd.read_csv(folder / "metadata.csv", usecols=["image_id", "split"], dtype=str, keep_default_na=False)
+    except Exception:  # noqa: BLE001
+        return {}
+    return dict(zip(meta["image_id"], meta["split"]))
+
+
+def _adapter_metadata(path: Path) -> dict:
+    """The string metadata of a safetensors adapter (header only; values JSON-decoded if they are JSON)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            raw = dict(handle.metadata() or {})
+    except Exception:  # noqa: BLE001
+        return {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def _not_train(ids: list[str], split: dict[str, str]) -> list[str]:
+    return [f"{i} ({split.get(i, 'absent')})" for i in ids if split.get(i) != "train"]
+
+
+def find_mixed_runs(pipeline, catalog) -> list[str]:
+    """The run's saved inputs that come from different runs or splits, each naming the versions.
+
+    - ``source_images``, ``target_images``, ``lora_subset``: one ingestion run writes all three
+      with one version; different versions mean a mix of ingestion runs.
+    - ``lora_subset`` must be source *train* images of the ``source_images`` loaded beside it.
+    - ``synthetic_batch``: its adapter (the ``lora_adapter`` version named in the batch's
+      info.json) was trained on LoRA subset images that must be *train* images of the
+      ``source_images`` loaded beside it; else the synthetic data come from another split
+      (possibly from images that are validation images now).
+    """
+    inputs = set(pipeline.inputs())
+    found: list[str] = []
+    versions = {n: _saved_folder(catalog, n) for n in INGESTION_SETS if n in inputs}
+    versions = {n: v for n, v in versions.items() if v[0]}
+    if len({v for v, _ in versions.values()}) > 1:
+        found.append("inputs from different ingestion runs: "
+                     + ", ".join(f"`{n}` version {v}" for n, (v, _) in sorted(versions.items()))
+                     + " (one ingestion run writes them together, with one version)")
+    src_version, src_folder = versions.get("source_images", (None, None))
+    split = _split_of(src_folder) if src_folder else {}
+    if split and "lora_subset" in versions:
+        lora_version, lora_folder = versions["lora_subset"]
+        bad = _not_train(list(_split_of(lora_folder)), split)
+        if bad:
+            found.append(f"`lora_subset` version {lora_version} was not drawn from the train side of `source_images` "
+                         f"version {src_version}: {len(bad)} of its images are not train images there, e.g. "
+                         + ", ".join(bad[:3]))
+    if split and "synthetic_batch" in inputs:
+        batch_version, batch_folder = _saved_folder(catalog, "synthetic_batch")
+        info = {}
+        try:
+            info = json.loads((batch_folder / "info.json").read_text()) if batch_folder else {}
+        except Exception:  # noqa: BLE001
+            pass
+        adapter_version = str((info.get("adapter") or {}).get("catalog_version") or "")
+        adapter_path = None
+        if adapter_version:
+            try:
+                adapter_path = Path(str(catalog.get("lora_adapter")._get_versioned_path(adapter_version)))  # noqa: SLF001
+            except Exception:  # noqa: BLE001
+                adapter_path = None
+        meta = _adapter_metadata(adapter_path) if adapter_path and adapter_path.is_file() else {}
+        ids = meta.get("lora_subset_image_ids")
+        if isinstance(ids, list):
+            bad = _not_train([str(i) for i in ids], split)
+            if bad:
+                found.append(
+                    f"`synthetic_batch` version {batch_version} was made by `lora_adapter` version {adapter_version}, "
+                    f"trained on `lora_subset` version {meta.get('lora_subset_version') or '?'}, which is not from the "
+                    f"split of `source_images` version {src_version}: {len(bad)} of its {len(ids)} LoRA images are not "
+                    "train images there, e.g. " + ", ".join(bad[:3]))
+    return found
+
+
 def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> tuple[list[Problem], list[str]]:
     """The run's free inputs (outputs of other pipelines) are saved, and come from this run's data sources.
 
@@ -266,6 +368,12 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
             text = f"the latest `{name}` does not come from this run's data: {mismatch}; re-run {producer or 'its pipeline'} with these parameters"
             (problems.append(Problem(f"`{name}` (input of this run)", text + f" (`kedro run{env_flag} --pipeline {producer}`).")) if mismatch_fails
              else warnings.append(text + "."))
+    if not problems:
+        for text in find_mixed_runs(pipeline, catalog):
+            text += ("; re-run the pipelines that make them, or pin matching versions with "
+                     "--load-versions <dataset>:<version>")
+            (problems.append(Problem("inputs of this run from different runs/splits", text + "."))
+             if mismatch_fails else warnings.append(text + "."))
     return problems, warnings
 
 
@@ -314,11 +422,22 @@ class PrerequisiteChecks:
 
 
 class MainProcessWrites:
-    """On every process but the main one, the run's outputs go to memory instead of the catalog's files."""
+    """Who writes a run's outputs, and when they become visible.
+
+    On every process but the main one, the run's outputs go to memory instead of the
+    catalog's files. On the main process every versioned output is staged and published
+    when the run ends well, deleted when it fails (``fu_kedro.datasets.staging``): a failed or
+    killed run leaves no version that a later run would load as the latest.
+    """
+
+    def __init__(self):
+        self._staged: list = []
+        self._datasets: dict = {}
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         if is_main_process():
+            self._stage_outputs(pipeline, catalog)
             return
         from kedro.io import MemoryDataset
 
@@ -332,3 +451,46 @@ class MainProcessWrites:
         finally:
             catalog_log.setLevel(level)
         log.info("process %d (not the main process): %d outputs kept in memory, none written", process_rank(), len(outputs))
+
+    def _stage_outputs(self, pipeline, catalog) -> None:
+        from fu_kedro.datasets import staging
+
+        self._staged, self._datasets = [], {}
+        for name in sorted(pipeline.all_outputs()):
+            try:
+                dataset = catalog.get(name)
+            except Exception:  # noqa: BLE001 - a broken entry fails the run on its own
+                dataset = None
+            record = staging.stage(name, dataset) if dataset is not None else None
+            if record is not None:
+                self._staged.append(record)
+                self._datasets[name] = dataset
+        removed = staging.remove_abandoned({r.final.parent for r in self._staged})
+        for path in removed:
+            log.info("removed %s: staged outputs of a run that was killed before it ended", path)
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        from fu_kedro.datasets import staging
+
+        if not self._staged:
+            return
+        published = staging.publish(self._staged)
+        for r in self._staged:
+            staging.unstage(r, self._datasets[r.name])
+        log.info("published %d output(s) of this run, version %s: %s", len(published), self._staged[0].version,
+                 ", ".join(published))
+        self._staged, self._datasets = [], {}
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        from fu_kedro.datasets import staging
+
+        if not self._staged:
+            return
+        staging.discard(self._staged)
+        for r in self._staged:
+            staging.unstage(r, self._datasets[r.name])
+        log.warning("the run failed: none of its %d staged output(s) was published (version %s)",
+                    len(self._staged), self._staged[0].version)
+        self._staged, self._datasets = [], {}

@@ -20,6 +20,7 @@ from kedro.config import OmegaConfigLoader  # noqa: E402
 
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
+from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
 
 # The project root (this file is src/fu_kedro/settings.py in the editable install the
 # README asks for). Used by conf/base/mlflow.yml so the MLflow store is always
@@ -40,7 +41,10 @@ CONFIG_LOADER_ARGS = {
 # Before any node runs: the data, weights and upstream outputs this run needs exist, else
 # one error names each missing thing and where to put it. Under `accelerate launch` /
 # `python -m fu_kedro.launch`, only the main process writes catalog outputs.
-HOOKS = (PrerequisiteChecks(), MainProcessWrites())
+# LineageHooks: what each output was made from (lineage.json + "made_from"), MLflow inputs,
+# version tags, run name, artifacts and headline metrics; RunInterrupts: SIGINT/SIGTERM end
+# the MLflow run as KILLED (src/fu_kedro/tracking.py, docs/lineage.md).
+HOOKS = (PrerequisiteChecks(), MainProcessWrites(), LineageHooks(), RunInterrupts())
 
 # Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
 # kedro-viz's run files; the others never load those plugins' hooks.

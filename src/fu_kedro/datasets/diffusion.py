@@ -35,6 +35,8 @@ from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_f
 from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
 from fu_kedro.models.lora import LoraAdapter, read_adapter_file, save_adapter_file
 
+from .staging import published_path
+
 
 def _version_of(path: Path) -> str | None:
     """The Kedro version folder a versioned path sits in (``.../<version>/<name>``)."""
@@ -71,6 +73,19 @@ class _LocalVersioned(AbstractVersionedDataset):
             return self._fs.exists(str(self._load_path()))
         except DatasetError:
             return False
+
+    def preview(self):
+        """kedro-viz: the saved version's reference (base model) or metadata (adapter), as JSON."""
+        from fu_kedro.datasets.previews import json_preview
+
+        path = self._load_path()
+        if (path / "reference.json").is_file():
+            return json_preview(json.loads((path / "reference.json").read_text()), drop=("made_from",))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            meta = dict(handle.metadata() or {})
+        return json_preview(meta, drop=("made_from",))
 
 
 class DiffusionModelDataset(_LocalVersioned):
@@ -129,7 +144,7 @@ class LoraAdapterDataset(_LocalVersioned):
         path = self._load_path()
         adapter = read_adapter_file(path)
         adapter.metadata["catalog_version"] = _version_of(path)
-        adapter.metadata["file"] = str(path)
+        adapter.metadata["file"] = str(published_path(path))  # where it is once its run is published
         return adapter
 
     def save(self, data: LoraAdapter) -> None:

@@ -127,7 +127,11 @@ class ImageSetDataset(AbstractVersionedDataset[ImageSet, ImageSet]):
 
     def load(self) -> ImageSet:
         folder = Path(get_filepath_str(self._get_load_path(), self._protocol))
-        return read_image_set(folder)
+        data = read_image_set(folder)
+        # the catalog version this set came from (``<filepath>/<version>/<name>``), for lineage;
+        # never written to info.json (write_image_set drops it): a saved set gets its own
+        data.info["version"] = folder.parent.name
+        return data
 
     def save(self, data: ImageSet) -> None:
         folder = Path(get_filepath_str(self._get_save_path(), self._protocol))
@@ -139,6 +143,12 @@ class ImageSetDataset(AbstractVersionedDataset[ImageSet, ImageSet]):
         except DatasetError:
             return False
         return self._fs.exists(path)
+
+    def preview(self, per_class: int = 6, size: int = 64):
+        """kedro-viz: the first images of each class of the latest (or pinned) version."""
+        from fu_kedro.datasets.previews import image_grid_preview
+
+        return image_grid_preview(self.load(), per_class=per_class, size=size)
 
 
 def read_image_set(folder: Path) -> ImageSet:
@@ -172,7 +182,8 @@ def write_image_set(data: ImageSet, folder: Path) -> None:
         for image_id, img in zip(data.meta["image_id"], data.images):
             Image.fromarray(img, mode="L").save(tmp / "images" / f"{image_id}.png")
         data.meta.to_csv(tmp / "metadata.csv", index=False)
-        (tmp / "info.json").write_text(json.dumps(_to_jsonable(data.info), indent=2))
+        info = {k: v for k, v in data.info.items() if k != "version"}
+        (tmp / "info.json").write_text(json.dumps(_to_jsonable(info), indent=2))
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -132,11 +132,10 @@ def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, An
 
 
 def build_quarantine_report(source_report: pd.DataFrame,
-                            target_report: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+                            target_report: pd.DataFrame) -> pd.DataFrame:
     """One table of every skipped item of both domains: ``file, reason, domain`` (may be
-    empty), returned twice: for the versioned local CSV and for the MLflow artifact."""
-    report = pd.concat([source_report, target_report], ignore_index=True)[REPORT_COLUMNS]
-    return report, report
+    empty). (Also an MLflow artifact: the catalog entry's ``metadata.mlflow``.)"""
+    return pd.concat([source_report, target_report], ignore_index=True)[REPORT_COLUMNS]
 
 
 def count_ingestion(source_images: ImageSet, target_images: ImageSet, lora_subset: ImageSet) -> dict[str, dict]:
@@ -169,10 +168,10 @@ def _spread(meta: pd.DataFrame, idx: np.ndarray, by: str, n: int) -> list[int]:
 
 
 def plot_preview_grid(source_images: ImageSet, target_images: ImageSet,
-                      ingestion: dict[str, Any]) -> tuple[Figure, Figure]:
+                      ingestion: dict[str, Any]) -> Figure:
     """A grid, one row per class: ``preview.per_class`` source images (left, spread over
     machines) and as many target images (right, spread over centers), titled with their
-    machine/center. Returns the matplotlib ``Figure`` twice (versioned PNG, MLflow artifact)."""
+    machine/center. Returns the matplotlib ``Figure`` (versioned PNG, also logged to MLflow)."""
     n = int(ingestion["preview"]["per_class"])
     fig = Figure(figsize=(1.6 * 2 * n + 0.6, 1.75 * len(CLASSES) + 0.6), dpi=100)
     axes = fig.subplots(len(CLASSES), 2 * n, squeeze=False)
@@ -195,4 +194,4 @@ def plot_preview_grid(source_images: ImageSet, target_images: ImageSet,
     fig.text(0.27, 0.985, f"source ({source_images.info.get('format', '?')})", ha="center", va="top", fontsize=12)
     fig.text(0.75, 0.985, f"target ({target_images.info.get('format', '?')})", ha="center", va="top", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return fig, fig
+    return fig

@@ -49,7 +49,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=build_quarantine_report,
                 inputs=["source_quarantine", "target_quarantine"],
-                outputs=["quarantine_report", "quarantine_report_mlflow"],
+                outputs="quarantine_report",
                 name="build_quarantine_report_node",
             ),
             Node(
@@ -61,7 +61,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=plot_preview_grid,
                 inputs=["source_images", "target_images", "params:ingestion"],
-                outputs=["ingestion_preview_grid", "ingestion_preview_grid_mlflow"],
+                outputs="ingestion_preview_grid",
                 name="plot_preview_grid_node",
             ),
         ],

@@ -10,8 +10,6 @@ training history) is then loaded from the catalog — the latest version, or the
 """
 from kedro.pipeline import Node, Pipeline
 
-from fu_kedro.pipelines.evaluation.pipeline import with_mlflow_copies
-
 from .nodes import build_base_model, fit_lora_adapter, summarize_training
 
 
@@ -31,7 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="fit_lora_adapter_node",
             ),
             Node(
-                with_mlflow_copies(summarize_training, [True, True, False, True]),
+                summarize_training,
                 inputs=[
                     "base_model",
                     "lora_adapter",
@@ -45,12 +43,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=[
                     "lora_loss_curves",
-                    "lora_loss_curves_mlflow",
                     "lora_validation_grid",
-                    "lora_validation_grid_mlflow",
                     "lora_training_metrics",
                     "lora_lineage",
-                    "lora_lineage_mlflow",
                 ],
                 name="summarize_lora_training_node",
             ),

@@ -370,11 +370,12 @@ def preview_grid(batch: ImageSet, classes: list[str], per_class: int) -> Figure:
 
 
 def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any]):
-    """Preview grid per class, counts as MLflow metrics, and the manifest for MLflow.
+    """Preview grid per class and counts as MLflow metrics (the manifest goes to MLflow with
+    ``synthetic_batch`` itself: its catalog ``metadata.mlflow``).
 
     Returns:
         (figure, metrics ``{name: {"value": x, "step": 0}}``: images, images per class,
-        generation seconds and images/second; manifest DataFrame).
+        generation seconds and images/second).
     """
     classes = list(params["classes"])
     per_class = int((params.get("preview") or {}).get("per_class", 8))
@@ -387,4 +388,4 @@ def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any])
     if seconds > 0:
         metrics["generation_seconds"] = {"value": seconds, "step": 0}
         metrics["images_per_second"] = {"value": len(synthetic_batch) / seconds, "step": 0}
-    return fig, metrics, synthetic_batch.meta
+    return fig, metrics

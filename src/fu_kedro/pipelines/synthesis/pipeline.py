@@ -17,8 +17,6 @@ Several processes on one machine (GPUs, or CPU cores with gloo) share one shard 
 """
 from kedro.pipeline import Node, Pipeline
 
-from fu_kedro.pipelines.evaluation.pipeline import with_mlflow_copies
-
 from .nodes import generate_synthetic_shard, merge_synthetic_shards, plan_synthetic_batch, summarize_synthetic_batch
 
 SHARD, MERGE = "synthesis_shard", "synthesis_merge"
@@ -56,14 +54,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 tags=[MERGE],
             ),
             Node(
-                with_mlflow_copies(summarize_synthetic_batch, [True, False, False]),
+                summarize_synthetic_batch,
                 inputs=["synthetic_batch", "params:synthesis"],
-                outputs=[
-                    "synthetic_preview_grid",
-                    "synthetic_preview_grid_mlflow",
-                    "synthesis_metrics",
-                    "synthetic_manifest_mlflow",
-                ],
+                outputs=["synthetic_preview_grid", "synthesis_metrics"],
                 name="summarize_synthetic_batch_node",
                 tags=[MERGE],
             ),

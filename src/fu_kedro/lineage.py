@@ -1,0 +1,306 @@
+"""Lineage records: which catalog versions (and raw files) every saved output was made from.
+
+While a run goes, :class:`fu_kedro.tracking.LineageHooks` writes one record per saved
+version of a versioned catalog entry, as ``lineage.json`` beside the data::
+
+    data/08_reporting/zero_shot_metrics.json/<version>/zero_shot_metrics.json
+    data/08_reporting/zero_shot_metrics.json/<version>/lineage.json
+
+and puts the same record (without the output's own hash) inside the outputs that can hold
+it, under ``made_from``: JSON dicts (``zero_shot_metrics.json``, ``synthetic_quality.json``,
+...), image sets (``info.json``, e.g. beside the synthetic manifest), the LoRA adapter's
+safetensors metadata and the base model's ``reference.json``.
+
+A record (``schema: fu_kedro.lineage/1``)::
+
+    dataset, version, path (project-relative when inside the project), sha256 (sidecar only),
+    node, run {session_id, env, pipelines, mlflow_run_id, mlflow_run_name, mlflow_experiment_id},
+    params  {name: value}          the node's parameters
+    inputs  [entry, ...]           as resolved at load time, one per node input:
+        kind "versioned": dataset, version, path, sha256, mlflow_run_id (of the run that saved it)
+        kind "in_run":    dataset (in memory or not versioned), made in this run by ``node``
+                          from its own ``inputs`` / ``params`` (nested)
+        kind "file":      dataset, path (not versioned, not made in this run)
+        kind "raw":       domain, format, path, n_files, digest, files [{path, size, sha256}]
+    upstream [...]                 every versioned ancestor and raw source, flattened
+
+Nothing here needs a Kedro session: the chain is followed from file to file, so
+``kedro lineage`` and :func:`chain_html` work on any copy of ``data/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = "fu_kedro.lineage/1"
+SIDECAR = "lineage.json"
+EMBED_KEY = "made_from"
+# Content hashes are computed up to this many bytes per output or raw folder ("where cheap").
+HASH_LIMIT_BYTES = 4 * 1024**3
+_IGNORED = {"__MACOSX", "Thumbs.db", ".DS_Store"}
+
+
+# --------------------------------------------------------------------------- hashing
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_files(root: Path) -> list[Path]:
+    """Regular files under ``root`` (itself if a file), sorted, hidden files and folders left out."""
+    if root.is_file():
+        return [root]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _IGNORED)
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and f not in _IGNORED]
+    return files
+
+
+def content_hash(path: Path, limit: int = HASH_LIMIT_BYTES, skip: Iterable[str] = (SIDECAR,)) -> str | None:
+    """sha256 of a file, or of a folder (over the sorted ``relative path, file sha256`` lines);
+    None when missing or bigger than ``limit`` bytes."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_file():
+        return sha256_file(path) if path.stat().st_size <= limit else None
+    files = [f for f in list_files(path) if f.name not in set(skip)]
+    if sum(f.stat().st_size for f in files) > limit:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def raw_files_entry(domain: str, fmt: str | None, path: str | None, extra: dict | None = None,
+                    limit: int = HASH_LIMIT_BYTES) -> dict[str, Any]:
+    """The raw input of an ingestion read: every file under ``path`` with its size and sha256,
+    and one digest over all of them. Phantom data have no files (``generated: true``)."""
+    entry: dict[str, Any] = {"kind": "raw", "dataset": f"raw {domain} data", "domain": domain, "format": fmt}
+    if extra:
+        entry.update(extra)
+    if not path:
+        entry.update(generated=True, path=None, n_files=0, digest=None, files=[])
+        return entry
+    root = Path(path).expanduser().resolve()
+    files = list_files(root) if root.exists() else []
+    total = sum(f.stat().st_size for f in files)
+    listed = []
+    for f in files:
+        listed.append({"path": f.relative_to(root).as_posix() if f != root else f.name, "size": f.stat().st_size,
+                       "sha256": sha256_file(f) if total <= limit else None})
+    digest = hashlib.sha256("".join(f"{x['path']}\0{x['sha256']}\n" for x in listed).encode()).hexdigest()
+    entry.update(path=root.as_posix(), n_files=len(listed), bytes=total,
+                 digest=digest if total <= limit else None, files=listed)
+    return entry
+
+
+# --------------------------------------------------------------------------- records on disk
+def sidecar_path(version_path: Path) -> Path:
+    """``<filepath>/<version>/lineage.json`` for the saved ``<filepath>/<version>/<name>``."""
+    return Path(version_path).parent / SIDECAR
+
+
+def to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def write_sidecar(version_path: Path, record: dict) -> Path:
+    path = sidecar_path(version_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(to_jsonable(record), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_sidecar(version_path: Path) -> dict | None:
+    path = sidecar_path(version_path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def rel_path(path: Path | str, project: Path | None) -> str:
+    """``path`` relative to the project when inside it (records stay valid when it moves)."""
+    p = Path(path)
+    if project is not None:
+        try:
+            return p.resolve().relative_to(Path(project).resolve()).as_posix()
+        except ValueError:
+            pass
+    return p.as_posix()
+
+
+def abs_path(path: str | None, project: Path | None) -> Path | None:
+    if not path:
+        return None
+    p = Path(path)
+    return p if p.is_absolute() or project is None else Path(project) / p
+
+
+def flatten_upstream(inputs: list[dict], project: Path | None) -> list[dict]:
+    """Every versioned ancestor and raw source of ``inputs``, once each, nearest first."""
+    seen: set[tuple] = set()
+    out: list[dict] = []
+
+    def add(item: dict) -> None:
+        key = (item.get("kind"), item.get("dataset"), item.get("version"), item.get("path"), item.get("digest"))
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+
+    def walk(entries: list[dict]) -> None:
+        for e in entries:
+            kind = e.get("kind")
+            if kind == "versioned":
+                add({k: e.get(k) for k in ("kind", "dataset", "version", "path", "sha256", "mlflow_run_id", "node")})
+                record = read_sidecar(abs_path(e.get("path"), project)) if e.get("path") else None
+                for up in (record or {}).get("upstream", []):
+                    add(up)
+            elif kind == "in_run":
+                walk(e.get("inputs", []))
+            elif kind == "raw":
+                add({k: e.get(k) for k in ("kind", "dataset", "domain", "format", "path", "n_files", "digest",
+                                            "generated", "seed")})
+            elif kind == "file":
+                add({k: e.get(k) for k in ("kind", "dataset", "path")})
+
+    walk(inputs)
+    return out
+
+
+# --------------------------------------------------------------------------- the chain as a tree
+@dataclass
+class Step:
+    """One node of the printed chain: a dataset version (or raw source) and where it came from."""
+
+    label: str
+    detail: str = ""
+    children: list["Step"] = field(default_factory=list)
+    repeated: bool = False
+
+
+def _run_text(run: dict | None, names: dict[str, str]) -> str:
+    if not run or not run.get("mlflow_run_id"):
+        return "no MLflow run recorded"
+    rid = run["mlflow_run_id"]
+    name = names.get(rid) or run.get("mlflow_run_name") or ""
+    return f"MLflow run {rid}" + (f" ({name})" if name else "")
+
+
+def _entry_step(entry: dict, project: Path | None, seen: set, names: dict[str, str], run: dict | None) -> Step:
+    kind = entry.get("kind")
+    if kind == "raw":
+        if entry.get("generated"):
+            return Step(f"raw {entry.get('domain')} data: {entry.get('format')} (generated, no files)",
+                        f"seed {entry.get('seed')}" if entry.get("seed") is not None else "")
+        files = entry.get("files") or []
+        shown = ", ".join(f"{f['path']} sha256:{(f.get('sha256') or '?')[:12]}" for f in files[:3])
+        more = f", ... ({len(files) - 3} more)" if len(files) > 3 else ""
+        return Step(f"raw {entry.get('domain')} data: {entry.get('format')} {entry.get('path')}",
+                    f"{entry.get('n_files')} files, digest sha256:{(entry.get('digest') or '?')[:16]}; {shown}{more}")
+    if kind == "in_run":
+        step = Step(f"{entry['dataset']} (in memory)", f"made by {entry.get('node')} in {_run_text(run, names)}")
+        step.children = [_entry_step(e, project, seen, names, run) for e in entry.get("inputs", [])]
+        return step
+    if kind == "file":
+        return Step(f"{entry['dataset']} (not versioned) {entry.get('path')}")
+    # versioned
+    return version_step(entry["dataset"], entry.get("version"), abs_path(entry.get("path"), project), project,
+                        seen, names, fallback=entry)
+
+
+def version_step(dataset: str, version: str | None, path: Path | None, project: Path | None,
+                 seen: set | None = None, names: dict[str, str] | None = None, fallback: dict | None = None) -> Step:
+    """The chain below one saved version, read from its ``lineage.json`` and its inputs' ones."""
+    seen = set() if seen is None else seen
+    names = names or {}
+    label = f"{dataset}@{version}"
+    record = read_sidecar(path) if path else None
+    if (dataset, version) in seen:
+        return Step(label, "(shown above)", repeated=True)
+    seen.add((dataset, version))
+    if record is None:
+        sha = (fallback or {}).get("sha256")
+        rid = (fallback or {}).get("mlflow_run_id")
+        return Step(label, "no lineage record (saved before lineage was recorded)"
+                    + (f"; sha256:{sha[:16]}" if sha else "") + (f"; MLflow run {rid}" if rid else ""))
+    run = record.get("run") or {}
+    sha = record.get("sha256")
+    detail = f"{record.get('node')}, {_run_text(run, names)}" + (f", sha256:{sha[:16]}" if sha else "")
+    step = Step(label, detail)
+    step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
+    return step
+
+
+def render_text(step: Step, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    lines = [step.label + (f"  [{step.detail}]" if step.detail else "")] if root else [
+        prefix + ("└── " if last else "├── ") + step.label + (f"  [{step.detail}]" if step.detail else "")]
+    child_prefix = "" if root else prefix + ("    " if last else "│   ")
+    for i, child in enumerate(step.children):
+        lines += render_text(child, child_prefix, i == len(step.children) - 1, root=False)
+    return lines
+
+
+def _render_html(step: Step) -> str:
+    label = html.escape(step.label)
+    detail = f' <span class="lineage-detail">{html.escape(step.detail)}</span>' if step.detail else ""
+    children = "".join(f"<li>{_render_html(c)}</li>" for c in step.children)
+    return f"<code>{label}</code>{detail}" + (f"<ul>{children}</ul>" if children else "")
+
+
+def record_step(record: dict, project: Path | None = None, names: dict[str, str] | None = None) -> Step:
+    """The chain of an embedded ``made_from`` record (e.g. ``zero_shot_metrics["made_from"]``)."""
+    names = names or {}
+    dataset, version = record.get("dataset", "?"), record.get("version")
+    run = record.get("run") or {}
+    step = Step(f"{dataset}@{version}", f"{record.get('node')}, {_run_text(run, names)}")
+    seen = {(dataset, version)}
+    step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
+    return step
+
+
+def chain_html(made_from: dict | None, project: Path | str | None = None) -> str:
+    """An HTML section with the version chain of an output, for the evaluation report.
+
+    ``made_from`` is the record the lineage hook put into a saved output (e.g. the
+    ``zero_shot_metrics`` dict a node loads has it under ``"made_from"``); pass the dict
+    itself or the output holding it. Relative paths are read against ``project`` (default:
+    the working directory, i.e. the project root under ``kedro run``).
+    """
+    if made_from and EMBED_KEY in made_from:
+        made_from = made_from[EMBED_KEY]
+    title = "<h2>Lineage: versions this result was made from</h2>"
+    if not made_from:
+        return title + "<p>No lineage record (this output was not saved through a Kedro run with the lineage hook).</p>"
+    project = Path(project) if project else Path.cwd()
+    tree = record_step(made_from, project)
+    note = ("<p>Each line is a catalog version (<code>dataset@version</code>) with the node and the MLflow run "
+            "that made it, down to the raw files. The same tree: <code>kedro lineage "
+            f"{html.escape(str(made_from.get('dataset')))}@{html.escape(str(made_from.get('version')))}</code>.</p>")
+    style = ("<style>.lineage ul{list-style:none;margin:0 0 0 1.1em;padding-left:.8em;border-left:1px solid #bbb}"
+             ".lineage-detail{color:#666;font-size:.85em}</style>")
+    return f'{style}<section class="lineage">{title}{note}<ul><li>{_render_html(tree)}</li></ul></section>'

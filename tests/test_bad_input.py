@@ -1,0 +1,425 @@
+"""Issue #14: every bad-input case a new user hit (45 crafted inputs), one parametrised module.
+
+Each case is built in ``tmp_path`` from small copies of ``../shared/data`` (1 image per class)
+or from phantoms, and checked at node/function level under both policies:
+
+- ``fail``: the exception, and the named file or CSV row (line number) and reason in it;
+- ``skip``: the quarantine report lists the item and no good image is lost;
+- always-fatal cases raise in both modes.
+
+Two real runs (``KedroSession`` on a project copy) check the same through the catalog: a
+leaking target stops the run with nothing published, and a skip-mode run with an escaping
+image name publishes a quarantine report that names it.
+"""
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.data_sources import readers as readers_module
+from fu_kedro.data_sources.readers import read_domain
+from fu_kedro.data_sources.separation import DomainLeakError, check_domain_separation
+from fu_kedro.data_sources.validation import BadImage, BadInputError, IssueLog, open_grayscale
+from fu_kedro.pipelines.ingestion.nodes import split_source_by_patient
+
+FPDB_CSV = "FETAL_PLANES_DB_data.csv"
+
+
+# --------------------------------------------------------------------------- small copies
+def _fpdb_copy(src: Path, root: Path, per_class: int = 1, skip: int = 0) -> Path:
+    df = pd.read_csv(src / FPDB_CSV, sep=";", dtype=str)
+    df = df[df.groupby("Plane").cumcount().between(skip, skip + per_class - 1)].reset_index(drop=True)
+    (root / "Images").mkdir(parents=True)
+    for name in df["Image_name"]:
+        shutil.copy(src / "Images" / f"{name}.png", root / "Images" / f"{name}.png")
+    df.to_csv(root / FPDB_CSV, sep=";", index=False)
+    return root
+
+
+def _african_copy(src: Path, root: Path, per_class: int = 1, skip: int = 0) -> Path:
+    df = pd.read_csv(src / "African_train.csv", dtype=str)
+    df = df[df.groupby("Plane").cumcount().between(skip, skip + per_class - 1)].reset_index(drop=True)
+    root.mkdir(parents=True)
+    for name in df["Image_name"]:
+        shutil.copy(src / f"{name}.png", root / f"{name}.png")
+    df.to_csv(root / "African_train.csv", index=False)
+    return root
+
+
+def _folders_copy(root: Path, per_class: int = 2) -> Path:
+    src = generate_phantoms("source", per_class, 64, seed=3)
+    for label in sorted(set(src.meta["label"])):
+        (root / label).mkdir(parents=True)
+        for k in np.flatnonzero(src.meta["label"] == label):
+            Image.fromarray(src.images[k]).save(root / label / f"img{k}.png")
+    return root
+
+
+@pytest.fixture
+def params(ingestion_params):
+    ingestion_params["image_size"] = 64
+    return ingestion_params
+
+
+@pytest.fixture
+def data(tmp_path, fetal_planes_db_sample, african_planes_dev):
+    """Builders of fresh copies under tmp_path: data.fpdb(), data.african(), data.folders()."""
+
+    class Data:
+        n = 0
+
+        def _root(self, kind):
+            self.n += 1
+            return tmp_path / f"{kind}{self.n}"
+
+        def fpdb(self, **kw):
+            return _fpdb_copy(fetal_planes_db_sample, self._root("fpdb"), **kw)
+
+        def african(self, **kw):
+            return _african_copy(african_planes_dev, self._root("african"), **kw)
+
+        def folders(self, **kw):
+            return _folders_copy(self._root("folders"), **kw)
+
+    return Data()
+
+
+def _read(fmt, root, params, policy, domain="source"):
+    params["on_bad_input"] = policy
+    if fmt == "african" and domain == "source":
+        params["required_classes"]["source"] = []  # the African set has no 'other'
+    return read_domain(fmt, str(root), domain, 0, params)
+
+
+def _csv_rows(root: Path, fmt: str) -> tuple[Path, pd.DataFrame]:
+    csv = root / (FPDB_CSV if fmt == "fetal_planes_db" else "African_train.csv")
+    return csv, pd.read_csv(csv, sep=";" if fmt == "fetal_planes_db" else ",", dtype=str)
+
+
+def _write_rows(csv: Path, rows: pd.DataFrame, fmt: str) -> None:
+    rows.to_csv(csv, sep=";" if fmt == "fetal_planes_db" else ",", index=False)
+
+
+def _image_of_row(root: Path, fmt: str, rows: pd.DataFrame, i: int) -> Path:
+    folder = root / "Images" if fmt == "fetal_planes_db" else root
+    return folder / f"{rows.loc[i, 'Image_name']}.png"
+
+
+# --------------------------------------------------------------------------- bad rows and files
+# Each builder edits a fresh copy and returns (named file or CSV row, reason fragment, number of
+# report rows, the image files that are rightly not kept).
+def _escaping_name(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    outside = root.parent / f"{root.name}_outside.png"
+    shutil.copy(_image_of_row(root, fmt, rows, 0), outside)  # a real image the name points at
+    up = "../../" if fmt == "fetal_planes_db" else "../"
+    extra = rows.iloc[[1]].assign(Image_name=f"{up}{outside.stem}")
+    _write_rows(csv, pd.concat([rows, extra], ignore_index=True), fmt)
+    return f"{csv}:{len(rows) + 2}", "is not a plain file name inside", 1, set()
+
+
+def _blank_patient(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    rows.loc[2, "Patient_num"] = ""
+    _write_rows(csv, rows, fmt)
+    bad = str(_image_of_row(root, fmt, rows, 2))
+    return bad, f"blank Patient_num ({csv.name} line 4)", 1, {bad}
+
+
+def _blank_center(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    rows.loc[1, "Center"] = ""
+    _write_rows(csv, rows, fmt)
+    bad = str(_image_of_row(root, fmt, rows, 1))
+    return bad, f"blank Center ({csv.name} line 3)", 1, {bad}
+
+
+def _duplicate_rows(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    dup = rows.iloc[[0]].assign(Plane="Fetal brain")
+    _write_rows(csv, pd.concat([rows, dup], ignore_index=True), fmt)
+    bad = str(_image_of_row(root, fmt, rows, 0))
+    return bad, f"the name is on lines 2, {len(rows) + 2} of {csv.name}", 2, {bad}
+
+
+def _flip_in_idat(path: Path) -> None:
+    """Flip one byte inside the first IDAT chunk's data (its CRC no longer matches)."""
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            data[pos + 8 + length // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+            return
+        pos += 12 + length
+    raise AssertionError(f"{path}: no IDAT chunk")
+
+
+def _idat_crc(root, fmt):
+    _, rows = _csv_rows(root, fmt)
+    bad = _image_of_row(root, fmt, rows, 1)
+    _flip_in_idat(bad)
+    return str(bad), "integrity check failed", 1, {str(bad)}
+
+
+def _missing_image(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    bad = _image_of_row(root, fmt, rows, 0)
+    bad.unlink()
+    return str(bad), f"listed in {csv.name} but missing ({csv.name} line 2)", 1, {str(bad)}
+
+
+BAD_ITEMS = [
+    ("fetal_planes_db", _escaping_name),
+    ("african", _escaping_name),
+    ("fetal_planes_db", _blank_patient),
+    ("african", _blank_patient),
+    ("african", _blank_center),
+    ("fetal_planes_db", _duplicate_rows),
+    ("african", _duplicate_rows),
+    ("fetal_planes_db", _idat_crc),
+    ("african", _idat_crc),
+    ("fetal_planes_db", _missing_image),
+]
+
+
+@pytest.mark.parametrize("fmt, build", BAD_ITEMS, ids=[f"{f}-{b.__name__[1:]}" for f, b in BAD_ITEMS])
+def test_bad_item_named_in_fail_and_quarantined_in_skip(data, params, fmt, build):
+    root = data.fpdb() if fmt == "fetal_planes_db" else data.african(per_class=2)
+    good_before, _ = _read(fmt, root, params, "fail")
+    named, reason, n_rows, lost = build(root, fmt)
+    with pytest.raises(BadInputError) as err:
+        _read(fmt, root, params, "fail")
+    assert named in str(err.value) and reason in str(err.value), str(err.value)
+
+    images, report = _read(fmt, root, params, "skip")
+    assert len(report) == n_rows, report
+    assert (report["file"] == named).all() and report["reason"].str.contains(reason, regex=False).any(), report
+    # no good image lost: exactly the images that were fine before, minus the bad one(s)
+    assert sorted(images.meta["source_file"]) == sorted(set(good_before.meta["source_file"]) - lost)
+    assert all(f.startswith(str(root) + "/") for f in images.meta["source_file"])  # nothing read from outside
+    assert images.info["counts"] == {"read": len(images) + n_rows, "kept": len(images), "skipped": n_rows,
+                                     "skipped_folders": 0}
+
+
+def test_png_checksum_catches_single_byte_flips(tmp_path):
+    """Every one of 200 seeded single-byte flips of a PNG is rejected or gives the same pixels."""
+    src = generate_phantoms("source", 1, 64, seed=1).images[0]
+    good = tmp_path / "good.png"
+    Image.fromarray(src).save(good)
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    limits = {"min_side": 8, "max_side": 8192, "max_aspect": 4.0, "min_dynamic_range": 0}
+    silent = []
+    for k, pos in enumerate(rng.choice(len(data), size=200, replace=False)):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        f = tmp_path / f"flip{k}.png"
+        f.write_bytes(bytes(bad))
+        try:
+            arr = open_grayscale(f, limits, IssueLog("source"))
+        except BadImage:
+            continue
+        if arr.shape != src.shape or not np.array_equal(arr, src):
+            silent.append(int(pos))
+    assert not silent, f"flips at bytes {silent} gave different pixels without an error"
+
+
+# --------------------------------------------------------------------------- always fatal
+def _header_only(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    _write_rows(csv, rows.iloc[:0], fmt)
+    return str(csv), "no data rows"
+
+
+def _all_excluded(root, fmt):
+    csv, rows = _csv_rows(root, fmt)
+    rows["Plane"] = "Maternal cervix"
+    _write_rows(csv, rows, fmt)
+    return str(csv), "are of excluded planes"
+
+
+def _class_without_usable_image(root, fmt):
+    _, rows = _csv_rows(root, fmt)
+    for i in rows.index[rows["Plane"] == "Fetal femur"]:
+        _image_of_row(root, fmt, rows, i).write_bytes(b"not a png")
+    return str(root), "empty class: no usable 'femur'"
+
+
+def _misspelt_policy(root, fmt):
+    return "ingestion.on_bad_input", "must be one of ('fail', 'skip'), got 'skp'"
+
+
+FATAL = [
+    ("fetal_planes_db", _header_only),
+    ("african", _header_only),
+    ("fetal_planes_db", _all_excluded),
+    ("african", _all_excluded),
+    ("fetal_planes_db", _class_without_usable_image),
+    ("fetal_planes_db", _misspelt_policy),
+]
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+@pytest.mark.parametrize("fmt, build", FATAL, ids=[f"{f}-{b.__name__[1:]}" for f, b in FATAL])
+def test_always_fatal_with_a_named_error(data, params, fmt, build, policy, monkeypatch):
+    root = data.fpdb() if fmt == "fetal_planes_db" else data.african()
+    named, reason = build(root, fmt)
+    opened = []
+    real_open = readers_module.open_grayscale
+    monkeypatch.setattr(readers_module, "open_grayscale", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    if build is _misspelt_policy:
+        policy = "skp"
+    if build is _class_without_usable_image and fmt == "african":
+        params["required_classes"]["source"] = ["femur"]
+    params["on_bad_input"] = policy
+    with pytest.raises(BadInputError) as err:
+        read_domain(fmt, str(root), "source", 0, params)
+    assert named in str(err.value) and reason in str(err.value), str(err.value)
+    assert not isinstance(err.value, KeyError)
+    if build is _misspelt_policy:
+        assert not opened  # rejected before any image was read
+
+
+# --------------------------------------------------------------------------- hidden items
+def _hidden_subfolder(root, fmt):
+    folder = root / "abdomen" if fmt == "folders" else (root / "Images" if fmt == "fetal_planes_db" else root)
+    thumbs = folder / ".thumbnails"
+    thumbs.mkdir()
+    shutil.copy(next(folder.glob("*.png")), thumbs / "x.png")
+
+
+def _macosx_folder(root, fmt):
+    mac = root / "__MACOSX"
+    (mac / "abdomen").mkdir(parents=True)
+    (mac / "abdomen" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (mac / "stray.png").write_bytes(b"junk")
+
+
+def _thumbs_db(root, fmt):
+    folder = root / "brain" if fmt == "folders" else (root / "Images" if fmt == "fetal_planes_db" else root)
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+
+HIDDEN = [(f, b) for f in ("folders", "fetal_planes_db", "african") for b in (_hidden_subfolder, _macosx_folder, _thumbs_db)]
+
+
+@pytest.mark.parametrize("fmt, build", HIDDEN, ids=[f"{f}-{b.__name__[1:]}" for f, b in HIDDEN])
+def test_hidden_files_and_folders_are_ignored_in_every_layout(data, params, fmt, build):
+    root = {"folders": data.folders, "fetal_planes_db": data.fpdb, "african": data.african}[fmt]()
+    before, _ = _read(fmt, root, params, "fail")
+    build(root, fmt)
+    after, report = _read(fmt, root, params, "fail")
+    assert report.empty
+    assert after.meta["source_file"].tolist() == before.meta["source_file"].tolist()
+    assert not after.meta["source_file"].str.contains(r"/\.|__MACOSX", regex=True).any()
+
+
+def test_read_counts_exclude_folder_level_rows(data, params):
+    root = data.folders()
+    (root / "thorax_extra").mkdir()  # an unknown, empty class folder: a folder-level row
+    for f in (root / "thorax").iterdir():
+        f.unlink()  # empty class folder: a folder-level row
+    params["required_classes"]["source"] = []
+    images, report = _read("folders", root, params, "skip")
+    assert len(report) == 2 and set(report["file"]) == {str(root / "thorax"), str(root / "thorax_extra")}
+    assert images.info["counts"] == {"read": 8, "kept": 8, "skipped": 0, "skipped_folders": 2}
+
+
+# --------------------------------------------------------------------------- domain separation
+def _same_folder(data, params):
+    root = data.fpdb()
+    return ("fetal_planes_db", root), ("fetal_planes_db", root), "the same folder"
+
+
+def _copy_elsewhere(data, params):
+    root = data.fpdb()
+    copy = root.parent / "copy_of_source"
+    shutil.copytree(root, copy)
+    return ("fetal_planes_db", root), ("fetal_planes_db", copy), "5 target image(s) with the same decoded pixels"
+
+
+def _shared_patients(data, params):
+    # target: other images of the same African patients (a subset sharing patient ids)
+    src = data.african(per_class=1)
+    tgt = data.african(per_class=1)
+    rows = pd.read_csv(tgt / "African_train.csv", dtype=str)
+    src_rows = pd.read_csv(src / "African_train.csv", dtype=str)
+    rows.loc[:1, ["Patient_num", "Center"]] = src_rows.loc[:1, ["Patient_num", "Center"]].to_numpy()
+    # give the target its own pictures under new names (no file or pixel overlap)
+    for i, name in enumerate(rows["Image_name"]):
+        img = np.asarray(Image.open(tgt / f"{name}.png").convert("L")).copy()
+        img[0, 0] = 255 - img[0, 0]
+        (tgt / f"{name}.png").unlink()
+        Image.fromarray(img).save(tgt / f"t{i}_{name}.png")
+        rows.loc[i, "Image_name"] = f"t{i}_{name}"
+    rows.to_csv(tgt / "African_train.csv", index=False)
+    return ("african", src), ("african", tgt), "patient id(s) in both domains under the same patient numbering (african)"
+
+
+def _pixel_copy_renamed_rgb(data, params):
+    src = data.folders()
+    tgt = data.folders()
+    shutil.rmtree(tgt / "other")
+    first = sorted((src / "brain").glob("*.png"))[0]
+    Image.open(first).convert("RGB").save(tgt / "brain" / "renamed_copy.png")
+    return ("folders", src), ("folders", tgt), "same decoded pixels"
+
+
+LEAKS = [_same_folder, _copy_elsewhere, _shared_patients, _pixel_copy_renamed_rgb]
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+@pytest.mark.parametrize("build", LEAKS, ids=[b.__name__[1:] for b in LEAKS])
+def test_target_overlapping_source_is_always_fatal(data, params, build, policy):
+    (sfmt, sroot), (tfmt, troot), reason = build(data, params)
+    params["required_classes"]["source"] = []
+    params["on_bad_input"] = policy
+    source, _ = read_domain(sfmt, str(sroot), "source", 0, params)
+    target, _ = read_domain(tfmt, str(troot), "target", 0, params)
+    with pytest.raises(DomainLeakError) as err:
+        check_domain_separation(source, target)
+    text = str(err.value)
+    assert reason in text and "domain separation" in text, text
+    assert str(sroot) in text  # names where it came from
+
+
+def test_disjoint_real_domains_pass(data, params):
+    source, _ = _read("fetal_planes_db", data.fpdb(), params, "fail")
+    target, _ = _read("african", data.african(), params, "fail", domain="target")
+    check_domain_separation(source, target)
+    src, tgt = generate_phantoms("source", 4, 32, seed=1), generate_phantoms("target", 4, 32, seed=1)
+    check_domain_separation(src, tgt)
+
+
+# --------------------------------------------------------------------------- split stability
+def test_quarantining_one_image_moves_no_other_patient(data, params, fetal_planes_db_sample):
+    """Skip one image: every other patient keeps its side of the train/val split."""
+    root = data.fpdb(per_class=8)
+    params["val_fraction"] = 0.3
+    full, _ = _read("fetal_planes_db", root, params, "skip")
+    before = split_source_by_patient(full, 42, params).meta.set_index("image_id")
+    victim = before[before["split"] == "val"].index[0]  # a val image, so its class balance changes too
+    (root / "Images" / f"{victim}.png").write_bytes(b"corrupt")
+    fewer, report = _read("fetal_planes_db", root, params, "skip")
+    assert len(report) == 1 and victim in report.loc[0, "file"]
+    after = split_source_by_patient(fewer, 42, params).meta.set_index("image_id")
+    assert len(after) == len(before) - 1
+    assert set(before["split"]) == {"train", "val"}
+    common = after.index
+    assert (after.loc[common, "split"] == before.loc[common, "split"]).all()
+    # and the same holds when a whole patient disappears from a phantom set
+    src = generate_phantoms("source", 30, 32, seed=5)
+    b = split_source_by_patient(src, 1, params).meta
+    gone = b["patient_id"].iloc[0]
+    a = split_source_by_patient(src.select(src.meta["patient_id"] != gone), 1, params).meta
+    assert a.set_index("image_id")["split"].equals(b[b["patient_id"] != gone].set_index("image_id")["split"])
