@@ -56,7 +56,7 @@ from torchvision import transforms  # noqa: E402
 
 from fu_kedro.classifiers import TrainConfig, build_augmentation, build_classifier, prepare_tensors  # noqa: E402
 from fu_kedro.classifiers.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from fu_kedro.classifiers.train import make_optimiser, train_step, training_batches  # noqa: E402
+from fu_kedro.classifiers.train import DevicePlan, device_plan, make_optimiser, train_step, training_batches  # noqa: E402
 from fu_kedro.data_sources import read_domain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,14 +109,20 @@ class EpochTimes:
     images: list[int] = field(default_factory=list)
 
 
-def run_epoch(model, optimiser, batches, times: EpochTimes) -> None:
-    """One training epoch over ``batches`` with ``train_step``, timed."""
+def run_epoch(model, optimiser, batches, times: EpochTimes, plan: DevicePlan | None = None, scaler=None) -> None:
+    """One training epoch over ``batches`` with ``train_step``, timed (on ``plan``'s device;
+    host-to-device copies count as data time, GPU work is synchronised into the step time)."""
     model.train()
     step_s, n = 0.0, 0
+    cuda = plan is not None and plan.device.type == "cuda"
     start = time.perf_counter()
     for x, y in batches:  # the time between steps is the data path's
+        if plan is not None:
+            x, y = x.to(plan.device, memory_format=plan.memory_format), y.to(plan.device)
         t0 = time.perf_counter()
-        train_step(model, optimiser, x, y)
+        train_step(model, optimiser, x, y, plan.amp_dtype if plan else None, scaler)
+        if cuda:
+            torch.cuda.synchronize(plan.device)
         step_s += time.perf_counter() - t0
         n += len(y)
     times.epoch_s.append(time.perf_counter() - start)
@@ -125,12 +131,12 @@ def run_epoch(model, optimiser, batches, times: EpochTimes) -> None:
     times.images.append(n)
 
 
-def warm_up(model, batch_sizes: list[int], size: int) -> None:
+def warm_up(model, batch_sizes: list[int], size: int, device: torch.device = torch.device("cpu")) -> None:
     """Untimed forward/backward per batch shape (oneDNN primitives, allocator); no weight update."""
     model.train()
     for b in batch_sizes:
-        out = model(torch.randn(b, 3, size, size))
-        torch.nn.functional.cross_entropy(out, torch.zeros(b, dtype=torch.long)).backward()
+        out = model(torch.randn(b, 3, size, size, device=device))
+        torch.nn.functional.cross_entropy(out, torch.zeros(b, dtype=torch.long, device=device)).backward()
         model.zero_grad(set_to_none=True)
 
 
@@ -145,11 +151,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=int(params["train"]["batch_size"]))
     ap.add_argument("--augment", action="store_true", help="the paper's augmentation in both paths")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda | auto: the model step on this device with evaluation's autocast and memory format "
+                         "(fu_kedro.classifiers.train.device_plan: channels-last and bf16/fp16 autocast on CUDA)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     size, classes, b = args.image_size, list(params["classes"]), args.batch_size
-    cfg = TrainConfig(**dict(params["train"], batch_size=b))
+    known = {k: v for k, v in params["train"].items() if k in TrainConfig.__dataclass_fields__}  # budget keys differ
+    cfg = TrainConfig(**dict(known, batch_size=b, device=args.device))
+    plan = device_plan(cfg)
     aug_cfg = params["augment"] if args.augment else None
     folder = Path(args.path).expanduser()
     folder = folder if folder.is_absolute() else (ROOT / folder).resolve()
@@ -176,20 +187,22 @@ def main() -> None:
     # ---- one random init, copied; the same optimiser and step ------------------------------
     torch.manual_seed(0)
     model = build_classifier(args.backbone, len(classes), size)[0]
+    model = model.to(plan.device, memory_format=plan.memory_format)
     models = {"notebook": model, "ours": copy.deepcopy(model)}
     opts = {k: make_optimiser(m, cfg) for k, m in models.items()}
+    scalers = {k: torch.amp.GradScaler(plan.device.type) if plan.grad_scaling else None for k in models}  # fp16 only
     shapes = sorted({min(b, n), n % b} - {0, 1}, reverse=True)
     for m in models.values():
-        warm_up(m, shapes, size)
+        warm_up(m, shapes, size, plan.device)
 
     nb, us = EpochTimes(), EpochTimes()
     nb_decode, nb_transform = [], []  # per notebook epoch
     for epoch in range(args.epochs):  # interleaved: notebook, ours, notebook, ours, ...
         d0, t0 = nb_set.decode_s, nb_set.transform_s
-        run_epoch(models["notebook"], opts["notebook"], loader, nb)
+        run_epoch(models["notebook"], opts["notebook"], loader, nb, plan, scalers["notebook"])
         nb_decode.append(nb_set.decode_s - d0)
         nb_transform.append(nb_set.transform_s - t0)
-        run_epoch(models["ours"], opts["ours"], training_batches(data, b, order, aug, augment_rng), us)
+        run_epoch(models["ours"], opts["ours"], training_batches(data, b, order, aug, augment_rng), us, plan, scalers["ours"])
         print(f"  epoch {epoch + 1}/{args.epochs}: notebook {nb.epoch_s[-1]:6.2f} s, ours {us.epoch_s[-1]:6.2f} s,"
               f" ratio {nb.epoch_s[-1] / us.epoch_s[-1]:4.1f}x", flush=True)
     load_after = os.getloadavg()
@@ -215,7 +228,8 @@ def main() -> None:
     print(f"{n} FETAL_PLANES_DB originals from {folder} ({min(w)}-{max(w)} x {min(h)}-{max(h)} px, median "
           f"{int(med(w))} x {int(med(h))}); backbone {args.backbone} (random init), {size} px, batch {b}, {E} epochs "
           f"of {per_epoch} images, AdamW (fused), augmentation {'on' if aug else 'off'}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "
+    print(f"device {plan.device} (autocast {plan.amp_dtype or 'no'}, {'channels-last' if plan.memory_format == torch.channels_last else 'contiguous'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "
           f"({platform.machine()}), python {platform.python_version()}, load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after")
     print(f"our one-time preparation {prep_s:.2f} s ({1e3 * prep_s / n:.1f} ms/image): read_domain {read_s:.2f} s "

@@ -1,0 +1,346 @@
+"""Rehearse ``kedro run --env paper`` end to end on CPU, with stand-ins for every download.
+
+    python scripts/paper_rehearsal.py                     # temp folder, removed at the end
+    python scripts/paper_rehearsal.py --workdir /tmp/reh --keep --json /tmp/reh/summary.json
+
+What a researcher with a GPU will run is the ``paper`` env (docs/paper_profile.md). This
+script runs exactly that configuration, with only the *counts* shrunk, in a temporary copy
+of the project, after putting stand-ins where the downloads go:
+
+* ``models/stable-diffusion-v1-5/``: SD v1.5's exact architecture
+  (``fu_kedro.models.diffusion.SD15_CONFIG``) with random weights, written with
+  ``save_pretrained`` in diffusers layout (fp16 safetensors, as the hub's fp16 files);
+* ``data/01_raw/FETAL_PLANES_DB/`` and ``data/01_raw/african_planes/``: a few real images per
+  class from ``../shared/data`` in the two datasets' own layouts (CSV + PNGs);
+* ``models/torchvision/<backbone>.pth``: random-weight state dicts of the five backbones.
+
+Then, each as its own ``kedro run --env paper --pipeline <name>`` process (as the docs tell
+a user): ``ingestion`` (512 px) -> ``lora_training`` (rank 128, text-encoder LoRA, clip skip
+as configured, 512 px) -> ``synthesis`` (512 px) -> ``evaluation`` (224 px, five backbones,
+ES/HB, DA on/off). Once more: the trained adapter is written as a kohya-ss file (the
+published FU-LoRA files' format) and ``lora_training`` + ``synthesis`` run with
+``adapter_source: file`` on it; the imported adapter must equal the trained one.
+
+Overrides (``--params``) are counts only, plus ``lora_training.lora.mixed_precision=no``
+(the paper's fp16 autocast needs a GPU). Everything else — resolutions, rank, alpha, learning
+rates, clip skip, backbones, augmentation, samplers, guidance — is the paper env's value.
+
+Every stage's wall time and peak resident memory (``os.wait4``), the machine load before and
+after, and the output files are printed and written as JSON (``--json``). Exit code 0 only
+if every run succeeded and the contract files exist. Nothing is downloaded; nothing is
+written inside the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
+BACKBONES = ("resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16")
+FPDB_PLANES = ("Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax", "Other")
+
+# The counts the rehearsal shrinks; nothing else of the paper env is changed.
+COUNT_PARAMS = {
+    "ingestion.lora_per_class": 1,            # paper 20
+    "ingestion.preview.per_class": 1,
+    "lora_training.lora.max_steps": 2,        # paper 2000
+    "lora_training.validation.per_class": 1,  # paper 4
+    "lora_training.validation.classes": "[brain]",  # paper: all five
+    "lora_training.validation.steps": 1,      # paper 25
+    "synthesis.images_per_class": 1,          # paper 1000
+    "synthesis.steps": 1,                     # paper 25
+    "synthesis.preview.per_class": 1,
+    "evaluation.n_seeds": 1,                  # paper profile 3
+    "evaluation.train.eval_batch_size": 16,
+    "evaluation.train.bn_recalibration_images": 8,
+    "evaluation.metrics.n_bootstrap": 10,     # base 200
+    "evaluation.quality.tsne_perplexity": 2,  # t-SNE needs perplexity < points (a handful here)
+    "evaluation.report.samples_per_class": 1,
+}
+# The classifier's training length, whichever budget keys evaluation.train has (steps or epochs).
+TRAIN_BUDGET = {"steps": 2, "eval_every": 1, "epochs": 1, "min_steps": 0}
+# Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
+CPU_PARAMS = {"lora_training.lora.mixed_precision": "no"}
+
+CONTRACT_FILES = (
+    "data/08_reporting/zero_shot_predictions.csv",
+    "data/08_reporting/zero_shot_metrics.json",
+    "data/08_reporting/synthetic_quality.json",
+    "data/08_reporting/evaluation_report.html",
+)
+
+
+# --------------------------------------------------------------------------- stand-ins
+def copy_project(dest: Path) -> Path:
+    """conf + pyproject + src + .telemetry in ``dest``, MLflow's store inside it (as tests' copy_project)."""
+    import yaml
+
+    shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    (dest / "conf" / "local").mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        if (PROJECT_ROOT / name).exists():
+            shutil.copy(PROJECT_ROOT / name, dest / name)
+    shutil.copytree(PROJECT_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "conf" / "local" / "mlflow.yml").write_text(
+        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{dest}/mlflow.db"}})
+    )
+    return dest
+
+
+def write_sd15(folder: Path, dtype: str = "float16") -> dict:
+    """SD v1.5's architecture with random weights, saved in diffusers layout at ``folder``.
+
+    Built in a child process: its ~4 GB would otherwise stay in this process and be counted
+    in the peak memory of every stage it starts.
+    """
+    code = (
+        "import sys, torch\n"
+        "from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config\n"
+        "pipe = build_pipeline_from_config(SD15_CONFIG, 512, seed=0)\n"
+        "pipe.to(getattr(torch, sys.argv[2]))\n"
+        "pipe.save_pretrained(sys.argv[1], safe_serialization=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder), dtype], check=True, capture_output=True)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return {"path": str(folder), "dtype": dtype, "bytes": size}
+
+
+def paper_parameters(project: Path) -> dict:
+    """The project's parameters as ``kedro run --env paper`` resolves them (soft merge of conf/paper on conf/base)."""
+    from kedro.config import OmegaConfigLoader
+
+    from fu_kedro.settings import CONFIG_LOADER_ARGS
+
+    return OmegaConfigLoader(str(project / "conf"), env="paper", **CONFIG_LOADER_ARGS)["parameters"]
+
+
+def shrunk_counts(paper: dict) -> dict:
+    """COUNT_PARAMS plus the classifier's training budget under the keys this project's version has."""
+    train = paper["evaluation"]["train"]
+    return COUNT_PARAMS | {f"evaluation.train.{k}": v for k, v in TRAIN_BUDGET.items() if k in train}
+
+
+def write_fetal_planes_db(src: Path, dest: Path, per_class: int) -> int:
+    """``per_class`` images per plane from the FETAL_PLANES_DB sample, in its own layout."""
+    import pandas as pd
+
+    df = pd.read_csv(src / "FETAL_PLANES_DB_data.csv", sep=";", dtype=str, keep_default_na=False)
+    df = df[df["Plane"].isin(FPDB_PLANES)]
+    picked = df.groupby("Plane", sort=True).head(per_class)
+    (dest / "Images").mkdir(parents=True)
+    picked.to_csv(dest / "FETAL_PLANES_DB_data.csv", sep=";", index=False)  # keeps the 'Train ' header
+    for name in picked["Image_name"]:
+        shutil.copy(src / "Images" / f"{name}.png", dest / "Images" / f"{name}.png")
+    return len(picked)
+
+
+def write_african(src: Path, dest: Path, per_center_class: int) -> int:
+    """``per_center_class`` images per (center, plane) from the African dev set, in its layout."""
+    import pandas as pd
+
+    [csv] = sorted(src.glob("*.csv"))
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    picked = df.groupby(["Center", "Plane"], sort=True).head(per_center_class)
+    dest.mkdir(parents=True)
+    picked.to_csv(dest / "African_test.csv", index=False)
+    for name in picked["Image_name"]:
+        shutil.copy(src / f"{name}.png", dest / f"{name}.png")
+    return len(picked)
+
+
+def write_backbone_weights(folder: Path) -> list[str]:
+    """Random-weight state dicts of the five backbones, as ``torch.save(model.state_dict())`` files."""
+    import torch
+    import torchvision
+
+    folder.mkdir(parents=True)
+    for name in BACKBONES:
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(name, weights=None).state_dict(), folder / f"{name}.pth")
+    return [str(folder / f"{n}.pth") for n in BACKBONES]
+
+
+def kohya_state_dict(adapter) -> tuple[dict, dict]:
+    """A diffusers-format adapter as a kohya-ss file (``lora_unet_*`` / ``lora_te_text_model_*``
+    keys, ``.alpha`` = rank so the scale is 1), the format of the published FU-LoRA files."""
+    import torch
+
+    out: dict = {}
+    for key, tensor in adapter.state_dict.items():
+        module, part = re.split(r"\.(?:lora|lora_linear_layer)\.", key)
+        kind = "lora_down" if part.startswith("down") else "lora_up"
+        if module.startswith("unet."):
+            stem = "lora_unet_" + module[len("unet."):].replace(".", "_")
+        else:
+            stem = "lora_te_text_model_" + module[len("text_encoder."):].replace(".", "_")
+        out[f"{stem}.{kind}.weight"] = tensor.contiguous()
+        if kind == "lora_down":
+            out[f"{stem}.alpha"] = torch.tensor(float(tensor.shape[0]))
+    rank = next(t.shape[0] for k, t in out.items() if k.endswith("lora_down.weight"))
+    return out, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_network_module": "networks.lora"}
+
+
+# --------------------------------------------------------------------------- runs
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_logged(cwd: Path, cmd: list[str], log_file: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` in ``cwd`` with its output in ``log_file``: exit code, wall time, peak RSS, CPU time, load."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KEDRO_DISABLE_TELEMETRY="1", COLUMNS="200", PYTHONUNBUFFERED="1") | (env or {})
+    load_before = _load()
+    start = time.monotonic()
+    with open(log_file, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS and CPU time
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "exit_code": proc.returncode,
+        "seconds": round(time.monotonic() - start, 1),
+        "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),  # Linux: kB
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "load_before": load_before,
+        "load_after": _load(),
+        "log": str(log_file),
+    }
+
+
+def kedro_run(project: Path, pipeline: str, params: dict, log_file: Path) -> dict:
+    """``kedro run --env paper --pipeline <pipeline> --params ...`` as a child process."""
+    cli_params = ",".join(f"{k}={v}" for k, v in params.items())
+    cmd = [sys.executable, "-m", "kedro", "run", "--env", "paper", "--pipeline", pipeline, "--params", cli_params]
+    result = {"pipeline": pipeline} | run_logged(project, cmd, log_file)
+    print(f"  {pipeline:14s} exit {result['exit_code']}  {result['seconds']:7.1f} s  peak RSS {result['peak_rss_gb']:.2f} GB  "
+          f"CPU {result['cpu_seconds']:.0f} s  load {result['load_before']} -> {result['load_after']}", flush=True)
+    if result["exit_code"]:
+        print("".join(Path(log_file).read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+    return result
+
+
+def latest(project: Path, relative: str) -> Path | None:
+    """The file of the latest version of a versioned catalog entry (``<filepath>/<version>/<name>``)."""
+    folder = project / relative
+    versions = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return versions[-1] / folder.name if versions else None
+
+
+def outputs(project: Path) -> list[str]:
+    """Every file the runs wrote under data/ (relative), without the raw stand-ins."""
+    data = project / "data"
+    return sorted(str(p.relative_to(project)) for p in data.rglob("*")
+                  if p.is_file() and not p.is_relative_to(data / "01_raw"))
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=None, help="folder for the project copy (default: a new temp folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir (default: removed when everything passed)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    ap.add_argument("--source-per-class", type=int, default=4, help="FETAL_PLANES_DB images per class (paper: all)")
+    ap.add_argument("--target-per-center-class", type=int, default=1, help="African images per center and class")
+    ap.add_argument("--sd-dtype", choices=["float16", "float32"], default="float16",
+                    help="dtype of the stand-in SD v1.5 files (hub: fp32 files, fp16 variant)")
+    ap.add_argument("--skip-file-run", action="store_true", help="skip the adapter_source: file run")
+    ap.add_argument("--params", default="", help="more --params for every run (key=value,...)")
+    ap.add_argument("--shared-data", type=Path, default=SHARED_DATA, help="the real samples (default ../shared/data)")
+    args = ap.parse_args(argv)
+
+    t_start = time.monotonic()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fu_paper_rehearsal_")).resolve()
+    if workdir.is_relative_to(PROJECT_ROOT):
+        ap.error("--workdir must be outside the repository")
+    project = copy_project(workdir / "project")
+    logs = workdir / "logs"
+    logs.mkdir()
+    summary: dict = {"workdir": str(workdir), "load_start": _load(), "cores": len(os.sched_getaffinity(0)), "runs": []}
+    print(f"paper rehearsal in {workdir} ({summary['cores']} cores, load {summary['load_start']})", flush=True)
+
+    t0 = time.monotonic()
+    summary["stand_ins"] = {
+        "sd15": write_sd15(project / "models" / "stable-diffusion-v1-5", args.sd_dtype),
+        "fetal_planes_db_images": write_fetal_planes_db(args.shared_data / "fetal_planes_db_sample",
+                                                        project / "data" / "01_raw" / "FETAL_PLANES_DB", args.source_per_class),
+        "african_images": write_african(args.shared_data / "african_planes_dev", project / "data" / "01_raw" / "african_planes",
+                                        args.target_per_center_class),
+        "backbone_weights": write_backbone_weights(project / "models" / "torchvision"),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    print(f"  stand-ins      {summary['stand_ins']['seconds']:.1f} s (SD v1.5 random weights "
+          f"{summary['stand_ins']['sd15']['bytes'] / 1e9:.2f} GB {args.sd_dtype}, "
+          f"{summary['stand_ins']['fetal_planes_db_images']} FETAL_PLANES_DB + {summary['stand_ins']['african_images']} "
+          "African images, 5 backbone state dicts)", flush=True)
+
+    extra = dict(item.split("=", 1) for item in args.params.split(",") if item)
+    params = shrunk_counts(paper_parameters(project)) | CPU_PARAMS | extra
+    summary["params"] = params
+    ok = True
+    for pipeline in ("ingestion", "lora_training", "synthesis", "evaluation"):
+        run = kedro_run(project, pipeline, params, logs / f"{pipeline}.log")
+        summary["runs"].append(run)
+        if run["exit_code"]:
+            ok = False
+            break
+    summary["contract_files"] = {name: str(latest(project, name)) for name in CONTRACT_FILES}
+    ok = ok and all(latest(project, name) and latest(project, name).is_file() for name in CONTRACT_FILES)
+
+    if ok and not args.skip_file_run:
+        from safetensors.torch import save_file
+
+        from fu_kedro.models.lora import read_adapter_file
+
+        trained = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
+        tensors, metadata = kohya_state_dict(trained)
+        kohya_file = project / "models" / "fu-lora" / "rehearsal_kohya.safetensors"
+        kohya_file.parent.mkdir(parents=True)
+        save_file(tensors, str(kohya_file), metadata=metadata)
+        file_params = params | {"lora_training.adapter_source": "file",
+                                "lora_training.adapter_file": str(kohya_file.relative_to(project))}
+        for pipeline in ("lora_training", "synthesis"):
+            run = kedro_run(project, pipeline, file_params, logs / f"{pipeline}_adapter_file.log")
+            run["adapter_source"] = "file"
+            summary["runs"].append(run)
+            if run["exit_code"]:
+                ok = False
+                break
+        if ok:
+            imported = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
+            same = imported.metadata.get("imported_format") == "kohya" and set(imported.state_dict) == set(trained.state_dict) and all(
+                (imported.state_dict[k].float() - trained.state_dict[k].float()).abs().max() <= 1e-3 * max(1.0, float(trained.state_dict[k].abs().max()))
+                for k in trained.state_dict)
+            summary["kohya_file"] = {"path": str(kohya_file), "tensors": len(tensors), "imported_equals_trained": bool(same)}
+            print(f"  kohya file: {len(tensors)} tensors; imported adapter equals the trained one: {same}", flush=True)
+            ok = ok and same
+
+    summary["outputs"] = outputs(project)
+    summary["seconds_total"] = round(time.monotonic() - t_start, 1)
+    summary["peak_rss_gb"] = max((r["peak_rss_gb"] for r in summary["runs"]), default=None)
+    summary["load_end"] = _load()
+    summary["ok"] = bool(ok)
+    print(f"paper rehearsal {'passed' if ok else 'FAILED'}: {summary['seconds_total']:.0f} s in total, "
+          f"peak RSS of one stage {summary['peak_rss_gb']} GB, load {summary['load_start']} -> {summary['load_end']}")
+    for name, path in summary["contract_files"].items():
+        print(f"  {name}: {path}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+    if ok and not args.keep and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif not ok:
+        print(f"logs kept in {logs}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
