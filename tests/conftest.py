@@ -107,6 +107,7 @@ TINY_RUN_PARAMS = [
     "ingestion.phantom.target.n_per_class=4",
     "ingestion.lora_per_class=4",
     "ingestion.image_size=64",
+    "lora_training.base_model.tiny.prior.n_per_class=6",
     "lora_training.base_model.tiny.autoencoder.max_steps=4",
     "lora_training.base_model.tiny.denoiser.max_steps=4",
     "lora_training.lora.max_steps=4",
@@ -116,4 +117,13 @@ TINY_RUN_PARAMS = [
     "synthesis.steps=2",
     "synthesis.batch_size=2",
     "synthesis.preview.per_class=1",
+]
+
+# the evaluation part of a tiny end-to-end run (one seed, the shortest schedule)
+TINY_EVAL_PARAMS = [
+    "evaluation.n_seeds=1",
+    "evaluation.train.epochs=1",
+    "evaluation.train.min_steps=0",
+    "evaluation.metrics.n_bootstrap=10",
+    "evaluation.quality.tsne_perplexity=5",
 ]

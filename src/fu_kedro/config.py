@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, TypeVar
 
+from kedro.framework.hooks import hook_impl
+
 T = TypeVar("T")
 
 
@@ -42,3 +44,30 @@ def strict_dataclass(cls: type[T], values: dict[str, Any] | None, where: str, ig
     fields = {f.name for f in dataclasses.fields(cls)}
     check_keys(values, fields | ignore, where)
     return cls(**{k: v for k, v in values.items() if k not in ignore})
+
+
+def check_lora_training(params: dict[str, Any]) -> None:
+    """Every training block of ``lora_training`` (tiny autoencoder, tiny denoiser, LoRA) is
+    complete and has no unknown key. Raises naming the block and key."""
+    from fu_kedro.pipelines.lora_training.nodes import AUTOENCODER_KEYS, LORA_KEYS, _loop
+
+    block = params.get("lora_training") or {}
+    base = block.get("base_model") or {}
+    check_keys(base, ("kind", "pretrained_path", "tiny"), "lora_training.base_model")
+    tiny = base.get("tiny") or {}
+    if base.get("kind", "tiny") == "tiny":
+        _loop(tiny.get("autoencoder"), 0, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
+        _loop(tiny.get("denoiser"), 0, "lora_training.base_model.tiny.denoiser")
+    if block.get("adapter_source", "train") == "train" and "lora" in block:
+        _loop(block["lora"], 0, "lora_training.lora", LORA_KEYS)
+
+
+class ParameterChecks:
+    """Kedro hook: the training blocks are checked before any node runs, so a typo stops
+    ``kedro run`` within seconds instead of after the steps before the loop that reads it."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        names = {node.name for node in pipeline.nodes}
+        if names & {"build_base_model_node", "fit_lora_adapter_node"}:
+            check_lora_training(catalog.load("parameters"))

@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
+from fu_kedro.config import ParameterChecks  # noqa: E402
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
 from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
@@ -44,7 +45,7 @@ CONFIG_LOADER_ARGS = {
 # LineageHooks: what each output was made from (lineage.json + "made_from"), MLflow inputs,
 # version tags, run name, artifacts and headline metrics; RunInterrupts: SIGINT/SIGTERM end
 # the MLflow run as KILLED (src/fu_kedro/tracking.py, docs/lineage.md).
-HOOKS = (PrerequisiteChecks(), MainProcessWrites(), LineageHooks(), RunInterrupts())
+HOOKS = (ParameterChecks(), PrerequisiteChecks(), MainProcessWrites(), LineageHooks(), RunInterrupts())
 
 # Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
 # kedro-viz's run files; the others never load those plugins' hooks.

@@ -41,10 +41,13 @@ class LoopConfig:
     """Knobs of a training loop (all from ``conf/``)."""
 
     max_steps: int
-    max_minutes: float
     batch_size: int
     learning_rate: float
     seed: int
+    # Optional wall-clock cap, off by default (None): a cap makes the result depend on how
+    # busy the machine is. When it stops a loop, the loop logs a WARNING and its history
+    # says so (``time_capped``), which the run records (MLflow tag, lineage, report).
+    max_minutes: float | None = None
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     ema_decay: float | None = None
@@ -121,7 +124,10 @@ def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig,
         history.append({"step": step, "loss": last, "reconstruction": rec.item(), "seconds": elapsed})
         bar.update(1)
         bar.set_postfix(loss=f"{last:.4f}")
-        if step >= cfg.max_steps or _out_of_time(accelerator, elapsed, cfg):
+        if step >= cfg.max_steps:
+            break
+        if _out_of_time(accelerator, elapsed, cfg):
+            _warn_time_cap("autoencoder", step, cfg, history)
             break
     bar.close()
     log.info("autoencoder: %d steps in %.0f s, final reconstruction MSE %.4f", step, elapsed, history[-1]["reconstruction"])
@@ -279,8 +285,8 @@ def train_denoiser(
             bar.update(1)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{last:.4f}")
-            if _out_of_time(accelerator, elapsed, cfg):
-                log.info("denoiser: time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+            if step < cfg.max_steps and _out_of_time(accelerator, elapsed, cfg):
+                _warn_time_cap("denoiser", step, cfg, history)
                 break
     bar.close()
     if ema is not None:
@@ -294,12 +300,34 @@ def train_denoiser(
 
 
 def _out_of_time(accelerator: Accelerator, elapsed: float, cfg: LoopConfig) -> bool:
-    """The time budget is spent — on any process: all of them stop at the same step."""
+    """The optional wall-clock cap is spent — on any process: all of them stop at the same step.
+
+    ``max_minutes`` None (the default) means no cap: the loop runs exactly ``max_steps``.
+    """
+    if cfg.max_minutes is None:
+        return False
     if accelerator.num_processes == 1:
         return elapsed > cfg.max_minutes * 60
     if elapsed > cfg.max_minutes * 60:
         accelerator.set_trigger()
     return accelerator.check_trigger()
+
+
+def _warn_time_cap(loop: str, step: int, cfg: LoopConfig, history: list[dict]) -> None:
+    """Say loudly that a loop stopped on the clock: the result is not reproducible."""
+    log.warning(
+        "%s: wall-clock cap max_minutes=%s stopped training at step %d of max_steps=%d — "
+        "the result depends on machine load and is NOT reproducible; set max_minutes: null "
+        "for a fixed step budget",
+        loop, cfg.max_minutes, step, cfg.max_steps,
+    )
+    if history:
+        history[-1]["time_capped"] = True
+
+
+def time_capped_at(history: list[dict]) -> int | None:
+    """The step at which a loop's wall-clock cap stopped it, or None if it ran its step budget."""
+    return next((int(h["step"]) for h in history if h.get("time_capped")), None)
 
 
 def _encode_ids(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:

@@ -44,8 +44,11 @@ from fu_kedro.models.diffusion import (  # noqa: E402
 )
 from fu_kedro.models.generation import generate_images  # noqa: E402
 from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
+from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
+from fu_kedro.models.generation import torch_threads  # noqa: E402
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
+    time_capped_at,
     denoising_loss,
     encode_to_latents,
     summarize,
@@ -88,19 +91,72 @@ def _captions(image_set: ImageSet, template: str) -> list[str]:
     return [template.format(plane=label) for label in image_set.meta["label"].astype(str)]
 
 
-def _loop(cfg: dict, seed: int, **extra) -> LoopConfig:
-    fields = LoopConfig.__dataclass_fields__
-    values = {k: v for k, v in cfg.items() if k in fields}
-    return LoopConfig(**({"max_steps": 10**9, "max_minutes": 10**6, "seed": int(seed)} | values | extra))
+# Keys of a training block that are not loop knobs but are read by the node itself.
+AUTOENCODER_KEYS = ("kl_weight",)
+LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip")
 
 
-def build_base_model(source_images: ImageSet, params: dict[str, Any], caption_template: str, seed: int):
+def _loop(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
+    """The loop settings of one ``conf/`` block, strictly: a misspelt key stops the run.
+
+    ``max_steps`` is required (a fixed step budget); ``max_minutes`` is an optional
+    wall-clock cap, null or absent = no cap.
+    """
+    values = dict(cfg or {})
+    if values.get("max_steps") is None:
+        raise ValueError(f"{where}.max_steps must be set: every training loop runs a fixed number of steps")
+    values["seed"] = int(seed)
+    return strict_dataclass(LoopConfig, values, where, ignore=node_keys)
+
+
+def _capped(stage: str, history: list[dict]) -> dict[str, int]:
+    step = time_capped_at(history)
+    return {} if step is None else {stage: step}
+
+
+BASE_TRAIN_ON = ("prior", "source", "prior+source")
+
+
+def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_on: str) -> ImageSet:
+    """The images the tiny base is trained on: the broad prior corpus (default, FU-LoRA's
+    structure), the source *training* split (the old default: the LoRA then has little to
+    add), or both. Never target images."""
+    if train_on not in BASE_TRAIN_ON:
+        raise ValueError(f"lora_training.base_model.tiny.train_on must be one of {list(BASE_TRAIN_ON)}, got {train_on!r}")
+    parts = []
+    if "prior" in train_on:
+        if len(prior_corpus) == 0:
+            raise ValueError("lora_training.base_model.tiny.train_on uses the prior corpus, but it is empty "
+                             "(lora_training.base_model.tiny.prior.n_per_class is 0)")
+        parts.append(prior_corpus)
+    if "source" in train_on:
+        split = source_images.meta.get("split")
+        train = source_images.select(split.to_numpy() == "train") if split is not None else source_images
+        if len(train) == 0:
+            raise ValueError("build_base_model: the source set has no training images (split == 'train')")
+        parts.append(train)
+    if len(parts) == 1:
+        return parts[0]
+    size = source_images.images.shape[1]
+    resized = [p if p.images.shape[1] == size else _resized_set(p, size) for p in parts]
+    return ImageSet.concat(resized, info={"parts": [p.info.get("format") for p in parts]})
+
+
+def _resized_set(image_set: ImageSet, size: int) -> ImageSet:
+    x = torch.from_numpy(np.ascontiguousarray(image_set.images)).unsqueeze(1)
+    x = v2.functional.resize(x, [size, size], antialias=True).squeeze(1).numpy()
+    return ImageSet(x, image_set.meta, dict(image_set.info))
+
+
+def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str, seed: int):
     """The base diffusion model: the tiny model trained here, or a pretrained one loaded from disk.
 
     Args:
-        source_images: ingestion's source set; only rows with ``split == "train"`` are used
-            (all classes, each image captioned from ``caption_template``).
-        params: ``lora_training`` parameters (``resolution``, ``base_model``).
+        source_images: ingestion's source set (used when ``tiny.train_on`` includes ``source``;
+            only rows with ``split == "train"``).
+        prior_corpus: the broad phantom corpus (``make_prior_corpus``; used when ``train_on``
+            includes ``prior``, the default).
+        params: ``lora_training`` parameters (``resolution``, ``base_model``, ``torch_threads``).
         caption_template: ``ingestion.caption_template`` (``{plane}`` = class word).
         seed: project seed.
 
@@ -109,6 +165,7 @@ def build_base_model(source_images: ImageSet, params: dict[str, Any], caption_te
         a pretrained base).
     """
     cfg = params["base_model"]
+    check_keys(cfg, ("kind", "pretrained_path", "tiny"), "lora_training.base_model")
     resolution = params["resolution"]
     kind = cfg["kind"]
     if kind == "pretrained":
@@ -130,45 +187,49 @@ def build_base_model(source_images: ImageSet, params: dict[str, Any], caption_te
         raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
 
     tiny = cfg["tiny"]
+    check_keys(tiny, ("architecture", "train_on", "prior", "autoencoder", "denoiser"), "lora_training.base_model.tiny")
+    ae_cfg = _loop(tiny["autoencoder"], seed, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
+    unet_cfg = _loop(tiny["denoiser"], seed + 1, "lora_training.base_model.tiny.denoiser")
     config = _deep_update(TINY_CONFIG, tiny.get("architecture"))
     factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
     check_resolution(resolution, factor)
-    if "split" in source_images.meta.columns:
-        train = source_images.select(source_images.meta["split"].to_numpy() == "train")
-    else:
-        train = source_images
-    if len(train) == 0:
-        raise ValueError("build_base_model: the source set has no training images (split == 'train')")
-    torch.manual_seed(seed)
-    pipe = build_pipeline_from_config(config, resolution, seed)
-    log.info(
-        "base model: %s — %d source training images at %d px (never target images)",
-        TINY_BASE_NAME, len(train), resolution,
-    )
-    x = resize_images(train, resolution)
-    ae_cfg = dict(tiny["autoencoder"])
-    kl_weight = float(ae_cfg.pop("kl_weight", 1e-6))
-    ae_hist = train_autoencoder(pipe.vae, x, _loop(ae_cfg, seed), kl_weight=kl_weight)
-    pipe.vae.register_to_config(scaling_factor=1.0)  # raw posterior means first...
-    latents = encode_to_latents(pipe.vae, x)
-    scale = 1.0 / float(latents.std())  # ...then SD's convention: scaled latents have unit spread
-    pipe.vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
-    ids = tokenize(pipe, _captions(train, caption_template))
-    pipe.unet.requires_grad_(True)
-    pipe.text_encoder.requires_grad_(False)
-    unet_hist = train_denoiser(pipe, latents, ids, _loop(tiny["denoiser"], seed + 1))
-    pipe.unet.requires_grad_(False)
+    train_on = tiny.get("train_on", "source")
+    train = base_training_corpus(source_images, prior_corpus, train_on)
+    with torch_threads(params.get("torch_threads")) as threads:
+        torch.manual_seed(seed)
+        pipe = build_pipeline_from_config(config, resolution, seed)
+        log.info(
+            "base model: %s — trained on %s: %d images at %d px (never target images), %d torch thread(s)",
+            TINY_BASE_NAME, train_on, len(train), resolution, threads,
+        )
+        x = resize_images(train, resolution)
+        ae_hist = train_autoencoder(pipe.vae, x, ae_cfg, kl_weight=float(tiny["autoencoder"].get("kl_weight", 1e-6)))
+        pipe.vae.register_to_config(scaling_factor=1.0)  # raw posterior means first...
+        latents = encode_to_latents(pipe.vae, x)
+        scale = 1.0 / float(latents.std())  # ...then SD's convention: scaled latents have unit spread
+        pipe.vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
+        ids = tokenize(pipe, _captions(train, caption_template))
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(False)
+        unet_hist = train_denoiser(pipe, latents, ids, unet_cfg)
+        pipe.unet.requires_grad_(False)
     log.info("tiny base denoiser: %s", summarize(unet_hist))
     pipe.fu_base_info = {
         "kind": "tiny",
         "name": TINY_BASE_NAME,
         "resolution": resolution,
         "trained_on": {
+            "corpus": train_on,
             "images": len(train),
             "source_version": source_images.info.get("version"),
+            "prior_corpus_version": prior_corpus.info.get("version"),
+            "prior_breadth": prior_corpus.info.get("breadth"),
             "per_class": train.meta["label"].value_counts().sort_index().to_dict(),
         },
+        "steps": {"autoencoder": len(ae_hist), "denoiser": len(unet_hist)},
+        "time_capped": _capped("autoencoder", ae_hist) | _capped("base_denoiser", unet_hist),
+        "torch_threads": threads,
         "architecture": config,
         "content_hash": pipeline_hash(pipe),
     }
@@ -205,6 +266,7 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), {"adapter_source": "file", "file": str(path)}
     if source != "train":
         raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
+    loop_cfg = _loop(lora, seed + 2, "lora_training.lora", LORA_KEYS)
     rank = lora["rank"]
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lora_training.lora.rank must be a positive integer, got {rank!r}")
@@ -214,10 +276,20 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
 
     from fu_kedro.launch import distributed_state
 
+    with torch_threads(params.get("torch_threads")) as threads:
+        return _train_lora(base_model, lora_subset, params, loop_cfg, base_info, seed, threads, distributed_state().device)
+
+
+def _train_lora(base_model, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: LoopConfig, base_info: dict,
+                seed: int, threads: int, device):
+    """Fit the peft LoRA on the LoRA subset (``fit_lora_adapter``'s train branch)."""
+    lora = params["lora"]
+    rank = lora["rank"]
+    resolution = params["resolution"]
     # VAE and text encoder on this process's device beside the UNet that accelerate moves
     # there (GPU: latents are encoded on the GPU; the validation grid runs on one device).
     # CPU: a no-op. Not run on a GPU here.
-    pipe = base_model.to(distributed_state().device)
+    pipe = base_model.to(device)
     x = resize_images(lora_subset, resolution)
     latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
     captions = _captions(lora_subset, "{plane}")
@@ -233,7 +305,7 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         train_text_encoder=bool(lora.get("train_text_encoder")),
         seed=seed,
     )
-    hist = train_denoiser(pipe, latents, ids, _loop(lora, seed + 2), clip_skip=clip_skip)
+    hist = train_denoiser(pipe, latents, ids, loop_cfg, clip_skip=clip_skip)
     after = denoising_loss(pipe, latents, ids, seed=seed, clip_skip=clip_skip)
     log.info("LoRA: %s; denoising loss on the LoRA images %.4f -> %.4f", summarize(hist), before, after)
     adapter = export_lora(
@@ -247,6 +319,10 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
             "base_catalog_version": base_info.get("catalog_version"),
             "resolution": resolution,
             "lora_params": lora,
+            "torch_threads": threads,
+            "steps": len(hist),
+            "time_capped": _capped("lora", hist),
+            "base_time_capped": base_info.get("time_capped") or {},
             "lora_subset_version": lora_subset.info.get("version"),
             "lora_subset_image_ids": lora_subset.meta["image_id"].astype(str).tolist(),
             "captions": sorted(set(captions)),
@@ -257,6 +333,8 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
     summary = {
         "adapter_source": "train",
         "steps": len(hist),
+        "time_capped": _capped("lora", hist),
+        "torch_threads": threads,
         "denoising_loss_without_adapter": before,
         "denoising_loss_with_adapter": after,
         "images": len(lora_subset),
@@ -343,6 +421,15 @@ def _history_metric(h: pd.DataFrame, max_points: int = 200) -> list[dict]:
     return [{"value": float(g["loss"].mean()), "step": int(g["step"].iloc[-1])} for _, g in grouped]
 
 
+def _tag_time_capped(capped: dict[str, int]) -> None:
+    """Mark the MLflow run (if any) whose model stopped on a wall-clock cap: not reproducible."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag("fu_kedro.time_capped", ", ".join(f"{k}@step{v}" for k, v in capped.items()))
+        mlflow.set_tag("fu_kedro.reproducible", "false")
+
+
 def summarize_training(
     base_model,
     lora_adapter: LoraAdapter,
@@ -367,6 +454,10 @@ def summarize_training(
         if key in lora_summary:
             metrics[key] = {"value": float(lora_summary[key]), "step": 0}
     info = dict(getattr(base_model, "fu_base_info", {}))
+    capped = dict(info.get("time_capped") or {}) | dict(lora_summary.get("time_capped") or {})
+    metrics["time_capped"] = {"value": float(bool(capped)), "step": 0}
+    if capped:
+        _tag_time_capped(capped)
     record = {
         "base_model": {k: v for k, v in info.items() if k != "architecture"},
         "adapter": {
@@ -377,7 +468,10 @@ def summarize_training(
             "has_text_encoder": lora_adapter.has_text_encoder,
         },
         "training": lora_summary,
+        "time_capped": capped,
+        "reproducible": not capped,
     }
-    grid = validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
+    with torch_threads(params.get("torch_threads")):
+        grid = validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
     curves = loss_curves(base_history, lora_history)
     return curves, grid, metrics, json.loads(json.dumps(record, default=str))

@@ -1,4 +1,8 @@
-"""``lora_training`` pipeline: source images -> base model -> LoRA adapter -> curves, grid, lineage.
+"""``lora_training`` pipeline: prior corpus + source images -> base model -> LoRA adapter -> curves, grid, lineage.
+
+The tiny base is trained on ``prior_corpus`` (broad phantom styles, FU-LoRA's "broad
+prior"; ``base_model.tiny.train_on``), the LoRA on ``lora_subset`` (20 per class of the
+one-hospital source).
 
 Reusing an earlier tiny base instead of training it again (documented in the README)::
 
@@ -10,6 +14,8 @@ training history) is then loaded from the catalog — the latest version, or the
 """
 from kedro.pipeline import Node, Pipeline
 
+from fu_kedro.data_sources.prior_corpus import make_prior_corpus
+
 from .nodes import build_base_model, fit_lora_adapter, summarize_training
 
 
@@ -17,8 +23,20 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                make_prior_corpus,
+                inputs=["params:lora_training.base_model.tiny.prior", "params:seed"],
+                outputs="prior_corpus",
+                name="make_prior_corpus_node",
+            ),
+            Node(
                 build_base_model,
-                inputs=["source_images", "params:lora_training", "params:ingestion.caption_template", "params:seed"],
+                inputs=[
+                    "source_images",
+                    "prior_corpus",
+                    "params:lora_training",
+                    "params:ingestion.caption_template",
+                    "params:seed",
+                ],
                 outputs=["base_model", "base_training_history"],
                 name="build_base_model_node",
             ),
