@@ -244,6 +244,9 @@ def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
+            # float32 whatever the files hold: transformers 5 otherwise keeps an fp16 text encoder
+            # in fp16 beside an fp32 UNet (dtype mismatch); training and synthesis cast themselves
+            torch_dtype=torch.float32,
         )
     except OSError as exc:
         raise FileNotFoundError(
