@@ -131,9 +131,9 @@ def check_cuda(step: Step) -> bool:
     return True
 
 
-def tiny_run(step: Step, workdir: Path, params: dict, hide_cuda: bool) -> Path | None:
+def tiny_run(step: Step, workdir: Path, params: dict, hide_cuda: bool, rev: str | None = None) -> Path | None:
     """``kedro run`` (the default pipelines) in a project copy; the outcome figures in ``step.values``."""
-    project = copy_project(workdir / step.name)
+    project = copy_project(workdir / step.name, rev)
     env = {"CUDA_VISIBLE_DEVICES": ""} if hide_cuda else {}
     cmd = [sys.executable, "-m", "kedro", "run", "--params", ",".join(f"{k}={v}" for k, v in params.items())]
     run = run_logged(project, cmd, workdir / f"{step.name}.log", env)
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifier-args", default="--epochs 5 --image-size 224 --batch-size 32",
                     help="bench_classifier_data_path arguments besides --device")
     ap.add_argument("--skip", default="", help="steps to skip, comma-separated (e.g. bench_sd15)")
+    ap.add_argument("--from-git", default=None, metavar="REV", help="run the tiny default of this commit (e.g. HEAD)")
     ap.add_argument("--workdir", type=Path, default=None, help="folder for project copies and logs (default: temp, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the steps as JSON")
     args = ap.parse_args(argv)
@@ -249,13 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = bool(steps["cuda"].values.get("bf16"))
 
     if "tiny_cpu" not in skip:
-        tiny_run(steps["tiny_cpu"], workdir, counts, hide_cuda=True)
+        tiny_run(steps["tiny_cpu"], workdir, counts, hide_cuda=True, rev=args.from_git)
     if not on_device:
         for n in ("tiny_gpu", "tiny_compare", "bench_sd15", "bench_classifier"):
             steps[n].detail = reason
     else:
         if "tiny_gpu" not in skip:
-            project = tiny_run(steps["tiny_gpu"], workdir, counts | gpu_params(args.device, bf16), hide_cuda=False)
+            project = tiny_run(steps["tiny_gpu"], workdir, counts | gpu_params(args.device, bf16), hide_cuda=False,
+                               rev=args.from_git)
             if project is not None:
                 problems = check_ran_as_asked(steps["tiny_gpu"].values, args.device)
                 if problems:

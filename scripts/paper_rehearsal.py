@@ -80,16 +80,27 @@ CONTRACT_FILES = (
 
 
 # --------------------------------------------------------------------------- stand-ins
-def copy_project(dest: Path) -> Path:
-    """conf + pyproject + src + .telemetry in ``dest``, MLflow's store inside it (as tests' copy_project)."""
+def copy_project(dest: Path, rev: str | None = None) -> Path:
+    """conf + pyproject + src + .telemetry in ``dest``, MLflow's store inside it (as tests' copy_project).
+
+    From the working tree, or with ``rev`` from that git commit (``git archive``; e.g. HEAD
+    to rehearse what is committed while the working tree is being edited).
+    """
     import yaml
 
-    shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    names = ["conf", "src", "pyproject.toml", ".telemetry"]
+    if rev:
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, *names], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        shutil.rmtree(dest / "conf" / "local", ignore_errors=True)
+    else:
+        shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+        for name in ("pyproject.toml", ".telemetry"):
+            if (PROJECT_ROOT / name).exists():
+                shutil.copy(PROJECT_ROOT / name, dest / name)
+        shutil.copytree(PROJECT_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "conf" / "local").mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        if (PROJECT_ROOT / name).exists():
-            shutil.copy(PROJECT_ROOT / name, dest / name)
-    shutil.copytree(PROJECT_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "conf" / "local" / "mlflow.yml").write_text(
         yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{dest}/mlflow.db"}})
     )
@@ -254,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of the stand-in SD v1.5 files (hub: fp32 files, fp16 variant)")
     ap.add_argument("--skip-file-run", action="store_true", help="skip the adapter_source: file run")
     ap.add_argument("--params", default="", help="more --params for every run (key=value,...)")
+    ap.add_argument("--from-git", default=None, metavar="REV",
+                    help="rehearse this commit (e.g. HEAD) instead of the working tree")
     ap.add_argument("--shared-data", type=Path, default=SHARED_DATA, help="the real samples (default ../shared/data)")
     args = ap.parse_args(argv)
 
@@ -261,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fu_paper_rehearsal_")).resolve()
     if workdir.is_relative_to(PROJECT_ROOT):
         ap.error("--workdir must be outside the repository")
-    project = copy_project(workdir / "project")
+    project = copy_project(workdir / "project", args.from_git)
     logs = workdir / "logs"
     logs.mkdir()
     summary: dict = {"workdir": str(workdir), "load_start": _load(), "cores": len(os.sched_getaffinity(0)), "runs": []}
