@@ -161,8 +161,10 @@ def abs_path(path: str | None, project: Path | None) -> Path | None:
     return p if p.is_absolute() or project is None else Path(project) / p
 
 
-def flatten_upstream(inputs: list[dict], project: Path | None) -> list[dict]:
-    """Every versioned ancestor and raw source of ``inputs``, once each, nearest first."""
+def flatten_upstream(inputs: list[dict], project: Path | None, cache: dict[str, dict] | None = None) -> list[dict]:
+    """Every versioned ancestor and raw source of ``inputs``, once each, nearest first.
+
+    ``cache``: records by absolute path, for versions of the running run (not published yet)."""
     seen: set[tuple] = set()
     out: list[dict] = []
 
@@ -177,7 +179,8 @@ def flatten_upstream(inputs: list[dict], project: Path | None) -> list[dict]:
             kind = e.get("kind")
             if kind == "versioned":
                 add({k: e.get(k) for k in ("kind", "dataset", "version", "path", "sha256", "mlflow_run_id", "node")})
-                record = read_sidecar(abs_path(e.get("path"), project)) if e.get("path") else None
+                path = abs_path(e.get("path"), project) if e.get("path") else None
+                record = ((cache or {}).get(str(path.resolve())) if path else None) or (read_sidecar(path) if path else None)
                 for up in (record or {}).get("upstream", []):
                     add(up)
             elif kind == "in_run":
@@ -204,9 +207,14 @@ class Step:
 
 
 def _run_text(run: dict | None, names: dict[str, str]) -> str:
+    """``MLflow run <id> (<name>)``; the name only the first time a run is printed."""
     if not run or not run.get("mlflow_run_id"):
         return "no MLflow run recorded"
     rid = run["mlflow_run_id"]
+    shown = names.setdefault("__shown__", {})
+    if rid in shown:
+        return f"MLflow run {rid}"
+    shown[rid] = True
     name = names.get(rid) or run.get("mlflow_run_name") or ""
     return f"MLflow run {rid}" + (f" ({name})" if name else "")
 
@@ -223,7 +231,13 @@ def _entry_step(entry: dict, project: Path | None, seen: set, names: dict[str, s
         return Step(f"raw {entry.get('domain')} data: {entry.get('format')} {entry.get('path')}",
                     f"{entry.get('n_files')} files, digest sha256:{(entry.get('digest') or '?')[:16]}; {shown}{more}")
     if kind == "in_run":
-        step = Step(f"{entry['dataset']} (in memory)", f"made by {entry.get('node')} in {_run_text(run, names)}")
+        where = f"not versioned, {entry['path']}" if entry.get("path") else "in memory"
+        label = f"{entry['dataset']} ({where})"
+        key = ("in_run", entry["dataset"], (run or {}).get("mlflow_run_id"))
+        if key in seen:
+            return Step(label, "(shown above)", repeated=True)
+        seen.add(key)
+        step = Step(label, f"{entry.get('node')}, {_run_text(run, names)}")
         step.children = [_entry_step(e, project, seen, names, run) for e in entry.get("inputs", [])]
         return step
     if kind == "file":
@@ -237,7 +251,7 @@ def version_step(dataset: str, version: str | None, path: Path | None, project: 
                  seen: set | None = None, names: dict[str, str] | None = None, fallback: dict | None = None) -> Step:
     """The chain below one saved version, read from its ``lineage.json`` and its inputs' ones."""
     seen = set() if seen is None else seen
-    names = names or {}
+    names = {} if names is None else names
     label = f"{dataset}@{version}"
     record = read_sidecar(path) if path else None
     if (dataset, version) in seen:
@@ -274,7 +288,7 @@ def _render_html(step: Step) -> str:
 
 def record_step(record: dict, project: Path | None = None, names: dict[str, str] | None = None) -> Step:
     """The chain of an embedded ``made_from`` record (e.g. ``zero_shot_metrics["made_from"]``)."""
-    names = names or {}
+    names = {} if names is None else names
     dataset, version = record.get("dataset", "?"), record.get("version")
     run = record.get("run") or {}
     step = Step(f"{dataset}@{version}", f"{record.get('node')}, {_run_text(run, names)}")

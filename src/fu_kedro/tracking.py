@@ -81,7 +81,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def run_name(pipelines: list[str], env: str | None, params: dict, runtime_params: dict | None) -> str:
     """``lora_training [local] rank 8, lora steps 200 | lora_training.lora.rank=4``: the pipelines,
-    the env, the key parameters of those pipelines and the ``--params`` overrides (up to 4)."""
+    the env, the key parameters of those pipelines and the ``--params`` overrides (up to 3, else their count)."""
     from fu_kedro.pipeline_registry import PIPELINE_ORDER
 
     names = [p for p in pipelines if p != "__default__"] or list(PIPELINE_ORDER)
@@ -95,9 +95,10 @@ def run_name(pipelines: list[str], env: str | None, params: dict, runtime_params
                 key.append(f"{text} {value}")
     name = f"{label} [{env or 'local'}]" + (f" {', '.join(key)}" if key else "")
     overrides = _flatten(runtime_params or {})
-    if overrides:
-        shown = [f"{k}={v}" for k, v in list(overrides.items())[:4]]
-        name += " | " + ", ".join(shown) + (f" (+{len(overrides) - 4})" if len(overrides) > 4 else "")
+    if 0 < len(overrides) <= 3:
+        name += " | " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+    elif overrides:  # all of them are tags fu.override.<key>
+        name += f" | {len(overrides)} --params overrides"
     return name[:250]
 
 
@@ -109,6 +110,16 @@ def _versioned_path(dataset, version: str | None) -> Path | None:
         return Path(str(dataset._get_versioned_path(version)))  # noqa: SLF001 - Kedro's own versioned path
     except Exception:  # noqa: BLE001
         return None
+
+
+def _published(path: Path | None) -> Path | None:
+    """Where a path of this run's staging folder will be once the run ends well
+    (``fu_kedro.datasets.staging``; the sidecar moves with its version folder)."""
+    if path is None:
+        return None
+    from fu_kedro.datasets.staging import published_path
+
+    return published_path(path)
 
 
 def _load_version(dataset) -> str | None:
@@ -260,8 +271,9 @@ class LineageHooks:
             version = _load_version(dataset) if dataset is not None else None
             if version is not None:  # saved in this run: refer to it by version
                 return self._versioned_entry(name, dataset, version)
+            path = _plain_path(dataset) if dataset is not None else None
             return {"kind": "in_run", "dataset": name, "node": made["node"], "inputs": made["inputs"],
-                    "params": made["params"]}
+                    "params": made["params"], "path": L.rel_path(path, STATE.project) if path else None}
         try:
             dataset = catalog.get(name)
         except Exception:  # noqa: BLE001
@@ -273,14 +285,15 @@ class LineageHooks:
         return {"kind": "file", "dataset": name, "path": L.rel_path(path, STATE.project) if path else None}
 
     def _versioned_entry(self, name: str, dataset, version: str) -> dict:
-        path = _versioned_path(dataset, version)
-        key = str(path)
+        path = _versioned_path(dataset, version)  # where it is now (this run's staging folder if saved in it)
+        final = _published(path)
+        key = str(final.resolve()) if final else ""
         if key not in STATE.sidecars:
             STATE.sidecars[key] = L.read_sidecar(path) or {}
         side = STATE.sidecars[key]
         return {
             "kind": "versioned", "dataset": name, "version": version,
-            "path": L.rel_path(path, STATE.project) if path else None,
+            "path": L.rel_path(final, STATE.project) if final else None,
             "sha256": side.get("sha256"),
             "mlflow_run_id": (side.get("run") or {}).get("mlflow_run_id"),
             "node": side.get("node"),
@@ -303,7 +316,7 @@ class LineageHooks:
             "node": node.name, "run": {k: v for k, v in STATE.run.items() if k != "runtime_params"},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "params": made["params"], "inputs": made["inputs"],
-            "upstream": L.flatten_upstream(made["inputs"], STATE.project),
+            "upstream": L.flatten_upstream(made["inputs"], STATE.project, cache=STATE.sidecars),
         }
 
     @hook_impl
@@ -314,7 +327,7 @@ class LineageHooks:
         version = _save_version(dataset)
         if version is None:
             return
-        record = self._record(dataset_name, node, version, _versioned_path(dataset, version))
+        record = self._record(dataset_name, node, version, _published(_versioned_path(dataset, version)))
         if record is not None:
             try:
                 _embed(data, L.to_jsonable(record))
@@ -337,12 +350,12 @@ class LineageHooks:
         if version is None:
             return
         path = _versioned_path(dataset, version)
-        record = self._record(dataset_name, node, version, path)
+        record = self._record(dataset_name, node, version, _published(path))
         if record is None or path is None or not path.exists():
             return
         record["sha256"] = L.content_hash(path)
-        L.write_sidecar(path, record)
-        STATE.sidecars[str(path)] = record
+        L.write_sidecar(path, record)  # beside the data: moves with the version folder when published
+        STATE.sidecars[str(_published(path).resolve())] = record
         STATE.outputs[dataset_name] = version
 
     @hook_impl(tryfirst=True)
