@@ -465,7 +465,16 @@ class MainProcessWrites:
             if record is not None:
                 self._staged.append(record)
                 self._datasets[name] = dataset
-        removed = staging.remove_abandoned({r.final.parent for r in self._staged})
+        # staging folders of killed runs, beside any versioned dataset of the catalog
+        parents = {r.final.parent for r in self._staged}
+        for name in catalog.keys():
+            try:
+                dataset = catalog.get(name)
+            except Exception:  # noqa: BLE001
+                continue
+            if name not in self._datasets and getattr(dataset, "_version", None) and hasattr(dataset, "_filepath"):
+                parents.add(Path(str(dataset._filepath)).parent)  # noqa: SLF001
+        removed = staging.remove_abandoned(parents)
         for path in removed:
             log.info("removed %s: staged outputs of a run that was killed before it ended", path)
 
