@@ -7,12 +7,21 @@
    at once with datasets hidden, so that the labels can be read (``?types=nodes`` ->
    ``kedro_viz.png``), then each pipeline with its datasets (``?pid=<pipeline>`` ->
    ``kedro_viz_<pipeline>.png``).
+   The API must list the layers raw -> primary -> model_input -> models -> model_output ->
+   reporting with every dataset in one, and no ``*_mlflow`` copy; the synthesis pipeline is
+   opened with ``synthetic_preview_grid`` selected and its side panel must show the saved
+   grid as an image -> ``kedro_viz_preview.png`` (the dataset must have a saved version).
 2. ``mlflow ui`` on the project's tracking store (the ``server.mlflow_tracking_uri`` of
    conf/<env>/mlflow.yml, by default ``sqlite:///<project>/mlflow.db``): the latest run
    holding a ``zero_shot`` metric (what the evaluation pipeline logs through
    ``zero_shot_headline_metrics``) is opened in Chromium, its metric table filtered to
    ``zero_shot``, and the page must show every one of those metric names ->
-   ``mlflow_run.png``.
+   ``mlflow_run.png``. The latest run with logged input datasets (preferably one that read a
+   ``synthetic_batch`` made by another run) is opened and its Datasets panel must name them
+   -> ``mlflow_run_datasets.png``. The latest two runs with different
+   ``lora_training.lora.rank`` are opened in MLflow's compare view, which must show both
+   ranks and the headline metrics (``fidelity``, ``accuracy_<arm>``,
+   ``hybrid_minus_baseline_accuracy`` ...) -> ``mlflow_compare.png``.
 
 Usage (from the project root; the machine is shared, so keep it at low priority)::
 
@@ -377,6 +386,52 @@ def find_zero_shot_run(tracking_uri: str) -> tuple[dict | None, str]:
                   "(run `kedro run --pipeline evaluation`, or the whole `kedro run`, first)")
 
 
+RANK_PARAM = "lora_training.lora.rank"
+HEADLINE = ("fidelity", "hybrid_minus_baseline_accuracy")
+
+
+def _all_runs(tracking_uri: str) -> list:
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        return []
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    if not experiments:
+        return []
+    return list(client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"],
+                                   max_results=1000))
+
+
+def find_dataset_run(tracking_uri: str) -> tuple[dict | None, str]:
+    """The latest run with logged input datasets; one that read a ``synthetic_batch`` made by
+    another run (tag ``input.synthetic_batch.run_id``) is preferred."""
+    runs = [r for r in _all_runs(tracking_uri) if r.inputs and r.inputs.dataset_inputs]
+    if not runs:
+        return None, f"no run in {tracking_uri} logged input datasets (run the pipelines one by one first)"
+    linked = [r for r in runs if "input.synthetic_batch.run_id" in r.data.tags]
+    run = (linked or runs)[0]
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "name": run.info.run_name,
+            "datasets": sorted({d.dataset.name for d in run.inputs.dataset_inputs}),
+            "upstream": run.data.tags.get("input.synthetic_batch.run_id")}, ""
+
+
+def find_rank_pair(tracking_uri: str) -> tuple[list[dict] | None, str]:
+    """The latest two finished runs with headline metrics and different LoRA ranks."""
+    runs = [r for r in _all_runs(tracking_uri)
+            if r.info.status == "FINISHED" and RANK_PARAM in r.data.params and HEADLINE[0] in r.data.metrics]
+    for i, first in enumerate(runs):
+        for second in runs[i + 1:]:
+            if second.data.params[RANK_PARAM] != first.data.params[RANK_PARAM]:
+                pair = [second, first]
+                return [{"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "name": r.info.run_name,
+                         "rank": r.data.params[RANK_PARAM], "metrics": dict(r.data.metrics)} for r in pair], ""
+    return None, (f"no two finished runs in {tracking_uri} with '{HEADLINE[0]}' and different {RANK_PARAM} "
+                  "(e.g. `kedro run --params lora_training.lora.rank=4` and `=8`)")
+
+
 def artifact_root_for(tracking_uri: str, project: Path) -> Path:
     db = sqlite_path(tracking_uri)
     if db is not None and db.resolve().parent != project.resolve():
@@ -538,6 +593,117 @@ def check_viz(report: Report, context, base: str, pipelines: list[str], out: Pat
     page.close()
 
 
+LAYERS = ["raw", "primary", "model_input", "models", "model_output", "reporting"]
+PREVIEW_DATASET, PREVIEW_PIPELINE = "synthetic_preview_grid", "synthesis"
+
+
+def check_viz_layers(report: Report, base: str) -> None:
+    """Layers in order, every dataset in one, and no ``*_mlflow`` copies."""
+    main = get_json(f"{base}/api/main")
+    layers = main.get("layers") or []
+    data = [n for n in main["nodes"] if n.get("type") == "data"]
+    without = sorted(n["name"] for n in data if not n.get("layer"))
+    copies = sorted(n["name"] for n in data if n["name"].endswith("_mlflow"))
+    report.add("viz: layers", layers == LAYERS and not without,
+               f"{' -> '.join(layers) or 'none'}; {len(data)} datasets"
+               + (f"; without a layer: {', '.join(without)}" if without else ", each in a layer"))
+    report.add("viz: no *_mlflow copies", not copies, f"{len(data)} datasets" + (f"; copies: {copies}" if copies else ""))
+
+
+def check_viz_preview(report: Report, context, base: str, project: Path, out: Path, timeout_ms: int) -> None:
+    """The synthesis pipeline with ``synthetic_preview_grid`` selected: its preview image in the side panel."""
+    data = get_json(f"{base}/api/pipelines/{PREVIEW_PIPELINE}")
+    node = next((n for n in data["nodes"] if n.get("name") == PREVIEW_DATASET), None)
+    saved = project / "data" / "08_reporting" / "synthetic_preview_grid.png"
+    if node is None or not saved.is_dir() or not any(p.is_dir() and not p.name.startswith(".") for p in saved.iterdir()):
+        report.add("viz: dataset preview", False,
+                   f"{PREVIEW_DATASET} {'not in the pipeline' if node is None else f'has no saved version in {saved}'}"
+                   " (run `kedro run --pipeline synthesis` first)")
+        return
+    shot = out / "kedro_viz_preview.png"
+    page = context.new_page()
+    page.add_init_script(VIZ_INIT_SCRIPT)
+    page.goto(f"{base}/?pid={PREVIEW_PIPELINE}&types=nodes,datasets&sid={node['id']}",
+              wait_until="domcontentloaded", timeout=timeout_ms)
+    ok, detail = False, ""
+    try:
+        img = page.locator(".pipeline-metadata__preview img").first
+        img.wait_for(timeout=timeout_ms)
+        page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=30000)
+        size = img.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+        ok, detail = size[0] > 100, f"preview image {size[0]}x{size[1]} px in the side panel"
+    except Exception as exc:  # noqa: BLE001
+        detail = f"no preview image after {timeout_ms // 1000} s ({type(exc).__name__})"
+    dismiss_viz_popups(page)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shot))
+    report.add("viz: dataset preview", ok, f"{PREVIEW_DATASET}: {detail} -> {shot}")
+    page.close()
+
+
+def check_mlflow_datasets(report: Report, context, base: str, run: dict, out: Path, timeout_ms: int) -> None:
+    """The run page's Datasets panel names the run's inputs."""
+    url = f"{base}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}?workflowType=machine_learning"
+    shot = out / "mlflow_run_datasets.png"
+    page = context.new_page()
+    page.set_viewport_size(MLFLOW_VIEWPORT)
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    try:
+        page.get_by_text(run["datasets"][0], exact=False).first.wait_for(timeout=timeout_ms)
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    _close_mlflow_assistant(page)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shot))
+    text = page.inner_text("body")
+    shown = [d for d in run["datasets"] if d in text]
+    report.add("mlflow: run page shows its input datasets", len(shown) == len(run["datasets"]),
+               f"run {run['run_id']} ({run['name']}): {len(shown)} of {len(run['datasets'])} datasets shown "
+               f"({', '.join(shown)}); synthetic batch made by run {run.get('upstream')} -> {shot}")
+    page.close()
+
+
+def _close_mlflow_assistant(page) -> None:
+    try:  # MLflow 3's assistant side panel takes a third of the page
+        close = page.get_by_role("button", name="Close")
+        if close.count() and close.first.is_visible():
+            close.first.click(timeout=3000)
+            page.wait_for_timeout(500)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def check_mlflow_compare(report: Report, context, base: str, pair: list[dict], out: Path, timeout_ms: int) -> None:
+    """MLflow's compare view of two runs with different LoRA rank: both ranks and the headline metrics."""
+    ids = json.dumps([r["run_id"] for r in pair])
+    exps = json.dumps(sorted({r["experiment_id"] for r in pair}))
+    url = f"{base}/#/compare-runs?runs={ids}&experiments={exps}"
+    shot = out / "mlflow_compare.png"
+    page = context.new_page()
+    page.set_viewport_size({"width": 1600, "height": 1500})
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    try:
+        page.get_by_text(RANK_PARAM, exact=False).first.wait_for(timeout=timeout_ms)
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    _close_mlflow_assistant(page)
+    page.wait_for_timeout(1500)
+    try:  # the metrics table below the parameters
+        page.get_by_text(HEADLINE[0], exact=True).first.scroll_into_view_if_needed(timeout=5000)
+    except Exception:  # noqa: BLE001
+        pass
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shot), full_page=True)
+    text = page.inner_text("body")
+    headline = sorted(k for k in pair[0]["metrics"] if "." not in k and "/" not in k)
+    same_keys = set(pair[0]["metrics"]) == set(pair[1]["metrics"])
+    shown = [k for k in headline if k in text]
+    report.add("mlflow: compare view of two LoRA ranks", RANK_PARAM in text and all(h in text for h in HEADLINE),
+               f"ranks {pair[0]['rank']} vs {pair[1]['rank']} ({pair[0]['run_id'][:8]}, {pair[1]['run_id'][:8]}); "
+               f"same metric keys: {same_keys}; top-level metrics shown: {', '.join(shown)} -> {shot}")
+    page.close()
+
+
 def check_mlflow_page(report: Report, context, base: str, run: dict, out: Path, timeout_ms: int) -> None:
     # workflowType=machine_learning: the "Model training" view of MLflow 3 (Runs, not GenAI's Evaluations)
     url = f"{base}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}?workflowType=machine_learning"
@@ -630,6 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     if run:
         log(f"latest run with zero-shot metrics: {run['run_id']} ({run['name']}, {len(run['metrics'])} metrics)")
 
+    dataset_run, dataset_why = find_dataset_run(tracking_uri)
+    pair, pair_why = find_rank_pair(tracking_uri)
+
     report = Report()
     if not run:
         report.add("mlflow: a run has zero-shot metrics", False, why)
@@ -679,16 +848,36 @@ def main(argv: list[str] | None = None) -> int:
                     local_requests_only(context, installed_version("kedro-viz"),
                                         (urlparse(mlflow_base).hostname,) if mlflow_base else ())
                     if viz_ok:
-                        try:
-                            check_viz(report, context, viz_base, pipelines, out, timeout_ms)
-                        except Exception as exc:  # noqa: BLE001
-                            report.add("viz: graph check", False, f"{type(exc).__name__}: {exc}")
+                        for name, check in (
+                            ("viz: graph check", lambda: check_viz(report, context, viz_base, pipelines, out,
+                                                                   timeout_ms)),
+                            ("viz: layers", lambda: check_viz_layers(report, viz_base)),
+                            ("viz: dataset preview", lambda: check_viz_preview(report, context, viz_base, project,
+                                                                               out, timeout_ms)),
+                        ):
+                            try:
+                                check()
+                            except Exception as exc:  # noqa: BLE001
+                                report.add(name, False, f"{type(exc).__name__}: {exc}")
                     if mlflow_base and run:
                         try:
                             check_mlflow_page(report, context, mlflow_base, run, out, timeout_ms)
                         except Exception as exc:  # noqa: BLE001
                             report.add("mlflow: run page shows zero-shot metrics", False,
                                        f"{type(exc).__name__}: {exc}")
+                    if mlflow_base:
+                        for name, item, why_not, check in (
+                            ("mlflow: run page shows its input datasets", dataset_run, dataset_why,
+                             check_mlflow_datasets),
+                            ("mlflow: compare view of two LoRA ranks", pair, pair_why, check_mlflow_compare),
+                        ):
+                            if not item:
+                                report.add(name, False, why_not)
+                                continue
+                            try:
+                                check(report, context, mlflow_base, item, out, timeout_ms)
+                            except Exception as exc:  # noqa: BLE001
+                                report.add(name, False, f"{type(exc).__name__}: {exc}")
                 finally:
                     browser.close()
     except KeyboardInterrupt as exc:

@@ -297,17 +297,18 @@ def record_step(record: dict, project: Path | None = None, names: dict[str, str]
     return step
 
 
-def chain_html(made_from: dict | None, project: Path | str | None = None) -> str:
+def chain_html(made_from: dict | None, project: Path | str | None = None, heading: bool = True) -> str:
     """An HTML section with the version chain of an output, for the evaluation report.
 
     ``made_from`` is the record the lineage hook put into a saved output (e.g. the
     ``zero_shot_metrics`` dict a node loads has it under ``"made_from"``); pass the dict
     itself or the output holding it. Relative paths are read against ``project`` (default:
-    the working directory, i.e. the project root under ``kedro run``).
+    the working directory, i.e. the project root under ``kedro run``). ``heading=False``
+    leaves out the ``<h2>`` (for a report that titles its sections itself).
     """
     if made_from and EMBED_KEY in made_from:
         made_from = made_from[EMBED_KEY]
-    title = "<h2>Lineage: versions this result was made from</h2>"
+    title = "<h2>Lineage: versions this result was made from</h2>" if heading else ""
     if not made_from:
         return title + "<p>No lineage record (this output was not saved through a Kedro run with the lineage hook).</p>"
     project = Path(project) if project else Path.cwd()

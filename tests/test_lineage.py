@@ -1,0 +1,218 @@
+"""Lineage across pipelines run one by one, MLflow links between their runs, ``kedro lineage``,
+and interrupted runs (SIGINT/SIGTERM) ending KILLED in MLflow.
+
+The chain test runs the four pipelines one at a time in a project copy (in-process sessions,
+tiny parameters, real data: the FETAL_PLANES_DB sample as source, the African dev set as
+target), makes a second synthetic batch, then evaluates the *first* one, pinned with
+``load_versions`` (``kedro run --load-versions synthetic_batch:<version>``), and checks
+that the metrics name that batch, its adapter, base model, the ingestion outputs and the
+raw files with their hashes — in the files, in MLflow and in ``kedro lineage``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_RUN_PARAMS, copy_project, run_kedro_session
+
+from fu_kedro import lineage as L
+
+# --params of the tiny run as the nested dict a session takes
+def _nested(pairs: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+TINY = TINY_RUN_PARAMS + [
+    "evaluation.n_seeds=1",
+    "evaluation.train.epochs=1",
+    "evaluation.train.min_steps=0",
+    "evaluation.metrics.n_bootstrap=10",
+]
+
+
+def _versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _runs(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("fu_kedro")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, fetal_planes_db_sample, african_planes_dev):
+    project = copy_project(Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("lineage"))
+    params = _nested(TINY + [f"source_format=fetal_planes_db", f"source_path={fetal_planes_db_sample}",
+                             f"target_format=african", f"target_path={african_planes_dev}"])
+    cwd = os.getcwd()
+    os.chdir(project)  # relative paths (chain_html, kedro lineage) resolve in the copy, as under `kedro run`
+    try:
+        for pipeline in ("ingestion", "lora_training", "synthesis", "synthesis"):
+            run_kedro_session(project, pipeline, params)
+        batches = _versions(project / "data/07_model_output/synthetic_batch")
+        assert len(batches) == 2
+        pinned = batches[0]  # the older batch, not the latest
+        run_kedro_session(project, "evaluation", params, load_versions={"synthetic_batch": pinned},
+                          to_outputs=["zero_shot_metrics"])
+    finally:
+        os.chdir(cwd)
+    return project, pinned, batches
+
+
+def _record(project: Path, dataset_folder: str) -> dict:
+    folder = project / dataset_folder
+    return json.loads((folder / _versions(folder)[-1] / L.SIDECAR).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
+    project, pinned, batches = chain
+    metrics_dir = project / "data/08_reporting/zero_shot_metrics.json"
+    version = _versions(metrics_dir)[-1]
+    metrics = json.loads((metrics_dir / version / "zero_shot_metrics.json").read_text())
+    made_from = metrics[L.EMBED_KEY]
+    assert made_from["dataset"] == "zero_shot_metrics" and made_from["version"] == version
+    upstream = {(u["dataset"], u.get("version")) for u in made_from["upstream"]}
+    assert ("synthetic_batch", pinned) in upstream and ("synthetic_batch", batches[1]) not in upstream
+    names = {u["dataset"] for u in made_from["upstream"]}
+    assert {"zero_shot_predictions", "synthetic_batch", "lora_adapter", "base_model", "source_images",
+            "target_images", "lora_subset", "raw source data", "raw target data"} <= names
+
+    # the raw files: every file of the sample, with its sha256
+    source_images = _record(project, "data/03_primary/source_images")
+    raw = next(u for u in source_images["upstream"] if u["dataset"] == "raw source data")
+    assert raw["format"] == "fetal_planes_db"
+    csv = Path(raw["path"]) / "FETAL_PLANES_DB_data.csv"
+    assert raw["n_files"] >= 100 and raw["digest"]
+
+    def find_raw(entries):
+        for e in entries:
+            if e.get("kind") == "raw" and e["domain"] == "source":
+                return e
+            found = find_raw(e.get("inputs", []))
+            if found:
+                return found
+        return None
+
+    files = {f["path"]: f["sha256"] for f in find_raw(source_images["inputs"])["files"]}
+    assert files["FETAL_PLANES_DB_data.csv"] == L.sha256_file(csv)
+
+    # the outputs carry their record inside too: the synthetic batch (beside the manifest), the adapter
+    batch_info = json.loads((project / "data/07_model_output/synthetic_batch" / pinned / "synthetic_batch"
+                             / "info.json").read_text())
+    assert {u["dataset"] for u in batch_info[L.EMBED_KEY]["upstream"]} >= {"lora_adapter", "base_model"}
+    from safetensors import safe_open
+
+    adapter_dir = project / "data/06_models/lora_adapter.safetensors"
+    with safe_open(str(adapter_dir / _versions(adapter_dir)[-1] / "lora_adapter.safetensors"), "pt") as fh:
+        adapter_made_from = json.loads(fh.metadata()[L.EMBED_KEY])
+    assert {u["dataset"] for u in adapter_made_from["upstream"]} >= {"base_model", "lora_subset", "source_images"}
+
+    # MLflow: the evaluation run names the run that made its (pinned) batch, and logged its inputs
+    client, runs = _runs(project)
+    assert [r.info.run_name.split(" ")[0] for r in runs] == [
+        "ingestion", "lora_training", "synthesis", "synthesis", "evaluation"]
+    first_synthesis, evaluation = runs[2], runs[-1]
+    assert evaluation.data.tags["input.synthetic_batch.version"] == pinned
+    assert evaluation.data.tags["input.synthetic_batch.run_id"] == first_synthesis.info.run_id
+    assert first_synthesis.data.tags["output.synthetic_batch.version"] == pinned
+    logged = {d.dataset.name: d for d in evaluation.inputs.dataset_inputs}
+    assert {"source_images", "target_images", "synthetic_batch"} <= set(logged)
+    tags = {t.key: t.value for t in logged["synthetic_batch"].tags}
+    assert tags["catalog_version"] == pinned and logged["synthetic_batch"].dataset.digest
+    assert "fu_kedro" not in evaluation.info.run_name and "[local]" in evaluation.info.run_name
+    # a run is found from any version: search by tag
+    found = client.search_runs([evaluation.info.experiment_id],
+                               filter_string=f"tags.`output.synthetic_batch.version` = '{pinned}'")
+    assert [r.info.run_id for r in found] == [first_synthesis.info.run_id]
+
+    # the same chain as text, through the real CLI (project command entry point)
+    proc = subprocess.run([sys.executable, "-m", "kedro", "lineage", "zero_shot_metrics"], cwd=project,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    for expected in (f"zero_shot_metrics@{version}", f"synthetic_batch@{pinned}", "lora_adapter@", "base_model@",
+                     "source_images@", "lora_subset@", "target_images@", "raw source data: fetal_planes_db",
+                     "raw target data: african", f"MLflow run {first_synthesis.info.run_id}"):
+        assert expected in text, f"{expected!r} not in:\n{text}"
+    assert f"synthetic_batch@{batches[1]}" not in text
+    # the same chain as HTML, for the report
+    html = L.chain_html(metrics, project)
+    assert f"synthetic_batch@{pinned}" in html and "raw source data" in html
+
+
+@pytest.mark.timeout(60)
+def test_lineage_command_names_unsaved_versions(project_copy):
+    from click.testing import CliRunner
+
+    from fu_kedro.cli import lineage
+
+    cwd = os.getcwd()
+    os.chdir(project_copy)
+    try:
+        result = CliRunner().invoke(lineage, ["zero_shot_metrics", "--no-mlflow"])
+        assert result.exit_code != 0 and "has no saved version" in result.output
+        result = CliRunner().invoke(lineage, ["no_such_dataset", "--no-mlflow"])
+        assert result.exit_code != 0 and "is not a catalog entry" in result.output
+    finally:
+        os.chdir(cwd)
+
+
+# --------------------------------------------------------------------------- interrupted runs
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_ends_killed_in_mlflow(tmp_path, sig):
+    project = copy_project(Path(__file__).resolve().parents[1], tmp_path)
+    # big enough that the run is still reading phantoms when the signal comes
+    params = "ingestion.phantom.source.n_per_class=2000,ingestion.phantom.target.n_per_class=400"
+    proc = subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipelines", "ingestion", "--params", params],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
+    try:
+        run = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (project / "mlflow.db").is_file():
+                try:
+                    _, runs = _runs(project)
+                    # named by the lineage hook: the run has started and the nodes are about to run
+                    run = next((r for r in runs if r.info.status == "RUNNING" and "[local]" in r.info.run_name), None)
+                except Exception:  # noqa: BLE001 - the store is being created
+                    run = None
+            if run:
+                break
+            time.sleep(1)
+        assert run is not None, f"no running MLflow run appeared:\n{proc.communicate(timeout=60)[0][-3000:]}"
+        time.sleep(2)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, "the run finished before the signal; make it bigger"
+    client, _ = _runs(project)
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED", output[-3000:]
+    assert ended.info.end_time and ended.info.end_time >= ended.info.start_time
+    assert ended.data.tags.get("fu.interrupted_by") == signal.Signals(sig).name
