@@ -29,7 +29,7 @@ def _params(**over):
     params = copy.deepcopy(params)
     params.update(
         image_size=32, n_seeds=2,
-        train={**params["train"], "epochs": 2, "min_steps": 0, "batch_size": 32, "bn_recalibration_images": 64},
+        train={**params["train"], "steps": 6, "eval_every": 3, "batch_size": 32, "bn_recalibration_images": 64},
         metrics={"n_bootstrap": 20, "ci": 0.95},
         quality={**params["quality"], "max_points_per_class": 20},
         report={"samples_per_class": 2},
@@ -142,6 +142,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             "zero_shot_metrics": JSONDataset(filepath=str(tmp_path / "zero_shot_metrics.json")),
             "synthetic_quality": JSONDataset(filepath=str(tmp_path / "synthetic_quality.json")),
             "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
+            "classifier_training_history": MemoryDataset(),
         }
     )
     pipeline = create_pipeline()
@@ -150,9 +151,12 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     pred = csv.load()
     expected_cols = ["experiment", "backbone", "augmentation", "seed", "image_id", "patient_id", "center",
                      "label", "prediction"] + [f"prob_{c}" for c in CLASSES]
-    assert list(pred.columns) == expected_cols
+    # contract columns first, in order; added columns after them
+    assert list(pred.columns)[: len(expected_cols)] == expected_cols
+    assert list(pred.columns)[len(expected_cols):] == ["replicate"]
     assert set(pred["experiment"]) == {"baseline", "hybrid"}
     assert len(pred) == 2 * 2 * len(tgt)
+    assert set(pred.loc[pred["experiment"] == "baseline", "replicate"]) == {-1}
 
     metrics = json.loads((tmp_path / "zero_shot_metrics.json").read_text())
     plan = json.loads((tmp_path / "evaluation_plan.json").read_text())
@@ -166,15 +170,28 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             f1_score(f["label"], f["prediction"], labels=target_classes, average="macro", zero_division=0))
         argmax = f[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(1)
         assert (np.asarray(CLASSES)[argmax] == f["prediction"].to_numpy()).all()
-    assert "hybrid/resnet18/aug - baseline/resnet18/aug" in metrics["differences"]
+    diff = metrics["differences"]["hybrid/resnet18/aug - baseline/resnet18/aug"]["all_classes"]["accuracy"]
+    assert set(diff) >= {"mean", "ci", "per_seed", "paired_test", "variance_components", "ci_test_patients_only"}
+    assert metrics["experiments"]["baseline/resnet18/aug"]["n_seeds"] == 2
+    assert set(metrics["reference"]) == {"majority", "uniform"}
+    assert "this one synthetic batch" in metrics["bootstrap"]["conditional_on"]  # one replicate
+    # every arm had the same schedule, recorded in the plan
+    assert {(r["steps"], r["batch_size"]) for r in plan} == {(6, 32)}
+    assert all(r["torch_threads"] == params["torch_threads"] for r in plan)
 
     quality_json = json.loads((tmp_path / "synthetic_quality.json").read_text())
-    for key in ("fidelity", "cas_accuracy", "n_images", "feature_space", "per_class"):
+    for key in ("fidelity", "cas_accuracy", "n_images", "feature_space", "per_class", "fidelity_reference",
+                "cas_reference", "gate", "fidelity_ci", "cas_accuracy_ci", "kid_to_real_train"):
         assert key in quality_json
+    assert quality_json["memorisation"]["controls"]["positive_flagged"] == 1.0
     assert 0.0 <= quality_json["fidelity"] <= 1.0 and quality_json["n_images"] == len(syn)
 
     report = outputs["evaluation_report"].load()
     assert "Zero-shot comparison" in report and "data:image/png;base64," in report
+    assert "nothing ran on a GPU" not in report and "What ran where" in report
+    assert report.index("The question and the answer") < report.index("Zero-shot comparison")
+    history = catalog.load("classifier_training_history")
+    assert set(history.groupby("run")["step"].max()) == {6}  # every run, both arms, 6 optimiser steps
     for name in ("evaluation_confusion_matrices", "evaluation_training_curves", "evaluation_sample_grid",
                  "synthetic_embedding_plot", "evaluation_per_center"):
         assert outputs[name].load().axes, name

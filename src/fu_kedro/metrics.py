@@ -27,9 +27,10 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
+    recall_score,
     roc_auc_score,
 )
-from sklearn.preprocessing import label_binarize
+from sklearn.dummy import DummyClassifier
 
 PROTOCOLS = ("all_classes", "target_classes")
 GROUP_COLUMNS = ["experiment", "backbone", "augmentation"]
@@ -120,15 +121,20 @@ def _core_metrics(t: np.ndarray, p: np.ndarray, proba_present: np.ndarray, prese
         out[f"recall_{average}"] = float(rc)
         out[f"f1_{average}"] = float(f)
     if len(present) >= 2:
-        onehot_true = label_binarize(t, classes=present)
+        # one indicator column per present class; label_binarize would return a single column
+        # for two classes (a center or a resample with two planes), which roc_auc_score rejects
+        onehot_true = _indicators(t, present)
         out["roc_auc_macro"] = float(roc_auc_score(onehot_true, proba_present, average="macro"))
-        out["auc_hard_label"] = float(
-            roc_auc_score(onehot_true, label_binarize(p, classes=present), average="macro")
-        )
+        out["auc_hard_label"] = float(roc_auc_score(onehot_true, _indicators(p, present), average="macro"))
     else:  # one class only: a ROC curve needs negatives
         out["roc_auc_macro"] = float("nan")
         out["auc_hard_label"] = float("nan")
     return out
+
+
+def _indicators(codes: np.ndarray, present: list[int]) -> np.ndarray:
+    """``(N, len(present))`` 0/1 matrix: row i has a 1 in the column of its class (one-vs-rest labels)."""
+    return (np.asarray(codes)[:, None] == np.asarray(present)[None, :]).astype(np.int64)
 
 
 def protocol_predictions(
@@ -193,6 +199,100 @@ def _mean_sd(per_seed: list[dict[str, float]]) -> tuple[dict, dict]:
     return {k: float(v) for k, v in df.mean().items()}, {k: float(v) for k, v in sd.items()}
 
 
+RUN_COLUMNS = ["replicate", "seed"]
+
+
+def _runs_of(frame: pd.DataFrame) -> list[tuple[int, int, pd.DataFrame]]:
+    """(replicate, seed, rows) of every classifier in one configuration, rows sorted by image id."""
+    out = []
+    for (r, s), sub in frame.groupby(RUN_COLUMNS, sort=True):
+        out.append((int(r), int(s), sub.sort_values("image_id").reset_index(drop=True)))
+    return out
+
+
+def hierarchical_resample(
+    values_a: np.ndarray, values_b: np.ndarray | None, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Hierarchical bootstrap of a (paired) mean: generator replicates -> seeds -> test patients.
+
+    Args:
+        values_a: ``(B, K, S)`` metric of arm A's classifier (replicate k, seed s) on patient
+            resample b (the same patient draws for every classifier).
+        values_b: ``(B, S)`` the paired arm's classifier of seed s on the same patient
+            resamples (the baseline does not depend on the synthetic batch), or ``None``
+            for the interval of arm A alone.
+        n_boot: number of outer resamples; resample i uses patient draw ``i % B``.
+        rng: draws the replicates and seeds.
+
+    Returns:
+        ``(n_boot,)``: per resample, K replicates drawn with replacement, within each drawn
+        replicate S seeds drawn with replacement, one shared patient draw, and the mean over
+        the drawn (replicate, seed) cells of ``A - B`` (``A`` if ``values_b`` is None). Arm B
+        is paired with A through the seed: it uses exactly the seeds drawn for A.
+    """
+    n_patient_draws, k, s = values_a.shape
+    reps = rng.integers(0, k, size=(n_boot, k))
+    seeds = rng.integers(0, s, size=(n_boot, k, s))
+    b = np.arange(n_boot) % n_patient_draws
+    cells = values_a[b[:, None, None], reps[:, :, None], seeds]  # (n_boot, k, s)
+    if values_b is not None:
+        cells = cells - values_b[b[:, None, None], seeds]
+    return cells.reshape(n_boot, -1).mean(axis=1)
+
+
+def paired_seed_test(per_seed_difference: dict[str, float]) -> dict[str, Any]:
+    """Paired tests of per-seed differences (arm - baseline, same seed): t-test and Wilcoxon signed-rank.
+
+    With n seeds the exact Wilcoxon p-value cannot go below 2 / 2**n (0.0625 at n = 5).
+    """
+    from scipy import stats
+
+    d = np.array([v for v in per_seed_difference.values() if v is not None and np.isfinite(v)], dtype=float)
+    out: dict[str, Any] = {"n_seeds": int(len(d)), "mean": float(d.mean()) if len(d) else None,
+                           "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
+                           "n_positive": int((d > 0).sum()), "t_test": None, "wilcoxon": None}
+    if len(d) >= 2 and np.ptp(d) > 0:
+        t = stats.ttest_1samp(d, 0.0)
+        out["t_test"] = {"statistic": float(t.statistic), "df": int(len(d) - 1), "p_value": float(t.pvalue)}
+        w = stats.wilcoxon(d)
+        out["wilcoxon"] = {"statistic": float(w.statistic), "p_value": float(w.pvalue),
+                           "smallest_possible_p": float(2.0 / 2 ** len(d))}
+    return out
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, target_classes: list[str]) -> dict[str, float]:
+    """Recall of every target class (sklearn ``recall_score``, ``average=None``)."""
+    values = recall_score(y_true, y_pred, labels=target_classes, average=None, zero_division=0)
+    return {c: float(v) for c, v in zip(target_classes, values)}
+
+
+def reference_scores(frame: pd.DataFrame, classes: list[str], target_classes: list[str], seed: int) -> dict:
+    """Scores of predictors that never look at the image, on the target (all-class protocol).
+
+    ``majority``: always the target's most frequent class (it knows the target's class
+    balance: the floor a classifier must beat); ``uniform``: a uniform guess over the source
+    classes, averaged over 200 draws. Both are ``sklearn.dummy.DummyClassifier``; their
+    constant probabilities give AUC 0.5.
+    """
+    y = frame["label"].to_numpy(dtype=object)
+    x = np.zeros((len(y), 1))
+    majority = DummyClassifier(strategy="most_frequent").fit(x, y)
+    guesses = [
+        DummyClassifier(strategy="uniform", random_state=seed + i).fit(np.zeros((len(classes), 1)), classes).predict(x)
+        for i in range(200)
+    ]
+    flat = np.full((len(y), len(classes)), 1.0 / len(classes))
+    out = {}
+    for name, preds in (("majority", [majority.predict(x)]), ("uniform", guesses)):
+        rows = [classification_metrics(y, p, flat, classes, target_classes) for p in preds]
+        recalls = [per_class_recall(y, p, target_classes) for p in preds]
+        out[name] = {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}
+        out[name]["per_class_recall"] = {c: float(np.mean([r[c] for r in recalls])) for c in target_classes}
+    out["majority"]["predicts"] = str(majority.predict(x[:1])[0])
+    out["uniform"]["predicts"] = "uniform over " + ", ".join(classes)
+    return out
+
+
 def summarise_zero_shot(
     predictions: pd.DataFrame,
     classes: list[str],
@@ -204,82 +304,126 @@ def summarise_zero_shot(
     """All zero-shot metrics of every experiment, with intervals and differences to the baseline.
 
     Args:
-        predictions: the predictions table (see module docstring). Every experiment must hold
-            predictions for the same target images (one row per image per seed).
+        predictions: the predictions table (see module docstring); an optional ``replicate``
+            column names the synthetic-batch replicate a classifier was trained with (-1 or
+            absent: none). Every classifier must predict the same target images.
         classes: the classifier's (source) label space, in ``prob_<class>`` column order.
-        n_bootstrap: patient-level bootstrap resamples (0 = no intervals).
+        n_bootstrap: bootstrap resamples (0 = no intervals).
         ci: interval coverage, e.g. 0.95.
         seed: seed of the bootstrap resampling.
         baseline: training-set name every other training set is compared with.
 
     Returns:
-        JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed``, ``mean``,
-        ``sd``, ``ci`` (bootstrap of the seed-mean), ``confusion_matrix`` (summed over seeds;
-        rows true, columns predicted), and ``per_center`` (mean and sd over seeds);
-        ``differences[<key>]`` = experiment - baseline of the same backbone and augmentation,
-        with a paired bootstrap interval (the same patients resampled for both).
+        JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed`` (mean over
+        replicates), ``mean`` (over all classifiers), ``sd`` (over seeds),
+        ``per_class_recall``, ``ci`` (hierarchical bootstrap replicates -> seeds ->
+        patients; all_classes only), ``ci_test_patients_only`` (classifiers fixed),
+        ``confusion_matrix`` (summed over classifiers; rows true, columns predicted),
+        ``per_center``; ``differences[<key>]`` = experiment - baseline of the same backbone
+        and augmentation, paired by seed, with the hierarchical paired interval, per-seed
+        differences, a paired test and variance components; ``reference`` = majority-class
+        and uniform-guess scores.
     """
     _check_predictions(predictions, classes)
     pred = predictions.copy()
     pred["augmentation"] = pred["augmentation"].map(_as_bool)
+    if "replicate" not in pred.columns:
+        pred["replicate"] = -1
+    pred["replicate"] = pd.to_numeric(pred["replicate"], errors="coerce").fillna(-1).astype(int)
     target_classes = [c for c in classes if c in set(pred["label"])]
     groups = list(pred.groupby(GROUP_COLUMNS, sort=True))
-    # Bootstrap rows index one seed's table; all seeds and experiments share the image order.
     reference = None
-    tables: dict[str, list[tuple[int, pd.DataFrame]]] = {}
+    runs: dict[str, list[tuple[int, int, pd.DataFrame]]] = {}
     for (experiment, backbone, aug), frame in groups:
         key = experiment_key(experiment, backbone, aug)
-        tables[key] = []
-        for s, seed_frame in frame.groupby("seed", sort=True):
-            seed_frame = seed_frame.sort_values("image_id").reset_index(drop=True)
+        runs[key] = _runs_of(frame)
+        for _, s, run_frame in runs[key]:
             if reference is None:
-                reference = seed_frame[["image_id", "patient_id", "center"]]
-            elif not seed_frame["image_id"].equals(reference["image_id"]):
+                reference = run_frame[["image_id", "patient_id", "center", "label"]]
+            elif not run_frame["image_id"].equals(reference["image_id"]):
                 raise ValueError(f"experiment {key} seed {s} did not predict the same target images as the others")
-            tables[key].append((int(s), seed_frame))
     if reference is None:
         raise ValueError("zero-shot predictions table is empty")
     boot_idx = bootstrap_patient_indices(patient_keys(reference), n_bootstrap, seed) if n_bootstrap else []
     alpha = (1.0 - ci) / 2.0
+    n_reps = max([len({r for r, _, _ in v if r >= 0}) for v in runs.values()] + [0])
 
     result: dict[str, Any] = {
         "classes": list(classes),
         "target_classes": target_classes,
         "n_target_images": int(len(reference)),
         "n_target_patients": int(len(np.unique(patient_keys(reference)))),
-        "bootstrap": {"n_resamples": int(n_bootstrap), "ci": ci, "unit": "patient (center::patient_id)", "seed": seed},
+        "bootstrap": {
+            "n_resamples": int(n_bootstrap), "ci": ci, "unit": "patient (center::patient_id)", "seed": seed,
+            "levels": ["synthetic-batch replicate", "classifier seed (paired between arms)",
+                       "target patient (one draw shared by all classifiers)"],
+            "n_replicates": n_reps,
+            "conditional_on": (
+                f"this base model and LoRA adapter; covers classifier seeds, test patients and {n_reps} synthetic "
+                "batches from independent sampling seeds" if n_reps > 1 else
+                "this base model, this LoRA adapter and this one synthetic batch (synthesis.replicates = 1): covers "
+                "classifier seeds and test patients, not the generator's variance"
+            ),
+        },
+        "reference": reference_scores(reference, classes, target_classes, seed),
         "experiments": {},
         "differences": {},
     }
-    boot_values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    cubes: dict[tuple[str, str], np.ndarray] = {}  # (key, metric) -> (B, K, S)
     for (experiment, backbone, aug), _ in groups:
         key = experiment_key(experiment, backbone, aug)
+        reps = sorted({r for r, _, _ in runs[key]})
+        seeds = sorted({s for _, s, _ in runs[key]})
+        cell = {(r, s): f for r, s, f in runs[key]}
+        missing = [(r, s) for r in reps for s in seeds if (r, s) not in cell]
+        if missing:
+            raise ValueError(f"experiment {key}: no predictions for (replicate, seed) {missing[:3]}; every "
+                             "replicate needs every seed")
         entry: dict[str, Any] = {
             "experiment": experiment,
             "backbone": backbone,
             "augmentation": bool(aug),
-            "seeds": [s for s, _ in tables[key]],
+            "seeds": seeds,
+            "n_seeds": len(seeds),
+            "replicates": [r for r in reps if r >= 0],
+            "n_classifiers": len(cell),
         }
         for protocol in PROTOCOLS:
-            per_seed, cms, prepared = {}, [], []
-            for s, frame in tables[key]:
+            per_run, cms, prepared, recalls = {}, [], [], []
+            for (r, s), frame in cell.items():
                 y_true = frame["label"].to_numpy(dtype=object)
                 y_pred, proba, pcls = protocol_predictions(frame, classes, target_classes, protocol)
                 prepared.append((y_true, y_pred, proba, pcls))
-                per_seed[str(s)] = classification_metrics(y_true, y_pred, proba, pcls, target_classes)
+                per_run[(r, s)] = classification_metrics(y_true, y_pred, proba, pcls, target_classes)
+                recalls.append(per_class_recall(y_true, y_pred, target_classes))
                 cms.append(confusion_matrix(y_true, y_pred, labels=classes))
+            per_seed = {
+                str(s): {k: float(v) for k, v in pd.DataFrame([per_run[(r, s)] for r in reps]).mean().items()}
+                for s in seeds
+            }
             mean, sd = _mean_sd(list(per_seed.values()))
             block: dict[str, Any] = {
                 "per_seed": per_seed,
                 "mean": mean,
                 "sd": sd,
+                "per_class_recall": {c: float(np.mean([rc[c] for rc in recalls])) for c in target_classes},
                 "confusion_matrix": {"labels": list(classes), "matrix": np.sum(cms, axis=0).tolist()},
-                "per_center": _per_center(tables[key], classes, target_classes, protocol),
+                "per_center": _per_center([(s, f) for (_, s), f in cell.items()], classes, target_classes, protocol),
             }
+            if len(reps) > 1:
+                block["per_replicate_seed"] = {f"rep{r}/seed{s}": per_run[(r, s)] for r, s in cell}
+                rep_means = pd.DataFrame([pd.DataFrame([per_run[(r, s)] for s in seeds]).mean() for r in reps])
+                block["sd_between_replicates"] = {k: float(v) for k, v in rep_means.std(ddof=1).items()}
             if boot_idx and protocol == "all_classes":
-                values = _bootstrap(prepared, boot_idx, target_classes)
-                boot_values[(key, protocol)] = values
-                block["ci"] = {m: _interval(v, alpha) for m, v in values.items()}
+                flat = _bootstrap(prepared, boot_idx, target_classes)  # metric -> (B, n_classifiers)
+                column = {rs: j for j, rs in enumerate(cell)}
+                order = [[column[(r, s)] for s in seeds] for r in reps]
+                cube = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
+                cubes.update({(key, m): c for m, c in cube.items()})
+                rng = np.random.default_rng([seed, 1])
+                block["ci"] = {m: _interval(hierarchical_resample(c, None, n_bootstrap, rng), alpha)
+                               for m, c in cube.items()}
+                block["ci_test_patients_only"] = {m: _interval(c.mean(axis=(1, 2)), alpha) for m, c in cube.items()}
             entry[protocol] = block
         result["experiments"][key] = entry
 
@@ -289,40 +433,85 @@ def summarise_zero_shot(
         base_key = experiment_key(baseline, entry["backbone"], entry["augmentation"])
         if base_key not in result["experiments"]:
             continue
-        diff: dict[str, Any] = {"experiment": key, "baseline": base_key}
+        base = result["experiments"][base_key]
+        paired = entry["seeds"] == base["seeds"]
+        shared = [s for s in entry["seeds"] if s in base["seeds"]]
+        diff: dict[str, Any] = {"experiment": key, "baseline": base_key, "paired_by": "seed", "seeds": shared}
         for protocol in PROTOCOLS:
             block = {}
             for m in BOOTSTRAP_METRICS:
-                d = {
-                    "mean": entry[protocol]["mean"][m] - result["experiments"][base_key][protocol]["mean"][m],
-                }
-                if (key, protocol) in boot_values:
-                    d["ci"] = _interval(boot_values[(key, protocol)][m] - boot_values[(base_key, protocol)][m], alpha)
+                per_seed = {str(s): entry[protocol]["per_seed"][str(s)][m] - base[protocol]["per_seed"][str(s)][m]
+                            for s in shared}
+                d: dict[str, Any] = {"mean": entry[protocol]["mean"][m] - base[protocol]["mean"][m],
+                                     "per_seed": per_seed}
+                if (key, m) in cubes and paired:
+                    a, b = cubes[(key, m)], cubes[(base_key, m)][:, 0, :]
+                    rng = np.random.default_rng([seed, 2])
+                    d["ci"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
+                    d["ci_test_patients_only"] = _interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
+                    d["variance_components"] = variance_components(a, b)
+                if protocol == "all_classes":
+                    d["paired_test"] = paired_seed_test(per_seed)
                 block[m] = d
             diff[protocol] = block
         result["differences"][f"{key} - {base_key}"] = diff
     return result
 
 
+def variance_components(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Standard deviations of a paired difference by source, from the bootstrap cube.
+
+    ``a``: ``(B, K, S)`` arm metric per patient draw, replicate, seed; ``b``: ``(B, S)`` the
+    baseline's. ``seed_within_replicate``: pooled sd over seeds of the paired difference
+    (all patients: the mean over draws); ``replicate``: sd over replicates of the
+    seed-averaged difference (None with one replicate; it still contains seed noise
+    ``seed**2 / S``); ``patients``: sd over patient draws of the difference averaged over
+    all classifiers. The estimate's variance is about
+    ``patients**2 + replicate**2 / K + seed_within_replicate**2 / (K S)``.
+    """
+    full = a.mean(axis=0) - b.mean(axis=0)[None, :]  # (K, S) paired differences on all patients
+    k, s = full.shape
+    within = float(np.sqrt(np.mean(full.var(axis=1, ddof=1)))) if s > 1 else None
+    between = float(full.mean(axis=1).std(ddof=1)) if k > 1 else None
+    patients = float((a.mean(axis=(1, 2)) - b.mean(axis=1)).std(ddof=1)) if len(a) > 1 else None
+    return {"seed_within_replicate": within, "replicate": between, "patients": patients, "K": k, "S": s}
+
+
+def seeds_needed(components: dict[str, Any], delta: float = 0.05, replicates: int | None = None,
+                 z: float = 1.959964 + 0.841621) -> int | None:
+    """Seeds per replicate for a two-sided 5 % test to detect ``delta`` with 80 % power.
+
+    Uses ``Var = patients**2 + replicate**2 / K + seed**2 / (K S)`` with the components of
+    :func:`variance_components` (an unmeasured replicate component counts as 0, so with one
+    replicate the answer is a lower bound). ``None``: no number of seeds is enough, the
+    patient (or replicate) part alone is too large.
+    """
+    k = int(replicates or components["K"])
+    seed_sd, rep_sd, pat_sd = (components.get(x) or 0.0 for x in ("seed_within_replicate", "replicate", "patients"))
+    budget = (delta / z) ** 2 - pat_sd ** 2 - rep_sd ** 2 / k
+    if budget <= 0:
+        return None
+    return max(2, int(np.ceil(seed_sd ** 2 / (k * budget))))
+
+
 def _bootstrap(prepared, boot_idx, target_classes) -> dict[str, np.ndarray]:
-    """Seed-mean of each ``BOOTSTRAP_METRICS`` entry on every resample (rows = patients' images)."""
+    """Each ``BOOTSTRAP_METRICS`` entry of every classifier on every patient resample: ``(B, n_classifiers)``."""
     coded = []
     for y_true, y_pred, proba, pcls in prepared:
         space = list(dict.fromkeys(list(pcls) + sorted(set(map(str, y_pred)))))
         coded.append((_codes(y_true, space), _codes(y_pred, space), proba, [space.index(c) for c in target_classes]))
-    values = {m: np.empty(len(boot_idx)) for m in BOOTSTRAP_METRICS}
+    values = {m: np.empty((len(boot_idx), len(coded))) for m in BOOTSTRAP_METRICS}
     # inputs were validated once above; skipping sklearn's per-call checks makes resampling ~2x faster
     with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         # resamples often predict a class absent from their labels (``other``): expected here
         warnings.simplefilter("ignore", UserWarning)
         for b, idx in enumerate(boot_idx):
-            per_seed = []
-            for t, p, proba, eval_codes in coded:
+            for j, (t, p, proba, eval_codes) in enumerate(coded):
                 tb = t[idx]
                 present = [c for c in eval_codes if np.any(tb == c)]
-                per_seed.append(_core_metrics(tb, p[idx], proba[idx][:, present], present, full=False))
-            for m in BOOTSTRAP_METRICS:
-                values[m][b] = np.mean([sm[m] for sm in per_seed])
+                scores = _core_metrics(tb, p[idx], proba[idx][:, present], present, full=False)
+                for m in BOOTSTRAP_METRICS:
+                    values[m][b, j] = scores[m]
     return values
 
 

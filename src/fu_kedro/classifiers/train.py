@@ -1,10 +1,16 @@
 """The one classifier training loop (baseline, hybrid, fidelity scorer and CAS models all use it).
 
-Per epoch: shuffle, augment on tensors, AdamW step with cross-entropy; then score the
-held-out validation set. The weights of the best validation epoch are kept (checkpoint
-selection) and training stops after ``patience`` epochs without improvement. The
-validation set is whatever the caller passes; the evaluation pipeline passes source
-validation patients only, never target images.
+A run is a fixed number of optimiser steps (``steps``), the same for every training set, so
+that the arms of a comparison get the same schedule whatever their size: each step is one
+batch of exactly ``batch_size`` images drawn from a reshuffled pass over the training set
+(an incomplete last batch of a pass is dropped, so the step count is the schedule, not a
+by-product of set size). The learning rate follows a cosine decay to 0 over the steps
+(``lr_schedule``). Every ``eval_every`` steps (and at the last step) the model is scored on
+the held-out validation set; the weights of the best evaluation are kept (checkpoint
+selection). There is no early stop: a few validation images make a noisy stopping rule,
+and a stopped run would have a different schedule from its partner. The validation set is
+whatever the caller passes; the evaluation pipeline passes source validation patients
+only, never target images.
 
 Device (``device``, ``mixed_precision`` in ``evaluation.train``): on the CPU (``auto``
 wherever torch sees no CUDA device) training runs in float32 and the GPU path changes
@@ -15,26 +21,25 @@ to keep the GPU fed (at 224 px an image is 50 kB, 20,000 images about 1 GB of GP
 a set that does not fit would need pinned host memory and per-batch copies instead, which
 is not implemented). Model and inputs use the channels-last memory format; the forward pass
 runs under autocast (bf16 where the GPU supports it, else fp16 with a ``GradScaler``);
-losses and accuracies stay on the device and are read once per epoch, so the CPU does not
-wait for the GPU after every step. Validation and prediction run in float32.
+losses and accuracies stay on the device and are read once per evaluation, so the CPU does
+not wait for the GPU after every step. Validation and prediction run in float32. What a run
+actually used (device, autocast dtype, memory format, fused optimiser, batch sizes, threads)
+is returned in ``TrainedClassifier.info`` and recorded by the evaluation pipeline.
 
-**Not run on a GPU**: no CUDA device existed where this was written. Untested here: the
-CUDA device choice (``auto`` under ``fu_kedro.launch`` -> each process's own GPU), autocast
-on CUDA, fp16 with ``GradScaler`` and the fused AdamW on CUDA, channels-last, the
-device-resident tensors, and any speed-up. Tested on the CPU: the default is unchanged,
-bad settings fail before training, and the autocast + ``GradScaler`` code of
-``train_step`` runs (CPU bf16).
+Untested here (no CUDA device where this was written): the CUDA device choice, autocast on
+CUDA, fp16 with ``GradScaler`` and the fused AdamW on CUDA, channels-last, the
+device-resident tensors. Tested on the CPU: the default is unchanged, bad settings fail
+before training, and the autocast + ``GradScaler`` code of ``train_step`` runs (CPU bf16).
 
-Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each epoch's
-``train_loss``, ``train_accuracy``, ``val_loss`` and ``val_accuracy`` are logged with
-``mlflow.log_metrics(..., step=epoch)`` under ``<run_name>.``; the full history is also
-returned as a DataFrame.
+Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each evaluation's
+``train_loss``, ``train_accuracy`` (means over the steps since the last evaluation),
+``val_loss`` and ``val_accuracy`` are logged with ``mlflow.log_metrics(..., step=step)``
+under ``<run_name>.``; the full history is also returned as a DataFrame.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,16 +59,20 @@ log = logging.getLogger(__name__)
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class TrainConfig:
-    """Knobs of one training run (``evaluation.train`` in the parameters)."""
+    """Knobs of one training run (``evaluation.train`` in the parameters; unknown keys are refused
+    by :func:`train_config`)."""
 
-    epochs: int = 10
-    min_steps: int = 0  # at least this many optimiser steps: small sets get more epochs
+    steps: int = 300  # optimiser steps per run, the same for every training set (the schedule)
+    eval_every: int = 25  # score the validation set every this many steps (and at the last step)
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 3
+    lr_schedule: str = "cosine"  # cosine: decays to 0 over ``steps`` | constant
     selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher)
     eval_batch_size: int = 256
     bn_recalibration_images: int = 256  # 0 = off; see train_classifier
@@ -75,17 +84,28 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.selection_metric not in ("val_loss", "val_accuracy"):
             raise ValueError(f"selection_metric must be val_loss or val_accuracy, got {self.selection_metric!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        for name in ("steps", "eval_every", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def train_config(values: dict | None, where: str = "evaluation.train") -> TrainConfig:
+    """``TrainConfig`` from a parameter block; an unknown or misspelt key stops the run naming it."""
+    from fu_kedro.config import strict_dataclass
+
+    return strict_dataclass(TrainConfig, values, where)
 
 
 @dataclass
 class TrainedClassifier:
-    """A trained model (best validation epoch, eval mode) and how it was made."""
+    """A trained model (best validation evaluation, eval mode) and how it was made."""
 
     model: nn.Module
     history: pd.DataFrame
-    best_epoch: int
+    best_step: int
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,6 +203,18 @@ def training_batches(
         yield to_model_input(batch).contiguous(memory_format=memory_format), train.labels[idx]
 
 
+def batch_indices(n: int, batch_size: int, order: torch.Generator):
+    """Endless stream of index batches: reshuffled passes over ``n`` images, each cut into full
+    batches of ``batch_size`` (the incomplete rest of a pass is dropped; a set smaller than one
+    batch is one batch). One item = one optimiser step, so the step count alone fixes the schedule."""
+    while True:
+        perm = torch.randperm(n, generator=order)
+        if n < batch_size:
+            yield perm
+            continue
+        yield from perm[: n - n % batch_size].split(batch_size)
+
+
 def train_step(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
@@ -211,8 +243,8 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 def log_epoch_metrics(run_name: str, row: dict[str, Any]) -> None:
-    """One epoch's curves to the active MLflow run, keys ``<run_name>.<metric>``, step = epoch."""
-    mlflow.log_metrics({f"{run_name}.{m}": float(row[m]) for m in EPOCH_METRICS}, step=int(row["epoch"]))
+    """One evaluation's curves to the active MLflow run, keys ``<run_name>.<metric>``, MLflow step = optimiser step."""
+    mlflow.log_metrics({f"{run_name}.{m}": float(row[m]) for m in EPOCH_METRICS}, step=int(row["step"]))
 
 
 def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float, float]:
@@ -230,26 +262,29 @@ def train_classifier(
     augmentation: dict | None = None,
     run_name: str = "classifier",
 ) -> TrainedClassifier:
-    """Train ``model`` on ``train``, select the best epoch on ``val``, return it with its history.
+    """Train ``model`` for ``cfg.steps`` optimiser steps on ``train``, keep the best evaluation on ``val``.
 
     Args:
         model: a freshly built classifier (its head sized to the label space).
         train: training tensors (``uint8`` images, class indices).
-        val: validation tensors used only for checkpoint selection and early stopping.
+        val: validation tensors used only for checkpoint selection.
         cfg: loop knobs, including the device and mixed precision (see ``device_plan``).
         seed: seeds shuffling and augmentation (a generator each, so augmentation on/off
-            does not change the batch order); same seed and inputs -> same weights on the
-            same device.
+            does not change the batch order); same seed, inputs and thread count -> same
+            weights on the same device.
         augmentation: augmentation knobs (see ``build_augmentation``) or ``None`` for none.
         run_name: prefix of the MLflow metric keys and the progress bar label.
 
     Returns:
-        ``TrainedClassifier`` in eval mode holding the best epoch's weights, on the training
-        device; ``history`` has one row per epoch (epoch, train_loss, train_accuracy,
-        val_loss, val_accuracy); ``info`` records the device and autocast dtype used.
+        ``TrainedClassifier`` in eval mode holding the weights of the best evaluation, on the
+        training device; ``history`` has one row per evaluation (step, epoch = images drawn /
+        training-set size, lr, train_loss and train_accuracy since the previous evaluation,
+        val_loss, val_accuracy); ``info`` records the schedule and what the run ran on.
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{run_name}: empty training ({len(train)}) or validation ({len(val)}) set")
+    if len(train) < 2:
+        raise ValueError(f"{run_name}: a training set of {len(train)} image cannot train batch norm")
     plan = device_plan(cfg)  # before any work: a bad device or precision fails here
     model.to(plan.device, memory_format=plan.memory_format)
     # the whole uint8 set goes to the device once; batches are made there (a no-op on the CPU)
@@ -260,74 +295,96 @@ def train_classifier(
     augment_rng = torch.Generator().manual_seed(seed + 1)
     aug = build_augmentation(augmentation) if augmentation else None
     optimiser = make_optimiser(model, cfg)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.steps)
+        if cfg.lr_schedule == "cosine" else None
+    )
     sign = 1.0 if cfg.selection_metric == "val_loss" else -1.0
-    best_score, best_epoch, best_state, stale = np.inf, 0, None, 0
+    best_score, best_step, best_state = np.inf, 0, None
     rows = []
     active = mlflow.active_run() is not None
     calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(plan.device)
-    # A fixed epoch count means very few optimiser steps for a small training set (80 real
-    # images = 2 steps per epoch); stretch epochs (and patience with them) to min_steps.
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    patience = max(cfg.patience, math.ceil(cfg.patience * epochs / cfg.epochs))
-    bar = tqdm(range(1, epochs + 1), desc=run_name, unit="epoch", leave=False)
-    for epoch in bar:
-        model.train()
-        # kept on the device and read once per epoch: no wait for the GPU after every step
-        losses, sizes, correct = [], [], 0
-        for x, y in training_batches(train, cfg.batch_size, order, aug, augment_rng, plan.memory_format):
-            loss, logits = train_step(model, optimiser, x, y, plan.amp_dtype, scaler)
-            losses.append(loss.detach())
-            sizes.append(len(y))
-            correct = correct + (logits.argmax(1) == y).sum()
-        batch_losses = torch.stack(losses).double().cpu().numpy() * np.array(sizes) if losses else np.zeros(0)
+    batches = batch_indices(len(train), cfg.batch_size, order)
+    batch_size = min(cfg.batch_size, len(train))
+    # kept on the device and read once per evaluation: no wait for the GPU after every step
+    losses, correct, seen = [], 0, 0
+    model.train()
+    for step in tqdm(range(1, cfg.steps + 1), desc=run_name, unit="step", leave=False):
+        idx = next(batches).to(plan.device)
+        x = train.images[idx]
+        if aug is not None:
+            x = aug(x, augment_rng)
+        x, y = to_model_input(x).contiguous(memory_format=plan.memory_format), train.labels[idx]
+        loss, logits = train_step(model, optimiser, x, y, plan.amp_dtype, scaler)
+        lr = optimiser.param_groups[0]["lr"]
+        if schedule is not None:
+            schedule.step()
+        losses.append(loss.detach())
+        correct = correct + (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        batch_losses = torch.stack(losses).double().cpu().numpy()
         if not np.isfinite(batch_losses).all():
             bad = batch_losses[~np.isfinite(batch_losses)][0]
-            raise FloatingPointError(f"{run_name}: training loss became {bad} at epoch {epoch}")
+            raise FloatingPointError(f"{run_name}: training loss became {bad} before step {step}")
         if cfg.bn_recalibration_images:
-            # With few images there are few steps, and batch-norm running averages (momentum
-            # 0.1) are still far from the data when validation starts: eval-mode outputs then
-            # collapse to one class. Re-estimating them on un-augmented training images fixes
-            # that at the cost of one forward pass over at most this many images.
+            # With few steps the batch-norm running averages (momentum 0.1) are still far from
+            # the data when validation starts: eval-mode outputs then collapse to one class.
+            # Re-estimating them on un-augmented training images fixes that at the cost of one
+            # forward pass over at most this many images.
             n_cal = min(cfg.bn_recalibration_images, len(train))
             cal = to_model_input(train.images[calibration_idx[:n_cal]]).contiguous(memory_format=plan.memory_format)
             update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], model)
         val_loss, val_acc = _evaluate(model, val, cfg.eval_batch_size)
+        model.train()
         row = {
-            "epoch": epoch,
-            "train_loss": float(np.sum(batch_losses) / len(train)),
-            "train_accuracy": int(correct) / len(train),
+            "step": step,
+            "epoch": step * batch_size / len(train),
+            "lr": float(lr),
+            "train_loss": float(batch_losses.mean()),
+            "train_accuracy": int(correct) / seen,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
         }
         rows.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+        losses, correct, seen = [], 0, 0
         if active:
             log_epoch_metrics(run_name, row)
         score = sign * row[cfg.selection_metric]
         if score < best_score:
-            best_score, best_epoch, stale = score, epoch, 0
+            best_score, best_step = score, step
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     history = pd.DataFrame(rows)
+    best = history.loc[history["step"] == best_step].iloc[0]
     log.info(
-        "%s: %d epochs, best epoch %d (val_loss %.3f, val_accuracy %.3f)",
-        run_name, len(rows), best_epoch, rows[best_epoch - 1]["val_loss"], rows[best_epoch - 1]["val_accuracy"],
+        "%s: %d steps (%.1f passes over %d images), best at step %d (val_loss %.3f, val_accuracy %.3f)",
+        run_name, cfg.steps, cfg.steps * batch_size / len(train), len(train), best_step,
+        best["val_loss"], best["val_accuracy"],
     )
     return TrainedClassifier(
-        model, history, best_epoch,
+        model, history, best_step,
         {
-            "seed": seed, "n_train": len(train), "n_val": len(val), "max_epochs": epochs, "patience": patience,
-            "device": str(plan.device),
-            "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else "no",
+            "seed": seed, "n_train": len(train), "n_val": len(val), "steps": cfg.steps,
+            "batch_size": batch_size, "passes_over_training_set": cfg.steps * batch_size / len(train),
+            "best_step": best_step, **ran_on(plan, cfg),
         },
     )
+
+
+def ran_on(plan: DevicePlan, cfg: TrainConfig) -> dict[str, Any]:
+    """What a run actually computed with, for the plan, the report and MLflow (not what was asked for)."""
+    return {
+        "device": str(plan.device),
+        "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else "no",
+        "grad_scaler": plan.grad_scaling,
+        "memory_format": "channels_last" if plan.memory_format == torch.channels_last else "contiguous",
+        "optimiser": "AdamW (fused)",
+        "eval_batch_size": cfg.eval_batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 @torch.no_grad()

@@ -29,16 +29,51 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
-from fu_kedro.classifiers.train import log_epoch_metrics, resolve_device
+from fu_kedro.classifiers.train import log_epoch_metrics, resolve_device, train_config
+from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
 from fu_kedro.launch import distributed_state
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
+from fu_kedro.models.generation import torch_threads
 
 from . import quality
 
 log = logging.getLogger(__name__)
 
 TRAINING_SETS = ("baseline", "hybrid")
+# every key the evaluation block and its sub-blocks accept: a misspelt key stops the run
+PARAMETER_KEYS = {
+    "evaluation": ("classes", "image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
+                   "n_seeds", "weights", "torch_threads", "min_fidelity", "on_low_fidelity",
+                   "train", "augment", "metrics", "quality", "report"),
+    "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p"),
+    "evaluation.metrics": ("n_bootstrap", "ci"),
+    "evaluation.quality": ("cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
+                           "memorisation_controls", "tsne_perplexity", "max_points_per_class"),
+    "evaluation.report": ("samples_per_class",),
+}
+ON_LOW_FIDELITY = ("warn", "fail")
+
+
+def check_parameters(params: dict) -> None:
+    """Unknown keys anywhere in ``evaluation`` (``train`` included) and bad gate settings stop the run."""
+    check_keys(params, PARAMETER_KEYS["evaluation"], "evaluation")
+    for block, allowed in PARAMETER_KEYS.items():
+        if block != "evaluation":
+            check_keys(params.get(block.split(".")[1]) or {}, allowed, block)
+    train_config(params.get("train"))
+    if params.get("on_low_fidelity", "warn") not in ON_LOW_FIDELITY:
+        raise ValueError(f"evaluation.on_low_fidelity must be one of {list(ON_LOW_FIDELITY)}, "
+                         f"got {params.get('on_low_fidelity')!r}")
+    threads = params.get("torch_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"evaluation.torch_threads must be null or an integer >= 1, got {threads!r}")
+
+
+def set_mlflow_tags(tags: dict[str, Any]) -> None:
+    """Tags on the active MLflow run (kedro-mlflow's); nothing when no run is active (tests, plain sessions)."""
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def _json_safe(obj: Any) -> Any:
@@ -79,6 +114,7 @@ def prepare_classifier_data(
         ValueError: a label outside ``classes`` (naming set and labels), a source without
             train/val patients, a target without patient/center columns.
     """
+    check_parameters(params)
     classes = list(params["classes"])
     size = int(params["image_size"])
     if len(set(classes)) != len(classes) or len(classes) < 2:
@@ -117,16 +153,23 @@ def prepare_classifier_data(
         "target": target,
         "synthetic": synthetic,
     }
-    # The copy check compares pixels at a higher resolution than the classifier sees: at 32 px
-    # two different real images already correlate above 0.95.
-    mem_size = int(params["quality"]["memorisation_size"])
+    # The copy check compares pixels at the generator's resolution (the synthetic images' own
+    # size unless quality.memorisation_size is a number), both sides through the same resize:
+    # a training image that the generator reproduced exactly then correlates 1.0 with it.
+    mem_size = params["quality"].get("memorisation_size", "auto")
+    if mem_size in (None, "auto"):
+        mem_size = int(synthetic_batch.images.shape[1]) if synthetic is not None else size
     mem = {"source_train": source_images.select((splits == "train").to_numpy()),
            "source_val": source_images.select((splits == "val").to_numpy())}
     if synthetic is not None:
         mem["synthetic"] = synthetic_batch
     data["memorisation_images"] = {
-        k: prepare_tensors(v, classes, mem_size, k).images[:, 0].numpy() for k, v in mem.items()
+        k: prepare_tensors(v, classes, int(mem_size), k).images[:, 0].numpy() for k, v in mem.items()
     }
+    if synthetic is not None:
+        meta = synthetic.meta
+        meta["replicate"] = (pd.to_numeric(meta["replicate"]).astype(int) if "replicate" in meta.columns
+                             else np.zeros(len(meta), int))
     data["info"] = {
         "n_source_train": len(data["source_train"]),
         "n_source_val": len(data["source_val"]),
@@ -136,6 +179,8 @@ def prepare_classifier_data(
         "target_info": target_images.info,
         "synthetic_info": synthetic_batch.info if synthetic_batch is not None else {},
         "target_classes": [c for c in classes if c in set(target.meta["label"].astype(str))],
+        "memorisation_size": int(mem_size),
+        "synthetic_replicates": [] if synthetic is None else sorted(map(int, synthetic.meta["replicate"].unique())),
     }
     log.info(
         "evaluation data at %d px: %d source train, %d source val, %d target, %d synthetic images",
@@ -160,8 +205,11 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
 
     Returns:
         One dict per run: experiment (training-set name), backbone, augmentation, seed,
-        weights (``"ImageNet weights from <file>"`` or ``"random init"``), weights_file,
-        n_real, n_synthetic, synthetic_ratio.
+        replicate (the synthetic-batch replicate it trains with; -1 = none), weights
+        (``"ImageNet weights from <file>"`` or ``"random init"``), weights_file, n_real,
+        n_synthetic, synthetic_ratio, and the schedule every arm shares (steps, batch_size,
+        eval_every, learning_rate, lr_schedule) with the passes over its training set that
+        this makes, and the torch thread count.
 
     Raises:
         ValueError: unknown training set, a hybrid set with no synthetic images, a ratio
@@ -181,7 +229,7 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
             "pipeline first or set evaluation.training_sets: [baseline] and synthetic_ratios: []"
         )
     for r in ratios:
-        if r <= 0 or round(r * n_real) > n_syn:
+        if r <= 0:
             raise ValueError(
                 f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images ({n_real} real train images); "
                 f"the synthetic batch has {n_syn} and ratios must be > 0"
@@ -203,32 +251,62 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
         raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
     augmentations = [bool(a) for a in params["augmentation"]]
     training = [(s, None) for s in sets] + [(_ratio_name(r), r) for r in ratios]
+    cfg = train_config(params["train"])
+    synthetic = classifier_data["synthetic"]
+    replicates = classifier_data["info"].get("synthetic_replicates") or [0]
+    per_replicate = (
+        {r: int((synthetic.meta["replicate"] == r).sum()) for r in replicates} if synthetic is not None else {}
+    )
+    if ratios:
+        smallest = min(per_replicate.values())
+        for r in ratios:
+            if round(r * n_real) > smallest:
+                raise ValueError(f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images per replicate; the "
+                                 f"smallest replicate of the batch has {smallest}")
+    threads = params.get("torch_threads")
     plan = []
     for experiment, ratio in training:
-        n_s = 0 if experiment == "baseline" else (n_syn if ratio is None else int(round(ratio * n_real)))
+        # the baseline trains once per seed; every synthetic arm once per replicate x seed
+        arm_replicates = [-1] if experiment == "baseline" else replicates
         for backbone in backbones:
             for aug in augmentations:
-                for i in range(n_seeds):
-                    plan.append(
-                        {
-                            "experiment": experiment,
-                            "backbone": backbone,
-                            "augmentation": aug,
-                            "seed": int(seed) + i,
-                            "weights": descriptions[backbone],
-                            "weights_file": weights_files.get(backbone),
-                            "n_real": n_real,
-                            "n_synthetic": n_s,
-                            "synthetic_ratio": ratio,
-                        }
-                    )
-    log.info("evaluation plan: %d classifier runs", len(plan))
+                for rep in arm_replicates:
+                    n_s = 0 if rep < 0 else (per_replicate[rep] if ratio is None else int(round(ratio * n_real)))
+                    batch = min(cfg.batch_size, n_real + n_s)
+                    for i in range(n_seeds):
+                        plan.append(
+                            {
+                                "experiment": experiment,
+                                "backbone": backbone,
+                                "augmentation": aug,
+                                "seed": int(seed) + i,
+                                "replicate": rep,
+                                "weights": descriptions[backbone],
+                                "weights_file": weights_files.get(backbone),
+                                "n_real": n_real,
+                                "n_synthetic": n_s,
+                                "synthetic_ratio": ratio,
+                                # the schedule, equal for every arm: same steps, batch, lr, evaluations
+                                "steps": cfg.steps,
+                                "batch_size": batch,
+                                "eval_every": cfg.eval_every,
+                                "learning_rate": cfg.learning_rate,
+                                "lr_schedule": cfg.lr_schedule,
+                                "held_equal": "optimiser steps, batch size, learning-rate schedule, evaluations",
+                                "passes_over_training_set": round(cfg.steps * batch / (n_real + n_s), 3),
+                                "torch_threads": threads,
+                            }
+                        )
+    log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
+             len(plan), cfg.steps, cfg.batch_size, len(replicates))
     return plan
 
 
 def run_key(run: dict) -> str:
-    """Name of one planned run: ``<experiment>/<backbone>/<aug|noaug>/seed<seed>``."""
-    return f"{experiment_key(run['experiment'], run['backbone'], run['augmentation'])}/seed{run['seed']}"
+    """Name of one planned run: ``<experiment>/<backbone>/<aug|noaug>[/rep<r>]/seed<seed>``."""
+    rep = int(run.get("replicate", -1))
+    return (f"{experiment_key(run['experiment'], run['backbone'], run['augmentation'])}"
+            f"{f'/rep{rep}' if rep >= 0 else ''}/seed{run['seed']}")
 
 
 # --------------------------------------------------------------------------- training
@@ -252,63 +330,108 @@ def training_set(classifier_data: dict, run: dict) -> TensorSet:
     real = classifier_data["source_train"]
     if run["n_synthetic"] == 0:
         return real
-    syn = _synthetic_subset(classifier_data["synthetic"], run["n_synthetic"], run["seed"])
+    synthetic = classifier_data["synthetic"]
+    replicate = synthetic.subset((synthetic.meta["replicate"] == int(run.get("replicate", 0))).to_numpy())
+    syn = _synthetic_subset(replicate, run["n_synthetic"], run["seed"])
     return TensorSet.concat([real, syn])
 
 
 def train_experiments(
-    classifier_data: dict, experiment_plan: list[dict], params: dict
+    classifier_data: dict, experiment_plan: list[dict], params: dict, arms: str = "all"
 ) -> tuple[dict[str, TrainedClassifier], pd.DataFrame]:
     """Train one classifier per planned run; select checkpoints on source validation patients.
 
     Args:
         classifier_data: output of ``prepare_classifier_data``.
         experiment_plan: output of ``plan_experiments``.
-        params: ``evaluation`` parameters (``train``, ``augment``).
+        params: ``evaluation`` parameters (``train``, ``augment``, ``torch_threads``).
+        arms: ``all`` | ``baseline`` (runs without synthetic images) | ``synthetic`` (the others).
 
     Returns:
-        (classifiers by ``run_key``, training history with one row per run and epoch:
-        run, experiment, backbone, augmentation, seed, epoch, train_loss, train_accuracy,
-        val_loss, val_accuracy, best_epoch). Curves go to MLflow as the loop runs.
+        (classifiers by ``run_key``, training history with one row per run and evaluation:
+        run, experiment, backbone, augmentation, seed, replicate, step, epoch, lr,
+        train_loss, train_accuracy, val_loss, val_accuracy, best_step, best_epoch). Curves
+        go to MLflow as the loop runs.
 
-    Under several processes (``python -m fu_kedro.launch -n N run ...``) process k trains
-    runs k, k + N, ...; the results are gathered so that every process returns all of them,
-    in plan order — the same classifiers and table as one process.
+    Every run gets the same schedule (``evaluation.train.steps`` optimiser steps of one
+    batch each), whatever the size of its training set. Under several processes
+    (``python -m fu_kedro.launch -n N run ...``) process k trains runs k, k + N, ...; the
+    results are gathered so that every process returns all of them, in plan order — the
+    same classifiers and table as one process.
     """
-    cfg = TrainConfig(**params["train"])
+    cfg = train_config(params["train"])
     classes = classifier_data["classes"]
+    chosen = [
+        run for run in experiment_plan
+        if arms == "all" or (arms == "baseline") == (int(run["n_synthetic"]) == 0)
+    ]
     # Under several processes (fu_kedro.launch) each trains every n-th run; all get all results.
     state = distributed_state()
-    mine = list(range(len(experiment_plan)))[state.process_index :: state.num_processes]
+    mine = list(range(len(chosen)))[state.process_index :: state.num_processes]
     trained, histories = {}, []
-    for i in mine:
-        run = experiment_plan[i]
-        key = run_key(run)
-        log.info("classifier %d/%d: %s (%s)", i + 1, len(experiment_plan), key, run["weights"])
-        torch.manual_seed(run["seed"])  # head and random-init weights depend on the seed
-        model, _ = build_classifier(run["backbone"], len(classes), classifier_data["image_size"], run["weights_file"])
-        result = train_classifier(
-            model,
-            training_set(classifier_data, run),
-            classifier_data["source_val"],
-            cfg,
-            seed=run["seed"],
-            augmentation=params["augment"] if run["augmentation"] else None,
-            run_name=key.replace("/", "."),
-        )
-        result.info.update(run)
-        trained[key] = result
-        hist = result.history.copy()
-        hist.insert(0, "run", key)
-        for col in ("experiment", "backbone", "augmentation", "seed"):
-            hist[col] = run[col]
-        hist["best_epoch"] = result.best_epoch
-        histories.append(hist)
+    with torch_threads(params.get("torch_threads")):
+        for i in mine:
+            run = chosen[i]
+            key = run_key(run)
+            log.info("classifier %d/%d (%s arms): %s (%s)", i + 1, len(chosen), arms, key, run["weights"])
+            torch.manual_seed(run["seed"])  # head and random-init weights depend on the seed
+            model, _ = build_classifier(run["backbone"], len(classes), classifier_data["image_size"], run["weights_file"])
+            result = train_classifier(
+                model,
+                training_set(classifier_data, run),
+                classifier_data["source_val"],
+                cfg,
+                seed=run["seed"],
+                augmentation=params["augment"] if run["augmentation"] else None,
+                run_name=key.replace("/", "."),
+            )
+            result.info.update(run)
+            trained[key] = result
+            hist = result.history.copy()
+            hist.insert(0, "run", key)
+            for col in ("experiment", "backbone", "augmentation", "seed", "replicate"):
+                hist[col] = run.get(col, -1)
+            for col in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps"):
+                hist[col] = result.info[col]  # what this run actually ran on
+            hist["best_step"] = result.best_step
+            hist["best_epoch"] = float(hist.loc[hist["step"] == result.best_step, "epoch"].iloc[0])
+            histories.append(hist)
     if state.num_processes > 1:
-        trained, histories = _gather_runs(trained, histories, experiment_plan, state.process_index)
+        trained, histories = _gather_runs(trained, histories, chosen, state.process_index)
         for result in trained.values():
             result.model.to(resolve_device(cfg.device))  # predictions run on this process's device
-    return trained, pd.concat(histories, ignore_index=True)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    if trained:
+        first = next(iter(trained.values())).info
+        set_mlflow_tags({f"evaluation.ran_on.{k}": first[k] for k in
+                         ("device", "autocast", "grad_scaler", "memory_format", "optimiser", "batch_size",
+                          "eval_batch_size", "torch_threads", "steps")})
+    return trained, history
+
+
+def train_baseline_classifiers(classifier_data: dict, experiment_plan: list[dict], params: dict):
+    """The runs without synthetic images (the baseline arm; also the fidelity scorers). See ``train_experiments``."""
+    return train_experiments(classifier_data, experiment_plan, params, arms="baseline")
+
+
+def train_synthetic_arm_classifiers(
+    classifier_data: dict,
+    experiment_plan: list[dict],
+    params: dict,
+    baseline_classifiers: dict,
+    baseline_history: pd.DataFrame,
+    fidelity_gate: dict,
+):
+    """The runs with synthetic images (hybrid, ratios; one per replicate x seed), after the fidelity gate.
+
+    ``fidelity_gate`` is an input so this node runs after the gate (which stops the run when
+    ``on_low_fidelity: fail``). Returns every run's classifier and history, baseline
+    included, in plan order: ``(trained_classifiers, classifier_training_history)``.
+    """
+    trained, history = train_experiments(classifier_data, experiment_plan, params, arms="synthetic")
+    everything = {**baseline_classifiers, **trained}
+    ordered = {run_key(r): everything[run_key(r)] for r in experiment_plan}
+    return ordered, pd.concat([baseline_history, history], ignore_index=True)
 
 
 def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: list[dict], rank: int):
@@ -332,36 +455,126 @@ def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: 
     return {k: everyone[k][0] for k in keys}, [everyone[k][1] for k in keys]
 
 
+# --------------------------------------------------------------------------- quality gate
+LOW_FIDELITY_MESSAGE = (
+    "synthetic batch not class-faithful (fidelity {fidelity:.3f} < evaluation.min_fidelity {threshold:.2f}); "
+    "hybrid numbers say nothing about the method"
+)
+
+
+def _correct_matrix(models: list, data: TensorSet, truth: np.ndarray) -> np.ndarray:
+    """``(n_models, n_images)`` booleans: model m labels image i as ``truth[i]`` (class index)."""
+    return np.stack([predict_proba(m, data).argmax(axis=1) == truth for m in models])
+
+
+def check_synthetic_fidelity(
+    classifier_data: dict, baseline_classifiers: dict, experiment_plan: list[dict], params: dict, seed: int
+) -> dict:
+    """The quality gate: is the synthetic batch class-faithful enough for the hybrid numbers to mean anything?
+
+    The baseline classifiers of the first backbone/augmentation (real source images only,
+    every seed) label every synthetic image; fidelity = share labelled as the class it was
+    prompted for. Beside it, the same scorers' accuracy on held-out real source-val images
+    (train-real/test-real): the reference fidelity is to be read against. Intervals: 95 %
+    bootstrap over scorer seeds and images (val images by patient).
+
+    Below ``evaluation.min_fidelity`` the run logs an ERROR, tags the MLflow run
+    (``evaluation.synthetic_gate = failed``) and the report carries a red banner; with
+    ``evaluation.on_low_fidelity: fail`` it stops here, before any hybrid classifier trains.
+
+    Returns:
+        dict: status (passed | failed | no synthetic batch), threshold, action, fidelity,
+        fidelity_ci, fidelity_per_seed, fidelity_per_replicate, per_class, scorer
+        (run keys), scorer_accuracy_source_val (+ ci, per seed), note, message.
+    """
+    threshold = float(params.get("min_fidelity", 0.8))
+    action = params.get("on_low_fidelity", "warn")
+    synthetic = classifier_data["synthetic"]
+    gate: dict[str, Any] = {"threshold": threshold, "action": action}
+    if synthetic is None:
+        gate.update(status="no synthetic batch", fidelity=None)
+        return gate
+    scorers = _first_config_runs(experiment_plan, "baseline")
+    if not scorers:
+        raise ValueError("the fidelity gate needs baseline runs (evaluation.training_sets must include baseline)")
+    models = [baseline_classifiers[run_key(r)].model for r in scorers]
+    val = classifier_data["source_val"]
+    n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
+    with torch_threads(params.get("torch_threads")):
+        syn_correct = _correct_matrix(models, synthetic, synthetic.labels.numpy())
+        val_correct = _correct_matrix(models, val, val.labels.numpy())
+    val_groups = val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None
+    fid = float(syn_correct.mean())
+    ref = float(val_correct.mean())
+    names = np.asarray(classifier_data["classes"], dtype=object)
+    prompted = names[synthetic.labels.numpy()]
+    replicate = synthetic.meta["replicate"].to_numpy()
+    gate.update(
+        fidelity=fid,
+        fidelity_ci=quality.seed_item_interval(syn_correct, None, n_boot, seed),
+        fidelity_per_seed={str(r["seed"]): float(c.mean()) for r, c in zip(scorers, syn_correct)},
+        fidelity_per_replicate={str(k): float(syn_correct[:, replicate == k].mean()) for k in np.unique(replicate)},
+        per_class={c: float(syn_correct[:, prompted == c].mean()) for c in classifier_data["classes"]
+                   if (prompted == c).any()},
+        scorer=[run_key(r) for r in scorers],
+        scorer_accuracy_source_val=ref,
+        scorer_accuracy_source_val_ci=quality.seed_item_interval(val_correct, val_groups, n_boot, seed),
+        scorer_accuracy_source_val_per_seed={str(r["seed"]): float(c.mean()) for r, c in zip(scorers, val_correct)},
+        n_source_val=len(val),
+        status="passed" if fid >= threshold else "failed",
+    )
+    gate["note"] = (
+        "fidelity is well above the scorers' own accuracy on real held-out images: the synthetic images may be "
+        "prototypes (too easy) or copies; see memorisation and diversity" if fid > ref + 0.1 else
+        "fidelity read against the scorers' accuracy on real held-out images"
+    )
+    set_mlflow_tags({"evaluation.synthetic_gate": gate["status"], "evaluation.fidelity": f"{fid:.4f}",
+                     "evaluation.min_fidelity": threshold})
+    if gate["status"] == "failed":
+        gate["message"] = LOW_FIDELITY_MESSAGE.format(fidelity=fid, threshold=threshold)
+        log.error(gate["message"])
+        if action == "fail":
+            raise ValueError(gate["message"] + " (evaluation.on_low_fidelity: fail)")
+    else:
+        log.info("synthetic batch passed the fidelity gate: %.3f >= %.2f (scorers' real source-val accuracy %.3f)",
+                 fid, threshold, ref)
+    return _json_safe(gate)
+
+
 # --------------------------------------------------------------------------- zero-shot
-def predict_target(classifier_data: dict, trained_classifiers: dict, experiment_plan: list[dict]) -> pd.DataFrame:
+def predict_target(
+    classifier_data: dict, trained_classifiers: dict, experiment_plan: list[dict], params: dict | None = None
+) -> pd.DataFrame:
     """Zero-shot predictions of every trained classifier on every target image.
 
     Returns:
-        The contract table, one row per (experiment, seed, target image): experiment,
-        backbone, augmentation, seed, image_id, patient_id, center, label, prediction
-        (argmax over all source classes, ``other`` included) and ``prob_<class>`` per
-        source class.
+        The contract table, one row per (classifier, target image): experiment, backbone,
+        augmentation, seed, image_id, patient_id, center, label, prediction (argmax over all
+        source classes, ``other`` included), ``prob_<class>`` per source class, then
+        ``replicate`` (synthetic-batch replicate the classifier trained with, -1 = none).
     """
     classes = classifier_data["classes"]
     target = classifier_data["target"]
     frames = []
-    for run in experiment_plan:
-        proba = predict_proba(trained_classifiers[run_key(run)].model, target)
-        frame = pd.DataFrame(
-            {
-                "experiment": run["experiment"],
-                "backbone": run["backbone"],
-                "augmentation": run["augmentation"],
-                "seed": run["seed"],
-                "image_id": target.meta["image_id"].astype(str).to_numpy(),
-                "patient_id": target.meta["patient_id"].astype(str).to_numpy(),
-                "center": target.meta["center"].astype(str).to_numpy(),
-                "label": target.meta["label"].astype(str).to_numpy(),
-                "prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)],
-            }
-        )
-        frame[prob_columns(classes)] = proba
-        frames.append(frame)
+    with torch_threads((params or {}).get("torch_threads")):
+        for run in experiment_plan:
+            proba = predict_proba(trained_classifiers[run_key(run)].model, target)
+            frame = pd.DataFrame(
+                {
+                    "experiment": run["experiment"],
+                    "backbone": run["backbone"],
+                    "augmentation": run["augmentation"],
+                    "seed": run["seed"],
+                    "image_id": target.meta["image_id"].astype(str).to_numpy(),
+                    "patient_id": target.meta["patient_id"].astype(str).to_numpy(),
+                    "center": target.meta["center"].astype(str).to_numpy(),
+                    "label": target.meta["label"].astype(str).to_numpy(),
+                    "prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)],
+                }
+            )
+            frame[prob_columns(classes)] = proba
+            frame["replicate"] = int(run.get("replicate", -1))
+            frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -419,42 +632,49 @@ def _first_config_runs(experiment_plan: list[dict], experiment: str) -> list[dic
 
 
 def train_cas_classifier(classifier_data: dict, experiment_plan: list[dict], params: dict, seed: int):
-    """Train the CAS classifier: synthetic images only, same backbone/augmentation as the first run.
+    """Train the CAS classifiers: synthetic images only, same backbone/augmentation, schedule and
+    seeds as the first configuration's baseline runs (one per seed).
 
     Checkpoint selection uses a class-stratified held-out share of the *synthetic* images
-    (``quality.cas_holdout_fraction``), so the real images it is scored on stay unseen.
+    (``quality.cas_holdout_fraction``), so the real images they are scored on stay unseen.
+    All replicates of the batch are pooled.
 
     Returns:
-        ``TrainedClassifier`` (its ``info`` says backbone, weights, seed, sizes), or ``None``
+        list of ``TrainedClassifier`` (``info``: backbone, weights, seed, sizes), or ``None``
         when the synthetic batch is empty.
     """
     synthetic = classifier_data["synthetic"]
     if synthetic is None:
         return None
-    run = experiment_plan[0]
-    rng = np.random.default_rng(seed)
+    runs = _first_config_runs(experiment_plan, "baseline") or [experiment_plan[0]]
     labels = synthetic.labels.numpy()
-    held = np.zeros(len(labels), bool)
     frac = float(params["quality"]["cas_holdout_fraction"])
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        k = max(1, int(round(frac * len(idx)))) if len(idx) > 1 else 0
-        held[rng.choice(idx, k, replace=False)] = True
-    torch.manual_seed(seed)
-    model, weights = build_classifier(
-        run["backbone"], len(classifier_data["classes"]), classifier_data["image_size"], run["weights_file"]
-    )
-    result = train_classifier(
-        model,
-        synthetic.subset(~held),
-        synthetic.subset(held),
-        TrainConfig(**params["train"]),
-        seed=seed,
-        augmentation=params["augment"] if run["augmentation"] else None,
-        run_name="cas.synthetic_only",
-    )
-    result.info.update({"backbone": run["backbone"], "augmentation": run["augmentation"], "weights": weights})
-    return result
+    cfg = train_config(params["train"])
+    out = []
+    with torch_threads(params.get("torch_threads")):
+        for run in runs:
+            rng = np.random.default_rng(run["seed"])
+            held = np.zeros(len(labels), bool)
+            for c in np.unique(labels):
+                idx = np.flatnonzero(labels == c)
+                k = max(1, int(round(frac * len(idx)))) if len(idx) > 1 else 0
+                held[rng.choice(idx, k, replace=False)] = True
+            torch.manual_seed(run["seed"])
+            model, weights = build_classifier(
+                run["backbone"], len(classifier_data["classes"]), classifier_data["image_size"], run["weights_file"]
+            )
+            result = train_classifier(
+                model,
+                synthetic.subset(~held),
+                synthetic.subset(held),
+                cfg,
+                seed=run["seed"],
+                augmentation=params["augment"] if run["augmentation"] else None,
+                run_name=f"cas.synthetic_only.seed{run['seed']}",
+            )
+            result.info.update({"backbone": run["backbone"], "augmentation": run["augmentation"], "weights": weights})
+            out.append(result)
+    return out
 
 
 def assess_synthetic_quality(
@@ -464,22 +684,25 @@ def assess_synthetic_quality(
     experiment_plan: list[dict],
     params: dict,
     seed: int,
+    fidelity_gate: dict | None = None,
 ) -> tuple[dict, pd.DataFrame]:
-    """Judge the synthetic batch: fidelity, CAS, feature-space distance, diversity, memorisation.
+    """Judge the synthetic batch: fidelity (from the gate), CAS, feature-space distances, diversity, memorisation.
 
     Args:
         classifier_data: output of ``prepare_classifier_data``.
-        trained_classifiers: the baseline runs (first backbone/augmentation of the plan) score
-            fidelity (every seed, averaged) and give the feature space (first seed).
-        cas_classifier: output of ``train_cas_classifier``.
+        trained_classifiers: the baseline runs (first backbone/augmentation of the plan) give
+            the feature space (first seed) and the train-real/test-real reference.
+        cas_classifier: output of ``train_cas_classifier`` (one synthetic-only model per seed).
         experiment_plan: which runs are the baseline.
-        params: ``evaluation`` parameters (``quality``).
-        seed: seeds t-SNE and subsampling.
+        params: ``evaluation`` parameters (``quality``, ``metrics``).
+        seed: seeds t-SNE, subsampling, controls and intervals.
+        fidelity_gate: output of ``check_synthetic_fidelity`` (fidelity and its reference).
 
     Returns:
         (``synthetic_quality.json`` content, t-SNE table with class, kind, x, y). Key fields:
         ``fidelity`` and ``cas_accuracy`` (overall fractions), ``n_images``, ``feature_space``,
-        ``per_class``.
+        ``per_class``; each anchored by a reference (``fidelity_reference``,
+        ``cas_reference``), intervals over seeds, memorisation controls and threshold.
     """
     classes = classifier_data["classes"]
     synthetic = classifier_data["synthetic"]
@@ -489,48 +712,74 @@ def assess_synthetic_quality(
     baselines = _first_config_runs(experiment_plan, "baseline")
     if not baselines:
         raise ValueError("synthetic quality needs baseline runs (evaluation.training_sets must include baseline)")
+    gate = fidelity_gate or check_synthetic_fidelity(
+        classifier_data, trained_classifiers, experiment_plan, dict(params, on_low_fidelity="warn"), seed)
     names = np.asarray(classes, dtype=object)
     prompted = names[synthetic.labels.numpy()]
-    fid_runs = []
-    for run in baselines:
-        pred = names[predict_proba(trained_classifiers[run_key(run)].model, synthetic).argmax(axis=1)]
-        fid_runs.append(quality.fidelity(prompted, pred, classes))
     scorer = trained_classifiers[run_key(baselines[0])].model
     q = params["quality"]
+    n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
+    val, target = classifier_data["source_val"], classifier_data["target"]
+    val_groups = val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None
+    target_groups = (target.meta["center"].astype(str) + "::" + target.meta["patient_id"].astype(str)).to_numpy()
 
-    # CAS: synthetic-only classifier on real images it never saw
-    cas = {}
-    for name, data in (("source_val", classifier_data["source_val"]), ("target", classifier_data["target"])):
-        pred = names[predict_proba(cas_classifier.model, data).argmax(axis=1)]
-        truth = names[data.labels.numpy()]
-        cas[name] = quality.fidelity(truth, pred, classes)  # share of each real class recognised
-
-    real_train = classifier_data["source_train"]
-    f_real = extract_features(scorer, real_train)
-    f_val = extract_features(scorer, classifier_data["source_val"])
-    f_syn = extract_features(scorer, synthetic)
+    with torch_threads(params.get("torch_threads")):
+        # CAS: synthetic-only classifiers (one per seed) on real images they never saw, beside
+        # real-only classifiers of the same seeds on the same images (train-real/test-real)
+        cas_models = [c.model for c in cas_classifier]
+        base_models = [trained_classifiers[run_key(r)].model for r in baselines]
+        cas_val = _correct_matrix(cas_models, val, val.labels.numpy())
+        cas_tgt = _correct_matrix(cas_models, target, target.labels.numpy())
+        real_tgt = _correct_matrix(base_models, target, target.labels.numpy())
+        cas_pred_val = [names[predict_proba(m, val).argmax(axis=1)] for m in cas_models]
+        cas_pred_tgt = [names[predict_proba(m, target).argmax(axis=1)] for m in cas_models]
+        real_train = classifier_data["source_train"]
+        f_real = extract_features(scorer, real_train)
+        f_val = extract_features(scorer, val)
+        f_syn = extract_features(scorer, synthetic)
+    cas_val_pc = [quality.fidelity(names[val.labels.numpy()], p, classes)["per_class"] for p in cas_pred_val]
+    cas_tgt_pc = [quality.fidelity(names[target.labels.numpy()], p, classes)["per_class"] for p in cas_pred_tgt]
     real_names = names[real_train.labels.numpy()]
-    val_names = names[classifier_data["source_val"].labels.numpy()]
+    val_names = names[val.labels.numpy()]
+
+    # memorisation at the generator's resolution, threshold calibrated on controls
     mem = classifier_data["memorisation_images"]
     sim, nn_idx = quality.nearest_real_similarity(mem["synthetic"], mem["source_train"])
-    ref_sim, _ = quality.nearest_real_similarity(mem["source_val"], mem["source_train"])
-    threshold = float(q["memorisation_threshold"])
+    controls = quality.memorisation_controls(mem["source_train"], mem["source_val"],
+                                             int(q.get("memorisation_controls", 20)), seed)
+    pos_sim, pos_idx = quality.nearest_real_similarity(controls["positive"], mem["source_train"])
+    neg_sim, _ = quality.nearest_real_similarity(controls["negative"], mem["source_train"])
+    calibration = quality.calibrate_memorisation_threshold(pos_sim, neg_sim)
+    fixed = q.get("memorisation_threshold", "auto")
+    threshold = calibration["threshold"] if fixed in (None, "auto") else float(fixed)
     flagged = np.flatnonzero(sim >= threshold)
+    if not calibration["separable"]:
+        log.warning("memorisation check: at %d px a real validation image correlates %.3f with a training image, as "
+                    "high as a slipped-in copy (%.3f); the copy check cannot tell them apart at this resolution",
+                    mem["synthetic"].shape[-1], calibration["negative_max"], calibration["positive_min"])
 
+    rng = np.random.default_rng([seed, 5])
     per_class = {}
     for c in classes:
         s_mask, r_mask, v_mask = prompted == c, real_names == c, val_names == c
         if not s_mask.any():
             continue
+        # Fréchet distance at matched sizes: as many synthetic images as real train images
+        syn_idx = np.flatnonzero(s_mask)
+        matched = rng.choice(syn_idx, min(len(syn_idx), int(r_mask.sum())), replace=False)
         div_syn = quality.mean_pairwise_cosine_distance(f_syn[s_mask])
         div_real = quality.mean_pairwise_cosine_distance(f_real[r_mask])
         per_class[c] = {
             "n_images": int(s_mask.sum()),
-            "fidelity": float(np.mean([f["per_class"].get(c, np.nan) for f in fid_runs])),
-            "cas_recall_source_val": cas["source_val"]["per_class"].get(c),
-            "cas_recall_target": cas["target"]["per_class"].get(c),
+            "fidelity": gate.get("per_class", {}).get(c),
+            "cas_recall_source_val": float(np.mean([pc.get(c, np.nan) for pc in cas_val_pc])),
+            "cas_recall_target": float(np.mean([pc.get(c, np.nan) for pc in cas_tgt_pc])) if c in set(
+                names[target.labels.numpy()]) else None,
             "frechet_distance_to_real_train": quality.frechet_distance(f_syn[s_mask], f_real[r_mask]),
+            "frechet_distance_to_real_train_matched_size": quality.frechet_distance(f_syn[matched], f_real[r_mask]),
             "frechet_distance_real_val_reference": quality.frechet_distance(f_val[v_mask], f_real[r_mask]),
+            "kid_to_real_train": quality.kernel_inception_distance(f_syn[s_mask], f_real[r_mask], seed=seed)["mean"],
+            "kid_real_val_reference": quality.kernel_inception_distance(f_val[v_mask], f_real[r_mask], seed=seed)["mean"],
             "diversity_synthetic": div_syn,
             "diversity_real_train": div_real,
             "diversity_ratio": div_syn / div_real if div_real and np.isfinite(div_real) else None,
@@ -538,30 +787,71 @@ def assess_synthetic_quality(
             "n_flagged_copies": int(np.sum(sim[s_mask] >= threshold)),
         }
     meta = synthetic.meta
+    kid = quality.kernel_inception_distance(f_syn, f_real, seed=seed)
+    kid_ref = quality.kernel_inception_distance(f_val, f_real, seed=seed)
     report = {
         "n_images": int(len(synthetic)),
+        "n_replicates": int(meta["replicate"].nunique()),
         "feature_space": (
-            f"penultimate layer of the baseline classifier {run_key(baselines[0])} "
+            f"penultimate layer ({f_real.shape[1]} features) of the baseline classifier {run_key(baselines[0])} "
             f"({baselines[0]['backbone']}, {baselines[0]['weights']}, trained on real source train images, "
-            f"{classifier_data['image_size']} px); Fréchet distance in this space is not FID"
+            f"{classifier_data['image_size']} px); distances in this space are not FID/KID on Inception features"
         ),
-        "fidelity": float(np.mean([f["overall"] for f in fid_runs])),
-        "fidelity_per_seed": {str(r["seed"]): f["overall"] for r, f in zip(baselines, fid_runs)},
-        "fidelity_scorer": [run_key(r) for r in baselines],
-        "cas_accuracy": cas["source_val"]["overall"],
-        "cas_accuracy_target": cas["target"]["overall"],
-        "cas_classifier": {k: cas_classifier.info.get(k) for k in ("backbone", "augmentation", "weights", "seed", "n_train", "n_val")}
-        | {"best_epoch": cas_classifier.best_epoch, "selection": "held-out synthetic images"},
+        "gate": {k: gate.get(k) for k in ("status", "threshold", "action", "message")},
+        "fidelity": gate.get("fidelity"),
+        "fidelity_ci": gate.get("fidelity_ci"),
+        "fidelity_per_seed": gate.get("fidelity_per_seed"),
+        "fidelity_per_replicate": gate.get("fidelity_per_replicate"),
+        "fidelity_scorer": gate.get("scorer"),
+        "fidelity_reference": {
+            "what": "the fidelity scorers' own accuracy on real held-out source-val images (train-real/test-real)",
+            "accuracy": gate.get("scorer_accuracy_source_val"),
+            "ci": gate.get("scorer_accuracy_source_val_ci"),
+            "per_seed": gate.get("scorer_accuracy_source_val_per_seed"),
+            "note": gate.get("note"),
+        },
+        "cas_accuracy": float(cas_val.mean()),
+        "cas_accuracy_ci": quality.seed_item_interval(cas_val, val_groups, n_boot, seed),
+        "cas_accuracy_per_seed": {str(c.info["seed"]): float(v.mean()) for c, v in zip(cas_classifier, cas_val)},
+        "cas_accuracy_target": float(cas_tgt.mean()),
+        "cas_accuracy_target_ci": quality.seed_item_interval(cas_tgt, target_groups, n_boot, seed),
+        "cas_reference": {
+            "what": "real-only (baseline) classifiers of the same seeds on the same images (train-real/test-real)",
+            "source_val_accuracy": gate.get("scorer_accuracy_source_val"),
+            "source_val_ci": gate.get("scorer_accuracy_source_val_ci"),
+            "target_accuracy": float(real_tgt.mean()),
+            "target_ci": quality.seed_item_interval(real_tgt, target_groups, n_boot, seed),
+        },
+        "cas_classifier": {k: cas_classifier[0].info.get(k) for k in ("backbone", "augmentation", "weights",
+                                                                      "n_train", "n_val", "steps")}
+        | {"seeds": [c.info["seed"] for c in cas_classifier], "best_steps": [c.best_step for c in cas_classifier],
+           "selection": "held-out synthetic images"},
         "frechet_distance_to_real_train": quality.frechet_distance(f_syn, f_real),
+        "frechet_distance_to_real_train_matched_size": quality.frechet_distance(
+            f_syn[rng.choice(len(f_syn), min(len(f_syn), len(f_real)), replace=False)], f_real),
         "frechet_distance_real_val_reference": quality.frechet_distance(f_val, f_real),
+        "kid_to_real_train": kid,
+        "kid_real_val_reference": kid_ref,
         "diversity_synthetic": quality.mean_pairwise_cosine_distance(f_syn),
         "diversity_real_train": quality.mean_pairwise_cosine_distance(f_real),
         "memorisation": {
-            "method": "max Pearson correlation of pixels with any real source-train image "
-                      f"at {mem['synthetic'].shape[-1]} px",
-            "threshold": threshold,
-            "real_val_reference_max_correlation": float(ref_sim.max()),
-            "real_val_reference_p99": float(np.quantile(ref_sim, 0.99)),
+            "method": (f"max Pearson correlation of pixels with any real source-train image at {mem['synthetic'].shape[-1]} "
+                       "px (the generator's resolution; real and synthetic images through the same antialiased resize)"),
+            "resolution": int(mem["synthetic"].shape[-1]),
+            "threshold": float(threshold),
+            "threshold_source": "calibrated from the controls" if fixed in (None, "auto") else "evaluation.quality.memorisation_threshold",
+            "controls": calibration | {
+                "n_positive": int(len(pos_sim)),
+                "positive": "source-train images slipped into a copy of the batch (half exact, half with pixel noise sd 4)",
+                "positive_flagged": float(np.mean(pos_sim >= threshold)),
+                "positive_nearest_is_source": float(np.mean(pos_idx == controls["positive_source"])),
+                "n_negative": int(len(neg_sim)),
+                "negative": "real source-val images (patients not in source train)",
+                "negative_flagged": float(np.mean(neg_sim >= threshold)),
+                "vae_round_trips": "not run: the base model's VAE is not an input of the evaluation pipeline",
+            },
+            "real_val_reference_max_correlation": calibration["negative_max"],
+            "real_val_reference_p99": calibration["negative_p99"],
             "n_flagged": int(len(flagged)),
             "flagged": [
                 {
@@ -580,8 +870,10 @@ def assess_synthetic_quality(
         perplexity=float(q["tsne_perplexity"]), max_per_class=int(q["max_points_per_class"]), seed=int(seed),
     )
     log.info(
-        "synthetic quality: fidelity %.3f, CAS %.3f (source val) / %.3f (target), %d flagged copies",
-        report["fidelity"], report["cas_accuracy"], report["cas_accuracy_target"], len(flagged),
+        "synthetic quality: fidelity %.3f (scorers on real val %.3f), CAS %.3f (real-only %.3f) on source val, "
+        "%d flagged copies (threshold %.3f)",
+        report["fidelity"], gate.get("scorer_accuracy_source_val"), report["cas_accuracy"],
+        gate.get("scorer_accuracy_source_val"), len(flagged), threshold,
     )
     return _json_safe(report), embedding
 
@@ -599,12 +891,16 @@ def build_report(
 ):
     """Render the evaluation report (one self-contained HTML page) and its figures.
 
+    The top of the page states the question, the answer (hybrid - baseline accuracy) with
+    its interval and what the interval covers, the chance rows, and whether the synthetic
+    batch passed the fidelity gate (a red banner when it did not).
+
     Args:
         classifier_data: images for the sample grid and the data description.
-        experiment_plan: runs, with the weights each started from.
-        training_history: per-epoch curves of every run.
+        experiment_plan: runs, with the weights and the schedule each had.
+        training_history: source-validation curves of every run, with what each ran on.
         zero_shot_metrics: output of ``compute_zero_shot_metrics``.
-        synthetic_quality: output of ``assess_synthetic_quality``.
+        synthetic_quality: output of ``assess_synthetic_quality`` (with the gate's verdict).
         synthetic_embedding: t-SNE table of ``assess_synthetic_quality``.
         params: ``evaluation`` parameters (``report.samples_per_class``).
         seed: seeds the choice of sample images.
@@ -625,13 +921,24 @@ def build_report(
     }
     img = {k: f"<img src='{rp.figure_to_data_uri(f)}'>" for k, f in figs.items()}
     runs = pd.DataFrame(experiment_plan)
+    if "replicate" not in runs:
+        runs["replicate"] = -1
     weights = (
         runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
-        .agg(seeds=("seed", lambda s: ", ".join(map(str, s))), weights=("weights", "first"),
-             n_real=("n_real", "first"), n_synthetic=("n_synthetic", "first"))
+        .agg(seeds=("seed", lambda s: ", ".join(map(str, sorted(set(s))))),
+             replicates=("replicate", lambda r: ", ".join(str(x) for x in sorted(set(r)) if x >= 0) or "-"),
+             weights=("weights", "first"), n_real=("n_real", "first"), n_synthetic=("n_synthetic", "first"))
         .reset_index()
     )
-    best = training_history.groupby("run", sort=False)[["best_epoch"]].first().reset_index()
+    schedule = (
+        runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
+        .agg(steps=("steps", "first"), batch=("batch_size", "first"), lr=("learning_rate", "first"),
+             schedule=("lr_schedule", "first"), eval_every=("eval_every", "first"),
+             passes=("passes_over_training_set", "first"))
+        .reset_index()
+        if "steps" in runs else pd.DataFrame()
+    )
+    best = training_history.groupby("run", sort=False)[["best_step", "best_epoch"]].first().reset_index()
     syn_info = info.get("synthetic_info") or {}
     data_rows = pd.DataFrame(
         [
@@ -642,46 +949,36 @@ def build_report(
         ]
     )
     q = synthetic_quality
-    quality_rows = pd.DataFrame(
-        [{"class": c, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}}
-         for c, d in (q.get("per_class") or {}).items()]
-    )
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    mem = q.get("memorisation") or {}
-    quality_html = (
-        f"<p>n_images = {q.get('n_images')}; <b>fidelity = {fmt(q.get('fidelity'))}</b> (share of synthetic images the "
-        f"real-only baseline assigns to their prompted class, mean over baseline seeds); <b>CAS = {fmt(q.get('cas_accuracy'))}</b> "
-        f"(synthetic-only classifier, accuracy on real source-val patients; on the target: {fmt(q.get('cas_accuracy_target'))}).</p>"
-        f"<p>Feature space: {html.escape(str(q.get('feature_space', 'n/a')))}. Fréchet distance synthetic vs real train "
-        f"{fmt(q.get('frechet_distance_to_real_train'))} (reference real val vs real train: "
-        f"{fmt(q.get('frechet_distance_real_val_reference'))}); diversity (mean pairwise cosine distance) synthetic "
-        f"{fmt(q.get('diversity_synthetic'))} vs real {fmt(q.get('diversity_real_train'))}.</p>"
-        f"<p>Memorisation: {html.escape(str(mem.get('method', 'n/a')))}; threshold {mem.get('threshold')}; "
-        f"flagged {mem.get('n_flagged')} (real-vs-real reference: max {fmt(mem.get('real_val_reference_max_correlation'))}, "
-        f"p99 {fmt(mem.get('real_val_reference_p99'))}).</p>"
-        + (rp._table(quality_rows) if len(quality_rows) else "")
-    )
     m = zero_shot_metrics
-    sections = [
-        ("Data and weights", rp._table(data_rows) + rp._table(weights)
-         + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
-           "checkpoints selected on source validation patients only; nothing ran on a GPU.</p>"),
+    sections = [("The question and the answer", rp.headline_html(m, q))]
+    sections += [
+        ("Chance and reference rows (target, paper protocol)", rp._table(rp.reference_table(m))),
         ("Zero-shot comparison (paper protocol: argmax over all source classes, 'other' is an error)",
          rp._table(rp.comparison_table(m, "all_classes"))
-         + f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% patient-bootstrap interval of "
-           f"the seed mean, {m['bootstrap']['n_resamples']} resamples, {m['n_target_patients']} patients, "
-           f"{m['n_target_images']} images]. Recall/Precision/F-score are macro over the target classes "
-           f"{m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from one-hot "
-           "predictions as in the FU-LoRA notebook.</p>"),
+         + f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% hierarchical bootstrap "
+           f"interval ({' → '.join(m['bootstrap'].get('levels', []))}), {m['bootstrap']['n_resamples']} resamples, "
+           f"{m['n_target_patients']} patients, {m['n_target_images']} images; conditional on "
+           f"{html.escape(str(m['bootstrap'].get('conditional_on', '')))}]. Recall/Precision/F-score are macro over the "
+           f"target classes {m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from "
+           "one-hot predictions as in the FU-LoRA notebook (see docs/evaluation.md).</p>"),
         ("Zero-shot comparison restricted to the target's classes", rp._table(rp.comparison_table(m, "target_classes"))),
-        ("Differences to the baseline (percentage points, paired bootstrap)", rp._table(rp.differences_table(m))),
+        ("Differences to the baseline (percentage points, paired by seed)",
+         rp._table(rp.differences_table(m)) + rp._table(rp.paired_seed_table(m))),
+        ("Per-class recall (mean over classifiers, paper protocol)", rp._table(rp.per_class_recall_table(m))),
+        ("Synthetic data quality", rp.quality_html(q) + img["embedding"]),
+        ("Source-validation curves (checkpoint selection; same schedule for every arm)",
+         img["curves"] + rp._table(schedule) + rp._table(best)),
         ("Per target center", img["per_center"] + rp._table(rp.per_center_table(m))),
         ("Confusion matrices", img["confusion"]),
-        ("Training curves (source validation)", img["curves"] + rp._table(best)),
-        ("Synthetic data quality", quality_html + img["embedding"]),
+        ("Data and weights", rp._table(data_rows) + rp._table(weights)
+         + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
+           "checkpoints selected on source validation patients only.</p>"),
+        ("What ran where (recorded from the runs, not from the settings)",
+         rp._table(rp.ran_on_table(training_history, classifier_data.get("synthetic")))),
         ("Samples (rows: classes)", img["samples"]),
     ]
-    page = rp.render_html(sections, "FU-LoRA evaluation: zero-shot classification and synthetic-data quality")
+    banner = rp.gate_banner(q)
+    page = rp.render_html(sections, "FU-LoRA evaluation: zero-shot classification and synthetic-data quality", banner)
     return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]
 
 

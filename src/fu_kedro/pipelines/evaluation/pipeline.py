@@ -7,12 +7,14 @@ from kedro.pipeline import Node, Pipeline
 from .nodes import (
     assess_synthetic_quality,
     build_report,
+    check_synthetic_fidelity,
     compute_zero_shot_metrics,
     plan_experiments,
     predict_target,
     prepare_classifier_data,
+    train_baseline_classifiers,
     train_cas_classifier,
-    train_experiments,
+    train_synthetic_arm_classifiers,
     zero_shot_mlflow_metrics,
 )
 
@@ -34,14 +36,28 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="plan_experiments_node",
             ),
             Node(
-                train_experiments,
+                train_baseline_classifiers,
                 inputs=["classifier_data", "evaluation_plan", "params:evaluation"],
+                outputs=["baseline_classifiers", "baseline_training_history"],
+                name="train_baseline_classifiers_node",
+            ),
+            Node(  # the quality gate: fidelity first, before any hybrid classifier trains
+                check_synthetic_fidelity,
+                inputs=["classifier_data", "baseline_classifiers", "evaluation_plan", "params:evaluation",
+                        "params:seed"],
+                outputs="fidelity_gate",
+                name="check_synthetic_fidelity_node",
+            ),
+            Node(
+                train_synthetic_arm_classifiers,
+                inputs=["classifier_data", "evaluation_plan", "params:evaluation", "baseline_classifiers",
+                        "baseline_training_history", "fidelity_gate"],
                 outputs=["trained_classifiers", "classifier_training_history"],
-                name="train_experiments_node",
+                name="train_synthetic_arm_classifiers_node",
             ),
             Node(
                 predict_target,
-                inputs=["classifier_data", "trained_classifiers", "evaluation_plan"],
+                inputs=["classifier_data", "trained_classifiers", "evaluation_plan", "params:evaluation"],
                 outputs="zero_shot_predictions",
                 name="predict_target_node",
             ),
@@ -66,7 +82,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 assess_synthetic_quality,
                 inputs=["classifier_data", "trained_classifiers", "cas_classifier", "evaluation_plan",
-                        "params:evaluation", "params:seed"],
+                        "params:evaluation", "params:seed", "fidelity_gate"],
                 outputs=["synthetic_quality", "synthetic_embedding"],
                 name="assess_synthetic_quality_node",
             ),

@@ -114,3 +114,86 @@ def per_class_embedding(
         xy = tsne_embedding(np.concatenate(parts), perplexity, seed)
         frames.append(pd.DataFrame({"class": c, "kind": kinds, "x": xy[:, 0], "y": xy[:, 1]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["class", "kind", "x", "y"])
+
+
+def seed_item_interval(
+    correct: np.ndarray, groups: np.ndarray | None, n_boot: int, seed: int, ci: float = 0.95
+) -> list[float]:
+    """Percentile interval of a mean score over classifier seeds and images, by two-level bootstrap.
+
+    ``correct``: ``(n_seeds, n_items)`` scores (e.g. 1 = right). Each resample draws seeds
+    with replacement and, independently, items with replacement (whole ``groups`` — e.g.
+    patients — together when given); the statistic is the mean over the drawn cells.
+    """
+    correct = np.asarray(correct, dtype=float)
+    rng = np.random.default_rng([seed, 3])
+    n_seeds, n_items = correct.shape
+    if groups is None:
+        groups = np.arange(n_items)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    # per seed and group: (sum, count), so a drawn group contributes all its items
+    sums = np.stack([np.bincount(inverse, weights=row, minlength=len(uniq)) for row in correct])
+    counts = np.bincount(inverse, minlength=len(uniq)).astype(float)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        s = rng.integers(0, n_seeds, n_seeds)
+        g = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))  # times each group is drawn
+        stats[b] = (sums[s] @ g).sum() / (n_seeds * (counts @ g))
+    alpha = (1.0 - ci) / 2.0
+    return [float(np.quantile(stats, alpha)), float(np.quantile(stats, 1.0 - alpha))]
+
+
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subset_size: int = 100, n_subsets: int = 50,
+                              seed: int = 0) -> dict:
+    """KID-style distance in a given feature space: unbiased MMD^2 with the cubic polynomial kernel.
+
+    ``k(x, y) = (x.y / d + 1)^3`` (Bińkowski et al. 2018), averaged over ``n_subsets`` random
+    subsets of ``min(subset_size, len(a), len(b))`` rows each. Unlike the Fréchet distance it
+    is unbiased for small samples, so values from different sample sizes compare. Returns
+    ``{"mean", "sd", "subset_size"}`` (NaN below 2 rows).
+    """
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        return {"mean": float("nan"), "sd": float("nan"), "subset_size": int(m)}
+    rng = np.random.default_rng(seed)
+    d = a.shape[1]
+    values = []
+    for _ in range(n_subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        off = ~np.eye(m, dtype=bool)
+        values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values)), "subset_size": int(m)}
+
+
+def memorisation_controls(
+    train: np.ndarray, val: np.ndarray, n_controls: int, seed: int, noise_sd: float = 4.0
+) -> dict[str, np.ndarray]:
+    """Images whose answer is known, for calibrating the copy check (all at the check's resolution).
+
+    ``positive``: ``n_controls`` training images slipped in as if the generator had made them —
+    exact copies, and copies with mild pixel noise (sd ``noise_sd`` grey levels, about what an
+    8-bit round trip through a decoder adds), half each; they must be flagged.
+    ``negative``: real source-val images (other patients); they must not be.
+    Returns ``positive``, ``positive_source`` (train index of each), ``negative``.
+    """
+    rng = np.random.default_rng([seed, 4])
+    pick = rng.choice(len(train), min(n_controls, len(train)), replace=False)
+    positive = train[pick].astype(float)
+    noisy = np.arange(len(pick)) % 2 == 1
+    positive[noisy] += rng.normal(0.0, noise_sd, positive[noisy].shape)
+    return {"positive": np.clip(positive, 0, 255).round().astype(np.uint8), "positive_source": pick,
+            "negative": val}
+
+
+def calibrate_memorisation_threshold(positive_sim: np.ndarray, negative_sim: np.ndarray) -> dict:
+    """Threshold between the controls: midway between the highest real-val (negative) and the
+    lowest slipped-copy (positive) nearest-train correlation; ``separable`` says whether any
+    threshold puts every control on its side."""
+    neg_max, pos_min = float(np.max(negative_sim)), float(np.min(positive_sim))
+    separable = pos_min > neg_max
+    threshold = (neg_max + pos_min) / 2.0 if separable else pos_min
+    return {"threshold": float(threshold), "separable": bool(separable), "negative_max": neg_max,
+            "negative_p99": float(np.quantile(negative_sim, 0.99)), "positive_min": pos_min,
+            "positive_median": float(np.median(positive_sim))}

@@ -51,6 +51,7 @@ def comparison_table(metrics: dict, protocol: str) -> pd.DataFrame:
                 "AUC": _pct(e, protocol, "roc_auc_macro"),
                 "AUC (hard)": _pct(e, protocol, "auc_hard_label"),
                 "seeds": len(e["seeds"]),
+                "replicates": len(e.get("replicates") or []) or "-",
             }
         )
     return pd.DataFrame(rows)
@@ -109,24 +110,27 @@ def plot_confusion_matrices(metrics: dict) -> Figure:
 
 
 def plot_training_curves(history: pd.DataFrame) -> Figure:
-    """Train/val loss and val accuracy per epoch; one column per experiment, one line per seed."""
+    """Source-validation loss and accuracy against optimiser steps; one column per configuration
+    (replicates of a synthetic arm share a column), one line per run, a dot at the kept step."""
     history = history.copy()
-    history["config"] = history["run"].str.rsplit("/seed", n=1).str[0]
+    history["config"] = history["run"].str.rsplit("/seed", n=1).str[0].str.replace(r"/rep\d+$", "", regex=True)
     configs = list(dict.fromkeys(history["config"]))
-    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 6), squeeze=False, sharey="row")
     for col, config in enumerate(configs):
         sub = history[history["config"] == config]
-        for seed, h in sub.groupby("seed"):
-            line = axes[0, col].plot(h["epoch"], h["train_loss"], label=f"train s{seed}")[0]
-            axes[0, col].plot(h["epoch"], h["val_loss"], "--", color=line.get_color(), label=f"val s{seed}")
-            axes[1, col].plot(h["epoch"], h["val_accuracy"], color=line.get_color(), label=f"seed {seed}")
-            best = int(h["best_epoch"].iloc[0])
-            axes[1, col].plot(best, h.loc[h["epoch"] == best, "val_accuracy"], "o", color=line.get_color())
+        for i, (run, h) in enumerate(sub.groupby("run", sort=False)):
+            color = f"C{i % 10}"
+            label = run.removeprefix(config + "/")
+            axes[0, col].plot(h["step"], h["train_loss"], color=color, alpha=0.35, lw=0.8)
+            axes[0, col].plot(h["step"], h["val_loss"], color=color, label=label)
+            axes[1, col].plot(h["step"], h["val_accuracy"], color=color, label=label)
+            best = int(h["best_step"].iloc[0])
+            axes[1, col].plot(best, h.loc[h["step"] == best, "val_accuracy"], "o", color=color)
         axes[0, col].set_title(config, fontsize=9)
-        axes[0, col].set_ylabel("cross-entropy")
+        axes[0, col].set_ylabel("cross-entropy (val solid, train faint)")
         axes[1, col].set_ylabel("source-val accuracy (dot = kept)")
-        axes[1, col].set_xlabel("epoch")
-        axes[0, col].legend(fontsize=6)
+        axes[1, col].set_xlabel("optimiser step")
+        axes[1, col].legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -204,18 +208,199 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", na_rep="n/a")
 
 
-def render_html(sections: list[tuple[str, str]], title: str) -> str:
-    """Assemble ``(heading, html body)`` sections into one page."""
+def render_html(sections: list[tuple[str, str]], title: str, banner: str = "") -> str:
+    """Assemble ``(heading, html body)`` sections into one page, ``banner`` (HTML) above everything."""
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table.t{border-collapse:collapse;font-size:13px;margin:0.5em 0}"
         "table.t td,table.t th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
         "table.t th{background:#eee} img{max-width:100%} .note{color:#555;font-size:13px}"
+        ".banner{background:#c62828;color:#fff;padding:0.8em 1em;font-size:17px;font-weight:bold;margin:1em 0}"
+        ".ok{background:#e8f5e9;border-left:6px solid #2e7d32;padding:0.5em 1em}"
+        ".answer{font-size:16px}"
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{b}\n" for h, b in sections)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<style>{style}</style></head><body>{banner}<h1>{html.escape(title)}</h1>"
         f"<p class='note'>generated {stamp}</p>\n{body}</body></html>"
     )
+
+
+def gate_banner(quality: dict) -> str:
+    """The red banner when the synthetic batch failed the fidelity gate, else nothing."""
+    gate = quality.get("gate") or {}
+    if gate.get("status") != "failed":
+        return ""
+    return (
+        "<div class='banner' id='low-fidelity'>Synthetic batch not class-faithful; hybrid numbers say nothing about "
+        f"the method. Fidelity {quality.get('fidelity', float('nan')):.3f} is below evaluation.min_fidelity "
+        f"{gate.get('threshold')} (the real-only scorers label only that share of the synthetic images as their "
+        "prompted class).</div>"
+    )
+
+
+def _pts(v) -> str:
+    return "n/a" if v is None else f"{100 * v:+.1f}"
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def headline_html(metrics: dict, quality: dict) -> str:
+    """The question, the answer (hybrid - baseline accuracy, paper protocol) with its interval, what
+    the interval covers, the paired per-seed test, and the gate's verdict."""
+    out = ["<p><b>Question.</b> Does adding the LoRA-synthetic images to the real source images change a "
+           "classifier's zero-shot accuracy on the target population (no target image in any training step)?</p>"]
+    boot = metrics["bootstrap"]
+    for name, d in metrics["differences"].items():
+        acc = d["all_classes"]["accuracy"]
+        exp = metrics["experiments"][d["experiment"]]
+        base = metrics["experiments"][d["baseline"]]
+        ci = acc.get("ci")
+        test = acc.get("paired_test") or {}
+        tt, wx = test.get("t_test") or {}, test.get("wilcoxon") or {}
+        if ci and ci[0] is not None:
+            verdict = ("the interval excludes 0" if ci[0] > 0 or ci[1] < 0 else
+                       "the interval includes 0: no difference shown")
+            interval = f"[{_pts(ci[0])}, {_pts(ci[1])}]"
+        else:
+            verdict, interval = "no interval (metrics.n_bootstrap: 0)", ""
+        out.append(
+            f"<p class='answer'><b>Answer ({html.escape(name)}).</b> Accuracy {100 * exp['all_classes']['mean']['accuracy']:.1f} % "
+            f"vs {100 * base['all_classes']['mean']['accuracy']:.1f} %: difference <b>{_pts(acc['mean'])} points "
+            f"{interval}</b> ({100 * boot['ci']:.0f} % interval; {verdict}).</p>"
+            f"<p>The interval is a hierarchical, paired bootstrap: {' → '.join(boot.get('levels', []))}; "
+            f"{exp['n_seeds']} classifier seeds, {len(exp.get('replicates') or []) or 1} synthetic batch replicate(s), "
+            f"{metrics['n_target_patients']} target patients. It is conditional on "
+            f"{html.escape(str(boot.get('conditional_on')))}. Per-seed paired differences (points): "
+            + ", ".join(f"seed {s}: {_pts(v)}" for s, v in acc.get("per_seed", {}).items())
+            + f"; {test.get('n_positive', 'n/a')} of {test.get('n_seeds', 'n/a')} positive; paired t-test p = "
+              f"{_p(tt.get('p_value'))}, Wilcoxon signed-rank p = {_p(wx.get('p_value'))} (smallest possible "
+              f"{_p(wx.get('smallest_possible_p'))}).</p>"
+        )
+    gate = quality.get("gate") or {}
+    ref = (quality.get("fidelity_reference") or {}).get("accuracy")
+    if gate.get("status") == "failed":
+        out.append(f"<p class='banner'>Quality gate FAILED: {html.escape(str(gate.get('message')))}</p>")
+    elif gate.get("status") == "passed":
+        out.append(
+            f"<p class='ok'>Quality gate passed: fidelity {quality['fidelity']:.3f} ≥ {gate['threshold']} "
+            f"(the scorers' own accuracy on real source-val images: {ref:.3f}).</p>"
+        )
+    else:
+        out.append(f"<p class='note'>Quality gate: {html.escape(str(gate.get('status', 'not run')))}.</p>")
+    return "".join(out)
+
+
+def reference_table(metrics: dict) -> pd.DataFrame:
+    """Majority-class and uniform-guess rows beside every experiment: accuracy, macro recall/F1, AUC, seeds."""
+    rows = []
+    for name, r in (metrics.get("reference") or {}).items():
+        rows.append({"predictor": f"{name} ({r.get('predicts')})", "ACC": f"{100 * r['accuracy']:.1f}",
+                     "Recall": f"{100 * r['recall_macro']:.1f}", "F-score": f"{100 * r['f1_macro']:.1f}",
+                     "AUC": "50.0", "seeds": "-"})
+    for key, e in metrics["experiments"].items():
+        mean = e["all_classes"]["mean"]
+        rows.append({"predictor": key, "ACC": f"{100 * mean['accuracy']:.1f}",
+                     "Recall": f"{100 * mean['recall_macro']:.1f}", "F-score": f"{100 * mean['f1_macro']:.1f}",
+                     "AUC": f"{100 * mean['roc_auc_macro']:.1f}" if mean.get("roc_auc_macro") is not None else "n/a",
+                     "seeds": e.get("n_seeds", len(e["seeds"]))})
+    return pd.DataFrame(rows)
+
+
+def per_class_recall_table(metrics: dict) -> pd.DataFrame:
+    """Recall per target class (percent) for the reference predictors and every experiment."""
+    rows = []
+    for name, r in (metrics.get("reference") or {}).items():
+        rows.append({"predictor": name, **{c: f"{100 * v:.1f}" for c, v in r.get("per_class_recall", {}).items()}})
+    for key, e in metrics["experiments"].items():
+        rows.append({"predictor": key,
+                     **{c: f"{100 * v:.1f}" for c, v in e["all_classes"].get("per_class_recall", {}).items()}})
+    return pd.DataFrame(rows)
+
+
+def paired_seed_table(metrics: dict) -> pd.DataFrame:
+    """Per-seed paired accuracy differences (points) and the paired tests, one row per comparison."""
+    rows = []
+    for name, d in metrics["differences"].items():
+        acc = d["all_classes"]["accuracy"]
+        test = acc.get("paired_test") or {}
+        comp = acc.get("variance_components") or {}
+        rows.append({
+            "comparison": name,
+            **{f"seed {s}": _pts(v) for s, v in acc.get("per_seed", {}).items()},
+            "t-test p": _p((test.get("t_test") or {}).get("p_value")),
+            "Wilcoxon p": _p((test.get("wilcoxon") or {}).get("p_value")),
+            "sd seeds": _pts(comp.get("seed_within_replicate")).lstrip("+"),
+            "sd replicates": _pts(comp.get("replicate")).lstrip("+"),
+            "sd patients": _pts(comp.get("patients")).lstrip("+"),
+        })
+    return pd.DataFrame(rows)
+
+
+def quality_html(q: dict) -> str:
+    """Synthetic-quality numbers, each beside its reference."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    ci = lambda v: "" if not v else f" [{fmt(v[0])}, {fmt(v[1])}]"  # noqa: E731
+    ref = q.get("fidelity_reference") or {}
+    cas_ref = q.get("cas_reference") or {}
+    mem = q.get("memorisation") or {}
+    ctl = mem.get("controls") or {}
+    kid, kid_ref = q.get("kid_to_real_train") or {}, q.get("kid_real_val_reference") or {}
+    rows = pd.DataFrame([
+        {"measure": "fidelity (real-only scorers label synthetic images as prompted)",
+         "value": fmt(q.get("fidelity")) + ci(q.get("fidelity_ci")),
+         "reference": f"scorers on real source-val: {fmt(ref.get('accuracy'))}{ci(ref.get('ci'))}"},
+        {"measure": "CAS (synthetic-only classifiers on real source-val)",
+         "value": fmt(q.get("cas_accuracy")) + ci(q.get("cas_accuracy_ci")),
+         "reference": f"real-only, same seeds, same images: {fmt(cas_ref.get('source_val_accuracy'))}"
+                      f"{ci(cas_ref.get('source_val_ci'))}"},
+        {"measure": "CAS on the target",
+         "value": fmt(q.get("cas_accuracy_target")) + ci(q.get("cas_accuracy_target_ci")),
+         "reference": f"real-only: {fmt(cas_ref.get('target_accuracy'))}{ci(cas_ref.get('target_ci'))}"},
+        {"measure": f"KID-style distance to real train (subsets of {kid.get('subset_size')})",
+         "value": fmt(kid.get("mean")), "reference": f"real val vs real train: {fmt(kid_ref.get('mean'))}"},
+        {"measure": "Fréchet distance to real train (matched sizes)",
+         "value": fmt(q.get("frechet_distance_to_real_train_matched_size")),
+         "reference": f"real val vs real train: {fmt(q.get('frechet_distance_real_val_reference'))}"},
+        {"measure": "diversity (mean pairwise cosine distance)", "value": fmt(q.get("diversity_synthetic")),
+         "reference": f"real train: {fmt(q.get('diversity_real_train'))}"},
+        {"measure": f"memorisation: flagged copies at {mem.get('resolution')} px (threshold {fmt(mem.get('threshold'))}, "
+                    f"{mem.get('threshold_source')})",
+         "value": str(mem.get("n_flagged")),
+         "reference": f"controls: slipped-in training images flagged {fmt(ctl.get('positive_flagged'))} (min corr. "
+                      f"{fmt(ctl.get('positive_min'))}); real val flagged {fmt(ctl.get('negative_flagged'))} (max corr. "
+                      f"{fmt(ctl.get('negative_max'))}); separable: {ctl.get('separable')}"},
+    ])
+    per_class = pd.DataFrame(
+        [{"class": c, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}}
+         for c, d in (q.get("per_class") or {}).items()]
+    )
+    return (
+        f"<p>n_images = {q.get('n_images')} ({q.get('n_replicates', 1)} replicate(s)). Feature space: "
+        f"{html.escape(str(q.get('feature_space', 'n/a')))}. {html.escape(str(ref.get('note', '')))}.</p>"
+        + _table(rows) + (_table(per_class) if len(per_class) else "")
+    )
+
+
+def ran_on_table(history: pd.DataFrame, synthetic) -> pd.DataFrame:
+    """Device-derived values as they were when each stage ran: classifier runs (from their
+    history) and the synthetic batch (from its manifest)."""
+    rows = []
+    cols = [c for c in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps") if c in history]
+    if cols:
+        for values, sub in history.groupby(cols, sort=False):
+            rows.append({"stage": f"classifiers ({sub['run'].nunique()} runs)",
+                         **dict(zip(cols, map(str, values if isinstance(values, tuple) else (values,))))})
+    meta = getattr(synthetic, "meta", None)
+    if meta is not None:
+        keep = [c for c in ("device", "dtype", "lora_fused", "torch_threads", "batch_size", "num_processes") if c in meta]
+        if keep:
+            for values, sub in meta.groupby(keep, sort=False):
+                row = dict(zip(keep, map(str, values if isinstance(values, tuple) else (values,))))
+                row["autocast"] = row.pop("dtype", "")
+                rows.append({"stage": f"synthesis ({len(sub)} images)", **row})
+    return pd.DataFrame(rows)
