@@ -423,3 +423,24 @@ def test_quarantining_one_image_moves_no_other_patient(data, params, fetal_plane
     gone = b["patient_id"].iloc[0]
     a = split_source_by_patient(src.select(src.meta["patient_id"] != gone), 1, params).meta
     assert a.set_index("image_id")["split"].equals(b[b["patient_id"] != gone].set_index("image_id")["split"])
+
+
+# --------------------------------------------------------------------------- a real run
+@pytest.mark.slow
+def test_skip_run_quarantines_an_escaping_name_and_publishes_the_report(project_copy, data, tmp_path):
+    """Skip mode, real ingestion run: the row whose Image_name leaves the dataset folder is in the
+    published quarantine report with its CSV line, and every good image is in source_images."""
+    from conftest import run_kedro_session
+
+    root = data.fpdb()
+    named, reason, _, _ = _escaping_name(root, "fetal_planes_db")
+    run_kedro_session(project_copy, "ingestion", {
+        "source_format": "fetal_planes_db", "source_path": str(root),
+        "ingestion": {"on_bad_input": "skip", "image_size": 48, "val_fraction": 0, "lora_per_class": 1,
+                      "phantom": {"target": {"n_per_class": 2}}, "preview": {"per_class": 1}}})
+    [report_csv] = (project_copy / "data" / "08_reporting" / "quarantine_report.csv").glob("*/quarantine_report.csv")
+    report = pd.read_csv(report_csv)
+    assert report["file"].tolist() == [named] and reason in report.loc[0, "reason"]
+    [source] = (project_copy / "data" / "03_primary" / "source_images").glob("*/source_images")
+    meta = pd.read_csv(source / "metadata.csv")
+    assert len(meta) == 5 and meta["source_file"].str.startswith(str(root / "Images") + "/").all()
