@@ -6,12 +6,18 @@ the African set), the Stable Diffusion v1.5 weights, a LoRA adapter file, the
 torchvision ImageNet weight files, and the saved outputs of earlier pipelines that this
 run loads (``lora_subset`` from ``ingestion``, ...). Everything missing is named in one
 error, with what to download and where to put it, within seconds of ``kedro run`` —
-instead of a failure deep inside the run, or after an hour of ingestion.
+instead of a failure deep inside the run, or after an hour of ingestion. Saved inputs that
+come from different runs or splits (``find_mixed_runs``: e.g. a synthetic batch whose adapter
+was trained on images that are validation images of the current ``source_images``) are
+named with their versions: an error in the paper profile, a warning by default.
 
 ``MainProcessWrites`` — under several processes (``accelerate launch``,
 ``python -m fu_kedro.launch``) every process runs the same Kedro session; only the main
 one may write catalog outputs. On the others every output of the run becomes an
 in-memory dataset, so the nodes still pass data to each other but nothing is written.
+On the main process every versioned output is staged and published when the run ends well
+(``fu_kedro.datasets.staging``): a failed or killed run leaves no version a later run would
+load as the latest.
 (kedro-mlflow and kedro-viz hooks are not even registered there: ``settings.py``.)
 
 Heavy libraries are imported inside functions: ``settings.py`` imports this module for
