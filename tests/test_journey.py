@@ -5,10 +5,15 @@ Slow (minutes): it starts ``kedro viz run`` and ``mlflow ui``, and installs Debi
 and the playwright package when missing. Skipped only when Chromium cannot be had (the
 script's exit status 3); any other failure fails the test with the script's summary.
 
-The MLflow check browses the project's store (conf/base/mlflow.yml: ``<project>/mlflow.db``)
-when a run there has zero-shot metrics. A fresh clone (CI) has no store, so the test then
-browses a temporary one holding one run with the metric names the evaluation pipeline logs
-(``zero_shot.<experiment>/<backbone>/<aug>.<metric>``), made with MLflow's client.
+The MLflow checks browse the project's store (conf/base/mlflow.yml: ``<project>/mlflow.db``)
+when it has a run with zero-shot metrics, one with input datasets and two with different LoRA
+ranks. A fresh clone (CI) has none, so the test then browses a temporary store made with
+MLflow's client: an evaluation run with the metric names the evaluation pipeline logs
+(``zero_shot.<experiment>/<backbone>/<aug>.<metric>`` and the top-level headline metrics) and
+its input datasets, and two such runs with rank 4 and 8.
+
+kedro-viz runs on a copy of the project (conf, src) holding one saved
+``synthetic_preview_grid`` figure, so the preview check has a picture to show.
 """
 from __future__ import annotations
 
@@ -33,19 +38,58 @@ def _journey_module():
 
 
 def _demo_store(tmp_path: Path) -> str:
-    """A temporary SQLite MLflow store with one finished ``evaluation`` run of zero-shot metrics."""
+    """A temporary SQLite MLflow store: finished runs with zero-shot and headline metrics, input
+    datasets, and LoRA rank 4 / 8 (what ``kedro run`` logs, made with MLflow's client)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("fu_kedro", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    run = client.create_run(exp, run_name="evaluation")
-    values = {"accuracy": 0.61, "f1_macro": 0.58, "roc_auc_macro": 0.83, "auc_hard_label": 0.74}
-    for experiment in ("baseline", "hybrid"):
-        for metric, value in values.items():
-            client.log_metric(run.info.run_id, f"zero_shot.{experiment}/resnet18/aug.{metric}", value, step=0)
-    client.set_terminated(run.info.run_id)
+    synthesis = client.create_run(exp, run_name="synthesis [local] per class 100, steps 20, cfg 5.0")
+    client.set_terminated(synthesis.info.run_id)
+    for rank, shift in (("4", 0.0), ("8", 0.02)):
+        run = client.create_run(exp, run_name=f"all [local] rank {rank} | lora_training.lora.rank={rank}")
+        rid = run.info.run_id
+        client.log_param(rid, "lora_training.lora.rank", rank)
+        values = {"accuracy": 0.61, "f1_macro": 0.58, "roc_auc_macro": 0.83, "auc_hard_label": 0.74}
+        for experiment in ("baseline", "hybrid"):
+            for metric, value in values.items():
+                client.log_metric(rid, f"zero_shot.{experiment}/resnet18/aug.{metric}", value + shift, step=0)
+        headline = {"fidelity": 0.95 + shift, "cas_accuracy": 0.9, "accuracy_baseline": 0.61,
+                    "accuracy_hybrid": 0.66 + shift, "hybrid_minus_baseline_accuracy": 0.05 + shift,
+                    "hybrid_minus_baseline_accuracy_ci_low": 0.01, "hybrid_minus_baseline_accuracy_ci_high": 0.09}
+        for key, value in headline.items():
+            client.log_metric(rid, key, value, step=0)
+        datasets = []
+        for name in ("source_images", "target_images", "synthetic_batch"):
+            ds = MetaDataset(source=CodeDatasetSource(tags={"demo": name}), name=name, digest=f"{name[:6]}0000")
+            datasets.append(DatasetInput(dataset=ds._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", "input"), InputTag("catalog_version", "2026-11-28T00.00.00.000Z")]))
+        client.log_inputs(rid, datasets=datasets)
+        client.set_tag(rid, "input.synthetic_batch.run_id", synthesis.info.run_id)
+        client.set_terminated(rid)
     return uri
+
+
+def _viz_project(tmp_path: Path) -> Path:
+    """A project copy with one saved ``synthetic_preview_grid`` (for the kedro-viz preview)."""
+    from conftest import copy_project
+    from matplotlib.figure import Figure
+
+    project = copy_project(PROJECT_ROOT, tmp_path / "project")
+    version = "2026-11-28T00.00.00.000Z"
+    folder = project / "data" / "08_reporting" / "synthetic_preview_grid.png" / version
+    folder.mkdir(parents=True)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    for i, ax in enumerate(fig.subplots(2, 3).ravel()):
+        ax.imshow([[i, 5 - i], [2, 3]], cmap="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.savefig(folder / "synthetic_preview_grid.png")
+    return project
 
 
 def _run_script(cmd: list[str], timeout: float) -> tuple[int, str]:
@@ -73,18 +117,21 @@ def _run_script(cmd: list[str], timeout: float) -> tuple[int, str]:
 def test_user_journey(tmp_path):
     journey = _journey_module()
     project_uri = f"sqlite:///{(PROJECT_ROOT / 'mlflow.db').as_posix()}"
-    run, _ = journey.find_zero_shot_run(project_uri)
-    uri = project_uri if run else _demo_store(tmp_path)
+    found = (journey.find_zero_shot_run(project_uri)[0] and journey.find_dataset_run(project_uri)[0]
+             and journey.find_rank_pair(project_uri)[0])
+    uri = project_uri if found else _demo_store(tmp_path)
     out = tmp_path / "journey"  # never overwrite the committed docs/journey/ screenshots
+    project = _viz_project(tmp_path)
     cmd = ["nice", "-n", "19", sys.executable, str(SCRIPT), "--out", str(out), "--tracking-uri", uri,
-           "--timeout", "300"]
+           "--project", str(project), "--timeout", "300"]
     returncode, output = _run_script(cmd, timeout=1700)
     if returncode == journey.EXIT_NO_BROWSER:
         reason = next((line for line in output.splitlines() if line.startswith("JOURNEY-NO-BROWSER")), output[-500:])
         pytest.skip(f"headless Chromium not available: {reason}")
     assert returncode == 0, f"user journey failed (exit {returncode}):\n{output[-6000:]}"
     assert "checks passed -> PASS" in output
-    for name in ["kedro_viz.png", "mlflow_run.png", *(f"kedro_viz_{p}.png" for p in journey.PIPELINES)]:
+    for name in ["kedro_viz.png", "kedro_viz_preview.png", "mlflow_run.png", "mlflow_run_datasets.png",
+                 "mlflow_compare.png", *(f"kedro_viz_{p}.png" for p in journey.PIPELINES)]:
         shot = out / name
         assert shot.is_file() and shot.read_bytes()[:8] == PNG_MAGIC, f"{shot} missing or not a PNG"
         assert shot.stat().st_size > 10_000, f"{shot} is suspiciously small (blank page?)"

@@ -38,10 +38,10 @@ def _nested(pairs: list[str]) -> dict:
     return out
 
 
-TINY = TINY_RUN_PARAMS + [
+TINY = [p for p in TINY_RUN_PARAMS if not p.startswith("evaluation.")] + [
     "evaluation.n_seeds=1",
-    "evaluation.train.epochs=1",
-    "evaluation.train.min_steps=0",
+    "evaluation.train.steps=4",
+    "evaluation.train.eval_every=2",
     "evaluation.metrics.n_bootstrap=10",
 ]
 

@@ -8,8 +8,8 @@ version of a versioned catalog entry, as ``lineage.json`` beside the data::
 
 and puts the same record (without the output's own hash) inside the outputs that can hold
 it, under ``made_from``: JSON dicts (``zero_shot_metrics.json``, ``synthetic_quality.json``,
-...), image sets (``info.json``, e.g. beside the synthetic manifest), the LoRA adapter's
-safetensors metadata and the base model's ``reference.json``.
+...), image sets (``info.json``, e.g. beside the synthetic manifest) and the LoRA adapter's
+safetensors metadata.
 
 A record (``schema: fu_kedro.lineage/1``)::
 

@@ -3,7 +3,7 @@
 ``LineageHooks`` — for every node, the catalog version (and content hash) of each input as
 resolved at load time, the node's parameters and, for ingestion's readers, the raw files
 (paths + sha256). Each saved version of a versioned catalog entry gets ``lineage.json``
-beside it; JSON dicts, image sets, the LoRA adapter and the base model also carry the same
+beside it; JSON dicts, image sets and the LoRA adapter also carry the same
 record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
 
 ``MlflowRunExtras`` — on the MLflow run kedro-mlflow opened for this ``kedro run``:
@@ -166,10 +166,8 @@ def _embed(data: Any, record: dict) -> bool:
     if isinstance(meta, dict) and hasattr(data, "state_dict") and not callable(getattr(data, "state_dict")):
         meta[key] = json.dumps(L.to_jsonable(record))
         return True
-    base = getattr(data, "fu_base_info", None)  # base model pipeline -> reference.json
-    if isinstance(base, dict):
-        base[key] = record
-        return True
+    # The base model's record stays in its lineage.json only: its reference travels inside
+    # later outputs (adapter metadata, manifests), which carry their own records.
     return False
 
 
