@@ -33,6 +33,7 @@ from fu_kedro.classifiers.train import log_epoch_metrics, resolve_device, train_
 from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
 from fu_kedro.launch import distributed_state
+from fu_kedro.lineage import chain_html
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
 from fu_kedro.models.generation import torch_threads
 
@@ -976,6 +977,7 @@ def build_report(
         ("What ran where (recorded from the runs, not from the settings)",
          rp._table(rp.ran_on_table(training_history, classifier_data.get("synthetic")))),
         ("Samples (rows: classes)", img["samples"]),
+        ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
     ]
     banner = rp.gate_banner(q)
     page = rp.render_html(sections, "FU-LoRA evaluation: zero-shot classification and synthetic-data quality", banner)
