@@ -445,3 +445,17 @@ def test_skip_run_quarantines_an_escaping_name_and_publishes_the_report(project_
     [source] = (project_copy / "data" / "03_primary" / "source_images").glob("*/source_images")
     meta = pd.read_csv(source / "metadata.csv")
     assert len(meta) == 5 and meta["source_file"].str.startswith(str(root / "Images") + "/").all()
+
+
+def test_misspelt_policy_and_hidden_csv_in_the_prerequisite_check(tmp_path, african_planes_dev):
+    """Before any node runs: a misspelt on_bad_input is named; a macOS ``._x.csv`` beside the
+    African CSV is not taken for a second CSV."""
+    from fu_kedro.hooks import find_missing_prerequisites
+    from fu_kedro.pipelines.ingestion import create_pipeline
+
+    root = _african_copy(african_planes_dev, tmp_path / "african")
+    (root / "._African_train.csv").write_bytes(b"\x00\x05\x16\x07")
+    params = {"source_format": "phantom", "target_format": "african", "target_path": str(root),
+              "ingestion": {"on_bad_input": "skp"}}
+    problems, _ = find_missing_prerequisites(create_pipeline(), None, params)
+    assert [p.what for p in problems] == ["a valid ingestion.on_bad_input"] and "'skp'" in problems[0].detail

@@ -84,18 +84,21 @@ def check_data_source(domain: str, fmt: str, path: str | None) -> list[Problem]:
     what = f"{spec['name']} ({domain}_format={fmt}, {domain}_path={path!r})"
     if not path:
         return [Problem(what, f"{domain}_path is not set. {spec['get'].capitalize()} and set {domain}_path to the folder.")]
+    from fu_kedro.data_sources.readers import is_hidden  # OS litter (.*, __MACOSX, Thumbs.db) is never data
+
     root = _resolve(path)
+    csvs = [p for p in root.glob("*.csv") if not is_hidden(p.name)] if root.is_dir() else []
     if not root.is_dir():
         wrong = f"{root} does not exist"
     elif fmt == "fetal_planes_db" and not (root / "FETAL_PLANES_DB_data.csv").is_file():
         wrong = f"{root} has no FETAL_PLANES_DB_data.csv"
     elif fmt == "fetal_planes_db" and not (root / "Images").is_dir():
         wrong = f"{root} has no Images/ folder"
-    elif fmt == "african" and len(list(root.glob("*.csv"))) != 1:
-        wrong = f"{root} holds {len(list(root.glob('*.csv')))} CSV files, not exactly one"
+    elif fmt == "african" and len(csvs) != 1:
+        wrong = f"{root} holds {len(csvs)} CSV files, not exactly one"
     elif fmt == "african" and not any(root.glob("*.png")):
         wrong = f"{root} holds no PNG images"
-    elif fmt == "folders" and not any(p.is_dir() for p in root.iterdir()):
+    elif fmt == "folders" and not any(p.is_dir() and not is_hidden(p.name) for p in root.iterdir()):
         wrong = f"{root} has no class sub-folders"
     else:
         return []
@@ -387,6 +390,11 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
     """Everything the pipeline about to run needs and does not find, in the order a user fixes it."""
     nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
     problems: list[Problem] = []
+    policy = (params.get("ingestion") or {}).get("on_bad_input")
+    if {"read_source_images_node", "read_target_images_node"} & nodes and policy not in ("fail", "skip"):
+        problems.append(Problem("a valid ingestion.on_bad_input",
+                                f"it is {policy!r}; it must be 'fail' (stop, naming each bad file) or 'skip' "
+                                "(quarantine bad files and go on)."))
     if "read_source_images_node" in nodes:
         problems += check_data_source("source", params.get("source_format"), params.get("source_path"))
     if "read_target_images_node" in nodes:
