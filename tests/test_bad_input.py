@@ -7,9 +7,21 @@ or from phantoms, and checked at node/function level under both policies:
 - ``skip``: the quarantine report lists the item and no good image is lost;
 - always-fatal cases raise in both modes.
 
-Two real runs (``KedroSession`` on a project copy) check the same through the catalog: a
-leaking target stops the run with nothing published, and a skip-mode run with an escaping
-image name publishes a quarantine report that names it.
+A real skip-mode run (``KedroSession`` on a project copy) with an escaping image name publishes
+a quarantine report that names it. The "Why" bullets of the issue and their tests:
+
+- leakage (same folder, a copy elsewhere, shared patient ids): test_target_overlapping_source_...;
+  through ``kedro run`` (rc 1, nothing published): tests/test_atomicity.py
+- empty CSV, all-excluded CSV, empty African CSV: test_always_fatal_with_a_named_error
+- hidden sub-folder / ``__MACOSX`` in ``folders`` (and every layout): test_hidden_files_...
+- ``../`` in ``Image_name``: test_bad_item_... (escaping_name), test_skip_run_quarantines_...
+- skip mode with a class without usable images: test_always_fatal_... (class_without_usable_image)
+- failed run leaves versions; upstream check blind to mixed runs: tests/test_atomicity.py
+- PNG checksums: test_bad_item_... (idat_crc), test_png_checksum_catches_single_byte_flips
+- misspelt on_bad_input, duplicate rows' lines, read counts, blank Patient_num, split reshuffle:
+  test_always_fatal_... (misspelt_policy), test_misspelt_policy_..._prerequisite_check,
+  test_bad_item_... (duplicate_rows, blank_patient), test_read_counts_exclude_folder_level_rows,
+  test_quarantining_one_image_moves_no_other_patient
 """
 from __future__ import annotations
 
