@@ -745,15 +745,12 @@ def assess_synthetic_quality(
 
     # memorisation at the generator's resolution, threshold calibrated on controls
     mem = classifier_data["memorisation_images"]
-    sim, nn_idx = quality.nearest_real_similarity(mem["synthetic"], mem["source_train"])
-    controls = quality.memorisation_controls(mem["source_train"], mem["source_val"],
-                                             int(q.get("memorisation_controls", 20)), seed)
-    pos_sim, pos_idx = quality.nearest_real_similarity(controls["positive"], mem["source_train"])
-    neg_sim, _ = quality.nearest_real_similarity(controls["negative"], mem["source_train"])
-    calibration = quality.calibrate_memorisation_threshold(pos_sim, neg_sim)
-    fixed = q.get("memorisation_threshold", "auto")
-    threshold = calibration["threshold"] if fixed in (None, "auto") else float(fixed)
-    flagged = np.flatnonzero(sim >= threshold)
+    copies = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"],
+                                        int(q.get("memorisation_controls", 20)), seed,
+                                        q.get("memorisation_threshold", "auto"))
+    sim, nn_idx, threshold = copies["similarity"], copies["nearest"], copies["threshold"]
+    flagged = np.flatnonzero(copies["flagged"])
+    calibration = copies["controls"]
     if not calibration["separable"]:
         log.warning("memorisation check: at %d px a real validation image correlates %.3f with a training image, as "
                     "high as a slipped-in copy (%.3f); the copy check cannot tell them apart at this resolution",
@@ -840,17 +837,8 @@ def assess_synthetic_quality(
                        "px (the generator's resolution; real and synthetic images through the same antialiased resize)"),
             "resolution": int(mem["synthetic"].shape[-1]),
             "threshold": float(threshold),
-            "threshold_source": "calibrated from the controls" if fixed in (None, "auto") else "evaluation.quality.memorisation_threshold",
-            "controls": calibration | {
-                "n_positive": int(len(pos_sim)),
-                "positive": "source-train images slipped into a copy of the batch (half exact, half with pixel noise sd 4)",
-                "positive_flagged": float(np.mean(pos_sim >= threshold)),
-                "positive_nearest_is_source": float(np.mean(pos_idx == controls["positive_source"])),
-                "n_negative": int(len(neg_sim)),
-                "negative": "real source-val images (patients not in source train)",
-                "negative_flagged": float(np.mean(neg_sim >= threshold)),
-                "vae_round_trips": "not run: the base model's VAE is not an input of the evaluation pipeline",
-            },
+            "threshold_source": copies["threshold_source"],
+            "controls": calibration,
             "real_val_reference_max_correlation": calibration["negative_max"],
             "real_val_reference_p99": calibration["negative_p99"],
             "n_flagged": int(len(flagged)),

@@ -197,3 +197,46 @@ def calibrate_memorisation_threshold(positive_sim: np.ndarray, negative_sim: np.
     return {"threshold": float(threshold), "separable": bool(separable), "negative_max": neg_max,
             "negative_p99": float(np.quantile(negative_sim, 0.99)), "positive_min": pos_min,
             "positive_median": float(np.median(positive_sim))}
+
+
+def memorisation_check(
+    synthetic: np.ndarray, train: np.ndarray, val: np.ndarray, n_controls: int, seed: int, threshold="auto"
+) -> dict:
+    """Flag synthetic images that copy a training image, with the threshold calibrated on controls.
+
+    All three arrays are ``uint8 (N, S, S)`` at the same resolution, made by the same resize
+    (the generator's resolution: ``prepare_classifier_data``). Negative controls: real val
+    images (other patients); positive controls: training images slipped into a copy of the
+    batch (:func:`memorisation_controls`). ``threshold="auto"`` puts the threshold between
+    them; a number overrides it (the controls still say how it does).
+
+    Returns:
+        dict: ``similarity`` and ``nearest`` (per synthetic image: highest correlation with
+        a training image, and that image's index), ``flagged`` (bool per image),
+        ``threshold``, ``threshold_source``, ``controls`` (calibration, and the share of each
+        control flagged at the threshold used).
+    """
+    sim, nearest = nearest_real_similarity(synthetic, train)
+    controls = memorisation_controls(train, val, n_controls, seed)
+    pos_sim, pos_idx = nearest_real_similarity(controls["positive"], train)
+    neg_sim, _ = nearest_real_similarity(controls["negative"], train)
+    calibration = calibrate_memorisation_threshold(pos_sim, neg_sim)
+    auto = threshold in (None, "auto")
+    value = calibration["threshold"] if auto else float(threshold)
+    return {
+        "similarity": sim,
+        "nearest": nearest,
+        "flagged": sim >= value,
+        "threshold": float(value),
+        "threshold_source": "calibrated from the controls" if auto else "evaluation.quality.memorisation_threshold",
+        "controls": calibration | {
+            "n_positive": int(len(pos_sim)),
+            "positive": "source-train images slipped into a copy of the batch (half exact, half with pixel noise sd 4)",
+            "positive_flagged": float(np.mean(pos_sim >= value)),
+            "positive_nearest_is_source": float(np.mean(pos_idx == controls["positive_source"])),
+            "n_negative": int(len(neg_sim)),
+            "negative": "real source-val images (patients not in source train)",
+            "negative_flagged": float(np.mean(neg_sim >= value)),
+            "vae_round_trips": "not run: the base model's VAE is not an input of the evaluation pipeline",
+        },
+    }

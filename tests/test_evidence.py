@@ -1,0 +1,192 @@
+"""Issue #11's evidence: the hierarchical bootstrap against brute force, the paired test, the copy
+check with its controls, and the quality gate (issue #10) on a batch that is not class-faithful."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from fu_kedro.classifiers import TrainedClassifier, prepare_tensors
+from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets import ImageSet
+from fu_kedro.metrics import hierarchical_resample, paired_seed_test, seeds_needed, variance_components
+from fu_kedro.pipelines.evaluation import nodes, quality, report
+
+from test_evaluation import _params, _sets
+
+
+# ----------------------------------------------------------------------------- hierarchical bootstrap
+def _brute_force(a: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every equally likely outcome of the resampling scheme, enumerated: a patient draw, K
+    replicates with replacement, S seeds with replacement within each; returns (values, weights)."""
+    n_draws, k, s = a.shape
+    values = []
+    seed_tuples = list(itertools.product(range(s), repeat=s))
+    for draw in range(n_draws):
+        for reps in itertools.product(range(k), repeat=k):
+            for seeds in itertools.product(seed_tuples, repeat=k):
+                cells = [a[draw, r, sd] - (b[draw, sd] if b is not None else 0.0)
+                         for r, ss in zip(reps, seeds) for sd in ss]
+                values.append(np.mean(cells))
+    values = np.asarray(values)
+    return values, np.full(len(values), 1.0 / len(values))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_hierarchical_bootstrap_matches_brute_force_enumeration(paired):
+    # synthetic per-seed scores: 3 patient draws, 2 replicates, 2 seeds, with a replicate effect,
+    # a seed effect shared by the arms (what pairing removes) and patient-draw noise
+    rng = np.random.default_rng(0)
+    seed_effect = np.array([0.05, -0.05])
+    a = 0.6 + np.array([0.03, -0.02])[None, :, None] + seed_effect[None, None, :] + rng.normal(0, 0.01, (3, 2, 2))
+    b = 0.55 + seed_effect[None, :] + rng.normal(0, 0.01, (3, 2))
+    exact, weights = _brute_force(a, b if paired else None)
+    boot = hierarchical_resample(a, b if paired else None, 60_000, np.random.default_rng(1))
+    assert boot.mean() == pytest.approx(np.average(exact, weights=weights), abs=2e-4)
+    assert boot.std() == pytest.approx(np.sqrt(np.average((exact - exact.mean()) ** 2, weights=weights)), rel=0.02)
+    # the whole distribution: the bootstrap's CDF is the enumerated one's (Kolmogorov distance)
+    grid = np.unique(exact)
+    cdf_exact = np.array([weights[exact <= x].sum() for x in grid])
+    cdf_boot = np.searchsorted(np.sort(boot), grid, side="right") / len(boot)
+    assert np.abs(cdf_boot - cdf_exact).max() < 0.01
+    if paired:
+        # pairing by seed cancels the shared seed effect: the paired spread is far below the unpaired one
+        unpaired = hierarchical_resample(a, None, 20_000, np.random.default_rng(2)) - hierarchical_resample(
+            b[:, None, :], None, 20_000, np.random.default_rng(3))
+        assert boot.std() < 0.5 * unpaired.std()
+
+
+def test_interval_widens_with_seed_variance():
+    # the same patient-level noise, more seed-to-seed spread: the hierarchical interval must widen,
+    # the patients-only interval (models fixed) cannot see it
+    rng = np.random.default_rng(4)
+    patients = rng.normal(0, 0.01, (200, 1, 1))
+    narrow = 0.6 + patients + rng.normal(0, 0.005, (1, 1, 5))
+    wide = 0.6 + patients + np.array([-0.1, -0.05, 0.0, 0.05, 0.1])[None, None, :]
+    base = np.full((200, 5), 0.55)
+    width = lambda x: np.ptp(np.quantile(hierarchical_resample(x, base, 4000, np.random.default_rng(5)), [0.025, 0.975]))  # noqa: E731
+    patients_only = np.ptp(np.quantile(wide.mean(axis=(1, 2)) - base.mean(axis=1), [0.025, 0.975]))
+    assert width(wide) > 2.5 * width(narrow) and width(wide) > 2.5 * patients_only
+    comps = variance_components(wide, base)
+    assert comps["seed_within_replicate"] == pytest.approx(np.std([-0.1, -0.05, 0, 0.05, 0.1], ddof=1), rel=0.05)
+    assert comps["replicate"] is None and comps["S"] == 5
+
+
+def test_paired_test_is_scipys_paired_t_test():
+    hybrid = {"42": 0.70, "43": 0.61, "44": 0.66, "45": 0.72, "46": 0.58}
+    base = {"42": 0.62, "43": 0.60, "44": 0.61, "45": 0.63, "46": 0.60}
+    out = paired_seed_test({s: hybrid[s] - base[s] for s in hybrid})
+    ref = stats.ttest_rel(list(hybrid.values()), list(base.values()))
+    assert out["t_test"]["p_value"] == pytest.approx(ref.pvalue)
+    assert out["n_seeds"] == 5 and out["n_positive"] == 4
+    assert out["wilcoxon"]["smallest_possible_p"] == pytest.approx(2 / 32)
+
+
+def test_seeds_needed_follows_the_variance_formula():
+    comps = {"seed_within_replicate": 0.08, "replicate": None, "patients": 0.01, "K": 1, "S": 5}
+    n = seeds_needed(comps, delta=0.05)
+    z = 1.959964 + 0.841621
+    assert z * np.sqrt(0.01 ** 2 + 0.08 ** 2 / n) <= 0.05 < z * np.sqrt(0.01 ** 2 + 0.08 ** 2 / (n - 1))
+    assert seeds_needed({**comps, "patients": 0.03}, delta=0.05) is None  # patients alone too noisy
+
+
+# ----------------------------------------------------------------------------- memorisation
+def test_training_images_slipped_into_a_batch_are_flagged_and_real_val_images_are_not():
+    src, tgt, syn = _sets(n_src=8, n_tgt=2, n_syn=6)
+    # the generator's resolution: synthetic images at 32 px (phantoms at a seed no real image has)
+    syn_small = generate_phantoms("source", 6, 32, seed=3)
+    train_mask = (src.meta["split"] == "train").to_numpy()
+    train_ids = src.meta.loc[train_mask, "image_id"].to_numpy()
+    # three training images "reproduced" by the generator: resized to its resolution like its output
+    slipped_idx = [0, 5, 11]
+    resized = prepare_tensors(src.select(train_mask), _params()["classes"], 32, "train").images[:, 0].numpy()
+    images = np.concatenate([syn_small.images, resized[slipped_idx]])
+    meta = pd.DataFrame({"image_id": [f"syn_{i}" for i in range(len(images))],
+                         "label": list(syn_small.meta["label"]) + list(src.meta.loc[train_mask, "label"].iloc[slipped_idx])})
+    batch = ImageSet(images, meta, {})
+    data = nodes.prepare_classifier_data(src, tgt, batch, _params())
+    mem = data["memorisation_images"]
+    assert mem["synthetic"].shape[-1] == mem["source_train"].shape[-1] == 32  # the generator's resolution
+    check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 10, seed=0)
+    flagged = np.flatnonzero(check["flagged"])
+    n_fresh = len(syn_small)
+    assert set(flagged) >= {n_fresh, n_fresh + 1, n_fresh + 2}  # every slipped-in copy
+    assert list(train_ids[check["nearest"][[n_fresh, n_fresh + 1, n_fresh + 2]]]) == list(train_ids[slipped_idx])
+    controls = check["controls"]
+    assert controls["positive_flagged"] == 1.0 and controls["negative_flagged"] == 0.0 and controls["separable"]
+    assert controls["negative_max"] < check["threshold"] <= controls["positive_min"]
+    # real validation images (other patients) put through the same check are not flagged
+    val_check = quality.memorisation_check(mem["source_val"], mem["source_train"], mem["source_val"], 10, seed=0)
+    assert not val_check["flagged"].any()
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(150, 8)), rng.normal(size=(150, 8))
+    same = quality.kernel_inception_distance(a, b, subset_size=100, seed=0)["mean"]
+    shifted = quality.kernel_inception_distance(a, b + 1.0, subset_size=100, seed=0)["mean"]
+    assert abs(same) < 0.05 < shifted
+
+
+# ----------------------------------------------------------------------------- quality gate
+class _Constant(nn.Module):
+    """A 'classifier' that answers one class whatever the image (a real-only scorer stand-in)."""
+
+    def __init__(self, n_classes: int, answer: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.nn.functional.one_hot(torch.tensor(answer), n_classes).float() * 5)
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1)
+
+
+def _gate_inputs(answer_by_seed):
+    src, tgt, syn = _sets(n_src=4, n_tgt=2, n_syn=4)
+    params = _params(n_seeds=len(answer_by_seed))
+    data = nodes.prepare_classifier_data(src, tgt, syn, params)
+    plan = nodes.plan_experiments(data, params, seed=42)
+    scorers = {nodes.run_key(r): TrainedClassifier(_Constant(5, answer_by_seed[r["seed"] - 42]), pd.DataFrame(), 1)
+               for r in plan if r["experiment"] == "baseline"}
+    return data, plan, params, scorers
+
+
+def test_gate_fails_a_batch_that_is_not_class_faithful_and_the_report_says_so():
+    # scorers that always answer 'brain': only the brain fifth of the batch counts as faithful
+    data, plan, params, scorers = _gate_inputs([1, 1])
+    gate = nodes.check_synthetic_fidelity(data, scorers, plan, params, seed=0)
+    assert gate["status"] == "failed" and gate["fidelity"] == pytest.approx(0.2)
+    assert gate["per_class"]["brain"] == 1.0 and gate["per_class"]["femur"] == 0.0
+    assert "not class-faithful" in gate["message"]
+    quality_json = {"gate": gate, "fidelity": gate["fidelity"]}
+    banner = report.gate_banner(quality_json)
+    assert "hybrid numbers say nothing about the method" in banner
+    page = report.render_html([("x", "body")], "title", banner)
+    assert page.index("low-fidelity") < page.index("<h1>")  # at the top of the report
+    with pytest.raises(ValueError, match="not class-faithful.*on_low_fidelity: fail"):
+        nodes.check_synthetic_fidelity(data, scorers, plan, dict(params, on_low_fidelity="fail"), seed=0)
+
+
+def test_gate_passes_a_faithful_batch_without_banner():
+    data, plan, params, scorers = _gate_inputs([1, 1])
+    syn = data["synthetic"]
+    data["synthetic"] = nodes.TensorSet(syn.images, torch.ones_like(syn.labels), syn.meta)  # all prompted 'brain'
+    gate = nodes.check_synthetic_fidelity(data, scorers, plan, params, seed=0)
+    assert gate["status"] == "passed" and gate["fidelity"] == 1.0
+    assert report.gate_banner({"gate": gate, "fidelity": 1.0}) == ""
+
+
+def test_misspelt_keys_stop_the_evaluation_naming_them():
+    from fu_kedro.config import UnknownSettingError
+
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    params = _params()
+    params["train"] = {**params["train"], "step": 10}
+    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['step'\]"):
+        nodes.prepare_classifier_data(src, tgt, syn, params)
+    with pytest.raises(UnknownSettingError, match=r"evaluation: unknown key\(s\) \['n_seed'\]"):
+        nodes.prepare_classifier_data(src, tgt, syn, dict(_params(), n_seed=3))
+    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['epochs', 'patience'\]"):
+        nodes.prepare_classifier_data(src, tgt, syn, _params(train={"epochs": 4, "patience": 2}))
