@@ -109,7 +109,7 @@ def one_thread():
 def test_training_learns_and_is_seeded(one_thread):
     data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
     train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))
-    cfg = TrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, patience=4, selection_metric="val_accuracy")
+    cfg = TrainConfig(steps=12, eval_every=3, batch_size=8, learning_rate=3e-3, selection_metric="val_accuracy")
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
@@ -120,8 +120,10 @@ def test_training_learns_and_is_seeded(one_thread):
     assert a.history["val_accuracy"].max() == 1.0
     proba = predict_proba(a.model, val)
     assert proba.shape == (8, 2) and np.allclose(proba.sum(1), 1.0)
-    # the kept checkpoint is the best validation epoch
-    assert a.best_epoch == int(a.history["val_accuracy"].idxmax()) + 1
+    # a fixed schedule: every run makes exactly `steps` optimiser steps, scored every `eval_every`
+    assert a.history["step"].tolist() == [3, 6, 9, 12]
+    # the kept checkpoint is the best validation evaluation
+    assert a.best_step == int(a.history.loc[a.history["val_accuracy"].idxmax(), "step"])
     assert extract_features(a.model, val).shape == (8, 512)
 
 
@@ -138,7 +140,7 @@ def test_cpu_default_is_float32_and_unchanged_by_the_gpu_path(one_thread):
     # probabilities and curves, bit for bit; mobilenet_v3_small adds dropout (global RNG)
     for backbone in ("resnet18", "mobilenet_v3_small"):
         runs = {
-            mp: _train_toy(TrainConfig(epochs=2, batch_size=8, patience=2, mixed_precision=mp), backbone)
+            mp: _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8, mixed_precision=mp), backbone)
             for mp in ("no", "auto")
         }
         (a, val), (b, _) = runs["no"], runs["auto"]
@@ -181,7 +183,7 @@ def test_autocast_branch_runs_on_cpu_bf16(one_thread):
     # the code a GPU takes (autocast, loss scaling), exercised on the CPU in bf16
     from fu_kedro.classifiers.train import make_optimiser, train_step
 
-    result, val = _train_toy(TrainConfig(epochs=2, batch_size=8, patience=2, mixed_precision="bf16"))
+    result, val = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8, mixed_precision="bf16"))
     assert result.info["autocast"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a bf16 model
     assert np.isfinite(predict_proba(result.model, val)).all()
@@ -193,3 +195,47 @@ def test_autocast_branch_runs_on_cpu_bf16(one_thread):
     loss, logits = train_step(model, optimiser, x, y, torch.bfloat16, torch.amp.GradScaler("cpu"))
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert not torch.equal(before, model.fc.weight)
+
+
+def test_every_step_is_one_full_batch_whatever_the_set_size():
+    # the floor/ceil mismatch of epoch-based loops is gone: one step = one batch of batch_size
+    from fu_kedro.classifiers.train import batch_indices
+
+    for n in (10, 64, 100, 130):
+        stream = batch_indices(n, 32, torch.Generator().manual_seed(0))
+        batches = [next(stream) for _ in range(12)]
+        assert all(len(b) == min(32, n) for b in batches)
+        per_pass = max(1, n // 32)
+        for k in range(0, 12 - per_pass + 1, per_pass):  # within a pass no image repeats
+            seen = torch.cat(batches[k: k + per_pass])
+            assert len(seen.unique()) == len(seen)
+
+
+def test_unknown_training_key_names_the_key_and_the_allowed_ones():
+    from fu_kedro.classifiers.train import train_config
+    from fu_kedro.config import UnknownSettingError
+
+    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['max_step'\].*'steps'"):
+        train_config({"max_step": 5})
+    assert train_config({"steps": 5}).steps == 5
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        train_config({"steps": 0})
+
+
+def test_same_thread_count_same_bits_idle_or_loaded(one_thread):
+    # Two CPU burners make the machine busy; with the thread count fixed the trained weights and the
+    # predictions are bit-identical to an idle run (time changes, results do not).
+    import subprocess
+    import sys
+
+    idle, val = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8))
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded, _ = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8))
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert all(torch.equal(a, b) for a, b in zip(idle.model.state_dict().values(), loaded.model.state_dict().values()))
+    np.testing.assert_array_equal(predict_proba(idle.model, val), predict_proba(loaded.model, val))
+    assert idle.info["torch_threads"] == loaded.info["torch_threads"] == 1
