@@ -103,17 +103,24 @@ def test_a_killed_run_leaves_nothing_the_next_run_loads(project_copy):
 
 
 @pytest.mark.slow
-def test_a_failing_run_publishes_nothing(project_copy, fetal_planes_db_sample):
+def test_a_failing_run_publishes_nothing(project_copy, fetal_planes_db_sample, tmp_path):
     """`kedro run --pipeline ingestion` with a target that leaks the source: rc 1, the message names
     the leak; target_images was saved before the check failed, yet nothing is published."""
-    src = str(fetal_planes_db_sample)
+    rows = pd.read_csv(fetal_planes_db_sample / "FETAL_PLANES_DB_data.csv", sep=";", dtype=str)
+    rows = rows[rows.groupby("Plane").cumcount() < 1]  # one image per class: a 5-image copy
+    (tmp_path / "fpdb" / "Images").mkdir(parents=True)
+    for name in rows["Image_name"]:
+        (tmp_path / "fpdb" / "Images" / f"{name}.png").write_bytes(
+            (fetal_planes_db_sample / "Images" / f"{name}.png").read_bytes())
+    rows.to_csv(tmp_path / "fpdb" / "FETAL_PLANES_DB_data.csv", sep=";", index=False)
+    src = str(tmp_path / "fpdb")
     proc = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipeline", "ingestion", "--params",
                            f"{TINY_CLI},source_format=fetal_planes_db,source_path={src},"
                            f"target_format=fetal_planes_db,target_path={src}"],
                           cwd=project_copy, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
-    assert "DomainLeakError" in out and "same folder" in out and "100 file(s) read as both" in out, out[-3000:]
+    assert "DomainLeakError" in out and "same folder" in out and "5 file(s) read as both" in out, out[-3000:]
     assert "none of its" in out  # the hook said it published nothing
     assert _versions(project_copy) == {name: [] for name in INGESTION_OUTPUTS}
     assert not _staging_dirs(project_copy)
