@@ -413,3 +413,21 @@ def test_kedro_run_writes_a_new_version_each_run_and_leaves_the_first_untouched(
     with pytest.raises(Exception, match="lora_adapter") as error:
         _kedro_run(project, load_versions={"lora_adapter": "2001-01-01T00.00.00.000Z"})
     assert len(list(batches.iterdir())) == 2, error.value
+
+
+def test_replicates_are_independent_batches_in_one_manifest(params, adapter, conf):
+    params.update(replicates=3)
+    plan = plan_for(params, adapter, conf)
+    one = plan_for(dict(params, replicates=1), adapter, conf)
+    assert len(plan) == 3 * len(one) and plan["image_id"].is_unique and plan["seed"].is_unique
+    assert plan["replicate"].tolist() == [0] * 9 + [1] * 9 + [2] * 9
+    # replicate 0 is the one-replicate batch; replicate r samples from base seed + r, every row traced
+    first = plan[plan["replicate"] == 0].reset_index(drop=True)
+    assert first[["image_id", "label", "prompt", "seed"]].equals(one[["image_id", "label", "prompt", "seed"]])
+    for r in (1, 2):
+        rows = plan[plan["replicate"] == r]
+        assert set(rows["base_seed"]) == {42 + r}
+        assert rows["seed"].tolist() == [image_seed(42 + r, i) for i in range(9)]
+        assert rows["label"].tolist() == one["label"].tolist()
+    with pytest.raises(ValueError, match="replicates must be a positive integer, got 0"):
+        plan_for(dict(params, replicates=0), adapter, conf)

@@ -103,8 +103,10 @@ def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
     shard, shards = params.get("shard_index"), params.get("num_shards")
     if not _is_int(shard) or shard < 0 or (_is_int(shards) and shard >= shards):
         problems.append(f"shard_index must be an integer in [0, num_shards={shards}), got {shard!r}")
-    elif _is_int(shards) and _is_int(n) and isinstance(classes, (list, tuple)) and shards > n * max(1, len(classes)):
-        problems.append(f"num_shards={shards} is more than the {n * len(classes)} images of the batch")
+    elif _is_int(shards) and _is_int(n) and isinstance(classes, (list, tuple)) and shards > n * max(1, len(classes)) * (
+        params.get("replicates", 1) if _is_int(params.get("replicates", 1)) else 1
+    ):
+        problems.append(f"num_shards={shards} is more than the {n * len(classes) * (params.get('replicates', 1) if _is_int(params.get('replicates', 1)) else 1)} images of the batch")
     if not _is_number(params.get("guidance_scale")) or params["guidance_scale"] < 0:
         problems.append(f"guidance_scale must be a number >= 0, got {params.get('guidance_scale')!r}")
     if not _is_number(params.get("lora_scale")):
@@ -127,6 +129,9 @@ def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
     threads = params.get("torch_threads")
     if threads is not None and (not _is_int(threads) or threads < 1):
         problems.append(f"torch_threads must be null or a positive integer, got {threads!r}")
+    replicates = params.get("replicates", 1)
+    if not _is_int(replicates) or replicates < 1:
+        problems.append(f"replicates must be a positive integer, got {replicates!r}")
     if problems:
         raise ValueError("synthesis parameters: " + "; ".join(problems))
 
@@ -165,7 +170,9 @@ def plan_synthetic_batch(
 
     Returns:
         DataFrame with ``index`` (global, class-major), ``image_id``, ``label``, ``prompt``,
-        ``negative_prompt``, ``seed`` (the image's own), ``base_seed``, ``scheduler``,
+        ``negative_prompt``, ``seed`` (the image's own), ``replicate`` (which of the
+        ``synthesis.replicates`` independent batches it belongs to), ``base_seed`` (its
+        replicate's: the base seed + replicate), ``scheduler``,
         ``steps``, ``guidance``, ``lora_scale``, ``resolution``, ``batch_size`` (the call
         shape), base model and adapter identity, and ``batch_key`` (hash of all of it).
 
@@ -191,16 +198,24 @@ def plan_synthetic_batch(
         raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
     base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
     n = int(params["images_per_class"])
+    replicates = int(params.get("replicates", 1))
+    per_replicate = n * len(params["classes"])
     rows = []
-    for c, label in enumerate(params["classes"]):
-        prompt = caption_template.format(plane=label)
-        for k in range(n):
-            i = c * n + k
-            rows.append({"index": i, "image_id": f"{label}_{i:05d}", "label": label, "prompt": prompt, "seed": image_seed(base_seed, i)})
+    # Replicate r is a whole batch of its own, sampled from base seed base_seed + r (image seeds are a
+    # hash of (base seed, index within the replicate)): K independent draws from the same generator.
+    for r in range(replicates):
+        for c, label in enumerate(params["classes"]):
+            prompt = caption_template.format(plane=label)
+            for k in range(n):
+                local = c * n + k
+                i = r * per_replicate + local
+                rows.append({"index": i, "image_id": f"{label}_{i:05d}", "label": label, "prompt": prompt,
+                             "seed": image_seed(base_seed + r, local)})
     plan = pd.DataFrame(rows)
+    replicate = plan["index"] // per_replicate
     plan = plan.assign(
         negative_prompt=params.get("negative_prompt") or "",
-        base_seed=base_seed,
+        base_seed=base_seed + replicate,
         scheduler=params["scheduler"],
         steps=int(params["steps"]),
         guidance=float(params["guidance_scale"]),
@@ -213,6 +228,7 @@ def plan_synthetic_batch(
         base_model_hash=base["content_hash"],
         base_catalog_version=str(base.get("catalog_version") or ""),
         **adapter,
+        replicate=replicate,
     )
     plan["batch_key"] = hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest()[:16]
     log.info(
@@ -330,6 +346,8 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
         "batch_key": key,
         "n_images": len(batch),
         "per_class": batch.meta["label"].value_counts().reindex(params["classes"]).fillna(0).astype(int).to_dict(),
+        "replicates": int(batch.meta["replicate"].nunique()) if "replicate" in batch.meta else 1,
+        "replicate_base_seeds": sorted(map(int, batch.meta["base_seed"].unique())),
         "prompts": dict(zip(plan["label"], plan["prompt"])),
         "base_model": {"name": first["base_model_name"], "content_hash": first["base_model_hash"],
                        "catalog_version": first["base_catalog_version"]},
@@ -388,4 +406,22 @@ def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any])
     if seconds > 0:
         metrics["generation_seconds"] = {"value": seconds, "step": 0}
         metrics["images_per_second"] = {"value": len(synthetic_batch) / seconds, "step": 0}
+    _tag_what_ran(synthetic_batch.meta)
     return fig, metrics
+
+
+def _tag_what_ran(manifest: pd.DataFrame) -> None:
+    """The device-derived settings the batch was actually made with (from its manifest), as MLflow
+    tags ``synthesis.ran_on.<key>`` (several values, e.g. shards made on different machines, are joined)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    keys = ("device", "dtype", "lora_fused", "torch_threads", "batch_size", "num_processes", "replicate")
+    tags = {}
+    for key in keys:
+        if key in manifest.columns:
+            values = sorted(map(str, manifest[key].unique()))
+            tags[f"synthesis.ran_on.{'replicates' if key == 'replicate' else key}"] = (
+                str(len(values)) if key == "replicate" else ", ".join(values))
+    mlflow.set_tags(tags)
