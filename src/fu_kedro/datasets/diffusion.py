@@ -144,7 +144,9 @@ class LoraAdapterDataset(_LocalVersioned):
         path = self._load_path()
         adapter = read_adapter_file(path)
         adapter.metadata["catalog_version"] = _version_of(path)
-        adapter.metadata["file"] = str(published_path(path))  # where it is once its run is published
+        adapter.metadata["file"] = str(path)  # the file read (staging, inside the run that saved it)
+        if published_path(path) != path:
+            adapter.metadata["published_file"] = str(published_path(path))  # where it is once the run ends
         return adapter
 
     def save(self, data: LoraAdapter) -> None:
