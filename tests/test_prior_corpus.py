@@ -1,0 +1,75 @@
+"""The broad prior corpus the tiny base is trained on: made from its own style ranges only,
+never from the target centers' settings; breadth controls its variety; same seed, same pixels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from conftest import PROJECT_ROOT
+
+from fu_kedro.data_sources.phantom import DEFAULT_TARGET_CENTERS
+from fu_kedro.data_sources.prior_corpus import STYLE_KEYS, make_prior_corpus
+from fu_kedro.pipelines.lora_training import create_pipeline
+from fu_kedro.pipelines.lora_training.nodes import base_training_corpus
+
+
+@pytest.fixture
+def prior_params() -> dict:
+    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_lora_training.yml").read_text())
+    prior = conf["lora_training"]["base_model"]["tiny"]["prior"]
+    return prior | {"n_per_class": 6, "image_size": 64}
+
+
+def test_the_corpus_node_reads_no_target_parameter_or_data():
+    node = next(n for n in create_pipeline().nodes if n.name == "make_prior_corpus_node")
+    assert node.inputs == ["params:lora_training.base_model.tiny.prior", "params:seed"]
+    assert not any("target" in name or "ingestion" in name for name in node.inputs)
+
+
+def test_no_corpus_image_is_rendered_with_a_target_centers_style(prior_params):
+    ingestion = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    centers = ingestion["phantom"]["target"]["settings"] + DEFAULT_TARGET_CENTERS
+    corpus = make_prior_corpus(prior_params | {"n_per_class": 40}, seed=42)
+    styles = corpus.meta[list(STYLE_KEYS)].to_numpy(float)
+    for center in centers:
+        target = np.array([float(center[k]) for k in STYLE_KEYS])
+        closest = np.abs(styles - target).max(axis=1).min()
+        assert closest > 1e-3, f"a prior image uses {center['name']}'s style"
+    assert set(corpus.meta["domain"]) == {"prior"} and not corpus.meta["image_id"].str.startswith("tgt").any()
+
+
+def test_same_seed_same_pixels_and_breadth_sets_the_variety(prior_params):
+    a, b = make_prior_corpus(prior_params, 7), make_prior_corpus(prior_params, 7)
+    assert np.array_equal(a.images, b.images) and a.meta.equals(b.meta)
+    assert len(a) == 6 * len(prior_params["classes"])
+    narrow = make_prior_corpus(prior_params | {"breadth": 0.0}, 7)
+    assert narrow.meta[list(STYLE_KEYS)].nunique().max() == 1  # one style: the ranges' midpoints
+    wide_spread = a.meta[list(STYLE_KEYS)].std()
+    half = make_prior_corpus(prior_params | {"breadth": 0.5}, 7).meta[list(STYLE_KEYS)].std()
+    assert (half < wide_spread).all()
+
+
+def test_bad_prior_settings_are_named(prior_params):
+    with pytest.raises(ValueError, match="prior.styles: missing range"):
+        make_prior_corpus(prior_params | {"styles": {"gain": [0.5, 1.0]}}, 0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_per_clas'\]"):
+        make_prior_corpus(prior_params | {"n_per_clas": 3}, 0)
+    with pytest.raises(ValueError, match="breadth must be in"):
+        make_prior_corpus(prior_params | {"breadth": 2}, 0)
+
+
+def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, small_phantom_sets):
+    source, target = small_phantom_sets
+    source = source.select(np.arange(len(source)))
+    source.meta["split"] = np.where(np.arange(len(source)) % 5 == 0, "val", "train")
+    prior = make_prior_corpus(prior_params, 1)
+    assert base_training_corpus(source, prior, "prior") is prior
+    only_source = base_training_corpus(source, prior, "source")
+    assert set(only_source.meta["split"]) == {"train"}
+    both = base_training_corpus(source, prior, "prior+source")
+    assert len(both) == len(prior) + len(only_source)
+    assert not set(both.meta["image_id"]) & set(target.meta["image_id"])
+    with pytest.raises(ValueError, match="train_on must be one of"):
+        base_training_corpus(source, prior, "target")
+    with pytest.raises(ValueError, match="prior corpus, but it is empty"):
+        base_training_corpus(source, make_prior_corpus(prior_params | {"n_per_class": 0}, 1), "prior")
