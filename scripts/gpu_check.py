@@ -97,7 +97,7 @@ def gpu_params(device: str, bf16: bool) -> dict:
     """What the GPU run turns on (``device=cpu``: the same code paths at CPU-safe precision)."""
     if device == "cpu":
         return {"synthesis.device": "cpu", "synthesis.precision": "fp32", "synthesis.fuse_lora": True,
-                "evaluation.train.device": "cpu", "evaluation.train.mixed_precision": "no"}
+                "evaluation.train.device": "cpu", "evaluation.train.mixed_precision": "'no'"}  # quoted: YAML no = false
     amp = "bf16" if bf16 else "fp16"
     return {
         "lora_training.base_model.tiny.denoiser.mixed_precision": amp,

@@ -69,7 +69,8 @@ COUNT_PARAMS = {
 # The classifier's training length, whichever budget keys evaluation.train has (steps or epochs).
 TRAIN_BUDGET = {"steps": 2, "eval_every": 1, "epochs": 1, "min_steps": 0}
 # Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
-CPU_PARAMS = {"lora_training.lora.mixed_precision": "no"}
+# Quoted: --params values are YAML, and a bare `no` is the boolean false.
+CPU_PARAMS = {"lora_training.lora.mixed_precision": "'no'"}
 
 CONTRACT_FILES = (
     "data/08_reporting/zero_shot_predictions.csv",
