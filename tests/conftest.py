@@ -122,8 +122,8 @@ TINY_RUN_PARAMS = [
 # the evaluation part of a tiny end-to-end run (one seed, the shortest schedule)
 TINY_EVAL_PARAMS = [
     "evaluation.n_seeds=1",
-    "evaluation.train.epochs=1",
-    "evaluation.train.min_steps=0",
+    "evaluation.train.steps=4",
+    "evaluation.train.eval_every=2",
     "evaluation.metrics.n_bootstrap=10",
     "evaluation.quality.tsne_perplexity=5",
 ]

@@ -81,7 +81,7 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     )
     params = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_evaluation.yml").read_text())["evaluation"]
     params.update(image_size=32, n_seeds=2, backbones=["resnet18"], augmentation=[True])
-    params["train"].update(epochs=2, min_steps=0, batch_size=16, patience=2, bn_recalibration_images=32)
+    params["train"].update(steps=6, eval_every=3, batch_size=16, bn_recalibration_images=32)
     source = generate_phantoms("source", 8, 64, seed=1)
     patients = sorted(source.meta["patient_id"].unique())
     source.meta["split"] = np.where(source.meta["patient_id"].isin(patients[::4]), "val", "train")

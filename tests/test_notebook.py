@@ -16,19 +16,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import TINY_RUN_PARAMS
+from conftest import TINY_EVAL_PARAMS, TINY_RUN_PARAMS
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_run.ipynb"
 
 # ~30 s on 2 CPU cores: every node of the four pipelines runs, on tiny data
-TINY_RUN = ",".join(TINY_RUN_PARAMS + [
-    "evaluation.n_seeds=1",
-    "evaluation.train.epochs=1",
-    "evaluation.train.min_steps=0",
-    "evaluation.metrics.n_bootstrap=10",
-    "evaluation.quality.tsne_perplexity=5",
-])
+TINY_RUN = ",".join(TINY_RUN_PARAMS + TINY_EVAL_PARAMS)
 
 
 def _outputs(cell) -> tuple[str, set[str]]:
