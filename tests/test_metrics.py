@@ -149,3 +149,86 @@ def test_labels_outside_label_space_are_rejected():
     pred.loc[0, "label"] = "cervix"
     with pytest.raises(ValueError, match="cervix"):
         summarise_zero_shot(pred, CLASSES, n_bootstrap=0, ci=0.95, seed=0)
+
+
+# ----------------------------------------------------------------------------- edge cases (issue #11)
+def test_a_center_with_two_classes_gets_a_one_vs_rest_auc():
+    # label_binarize gives one column for two classes; the AUC must still be the two-class mean
+    y_true = np.array(["brain", "brain", "femur", "femur", "femur"], object)
+    y_pred = np.array(["brain", "femur", "femur", "other", "femur"], object)
+    proba = np.random.default_rng(0).dirichlet(np.ones(5), len(y_true))
+    got = classification_metrics(y_true, y_pred, proba, CLASSES, TARGET)
+    aucs = [roc_auc_score(y_true == c, proba[:, CLASSES.index(c)]) for c in ("brain", "femur")]
+    assert got["roc_auc_macro"] == pytest.approx(np.mean(aucs))
+    hard = [roc_auc_score(y_true == c, y_pred == c) for c in ("brain", "femur")]
+    assert got["auc_hard_label"] == pytest.approx(np.mean(hard))
+    # and in the per-center table of a whole summary: center c0 below has only two classes
+    pred = _predictions(n_patients=12, seeds=(1, 2))
+    in_c0 = pred["center"] == "c0"
+    pred.loc[in_c0, "label"] = np.where(pred.loc[in_c0, "patient_id"].str[-1].astype(int) % 2, "brain", "femur")
+    res = summarise_zero_shot(pred, CLASSES, n_bootstrap=5, ci=0.95, seed=0)
+    c0 = res["experiments"]["hybrid/resnet18/aug"]["all_classes"]["per_center"]["c0"]["mean"]
+    assert np.isfinite(c0["roc_auc_macro"]) and np.isfinite(c0["auc_hard_label"])
+
+
+def test_a_class_never_predicted_scores_zero_recall_and_counts_in_the_macro_mean():
+    y_true = np.array(["abdomen", "brain", "femur", "thorax"] * 3, object)
+    y_pred = np.where(y_true == "thorax", "femur", y_true).astype(object)  # thorax never predicted
+    proba = np.full((len(y_true), 5), 0.2)
+    got = classification_metrics(y_true, y_pred, proba, CLASSES, TARGET)
+    assert got["recall_macro"] == pytest.approx(recall_score(y_true, y_pred, labels=TARGET, average="macro"))
+    assert got["recall_macro"] == pytest.approx(0.75)
+    assert got["precision_macro"] == pytest.approx(
+        precision_score(y_true, y_pred, labels=TARGET, average="macro", zero_division=0))
+    from fu_kedro.metrics import per_class_recall
+
+    assert per_class_recall(y_true, y_pred, TARGET)["thorax"] == 0.0
+
+
+def test_other_predicted_on_a_four_class_target_is_an_error_not_a_fifth_class():
+    y_true = np.array(["abdomen", "brain", "femur", "thorax"] * 2, object)
+    y_pred = y_true.copy()
+    y_pred[[0, 5]] = "other"
+    proba = np.full((len(y_true), 5), 0.2)
+    got = classification_metrics(y_true, y_pred, proba, CLASSES, TARGET)
+    assert got["accuracy"] == pytest.approx(6 / 8)
+    # macro averages run over the four target classes only: 'other' adds no zero-precision column
+    assert got["precision_macro"] == pytest.approx(
+        precision_score(y_true, y_pred, labels=TARGET, average="macro", zero_division=0))
+    assert got["precision_macro"] == pytest.approx(1.0)
+
+
+def test_chance_rows_majority_and_uniform():
+    pred = _predictions(experiments=("baseline",), seeds=(1,))
+    res = summarise_zero_shot(pred, CLASSES, n_bootstrap=0, ci=0.95, seed=0)
+    labels = pred["label"]
+    majority = res["reference"]["majority"]
+    assert majority["predicts"] == labels.value_counts().idxmax()
+    assert majority["accuracy"] == pytest.approx(labels.value_counts().max() / len(labels))
+    assert majority["recall_macro"] == pytest.approx(1 / len(res["target_classes"]))
+    # a uniform guess over 5 classes is right 1 time in 5 on average
+    assert res["reference"]["uniform"]["accuracy"] == pytest.approx(0.2, abs=0.03)
+    assert res["experiments"]["baseline/resnet18/aug"]["n_seeds"] == 1
+
+
+def test_replicates_are_averaged_and_paired_with_the_baseline_by_seed():
+    base = _predictions(experiments=("baseline",), seeds=(1, 2, 3), seed=1)
+    base["replicate"] = -1
+    reps = []
+    for r in (0, 1):
+        h = _predictions(experiments=("hybrid",), seeds=(1, 2, 3), seed=10 + r)
+        h["replicate"] = r
+        reps.append(h)
+    pred = pd.concat([base, *reps], ignore_index=True)
+    res = summarise_zero_shot(pred, CLASSES, n_bootstrap=50, ci=0.95, seed=0)
+    hyb = res["experiments"]["hybrid/resnet18/aug"]
+    assert hyb["replicates"] == [0, 1] and hyb["n_classifiers"] == 6 and hyb["n_seeds"] == 3
+    acc = {(r, s): accuracy_score(f["label"], f["prediction"]) for (r, s), f in
+           pred[pred["experiment"] == "hybrid"].groupby(["replicate", "seed"])}
+    assert hyb["all_classes"]["mean"]["accuracy"] == pytest.approx(np.mean(list(acc.values())))
+    assert hyb["all_classes"]["per_seed"]["2"]["accuracy"] == pytest.approx((acc[(0, 2)] + acc[(1, 2)]) / 2)
+    d = res["differences"]["hybrid/resnet18/aug - baseline/resnet18/aug"]["all_classes"]["accuracy"]
+    base_acc = {s: accuracy_score(f["label"], f["prediction"]) for s, f in base.groupby("seed")}
+    assert d["per_seed"]["3"] == pytest.approx((acc[(0, 3)] + acc[(1, 3)]) / 2 - base_acc[3])
+    assert d["variance_components"]["K"] == 2 and d["variance_components"]["replicate"] is not None
+    assert "2 synthetic batches" in res["bootstrap"]["conditional_on"]

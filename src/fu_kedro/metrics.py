@@ -266,28 +266,33 @@ def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, target_classes: lis
     return {c: float(v) for c, v in zip(target_classes, values)}
 
 
-def reference_scores(frame: pd.DataFrame, classes: list[str], target_classes: list[str], seed: int) -> dict:
+def reference_scores(frame: pd.DataFrame, classes: list[str], target_classes: list[str], seed: int,
+                     n_draws: int = 100) -> dict:
     """Scores of predictors that never look at the image, on the target (all-class protocol).
 
     ``majority``: always the target's most frequent class (it knows the target's class
     balance: the floor a classifier must beat); ``uniform``: a uniform guess over the source
-    classes, averaged over 200 draws. Both are ``sklearn.dummy.DummyClassifier``; their
-    constant probabilities give AUC 0.5.
+    classes, averaged over ``n_draws`` draws. Both are ``sklearn.dummy.DummyClassifier``;
+    their constant probabilities give a ROC-AUC of 0.5 by definition.
     """
     y = frame["label"].to_numpy(dtype=object)
     x = np.zeros((len(y), 1))
     majority = DummyClassifier(strategy="most_frequent").fit(x, y)
     guesses = [
         DummyClassifier(strategy="uniform", random_state=seed + i).fit(np.zeros((len(classes), 1)), classes).predict(x)
-        for i in range(200)
+        for i in range(n_draws)
     ]
-    flat = np.full((len(y), len(classes)), 1.0 / len(classes))
     out = {}
     for name, preds in (("majority", [majority.predict(x)]), ("uniform", guesses)):
-        rows = [classification_metrics(y, p, flat, classes, target_classes) for p in preds]
-        recalls = [per_class_recall(y, p, target_classes) for p in preds]
-        out[name] = {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}
-        out[name]["per_class_recall"] = {c: float(np.mean([r[c] for r in recalls])) for c in target_classes}
+        rows = []
+        for p in preds:
+            pr, rc, f, _ = precision_recall_fscore_support(y, p, labels=target_classes, zero_division=0)
+            rows.append({"accuracy": accuracy_score(y, p), "precision_macro": pr.mean(), "recall_macro": rc.mean(),
+                         "f1_macro": f.mean(), **{f"recall_{c}": v for c, v in zip(target_classes, rc)}})
+        mean = pd.DataFrame(rows).mean()
+        out[name] = {k: float(v) for k, v in mean.items() if not k.startswith("recall_") or k == "recall_macro"}
+        out[name]["roc_auc_macro"] = out[name]["auc_hard_label"] = 0.5
+        out[name]["per_class_recall"] = {c: float(mean[f"recall_{c}"]) for c in target_classes}
     out["majority"]["predicts"] = str(majority.predict(x[:1])[0])
     out["uniform"]["predicts"] = "uniform over " + ", ".join(classes)
     return out
