@@ -632,13 +632,16 @@ def _first_config_runs(experiment_plan: list[dict], experiment: str) -> list[dic
     ]
 
 
-def train_cas_classifier(classifier_data: dict, experiment_plan: list[dict], params: dict, seed: int):
+def train_cas_classifier(
+    classifier_data: dict, experiment_plan: list[dict], params: dict, seed: int, fidelity_gate: dict | None = None
+):
     """Train the CAS classifiers: synthetic images only, same backbone/augmentation, schedule and
     seeds as the first configuration's baseline runs (one per seed).
 
     Checkpoint selection uses a class-stratified held-out share of the *synthetic* images
     (``quality.cas_holdout_fraction``), so the real images they are scored on stay unseen.
-    All replicates of the batch are pooled.
+    All replicates of the batch are pooled. ``fidelity_gate`` is an input only so that this
+    runs after the gate (nothing trains on a batch the gate stopped).
 
     Returns:
         list of ``TrainedClassifier`` (``info``: backbone, weights, seed, sizes), or ``None``

@@ -75,7 +75,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 train_cas_classifier,
-                inputs=["classifier_data", "evaluation_plan", "params:evaluation", "params:seed"],
+                inputs=["classifier_data", "evaluation_plan", "params:evaluation", "params:seed", "fidelity_gate"],
                 outputs="cas_classifier",
                 name="train_cas_classifier_node",
             ),
