@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fu_kedro.models.lora import read_adapter_file
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
 BACKBONES = ("resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16")
@@ -201,6 +203,31 @@ def kohya_state_dict(adapter) -> tuple[dict, dict]:
     return out, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_network_module": "networks.lora"}
 
 
+def write_random_kohya(path: Path, rank: int = 128, seed: int = 0) -> None:
+    """A kohya-ss file for SD v1.5's architecture with random LoRA weights (rank ``rank``, UNet
+    attention + text encoder), as the published FU-LoRA files are laid out. Child process
+    (the SD v1.5 model is built to know every module's shape)."""
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from safetensors.torch import save_file\n"
+        "from paper_rehearsal import kohya_state_dict\n"
+        "from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config\n"
+        "from fu_kedro.models.lora import attach_lora, export_lora\n"
+        "rank, seed = int(sys.argv[2]), int(sys.argv[3])\n"
+        "pipe = build_pipeline_from_config(SD15_CONFIG, 512, seed=seed)\n"
+        "attach_lora(pipe, rank=rank, alpha=float(rank), unet_targets=('to_q', 'to_k', 'to_v', 'to_out.0'), "
+        "train_text_encoder=True, seed=seed)\n"
+        "with torch.no_grad():\n"
+        "    for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]:\n"
+        "        if p.requires_grad: p.normal_(0, 1e-3)\n"
+        "tensors, metadata = kohya_state_dict(export_lora(pipe, rank, float(rank), {}))\n"
+        "save_file(tensors, sys.argv[1], metadata=metadata)\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, str(path), str(rank), str(seed)], check=True, capture_output=True)
+
+
 # --------------------------------------------------------------------------- runs
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -265,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sd-dtype", choices=["float16", "float32"], default="float16",
                     help="dtype of the stand-in SD v1.5 files (hub: fp32 files, fp16 variant)")
     ap.add_argument("--skip-file-run", action="store_true", help="skip the adapter_source: file run")
+    ap.add_argument("--file-run-only", action="store_true",
+                    help="only ingestion, then lora_training + synthesis with adapter_source: file on a kohya file with "
+                         "random weights (rank 128, UNet + text encoder); runs beside a --skip-file-run rehearsal")
     ap.add_argument("--params", default="", help="more --params for every run (key=value,...)")
     ap.add_argument("--from-git", default=None, metavar="REV",
                     help="rehearse this commit (e.g. HEAD) instead of the working tree")
@@ -300,6 +330,24 @@ def main(argv: list[str] | None = None) -> int:
     params = shrunk_counts(paper_parameters(project)) | CPU_PARAMS | extra
     summary["params"] = params
     ok = True
+    if args.file_run_only:
+        summary["runs"].append(kedro_run(project, "ingestion", params, logs / "ingestion.log"))
+        kohya_file = project / "models" / "fu-lora" / "rehearsal_random_kohya.safetensors"
+        write_random_kohya(kohya_file)
+        file_params = params | {"lora_training.adapter_source": "file",
+                                "lora_training.adapter_file": str(kohya_file.relative_to(project))}
+        for pipeline in ("lora_training", "synthesis"):
+            if summary["runs"][-1]["exit_code"]:
+                break
+            summary["runs"].append(kedro_run(project, pipeline, file_params, logs / f"{pipeline}_adapter_file.log")
+                                   | {"adapter_source": "file"})
+        ok = not any(r["exit_code"] for r in summary["runs"])
+        if ok:
+            imported = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
+            summary["kohya_file"] = {"path": str(kohya_file), "imported_format": imported.metadata.get("imported_format"),
+                                     "tensors": len(imported.state_dict)}
+            ok = imported.metadata.get("imported_format") == "kohya"
+        return finish(summary, ok, args, workdir, logs, t_start)
     for pipeline in ("ingestion", "lora_training", "synthesis", "evaluation"):
         run = kedro_run(project, pipeline, params, logs / f"{pipeline}.log")
         summary["runs"].append(run)
@@ -311,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if ok and not args.skip_file_run:
         from safetensors.torch import save_file
-
-        from fu_kedro.models.lora import read_adapter_file
 
         trained = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
         tensors, metadata = kohya_state_dict(trained)
@@ -337,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  kohya file: {len(tensors)} tensors; imported adapter equals the trained one: {same}", flush=True)
             ok = ok and same
 
+    return finish(summary, ok, args, workdir, logs, t_start)
+
+
+def finish(summary: dict, ok: bool, args, workdir: Path, logs: Path, t_start: float) -> int:
+    """Summary printed and written; the workdir removed if everything passed and it was a temp folder."""
+    project = workdir / "project"
+    summary["contract_files"] = {name: str(latest(project, name)) for name in CONTRACT_FILES}
     summary["outputs"] = outputs(project)
     summary["seconds_total"] = round(time.monotonic() - t_start, 1)
     summary["peak_rss_gb"] = max((r["peak_rss_gb"] for r in summary["runs"]), default=None)
