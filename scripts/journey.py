@@ -626,10 +626,12 @@ def check_viz_preview(report: Report, context, base: str, project: Path, out: Pa
     page.goto(f"{base}/?pid={PREVIEW_PIPELINE}&types=nodes,datasets&sid={node['id']}",
               wait_until="domcontentloaded", timeout=timeout_ms)
     ok, detail = False, ""
+    image = "img[src^='data:image']"  # kedro-viz draws an ImagePreview as a data-URI <img>
     try:
-        img = page.locator(".pipeline-metadata__preview img").first
-        img.wait_for(timeout=timeout_ms)
-        page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=30000)
+        img = page.locator(image).first
+        img.wait_for(state="attached", timeout=timeout_ms)
+        page.wait_for_function(f"() => {{ const el = document.querySelector(\"{image}\"); "
+                               "return el && el.complete && el.naturalWidth > 0; }", timeout=30000)
         size = img.evaluate("el => [el.naturalWidth, el.naturalHeight]")
         ok, detail = size[0] > 100, f"preview image {size[0]}x{size[1]} px in the side panel"
     except Exception as exc:  # noqa: BLE001
@@ -637,6 +639,14 @@ def check_viz_preview(report: Report, context, base: str, project: Path, out: Pa
     dismiss_viz_popups(page)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shot))
+    expanded = out / "kedro_viz_preview_expanded.png"
+    try:  # the same preview, full size ("Expand preview")
+        page.get_by_text("Expand preview").first.click(timeout=10000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(expanded))
+        detail += f"; expanded -> {expanded}"
+    except Exception as exc:  # noqa: BLE001 - the side panel shot is the check
+        detail += f"; could not expand ({type(exc).__name__})"
     report.add("viz: dataset preview", ok, f"{PREVIEW_DATASET}: {detail} -> {shot}")
     page.close()
 
