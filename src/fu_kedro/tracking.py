@@ -209,6 +209,15 @@ class LineageHooks:
         STATE.reset()
         if not is_main_process():
             return
+        try:
+            self._start(run_params, catalog)
+        except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
+            log.warning("lineage: not recorded in this run: %s", exc)
+            STATE.reset()
+            return
+        self.mlflow.before_pipeline_run()
+
+    def _start(self, run_params: dict[str, Any], catalog) -> None:
         STATE.catalog = catalog
         STATE.project = Path(run_params.get("project_path") or Path.cwd())
         import mlflow
@@ -231,12 +240,19 @@ class LineageHooks:
             "mlflow_run_name": run_name(list(pipelines), run_params.get("env"), params,
                                         run_params.get("runtime_params")) if active else None,
         }
-        self.mlflow.before_pipeline_run()
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:
         if STATE.catalog is None:
             return
+        try:
+            self._note_inputs(node, catalog, inputs)
+        except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
+            log.warning("lineage: could not record the inputs of %s: %s", node.name, exc)
+            return
+        self.mlflow.before_node_run(node)
+
+    def _note_inputs(self, node, catalog, inputs: dict[str, Any]) -> None:
         entries, params = [], {}
         for name in node.inputs:
             if name == "parameters" or name.startswith("params:"):
@@ -245,7 +261,6 @@ class LineageHooks:
             entries.append(self._input_entry(name, catalog))
         entries += self._raw_entries(params)
         STATE.node_records[node.name] = {"node": node.name, "inputs": entries, "params": params}
-        self.mlflow.before_node_run(node)
 
     @staticmethod
     def _raw_entries(params: dict) -> list[dict]:
@@ -321,16 +336,16 @@ class LineageHooks:
     def before_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         if STATE.catalog is None:
             return
-        dataset = STATE.catalog.get(dataset_name)
-        version = _save_version(dataset)
-        if version is None:
-            return
-        record = self._record(dataset_name, node, version, _published(_versioned_path(dataset, version)))
-        if record is not None:
-            try:
+        try:
+            dataset = STATE.catalog.get(dataset_name)
+            version = _save_version(dataset)
+            if version is None:
+                return
+            record = self._record(dataset_name, node, version, _published(_versioned_path(dataset, version)))
+            if record is not None:
                 _embed(data, L.to_jsonable(record))
-            except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
-                log.warning("lineage: could not embed the record in %s: %s", dataset_name, exc)
+        except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
+            log.warning("lineage: could not embed the record in %s: %s", dataset_name, exc)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
