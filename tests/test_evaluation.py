@@ -118,6 +118,22 @@ def test_memorisation_check_flags_copies_only():
     assert (sim[1:] < 0.5).all()
 
 
+def test_frechet_distance_equals_the_matrix_square_root_formula():
+    import warnings
+
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(60, 32)), rng.normal(size=(50, 32)) * 1.5 + 0.3
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu = a.mean(0) - b.mean(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = np.real(linalg.sqrtm(sa @ sb))
+    expected = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean)
+    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_frechet_distance_grows_with_shift():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
@@ -176,7 +192,8 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     assert set(metrics["reference"]) == {"majority", "uniform"}
     assert "this one synthetic batch" in metrics["bootstrap"]["conditional_on"]  # one replicate
     # every arm had the same schedule, recorded in the plan
-    assert {(r["steps"], r["batch_size"]) for r in plan} == {(6, 32)}
+    assert {r["steps"] for r in plan} == {6}
+    assert all(r["batch_size"] == min(32, r["n_real"] + r["n_synthetic"]) for r in plan)  # a set smaller than a batch is one batch
     assert all(r["torch_threads"] == params["torch_threads"] for r in plan)
 
     quality_json = json.loads((tmp_path / "synthetic_quality.json").read_text())
@@ -189,6 +206,9 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     report = outputs["evaluation_report"].load()
     assert "Zero-shot comparison" in report and "data:image/png;base64," in report
     assert "nothing ran on a GPU" not in report and "What ran where" in report
+    # the gate: the banner is there exactly when fidelity is below the threshold (the report's own numbers)
+    assert ("id='low-fidelity'" in report) == (quality_json["fidelity"] < params["min_fidelity"])
+    assert quality_json["gate"]["status"] == ("failed" if quality_json["fidelity"] < params["min_fidelity"] else "passed")
     assert report.index("The question and the answer") < report.index("Zero-shot comparison")
     history = catalog.load("classifier_training_history")
     assert set(history.groupby("run")["step"].max()) == {6}  # every run, both arms, 6 optimiser steps

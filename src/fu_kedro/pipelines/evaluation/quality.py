@@ -9,8 +9,6 @@ real-train (two disjoint real samples) tells how large "no difference" looks.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 from scipy import linalg
@@ -47,12 +45,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        # singular covariances are expected here (fewer images than feature dimensions)
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sa @ sb)
-    covmean = np.real(covmean)  # numerical noise gives tiny imaginary parts
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * np.trace(covmean))
+    # Tr((Sa Sb)^1/2) = sum of sqrt(eigenvalues of Sa^1/2 Sb Sa^1/2), a symmetric matrix: two
+    # symmetric eigendecompositions instead of a general matrix square root (about 10x faster
+    # at 512 features, the same value up to rounding; tests/test_evaluation.py)
+    w, v = linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = linalg.eigvalsh(root_a @ sb @ root_a)
+    trace_covmean = float(np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2.0 * trace_covmean)
 
 
 def mean_pairwise_cosine_distance(features: np.ndarray) -> float:
