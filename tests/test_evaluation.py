@@ -158,7 +158,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             "zero_shot_metrics": JSONDataset(filepath=str(tmp_path / "zero_shot_metrics.json")),
             "synthetic_quality": JSONDataset(filepath=str(tmp_path / "synthetic_quality.json")),
             "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
-            "classifier_training_history": MemoryDataset(),
+            "classifier_training_history": CSVDataset(filepath=str(tmp_path / "history.csv")),
         }
     )
     pipeline = create_pipeline()
