@@ -102,6 +102,17 @@ def run_name(pipelines: list[str], env: str | None, params: dict, runtime_params
     return name[:250]
 
 
+def _pipelines_with_nodes(pipeline) -> list[str]:
+    """The registered pipelines (in data-flow order) that have a node in the run's pipeline."""
+    from kedro.framework.project import pipelines as registered
+
+    from fu_kedro.pipeline_registry import PIPELINE_ORDER
+
+    running = {n.name for n in pipeline.nodes}
+    return [name for name in PIPELINE_ORDER
+            if name in registered and running & {n.name for n in registered[name].nodes}]
+
+
 # --------------------------------------------------------------------------- helpers on datasets
 def _versioned_path(dataset, version: str | None) -> Path | None:
     if version is None or not hasattr(dataset, "_get_versioned_path"):
@@ -210,14 +221,14 @@ class LineageHooks:
         if not is_main_process():
             return
         try:
-            self._start(run_params, catalog)
+            self._start(run_params, pipeline, catalog)
         except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
             log.warning("lineage: not recorded in this run: %s", exc)
             STATE.reset()
             return
         self.mlflow.before_pipeline_run()
 
-    def _start(self, run_params: dict[str, Any], catalog) -> None:
+    def _start(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         STATE.catalog = catalog
         STATE.project = Path(run_params.get("project_path") or Path.cwd())
         import mlflow
@@ -229,6 +240,7 @@ class LineageHooks:
         except Exception:  # noqa: BLE001
             pass
         pipelines = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+        ran = _pipelines_with_nodes(pipeline) or list(pipelines)  # e.g. --from-nodes: the ones that run
         STATE.run = {
             "session_id": run_params.get("run_id"),
             "env": run_params.get("env"),
@@ -237,7 +249,7 @@ class LineageHooks:
             "runtime_params": run_params.get("runtime_params") or {},
             "mlflow_run_id": active.info.run_id if active else None,
             "mlflow_experiment_id": active.info.experiment_id if active else None,
-            "mlflow_run_name": run_name(list(pipelines), run_params.get("env"), params,
+            "mlflow_run_name": run_name(ran, run_params.get("env"), params,
                                         run_params.get("runtime_params")) if active else None,
         }
 
