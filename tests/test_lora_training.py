@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline
 
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets.image_set import ImageSet
+from fu_kedro.data_sources.prior_corpus import make_prior_corpus
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.models.generation import torch_threads
 from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
@@ -92,13 +93,19 @@ def test_adapter_changes_pixels_and_lowers_denoising_loss_on_its_images(params, 
     assert np.array_equal(pixels_with, generate(base, prompts, seeds, 32, 4, 3.0))
 
 
+def _prior(params, n_per_class: int = 2):
+    return make_prior_corpus(params["base_model"]["tiny"]["prior"] | {"n_per_class": n_per_class, "image_size": 64}, 3)
+
+
 def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
     src = generate_phantoms("source", 6, 64, seed=4)
     src.meta["split"] = np.where(np.arange(len(src)) % 3 == 0, "val", "train")
-    pipe, history = build_base_model(src, params, CAPTION, seed=1)
+    params["base_model"]["tiny"]["train_on"] = "source"
+    pipe, history = build_base_model(src, _prior(params), params, CAPTION, seed=1)
     info = pipe.fu_base_info
     assert info["kind"] == "tiny" and "tiny base trained here" in info["name"]
     assert info["trained_on"]["images"] == int((src.meta["split"] == "train").sum())
+    assert info["trained_on"]["corpus"] == "source" and info["time_capped"] == {} and info["torch_threads"] == 1
     assert set(history["stage"]) == {"autoencoder", "base_denoiser"}
     assert (history.groupby("stage").size() == 15).all()
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
@@ -111,6 +118,19 @@ def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
     assert record["adapter"]["content_hash"] == adapter.content_hash
     assert record["base_model"]["content_hash"] == info["content_hash"]
     assert len(grid.axes) == 2 * len(CLASSES)
+    assert record["reproducible"] and metrics["time_capped"] == {"value": 0.0, "step": 0}
+
+
+def test_default_tiny_base_trains_on_the_prior_corpus_only(params):
+    src = generate_phantoms("source", 2, 64, seed=4)
+    src.meta["split"] = "train"
+    params["base_model"]["tiny"]["autoencoder"].update(max_steps=2)
+    params["base_model"]["tiny"]["denoiser"].update(max_steps=2)
+    prior = _prior(params, 3)
+    pipe, history = build_base_model(src, prior, params, CAPTION, seed=1)
+    assert params["base_model"]["tiny"]["train_on"] == "prior"  # conf/base's default
+    assert pipe.fu_base_info["trained_on"]["corpus"] == "prior"
+    assert pipe.fu_base_info["trained_on"]["images"] == len(prior)  # not one source image
 
 
 @pytest.mark.parametrize(
@@ -135,7 +155,7 @@ def test_empty_lora_subset_is_an_error(params, lora_subset):
 def test_missing_pretrained_base_names_what_to_download(params, tmp_path):
     params["base_model"].update(kind="pretrained", pretrained_path=str(tmp_path / "stable-diffusion-v1-5"))
     with pytest.raises(FileNotFoundError, match="Download Stable Diffusion v1.5.*huggingface-cli download"):
-        build_base_model(generate_phantoms("source", 2, 64, seed=1), params, CAPTION, seed=0)
+        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0)
 
 
 def test_corrupt_and_mismatched_adapter_files_are_named(params, lora_subset, tmp_path):
@@ -204,7 +224,7 @@ def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project
     assert "check" in base.get_list_adapters()["unet"]
     for name in ("lora_validation_grid.png", "lora_loss_curves.png", "lora_lineage.json"):
         assert len(list((project / "data/08_reporting" / name).glob(f"*/{name}"))) == 1
-    lineage = json.loads(next((project / "data/08_reporting/lora_lineage.json").glob("*/*")).read_text())
+    lineage = json.loads(next((project / "data/08_reporting/lora_lineage.json").glob("*/lora_lineage.json")).read_text())
     assert lineage["adapter"]["catalog_version"] == adapters[0].name
     assert lineage["base_model"]["catalog_version"] == bases[0].name
     # MLflow: parameters, loss history, curve and grid artifacts

@@ -169,7 +169,7 @@ def test_kedro_cli_under_two_processes_writes_once_and_logs_one_mlflow_run(proje
         assert len(runs) == 1  # only the main process opened an MLflow run
         steps = db.execute("select count(*) from metrics where key = 'lora_training.lora_loss'").fetchone()[0]
     assert steps == 4  # 4 LoRA steps, each logged once
-    lineage = json.loads(next((project_copy / "data/08_reporting/lora_lineage.json").glob("*/*")).read_text())
+    lineage = json.loads(next((project_copy / "data/08_reporting/lora_lineage.json").glob("*/lora_lineage.json")).read_text())
     assert lineage["training"]["steps"] == 4
     # synthesis split its 10 images between the two processes; the main process wrote them all
     manifest = pd.read_csv(next((project_copy / "data/07_model_output/synthetic_batch").glob("*/*/metadata.csv")))
