@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -663,6 +664,13 @@ def check_mlflow_datasets(report: Report, context, base: str, run: dict, out: Pa
     except Exception:  # noqa: BLE001 - reported below
         pass
     _close_mlflow_assistant(page)
+    try:  # the Datasets panel shows one dataset and "+N": open the list of all of them
+        more = page.get_by_text(re.compile(r"^\+\d+$")).first
+        if more.count():
+            more.click(timeout=5000)
+            page.wait_for_timeout(1000)
+    except Exception:  # noqa: BLE001 - the names are checked below
+        pass
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shot))
     text = page.inner_text("body")
@@ -698,19 +706,26 @@ def check_mlflow_compare(report: Report, context, base: str, pair: list[dict], o
         pass
     _close_mlflow_assistant(page)
     page.wait_for_timeout(1500)
-    try:  # the metrics table below the parameters
-        page.get_by_text(HEADLINE[0], exact=True).first.scroll_into_view_if_needed(timeout=5000)
-    except Exception:  # noqa: BLE001
+    try:  # parameters: only those that differ (the rank), then the metrics table in view
+        page.get_by_text("Show diff only").first.click(timeout=5000)
+        page.wait_for_timeout(1000)
+        page.get_by_text("Metrics", exact=True).first.scroll_into_view_if_needed(timeout=5000)
+        page.mouse.wheel(0, -250)  # keep the parameter differences in the picture
+    except Exception:  # noqa: BLE001 - cosmetic only
         pass
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(shot), full_page=True)
+    page.wait_for_timeout(1500)
     text = page.inner_text("body")
+    page.screenshot(path=str(shot))
     headline = sorted(k for k in pair[0]["metrics"] if "." not in k and "/" not in k)
     same_keys = set(pair[0]["metrics"]) == set(pair[1]["metrics"])
     shown = [k for k in headline if k in text]
-    report.add("mlflow: compare view of two LoRA ranks", RANK_PARAM in text and all(h in text for h in HEADLINE),
+    # MLflow draws only the first rows of its metrics grid (alphabetical); the rest are in both runs
+    below = [k for k in headline if k not in shown]
+    report.add("mlflow: compare view of two LoRA ranks",
+               RANK_PARAM in text and HEADLINE[0] in text and same_keys and all(h in headline for h in HEADLINE),
                f"ranks {pair[0]['rank']} vs {pair[1]['rank']} ({pair[0]['run_id'][:8]}, {pair[1]['run_id'][:8]}); "
-               f"same metric keys: {same_keys}; top-level metrics shown: {', '.join(shown)} -> {shot}")
+               f"same metric keys: {same_keys}; top-level metrics on screen: {', '.join(shown)}"
+               + (f"; further down the grid (in both runs): {', '.join(below)}" if below else "") + f" -> {shot}")
     page.close()
 
 
