@@ -68,26 +68,30 @@ def _get(d: dict, *path, default=None):
 
 
 def row(project: Path, name: str) -> dict:
-    """The headline numbers of the latest evaluation in ``project``."""
+    """The headline numbers of the latest evaluation in ``project`` (zero_shot_metrics.json, synthetic_quality.json)."""
     metrics = json.loads(latest(project, "data/08_reporting/zero_shot_metrics.json").read_text())
     quality = json.loads(latest(project, "data/08_reporting/synthetic_quality.json").read_text())
     experiments = metrics["experiments"]
     base_key = next(k for k in experiments if k.startswith("baseline"))
     hyb_key = next(k for k in experiments if k.startswith("hybrid"))
-    diff = metrics["differences"][hyb_key]["all_classes"]
+    diff = next(d for d in metrics["differences"].values() if d["experiment"] == hyb_key)["all_classes"]["accuracy"]
     acc = lambda key: experiments[key]["all_classes"]["mean"]["accuracy"]  # noqa: E731
     return {
         "variant": name,
-        "fidelity": _get(quality, "fidelity", default=quality.get("fidelity_mean")),
-        "diversity": quality.get("diversity") or quality.get("mean_pairwise_cosine_distance"),
-        "cas": _get(quality, "cas", "mean", default=quality.get("cas_accuracy")),
+        "fidelity": quality["fidelity"],
+        "fidelity_reference": _get(quality, "fidelity_reference", "accuracy"),
+        "diversity": quality.get("diversity_synthetic"),
+        "diversity_real": quality.get("diversity_real_train"),
+        "cas": quality.get("cas_accuracy"),
         "baseline_acc": acc(base_key),
         "hybrid_acc": acc(hyb_key),
-        "difference": diff["mean"]["accuracy"],
-        "interval": _get(diff, "interval", "accuracy", default=_get(diff, "ci", "accuracy")),
+        "difference": diff["mean"],
+        "interval": diff.get("ci"),
+        "per_seed": diff.get("per_seed"),
+        "p_value_t": _get(diff, "paired_test", "t_test", "p_value"),
         "n_seeds": experiments[hyb_key].get("n_seeds"),
-        "n_replicates": len(experiments[hyb_key].get("replicates") or []) or 1,
-        "quality_gate": _get(quality, "gate", "passed"),
+        "n_replicates": metrics["bootstrap"].get("n_replicates", 1),
+        "majority": _get(metrics, "reference", "majority", "accuracy"),
     }
 
 
@@ -98,18 +102,23 @@ def _num(x) -> float | None:
 
 
 def markdown(rows: list[dict], seconds: float, seeds: int, replicates: int) -> str:
-    head = ("| variant | fidelity | diversity | CAS | baseline ACC | hybrid ACC | hybrid − baseline [95 % interval] |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = ("| variant | fidelity | diversity (real: {}) | CAS | baseline ACC | hybrid ACC | hybrid − baseline [95 % interval] | per-seed differences | paired t-test p |\n"
+            "|---|---|---|---|---|---|---|---|---|\n").format(
+        "–" if not rows or rows[0].get("diversity_real") is None else f"{rows[0]['diversity_real']:.3f}")
     lines = []
     for r in rows:
         f = lambda v, pct=True: "–" if _num(v) is None else (f"{100 * _num(v):.1f} %" if pct else f"{_num(v):.3f}")  # noqa: E731
         iv = r["interval"]
         interval = f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "[–]"
         lines.append(f"| {r['variant']} | {f(r['fidelity'], False)} | {f(r['diversity'], False)} | {f(r['cas'], False)} | "
-                     f"{f(r['baseline_acc'])} | {f(r['hybrid_acc'])} | {100 * r['difference']:+.1f} points {interval} |")
+                     f"{f(r['baseline_acc'])} | {f(r['hybrid_acc'])} | {100 * r['difference']:+.1f} points {interval} | "
+                     + ", ".join(f"{100 * v:+.1f}" for v in (r.get("per_seed") or {}).values())
+                     + f" | {'–' if r.get('p_value_t') is None else format(r['p_value_t'], '.2f')} |")
+    majority = rows[0].get("majority") if rows else None
     note = (f"\n{seeds} classifier seeds per arm, {replicates} synthetic-batch replicate(s) per variant; "
-            f"accuracy = zero-shot on the phantom target, all 5 source classes (paper protocol). "
-            f"Whole ablation: {seconds / 60:.0f} min on this machine.\n")
+            + (f"always answering the target's most frequent class scores {100 * majority:.1f} %; " if majority else "")
+            + "accuracy = zero-shot on the phantom target, all 5 source classes (paper protocol). "
+            + f"Whole ablation: {seconds / 60:.0f} min on this machine.\n")
     return head + "\n".join(lines) + "\n" + note
 
 

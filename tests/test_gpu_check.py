@@ -88,6 +88,7 @@ def test_on_a_cpu_machine_the_command_runs_reports_cuda_steps_skipped_and_exits_
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal  # the GPU branch dry-run on CPU: several tiny runs, not in the default run
 def test_device_cpu_runs_every_gpu_step_on_the_cpu(tmp_path):
     """The GPU branch end to end (tiny run with fused LoRA, comparison, both benchmarks), CPU-sized."""
     code = gpu_check.main([

@@ -74,6 +74,7 @@ def test_kohya_file_of_a_trained_adapter_imports_to_the_same_adapter(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal  # 25-60 min on 2 cores: not in the default run (pyproject addopts)
 def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path):
     summary_file = tmp_path / "summary.json"
     code = rehearsal.main(["--workdir", str(tmp_path / "work"), "--json", str(summary_file)])

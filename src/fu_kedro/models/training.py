@@ -60,6 +60,11 @@ class LoopConfig:
     text_encoder_learning_rate: float | None = None
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        # `--params ...mixed_precision=no` arrives as YAML's boolean false
+        if self.mixed_precision in (False, None):
+            self.mixed_precision = "no"
+
 
 def _fused(accelerator: Accelerator) -> bool:
     """The fused AdamW kernel (one pass over all weights) where torch has it: CPU and CUDA.
