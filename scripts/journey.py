@@ -744,13 +744,7 @@ def check_mlflow_page(report: Report, context, base: str, run: dict, out: Path, 
         report.add("mlflow: run page shows zero-shot metrics", False,
                    f"{url}: no '{ZERO_SHOT}' text after {timeout_ms // 1000} s ({type(exc).__name__}) -> {shot}")
         return
-    try:  # MLflow 3's assistant side panel takes a third of the page
-        close = page.get_by_role("button", name="Close")
-        if close.count() and close.first.is_visible():
-            close.first.click(timeout=3000)
-            page.wait_for_timeout(500)
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
+    _close_mlflow_assistant(page)
     search = page.get_by_placeholder("Search metrics")
     if search.count():
         search.first.fill(ZERO_SHOT)

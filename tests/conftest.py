@@ -127,3 +127,15 @@ TINY_EVAL_PARAMS = [
     "evaluation.metrics.n_bootstrap=10",
     "evaluation.quality.tsne_perplexity=5",
 ]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

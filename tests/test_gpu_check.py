@@ -2,7 +2,6 @@
 skipped and the exit code is 0; ``--device cpu`` runs the GPU steps' code on the CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,18 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, load_script
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load("gpu_check")
+gpu_check = load_script("gpu_check")
 
 CPU = {"lora_denoising_loss": 0.20, "fidelity": 0.90, "cas_accuracy": 0.80, "zero_shot_accuracy": 0.60}
 

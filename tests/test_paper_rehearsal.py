@@ -6,13 +6,11 @@ checks and read as real data, and the kohya-ss file it writes imports to the sam
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import load_script
 from safetensors.torch import save_file
 
 from fu_kedro import hooks
@@ -21,15 +19,7 @@ from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.models.lora import attach_lora, export_lora, read_adapter_file
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rehearsal = _load("paper_rehearsal")
+rehearsal = load_script("paper_rehearsal")
 
 
 def test_stand_in_datasets_pass_the_paper_checks_and_read_as_real_data(tmp_path, fetal_planes_db_sample,
