@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
+from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.pipelines.evaluation import create_pipeline
 from fu_kedro.pipelines.evaluation import nodes, quality
 
@@ -159,6 +160,8 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             "synthetic_quality": JSONDataset(filepath=str(tmp_path / "synthetic_quality.json")),
             "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
             "classifier_training_history": CSVDataset(filepath=str(tmp_path / "history.csv")),
+            # an untrained tiny base: its VAE's round trips are the memorisation check's second positive control
+            "base_model": MemoryDataset(build_pipeline_from_config(TINY_CONFIG, 32, 0)),
         }
     )
     pipeline = create_pipeline()
@@ -201,6 +204,9 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
                 "cas_reference", "gate", "fidelity_ci", "cas_accuracy_ci", "kid_to_real_train"):
         assert key in quality_json
     assert quality_json["memorisation"]["controls"]["positive_flagged"] == 1.0
+    vae_control = quality_json["memorisation"]["controls"]["vae_round_trips"]
+    assert vae_control["n"] == min(params["quality"]["memorisation_controls"], (src.meta["split"] == "train").sum())
+    assert 0.0 <= vae_control["flagged"] <= 1.0 and -1.0 <= vae_control["similarity_min"] <= 1.0
     assert 0.0 <= quality_json["fidelity"] <= 1.0 and quality_json["n_images"] == len(syn)
 
     report = outputs["evaluation_report"].load()

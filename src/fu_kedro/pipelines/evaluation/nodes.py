@@ -710,6 +710,15 @@ def train_cas_classifier(
 
 
 @in_stage_threads
+@in_stage_threads
+def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict, seed: int) -> tuple:
+    """Training images at the copy-check resolution, through the base model's VAE: a positive
+    control for the memorisation check (a generator that memorised them would make these)."""
+    train = classifier_data["memorisation_images"]["source_train"]
+    n = int(params.get("quality", {}).get("memorisation_controls", 20))
+    return quality.vae_round_trips(base_model.vae, train, n, seed)
+
+
 def assess_synthetic_quality(
     classifier_data: dict,
     trained_classifiers: dict,
@@ -718,6 +727,7 @@ def assess_synthetic_quality(
     params: dict,
     seed: int,
     fidelity_gate: dict | None = None,
+    vae_controls: tuple | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Judge the synthetic batch: fidelity (from the gate), CAS, feature-space distances, diversity, memorisation.
 
@@ -730,6 +740,7 @@ def assess_synthetic_quality(
         params: ``evaluation`` parameters (``quality``, ``metrics``).
         seed: seeds t-SNE, subsampling, controls and intervals.
         fidelity_gate: output of ``check_synthetic_fidelity`` (fidelity and its reference).
+        vae_controls: output of ``make_vae_round_trip_controls`` (a positive memorisation control).
 
     Returns:
         (``synthetic_quality.json`` content, t-SNE table with class, kind, x, y). Key fields:
@@ -779,7 +790,7 @@ def assess_synthetic_quality(
     mem = classifier_data["memorisation_images"]
     copies = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"],
                                         int(q.get("memorisation_controls", 20)), seed,
-                                        q.get("memorisation_threshold", "auto"))
+                                        q.get("memorisation_threshold", "auto"), vae_controls)
     sim, nn_idx, threshold = copies["similarity"], copies["nearest"], copies["threshold"]
     flagged = np.flatnonzero(copies["flagged"])
     calibration = copies["controls"]
