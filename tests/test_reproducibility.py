@@ -37,8 +37,30 @@ def _only(pattern: str, root: Path) -> Path:
     return found[0]
 
 
+def _adapter_sha256(path: Path) -> str:
+    """sha256 of the adapter's weights (every tensor, in key order) and of its training metadata.
+
+    The file's own bytes differ between runs by design: its header carries the lineage record
+    (`made_from`: the run's session id, MLflow run id, save time). Everything that makes the
+    adapter — weights, rank, alpha, parameters, LoRA image ids — must be identical.
+    """
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        for key in sorted(f.keys()):
+            digest.update(key.encode())
+            digest.update(f.get_tensor(key).numpy().tobytes())
+    # versions are save timestamps: they name *when*, the content hashes say *what*
+    for key in sorted(set(metadata) - {"made_from", "catalog_version", "base_catalog_version", "lora_subset_version",
+                                       "file", "published_file"}):
+        digest.update(f"{key}={metadata[key]}".encode())
+    return digest.hexdigest()
+
+
 def _fingerprints(project: Path) -> dict[str, object]:
-    """sha256 of the adapter file, of each synthetic image's pixels, and of the predictions CSV."""
+    """sha256 of the adapter (weights + training metadata), of each synthetic image's pixels, and of the predictions CSV."""
     data = project / "data"
     adapter = _only("06_models/lora_adapter.safetensors/*/lora_adapter.safetensors", data)
     batch = _only("07_model_output/synthetic_batch/*/synthetic_batch", data)
@@ -46,7 +68,7 @@ def _fingerprints(project: Path) -> dict[str, object]:
               for p in sorted((batch / "images").glob("*.png"))}
     predictions = _only("08_reporting/zero_shot_predictions.csv/*/zero_shot_predictions.csv", data)
     return {
-        "adapter": hashlib.sha256(adapter.read_bytes()).hexdigest(),
+        "adapter": _adapter_sha256(adapter),
         "synthetic_images": images,
         "predictions": hashlib.sha256(predictions.read_bytes()).hexdigest(),
     }
