@@ -95,19 +95,13 @@ def row(project: Path, name: str) -> dict:
     }
 
 
-def _num(x) -> float | None:
-    if isinstance(x, dict):
-        x = x.get("mean", x.get("value"))
-    return None if x is None else float(x)
-
-
 def markdown(rows: list[dict], seconds: float, seeds: int, replicates: int) -> str:
     head = ("| variant | fidelity | diversity (real: {}) | CAS | baseline ACC | hybrid ACC | hybrid − baseline [95 % interval] | per-seed differences | paired t-test p |\n"
             "|---|---|---|---|---|---|---|---|---|\n").format(
         "–" if not rows or rows[0].get("diversity_real") is None else f"{rows[0]['diversity_real']:.3f}")
     lines = []
     for r in rows:
-        f = lambda v, pct=True: "–" if _num(v) is None else (f"{100 * _num(v):.1f} %" if pct else f"{_num(v):.3f}")  # noqa: E731
+        f = lambda v, pct=True: "–" if v is None else (f"{100 * v:.1f} %" if pct else f"{v:.3f}")  # noqa: E731
         iv = r["interval"]
         interval = f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "[–]"
         lines.append(f"| {r['variant']} | {f(r['fidelity'], False)} | {f(r['diversity'], False)} | {f(r['cas'], False)} | "

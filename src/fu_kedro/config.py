@@ -49,12 +49,13 @@ def strict_dataclass(cls: type[T], values: dict[str, Any] | None, where: str, ig
 def check_lora_training(params: dict[str, Any]) -> None:
     """Every training block of ``lora_training`` (tiny autoencoder, tiny denoiser, LoRA) is
     complete and has no unknown key. Raises naming the block and key."""
-    from fu_kedro.pipelines.lora_training.nodes import AUTOENCODER_KEYS, LORA_KEYS, _loop
+    from fu_kedro.pipelines.lora_training.nodes import AUTOENCODER_KEYS, BASE_MODEL_KEYS, LORA_KEYS, TINY_KEYS, _loop
 
     block = params.get("lora_training") or {}
     base = block.get("base_model") or {}
-    check_keys(base, ("kind", "pretrained_path", "tiny"), "lora_training.base_model")
+    check_keys(base, BASE_MODEL_KEYS, "lora_training.base_model")
     tiny = base.get("tiny") or {}
+    check_keys(tiny, TINY_KEYS, "lora_training.base_model.tiny")
     if base.get("kind", "tiny") == "tiny":
         _loop(tiny.get("autoencoder"), 0, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
         _loop(tiny.get("denoiser"), 0, "lora_training.base_model.tiny.denoiser")

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from fu_kedro.datasets import ImageSet
 
@@ -70,9 +69,7 @@ def prepare_tensors(image_set: ImageSet, classes: list[str], image_size: int, wh
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise ValueError(f"{where}: labels {unknown} are outside the classifier's label space {list(classes)}")
-    images = torch.from_numpy(np.ascontiguousarray(image_set.images)).unsqueeze(1)
-    if images.shape[-1] != image_size or images.shape[-2] != image_size:
-        images = v2.functional.resize(images, [image_size, image_size], antialias=True)
+    images = image_set.resized_tensor(image_size)
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[c] for c in labels], dtype=torch.long)
     return TensorSet(images.contiguous(), y, image_set.meta.reset_index(drop=True).copy())

@@ -72,6 +72,19 @@ class ImageSet:
             idx = np.flatnonzero(idx)
         return ImageSet(self.images[idx], self.meta.iloc[idx].reset_index(drop=True), dict(self.info))
 
+    def resized_tensor(self, size: int):
+        """The images as a ``uint8`` torch tensor ``(N, 1, size, size)``, antialiased bilinear
+        resize (none when they already have that size) — the one resize the diffusion model,
+        its base corpus and the classifiers all use. torch is imported here, not at module
+        level: ``settings.py`` loads this module for every ``kedro`` command."""
+        import torch
+        from torchvision.transforms import v2
+
+        images = torch.from_numpy(np.ascontiguousarray(self.images)).unsqueeze(1)
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = v2.functional.resize(images, [size, size], antialias=True)
+        return images
+
     @staticmethod
     def concat(sets: list["ImageSet"], info: dict[str, Any] | None = None) -> "ImageSet":
         """Stack sets of the same image size, keeping every metadata column."""

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
+from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.models.diffusion import (  # noqa: E402
     TINY_BASE_NAME,
@@ -42,16 +42,14 @@ from fu_kedro.models.diffusion import (  # noqa: E402
     load_pretrained_pipeline,
     pipeline_hash,
 )
-from fu_kedro.models.generation import generate_images  # noqa: E402
+from fu_kedro.models.generation import generate_images, torch_threads  # noqa: E402
 from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
-from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
-from fu_kedro.models.generation import torch_threads  # noqa: E402
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
-    time_capped_at,
     denoising_loss,
     encode_to_latents,
     summarize,
+    time_capped_at,
     to_model_range,
     tokenize,
     train_autoencoder,
@@ -79,10 +77,7 @@ def check_resolution(resolution: int, factor: int) -> None:
 
 def resize_images(image_set: ImageSet, resolution: int) -> torch.Tensor:
     """``ImageSet`` grayscale images -> model-range tensors ``(N, 3, R, R)`` in [-1, 1]."""
-    images = torch.from_numpy(np.ascontiguousarray(image_set.images)).unsqueeze(1)
-    if images.shape[-1] != resolution or images.shape[-2] != resolution:
-        images = v2.functional.resize(images, [resolution, resolution], antialias=True)
-    return to_model_range(images.squeeze(1).numpy())
+    return to_model_range(image_set.resized_tensor(resolution).squeeze(1).numpy())
 
 
 def _captions(image_set: ImageSet, template: str) -> list[str]:
@@ -92,6 +87,8 @@ def _captions(image_set: ImageSet, template: str) -> list[str]:
 
 
 # Keys of a training block that are not loop knobs but are read by the node itself.
+BASE_MODEL_KEYS = ("kind", "pretrained_path", "tiny")
+TINY_KEYS = ("architecture", "train_on", "prior", "autoencoder", "denoiser")
 AUTOENCODER_KEYS = ("kl_weight",)
 LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip")
 
@@ -138,14 +135,8 @@ def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_
     if len(parts) == 1:
         return parts[0]
     size = source_images.images.shape[1]
-    resized = [p if p.images.shape[1] == size else _resized_set(p, size) for p in parts]
+    resized = [ImageSet(p.resized_tensor(size).squeeze(1).numpy(), p.meta, dict(p.info)) for p in parts]
     return ImageSet.concat(resized, info={"parts": [p.info.get("format") for p in parts]})
-
-
-def _resized_set(image_set: ImageSet, size: int) -> ImageSet:
-    x = torch.from_numpy(np.ascontiguousarray(image_set.images)).unsqueeze(1)
-    x = v2.functional.resize(x, [size, size], antialias=True).squeeze(1).numpy()
-    return ImageSet(x, image_set.meta, dict(image_set.info))
 
 
 def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str, seed: int):
@@ -165,7 +156,7 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
         a pretrained base).
     """
     cfg = params["base_model"]
-    check_keys(cfg, ("kind", "pretrained_path", "tiny"), "lora_training.base_model")
+    check_keys(cfg, BASE_MODEL_KEYS, "lora_training.base_model")
     resolution = params["resolution"]
     kind = cfg["kind"]
     if kind == "pretrained":
@@ -187,7 +178,7 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
         raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
 
     tiny = cfg["tiny"]
-    check_keys(tiny, ("architecture", "train_on", "prior", "autoencoder", "denoiser"), "lora_training.base_model.tiny")
+    check_keys(tiny, TINY_KEYS, "lora_training.base_model.tiny")
     ae_cfg = _loop(tiny["autoencoder"], seed, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
     unet_cfg = _loop(tiny["denoiser"], seed + 1, "lora_training.base_model.tiny.denoiser")
     config = _deep_update(TINY_CONFIG, tiny.get("architecture"))
