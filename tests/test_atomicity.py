@@ -19,7 +19,7 @@ from kedro.io.core import Version
 
 from fu_kedro.datasets import ImageSet, ImageSetDataset, LoraAdapterDataset
 from fu_kedro.datasets.staging import STAGING, published_path
-from fu_kedro.hooks import check_upstream_outputs, find_mixed_runs
+from fu_kedro.prerequisites import check_upstream_outputs, find_mixed_runs
 from fu_kedro.models.lora import LoraAdapter
 
 TINY = {"ingestion": {"phantom": {"source": {"n_per_class": 6}, "target": {"n_per_class": 3}},
@@ -188,9 +188,9 @@ def test_mixed_ingestion_runs_and_splits_are_named(saved_runs):
 
 def test_synthetic_batch_from_another_split_fails_in_paper_warns_by_default(saved_runs, monkeypatch):
     catalog, v1, v2, roots = saved_runs
-    import fu_kedro.hooks as hooks
+    import fu_kedro.prerequisites as prerequisites
 
-    monkeypatch.setattr(hooks, "_producer", lambda name: None)
+    monkeypatch.setattr(prerequisites, "_producer", lambda name: None)
     pipeline = _Pipeline(["source_images", "synthetic_batch", "target_images"])
     problems, warnings = check_upstream_outputs(pipeline, catalog, {}, None)
     assert not problems

@@ -462,7 +462,7 @@ def test_skip_run_quarantines_an_escaping_name_and_publishes_the_report(project_
 def test_misspelt_policy_and_hidden_csv_in_the_prerequisite_check(tmp_path, african_planes_dev):
     """Before any node runs: a misspelt on_bad_input is named; a macOS ``._x.csv`` beside the
     African CSV is not taken for a second CSV."""
-    from fu_kedro.hooks import find_missing_prerequisites
+    from fu_kedro.prerequisites import find_missing_prerequisites
     from fu_kedro.pipelines.ingestion import create_pipeline
 
     root = _african_copy(african_planes_dev, tmp_path / "african")

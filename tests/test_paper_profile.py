@@ -1,4 +1,4 @@
-"""The ``paper`` env: its resolved values, and the prerequisite checks of ``fu_kedro.hooks``.
+"""The ``paper`` env: its resolved values, and the prerequisite checks of ``fu_kedro.prerequisites``.
 
 The first two tests run the real CLI (``kedro run --env paper ...``) and time it: on a
 machine without the SD v1.5 weights / the datasets / the ImageNet files, the run must stop
@@ -18,7 +18,7 @@ from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
-from fu_kedro import hooks
+from fu_kedro import hooks, prerequisites
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSetDataset
 
@@ -120,29 +120,29 @@ def test_rank_sweep_override_changes_the_rank_only(project_root):
 def test_pretrained_folder_with_model_index_passes_and_a_missing_one_is_named(tmp_path):
     folder = tmp_path / "sd15"
     (folder).mkdir()
-    problem = hooks.check_pretrained_base(str(folder))
+    problem = prerequisites.check_pretrained_base(str(folder))
     assert len(problem) == 1 and str(folder) in problem[0].detail and "model_index.json" in problem[0].detail
     (folder / "model_index.json").write_text("{}")
-    assert hooks.check_pretrained_base(str(folder)) == []
-    [unset] = hooks.check_pretrained_base(None)
+    assert prerequisites.check_pretrained_base(str(folder)) == []
+    [unset] = prerequisites.check_pretrained_base(None)
     assert "pretrained_path is not set" in unset.detail
 
 
 def test_data_source_layouts_are_checked(tmp_path):
     fpdb = tmp_path / "fpdb"
-    [p] = hooks.check_data_source("source", "fetal_planes_db", str(fpdb))
+    [p] = prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb))
     assert "does not exist" in p.detail and "zenodo.org/records/3904280" in p.detail
     fpdb.mkdir()
     (fpdb / "FETAL_PLANES_DB_data.csv").write_text("Image_name;Patient_num;Plane\n")
-    [p] = hooks.check_data_source("source", "fetal_planes_db", str(fpdb))
+    [p] = prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb))
     assert "no Images/ folder" in p.detail
     (fpdb / "Images").mkdir()
-    assert hooks.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
+    assert prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
     african = tmp_path / "african"
     african.mkdir()
-    [p] = hooks.check_data_source("target", "african", str(african))
+    [p] = prerequisites.check_data_source("target", "african", str(african))
     assert "0 CSV files" in p.detail and "zenodo.org/records/7540448" in p.detail
-    assert hooks.check_data_source("source", "phantom", None) == []
+    assert prerequisites.check_data_source("source", "phantom", None) == []
 
 
 def test_weight_and_adapter_files_are_checked(tmp_path):
@@ -150,9 +150,9 @@ def test_weight_and_adapter_files_are_checked(tmp_path):
     present.write_bytes(b"x")
     params = {"backbones": ["resnet18", "vit_b_16", "mobilenet_v2"],
               "weights": {"resnet18": str(present), "vit_b_16": str(tmp_path / "vit_b_16.pth")}}
-    [p] = hooks.check_backbone_weights(params)  # mobilenet_v2 without a file = random init, not an error
+    [p] = prerequisites.check_backbone_weights(params)  # mobilenet_v2 without a file = random init, not an error
     assert "vit_b_16" in p.what and "IMAGENET1K_V1" in p.detail
-    [p] = hooks.check_adapter_file(str(tmp_path / "fu_lora.safetensors"))
+    [p] = prerequisites.check_adapter_file(str(tmp_path / "fu_lora.safetensors"))
     assert "huggingface.co/fangyijie/fu-lora" in p.detail and "fetal_ultrasound_v1.0.safetensors" in p.detail
 
 
@@ -165,7 +165,7 @@ def _two_stage_pipeline() -> Pipeline:
 def test_missing_upstream_output_names_the_pipeline_that_makes_it(tmp_path):
     catalog = DataCatalog({"lora_subset": ImageSetDataset(str(tmp_path / "lora_subset"), version=None)})
     params = {"lora_training": {"adapter_source": "train"}, "source_format": "phantom"}
-    problems, _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
+    problems, _ = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
     [p] = problems
     assert "lora_subset" in p.what and "kedro run --env paper --pipeline ingestion" in p.detail
 
@@ -177,7 +177,7 @@ def test_a_pinned_version_that_is_not_saved_is_named_with_the_saved_ones(tmp_pat
     ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, "2026-01-01T00.00.00.000Z")).save(subset)
     pinned = ImageSetDataset(str(tmp_path / "lora_subset"), version=Version("2020-05-05T00.00.00.000Z", None))
     params = {"lora_training": {"adapter_source": "train"}, "source_format": "phantom"}
-    [p], _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), DataCatalog({"lora_subset": pinned}), params, env=None)
+    [p], _ = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), DataCatalog({"lora_subset": pinned}), params, env=None)
     assert "version 2020-05-05T00.00.00.000Z is pinned" in p.detail and "2026-01-01T00.00.00.000Z" in p.detail
 
 
@@ -189,13 +189,13 @@ def test_upstream_output_from_other_data_fails_in_paper_mode_and_warns_otherwise
     ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, "2026-01-01T00.00.00.000Z")).save(subset)
     catalog = DataCatalog({"lora_subset": ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, None))})
     params = {"lora_training": {}, "source_format": "fetal_planes_db", "source_path": str(tmp_path)}
-    problems, warnings = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env=None)
+    problems, warnings = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env=None)
     assert problems == [] and "source_format='phantom'" in warnings[0]
     params["prerequisites"] = {"on_lineage_mismatch": "fail"}
-    problems, _ = hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
+    problems, _ = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
     assert "does not come from this run's data" in problems[0].detail
     params["source_format"] = "phantom"  # matching lineage: nothing to report
-    assert hooks.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper") == ([], [])
+    assert prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper") == ([], [])
 
 
 def test_only_the_main_process_writes(tmp_path, monkeypatch):

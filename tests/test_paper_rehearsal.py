@@ -13,7 +13,7 @@ import torch
 from conftest import load_script
 from safetensors.torch import save_file
 
-from fu_kedro import hooks
+from fu_kedro import prerequisites
 from fu_kedro.data_sources import read_domain
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.models.lora import attach_lora, export_lora, read_adapter_file
@@ -27,8 +27,8 @@ def test_stand_in_datasets_pass_the_paper_checks_and_read_as_real_data(tmp_path,
     fpdb, african = tmp_path / "FETAL_PLANES_DB", tmp_path / "african_planes"
     assert rehearsal.write_fetal_planes_db(fetal_planes_db_sample, fpdb, per_class=2) == 10
     assert rehearsal.write_african(african_planes_dev, african, per_center_class=1) == 18  # Ghana, Uganda: no thorax
-    assert hooks.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
-    assert hooks.check_data_source("target", "african", str(african)) == []
+    assert prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
+    assert prerequisites.check_data_source("target", "african", str(african)) == []
     cfg = dict(ingestion_params, image_size=64)
     source, _ = read_domain("fetal_planes_db", str(fpdb), "source", 0, cfg)
     target, _ = read_domain("african", str(african), "target", 0, cfg)
@@ -39,7 +39,7 @@ def test_stand_in_datasets_pass_the_paper_checks_and_read_as_real_data(tmp_path,
 def test_backbone_stand_ins_are_state_dicts_of_the_five(tmp_path):
     files = rehearsal.write_backbone_weights(tmp_path / "torchvision")
     assert [p.rsplit("/", 1)[1] for p in files] == [f"{n}.pth" for n in rehearsal.BACKBONES]
-    assert hooks.check_backbone_weights({"backbones": list(rehearsal.BACKBONES),
+    assert prerequisites.check_backbone_weights({"backbones": list(rehearsal.BACKBONES),
                                          "weights": dict(zip(rehearsal.BACKBONES, files))}) == []
     state = torch.load(files[0], weights_only=True)
     assert "fc.weight" in state and state["fc.weight"].shape == (1000, 512)  # ImageNet head, as IMAGENET1K_V1

@@ -43,6 +43,54 @@ def _is_listable(p: Path) -> bool:
     return p.is_file() and not is_hidden(p.name)
 
 
+# The layout each folder format needs (``{root}``: the folder named by ``<domain>_path``).
+LAYOUTS = {
+    "fetal_planes_db": f"{{root}}/{FPDB_CSV} and {{root}}/Images/*.png",
+    "african": "exactly one CSV (Patient_num,Plane,Train,Center,Image_name) with the PNGs beside it, all directly in {root}",
+    "folders": "{root}/<class>/<images>",
+}
+
+
+def _csv_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("*.csv") if _is_listable(p))
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+
+def layout_problem(fmt: str, root: Path) -> str | None:
+    """What ``root`` lacks for the layout of ``fmt`` (None when it has it, or needs no folder).
+
+    The one layout check: the scanners below raise it, and the pre-run check
+    (:mod:`fu_kedro.prerequisites`) reports it before any node runs.
+    """
+    if fmt not in LAYOUTS:
+        return None
+    if not root.is_dir():
+        return f"{root} does not exist"
+    if fmt == "fetal_planes_db":
+        if not (root / FPDB_CSV).is_file():
+            return f"{root} has no {FPDB_CSV}"
+        if not (root / "Images").is_dir():
+            return f"{root} has no Images/ folder"
+    elif fmt == "african":
+        csvs = _csv_files(root)
+        if len(csvs) != 1:
+            return f"{root} holds {len(csvs)} CSV files, not exactly one {[c.name for c in csvs]}"
+        if not any(root.glob("*.png")):
+            return f"{root} holds no PNG images"
+    elif not _class_folders(root):
+        return f"{root} has no class sub-folders"
+    return None
+
+
+def _require_layout(fmt: str, root: Path) -> None:
+    problem = layout_problem(fmt, root)
+    if problem:
+        raise BadInputError(f"{problem}: the {fmt} layout needs {LAYOUTS[fmt].format(root=root)}")
+
+
 def _visible_files(folder: Path) -> list[Path]:
     """Every file under ``folder`` (recursively) with no hidden part in its path below ``folder``."""
     return sorted(p for p in folder.rglob("*")
@@ -165,12 +213,8 @@ def _check_missing(df: pd.DataFrame, csv: Path, log: IssueLog) -> pd.DataFrame:
 
 def scan_fetal_planes_db(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     """Zenodo FETAL_PLANES_DB: ``FETAL_PLANES_DB_data.csv`` (';') + ``Images/<Image_name>.png``."""
-    csv = path / FPDB_CSV
-    if not csv.is_file():
-        raise BadInputError(f"{csv}: not found (fetal_planes_db layout needs {FPDB_CSV} and Images/)")
-    images = path / "Images"
-    if not images.is_dir():
-        raise BadInputError(f"{images}: folder not found (fetal_planes_db layout)")
+    _require_layout("fetal_planes_db", path)
+    csv, images = path / FPDB_CSV, path / "Images"
     df = _read_csv(csv, ";", FPDB_COLUMNS)
     df = _image_files(df, images, csv, log)
     listed = set(df["file"])
@@ -189,10 +233,8 @@ def scan_fetal_planes_db(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
 
 def scan_african(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     """African fetal planes: one CSV (any name, ',') + the PNGs beside it."""
-    csvs = sorted(p for p in path.glob("*.csv") if _is_listable(p))
-    if len(csvs) != 1:
-        raise BadInputError(f"{path}: african layout needs exactly one CSV beside the PNGs, found {[c.name for c in csvs]}")
-    csv = csvs[0]
+    _require_layout("african", path)
+    [csv] = _csv_files(path)
     df = _read_csv(csv, ",", AFRICAN_COLUMNS)
     df = _image_files(df, path, csv, log)
     # patient numbers restart in every center (patient002 exists in Egypt and Malawi)
@@ -212,9 +254,8 @@ def scan_african(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
 
 def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     """One sub-folder per class (``brain/``, ``Fetal brain/`` ...); no patient ids, so each image is its own patient."""
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not is_hidden(p.name))
-    if not subdirs:
-        raise BadInputError(f"{path}: folders layout needs one sub-folder of images per class, found none")
+    _require_layout("folders", path)
+    subdirs = _class_folders(path)
     excluded = {p.strip().lower() for p in cfg.get("exclude_planes") or []}
     rows = []
     for p in sorted(q for q in path.iterdir() if _is_listable(q)):

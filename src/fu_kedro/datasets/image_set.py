@@ -138,8 +138,17 @@ class ImageSetDataset(AbstractVersionedDataset[ImageSet, ImageSet]):
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "version": self._version}
 
+    def load_folder(self) -> Path:
+        """The folder a load reads: ``<filepath>/<version>/<name>`` (``<filepath>`` when not versioned)."""
+        return Path(get_filepath_str(self._get_load_path(), self._protocol))
+
+    def load_info(self) -> dict:
+        """``info.json`` of the set a load reads, without reading its images (empty if there is none)."""
+        info_file = self.load_folder() / "info.json"
+        return json.loads(info_file.read_text()) if info_file.is_file() else {}
+
     def load(self) -> ImageSet:
-        folder = Path(get_filepath_str(self._get_load_path(), self._protocol))
+        folder = self.load_folder()
         data = read_image_set(folder)
         # the catalog version this set came from (``<filepath>/<version>/<name>``), for lineage;
         # never written to info.json (write_image_set drops it): a saved set gets its own

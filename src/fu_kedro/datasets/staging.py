@@ -19,7 +19,7 @@ never matches a staging folder, so nothing staged is "latest" for anyone else.
 
 What this does not cover: a crash *during* the publishing renames (milliseconds at the very
 end of a run) can leave some of that run's outputs published and others not; the upstream
-check in ``fu_kedro.hooks`` names outputs of different runs if a later run reads such a mix.
+check in ``fu_kedro.prerequisites`` names outputs of different runs if a later run reads such a mix.
 Non-versioned outputs (the MLflow artifact copies, the synthesis shard store, which has its
 own atomic writes) are written in place as before.
 """

@@ -34,6 +34,8 @@ from diffusers import (
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from fu_kedro.models.pretrained import download_advice, resolve_pretrained_base
+
 log = logging.getLogger(__name__)
 
 TINY_BASE_NAME = "tiny base trained here (not Stable Diffusion)"
@@ -226,21 +228,15 @@ def training_noise_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
 def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
     """Load SD v1.5 (or any SD-1.x layout) from a local folder or the local hub cache — never downloads.
 
-    A missing path fails at once, naming what to download and where to put it.
+    A missing base fails at once, naming what to download and where to put it
+    (:func:`fu_kedro.models.pretrained.resolve_pretrained_base`, as the pre-run check says it).
     """
-    path = Path(model_id_or_path).expanduser()
-    looks_like_path = path.is_absolute() or model_id_or_path.startswith((".", "~")) or path.exists()
-    if looks_like_path and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"Pretrained base model not found at '{path}' (no model_index.json). Download Stable "
-            "Diffusion v1.5 in diffusers layout on a machine with internet, e.g. "
-            "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir "
-            f"{path}` (about 5 GB; only *.json, *.txt and the fp32 or fp16 *.safetensors are "
-            "needed), and set lora_training.base_model.pretrained_path to that folder."
-        )
+    base = resolve_pretrained_base(model_id_or_path)
+    if base.problem:
+        raise FileNotFoundError(f"Pretrained base model: {base.problem}")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path) if looks_like_path else model_id_or_path,
+            base.source,
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
@@ -248,12 +244,9 @@ def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
             # in fp16 beside an fp32 UNet (dtype mismatch); training and synthesis cast themselves
             torch_dtype=torch.float32,
         )
-    except OSError as exc:
+    except OSError as exc:  # e.g. a cached hub id with some of its files missing
         raise FileNotFoundError(
-            f"Pretrained base model '{model_id_or_path}' is neither a local folder nor in the local "
-            "Hugging Face cache, and this project never downloads at run time. Download it first "
-            "(e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir "
-            "models/stable-diffusion-v1-5`) and point lora_training.base_model.pretrained_path at it."
+            f"Pretrained base model '{model_id_or_path}' is incomplete ({exc}). {download_advice(str(model_id_or_path))}."
         ) from exc
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     return pipe

@@ -96,7 +96,7 @@ def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, An
     out.info["split"] = {"method": "patient_hash", "val_fraction": val_fraction, "seed": int(seed),
                          "train": int((meta["split"] == "train").sum()), "val": int((meta["split"] == "val").sum())}
     # one fingerprint of which image is on which side: later pipelines' inputs can be matched
-    # to the split they were made from (fu_kedro.hooks)
+    # to the split they were made from (fu_kedro.prerequisites)
     rows = "\n".join(f"{i},{p},{lab},{sp}" for i, p, lab, sp in
                       sorted(zip(meta["image_id"].astype(str), meta["patient_id"].astype(str), meta["label"],
                                  meta["split"])))
