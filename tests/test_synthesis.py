@@ -29,7 +29,7 @@ from conftest import run_kedro_session
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetShardsDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
-from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, resolve_device, shard_indices
+from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, device_and_dtype, shard_indices
 from fu_kedro.models.lora import attach_lora, export_lora
 from fu_kedro.pipelines.synthesis.nodes import (
     generate_synthetic_shard,
@@ -250,10 +250,10 @@ def test_fused_adapter_gives_the_same_images_as_peft_layers(adapter):
 
 
 def test_cpu_default_is_fp32_unfused_and_fp16_on_cpu_is_refused():
-    assert resolve_device("auto", "auto") == (CPU, torch.float32) or torch.cuda.is_available()
-    assert resolve_device("cpu", "auto") == (CPU, torch.float32)
+    assert device_and_dtype("auto", "auto") == (CPU, torch.float32) or torch.cuda.is_available()
+    assert device_and_dtype("cpu", "auto") == (CPU, torch.float32)
     with pytest.raises(ValueError, match="fp16 on CPU"):
-        resolve_device("cpu", "fp16")
+        device_and_dtype("cpu", "fp16")
 
 
 def test_preview_grid_and_metrics(batch, params):

@@ -52,6 +52,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
+from fu_kedro.devices import resolve_device
+
 from .data import BatchAugmentation, TensorSet, build_augmentation, to_model_input
 
 log = logging.getLogger(__name__)
@@ -123,19 +125,6 @@ class DevicePlan:
         return self.amp_dtype == torch.float16
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this process's CUDA device (its own one under ``fu_kedro.launch``) or the CPU."""
-    if name == "auto":
-        from fu_kedro.launch import distributed_state
-
-        device = distributed_state().device
-        return device if device.type == "cuda" else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"evaluation.train.device is {name!r} but torch sees no CUDA device; use auto or cpu")
-    return device
-
-
 def autocast_dtype(mixed_precision: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
     """The autocast dtype for ``mixed_precision`` on a device, ``None`` for float32.
 
@@ -159,7 +148,7 @@ def autocast_dtype(mixed_precision: str, device_type: str, bf16_supported: bool)
 
 def device_plan(cfg: TrainConfig) -> DevicePlan:
     """The device, autocast dtype and memory format a run with ``cfg`` uses (channels-last on CUDA only)."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "evaluation.train.device")
     cuda = device.type == "cuda"
     amp = autocast_dtype(cfg.mixed_precision, device.type, cuda and torch.cuda.is_bf16_supported())
     return DevicePlan(device, amp, torch.channels_last if cuda else torch.contiguous_format)

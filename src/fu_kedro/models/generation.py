@@ -42,6 +42,7 @@ from diffusers import (
 )
 from tqdm.auto import tqdm
 
+from fu_kedro.devices import resolve_device
 from fu_kedro.models.lora import LoraAdapter, apply_lora
 from fu_kedro.models.training import encode_prompts
 
@@ -180,19 +181,14 @@ def generate_images(
 
 
 # --------------------------------------------------------------------------- model setup
-def resolve_device(device: str = "auto", precision: str = "auto", state=None) -> tuple[torch.device, torch.dtype]:
+def device_and_dtype(device: str = "auto", precision: str = "auto", state=None) -> tuple[torch.device, torch.dtype]:
     """Where and in which precision to generate.
 
-    ``device: auto`` is accelerate's device for this process (its GPU under a multi-GPU
-    launch, else ``cuda`` if present, else CPU); ``precision: auto`` is fp16 on CUDA and
-    fp32 elsewhere (fp16 on CPU fails in diffusers' convolutions).
+    ``device``: :func:`fu_kedro.devices.resolve_device` (``auto``: this process's CUDA device,
+    else CPU); ``precision: auto`` is fp16 on CUDA and fp32 elsewhere (fp16 on CPU fails in
+    diffusers' convolutions).
     """
-    if device == "auto":
-        dev = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("synthesis.device is 'cuda' but torch sees no CUDA device")
+    dev = resolve_device(device, "synthesis.device", state)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
         dtype = torch.float16 if dev.type == "cuda" else torch.float32

@@ -33,9 +33,10 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
-from fu_kedro.classifiers.train import log_epoch_metrics, resolve_device, train_config
+from fu_kedro.classifiers.train import log_epoch_metrics, train_config
 from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
+from fu_kedro.devices import resolve_device
 from fu_kedro.launch import distributed_state
 from fu_kedro.lineage import chain_html
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
@@ -427,7 +428,7 @@ def train_experiments(
     if state.num_processes > 1:
         trained, histories = _gather_runs(trained, histories, chosen, state.process_index)
         for result in trained.values():
-            result.model.to(resolve_device(cfg.device))  # predictions run on this process's device
+            result.model.to(resolve_device(cfg.device, "evaluation.train.device"))  # predictions run on this process's device
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
     if trained:
         first = next(iter(trained.values())).info

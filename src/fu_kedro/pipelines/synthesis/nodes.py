@@ -36,12 +36,12 @@ from fu_kedro.launch import distributed_state  # noqa: E402
 from fu_kedro.models.diffusion import describe_base  # noqa: E402
 from fu_kedro.models.generation import (  # noqa: E402
     SCHEDULERS,
+    device_and_dtype,
     file_sha256,
     generate_images,
     image_seed,
     library_versions,
     prepare_pipeline,
-    resolve_device,
     shard_indices,
     torch_threads,
 )
@@ -255,7 +255,7 @@ def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.Dat
     shard, shards = int(params["shard_index"]), int(params["num_shards"])
     indices = list(shard_indices(len(plan), shard, shards))
     state = distributed_state()
-    device, dtype = resolve_device(params.get("device", "auto"), params.get("precision", "auto"), state)
+    device, dtype = device_and_dtype(params.get("device", "auto"), params.get("precision", "auto"), state)
     fuse = params.get("fuse_lora", "auto")
     fuse = device.type == "cuda" if fuse == "auto" else bool(fuse)
     first = plan.iloc[0]
