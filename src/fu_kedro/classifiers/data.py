@@ -98,6 +98,9 @@ class BatchAugmentation:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     hflip_p: float
+    # Ultrasound-specific photometric knobs (``UltrasoundAugmentation``); ``None`` = off, and
+    # then not one extra random number is drawn: the output is bit-identical to the paper's DA.
+    ultrasound: "UltrasoundAugmentation | None" = None
 
     def affine(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``float32 (n, 2, 3)`` maps from output to input coordinates (``affine_grid`` convention)."""
@@ -130,17 +133,127 @@ class BatchAugmentation:
         theta = self.affine(len(batch), generator).to(batch.device)
         grid = nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
         out = nn.functional.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.ultrasound is not None:
+            out = self.ultrasound(out, generator)
         return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pair(value, where: str) -> tuple[float, float] | None:
+    """``[lo, hi]`` as floats, ``None``/absent as ``None`` (off); lo > hi is an error."""
+    if value is None:
+        return None
+    lo, hi = (float(v) for v in value)
+    if lo > hi:
+        raise ValueError(f"evaluation.augment.{where}: [lo, hi] needs lo <= hi, got {list(value)}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class UltrasoundAugmentation:
+    """Photometric and field-of-view changes between ultrasound machines, per image, on a batch.
+
+    Applied after the geometric resampling of ``BatchAugmentation`` on float pixel values
+    (0-255), each knob only if set, in this order:
+
+    * ``gain`` [lo, hi]: overall brightness (machine gain), pixel x ``U(lo, hi)``.
+    * ``gamma`` [lo, hi]: display curve, ``255 (x/255) ** g`` with ``log g ~ U(log lo, log hi)``.
+    * ``speckle``: multiplicative speckle-like noise, pixel x ``(1 + s n)`` with ``n ~ N(0, 1)``
+      per pixel, smoothed by a ``speckle_grain`` x ``speckle_grain`` box filter (and rescaled to
+      unit variance) so the grain is larger than one pixel; ``s ~ U(0, speckle)`` per image.
+    * ``sector_p``: with this probability per image, keep only a fan (sector scan) with its
+      apex at the top centre and half-angle ``U(sector_half_angle)`` degrees, and cut it at a
+      depth ``U(sector_depth)`` (fraction of the image height below the apex); outside is black
+      — a narrower or shallower field of view than the image's own, as another machine
+      or preset would show.
+
+    Random parameters come from the caller's CPU generator (drawn after the geometric ones),
+    so a seed gives the same augmentation on any device.
+    """
+
+    gain: tuple[float, float] | None = None
+    gamma: tuple[float, float] | None = None
+    speckle: float = 0.0
+    speckle_grain: int = 1
+    sector_p: float = 0.0
+    sector_half_angle: tuple[float, float] = (30.0, 45.0)
+    sector_depth: tuple[float, float] = (0.8, 1.0)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``float (B, C, S, S)`` in [0, 255] -> the same shape, changed per image (not clamped)."""
+        g, n, dev = generator, len(x), x.device
+        per_image = (n,) + (1,) * (x.dim() - 1)
+        if self.gain is not None:
+            x = x * torch.empty(n).uniform_(*self.gain, generator=g).view(per_image).to(dev)
+        if self.gamma is not None:
+            log_g = torch.empty(n).uniform_(*np.log(self.gamma), generator=g).view(per_image).to(dev)
+            x = 255.0 * (x.clamp(0, 255) / 255.0).pow(log_g.exp())
+        if self.speckle > 0:
+            s = (torch.rand(n, generator=g) * self.speckle).view(per_image).to(dev)
+            noise = torch.randn(x.shape, generator=g).to(dev)
+            k = int(self.speckle_grain)
+            if k > 1:  # a coarser grain; the box filter's variance loss is undone (k*k summed -> /k)
+                c = x.shape[1]
+                noise = nn.functional.avg_pool2d(noise, k, stride=1, padding=k // 2, count_include_pad=False)
+                noise = noise[..., : x.shape[-2], : x.shape[-1]] * k
+                noise = noise.view(n, c, *x.shape[-2:])
+            x = x * (1 + s * noise).clamp_(min=0)
+        if self.sector_p > 0:
+            apply = torch.rand(n, generator=g) < self.sector_p
+            half = torch.deg2rad(torch.empty(n).uniform_(*self.sector_half_angle, generator=g))
+            depth = torch.empty(n).uniform_(*self.sector_depth, generator=g)
+            h, w = x.shape[-2:]
+            yy = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # 0 at the top (apex), 1 at the bottom
+            xx = (torch.arange(w, dtype=torch.float32) + 0.5) / w - 0.5
+            yy, xx = torch.meshgrid(yy, xx, indexing="ij")
+            angle, radius = torch.atan2(xx, yy).abs(), (xx**2 + yy**2).sqrt()
+            inside = (angle[None] <= half.view(-1, 1, 1)) & (radius[None] <= depth.view(-1, 1, 1))
+            keep = inside | ~apply.view(-1, 1, 1)
+            x = x * keep.unsqueeze(1).to(dev, x.dtype)
+        return x
+
+
+# the knobs of ``evaluation.augment``: the paper's DA (required) and the ultrasound ones (optional, off when absent)
+AUGMENT_KEYS = ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p")
+ULTRASOUND_KEYS = ("gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth")
+
+
+def build_ultrasound(cfg: dict) -> UltrasoundAugmentation | None:
+    """``UltrasoundAugmentation`` from the optional knobs of ``evaluation.augment``, or ``None``
+    when none of them is on (absent, ``null``, 0): the paper's DA then runs exactly as before."""
+    gain, gamma = _pair(cfg.get("gain"), "gain"), _pair(cfg.get("gamma"), "gamma")
+    speckle, sector_p = float(cfg.get("speckle") or 0.0), float(cfg.get("sector_p") or 0.0)
+    if not 0 <= sector_p <= 1:
+        raise ValueError(f"evaluation.augment.sector_p must be in [0, 1], got {sector_p}")
+    if gain is not None and gain[0] < 0 or gamma is not None and gamma[0] <= 0 or speckle < 0:
+        raise ValueError("evaluation.augment: gain must be >= 0, gamma > 0 and speckle >= 0")
+    if gain is None and gamma is None and speckle == 0 and sector_p == 0:
+        return None
+    grain = cfg.get("speckle_grain")
+    grain = 1 if grain is None else int(grain)
+    if grain < 1:
+        raise ValueError(f"evaluation.augment.speckle_grain must be >= 1, got {grain}")
+    return UltrasoundAugmentation(
+        gain=gain,
+        gamma=gamma,
+        speckle=speckle,
+        speckle_grain=grain,
+        sector_p=sector_p,
+        sector_half_angle=_pair(cfg.get("sector_half_angle"), "sector_half_angle") or (30.0, 45.0),
+        sector_depth=_pair(cfg.get("sector_depth"), "sector_depth") or (0.8, 1.0),
+    )
 
 
 def build_augmentation(cfg: dict) -> BatchAugmentation:
     """The paper's augmentation from its knobs: ``rotation_degrees``, ``crop_scale`` [lo, hi],
-    ``crop_ratio`` [lo, hi], ``hflip_p`` (``evaluation.augment``)."""
+    ``crop_ratio`` [lo, hi], ``hflip_p`` (``evaluation.augment``), plus the optional ultrasound
+    knobs ``gain``, ``gamma``, ``speckle``, ``speckle_grain``, ``sector_p``,
+    ``sector_half_angle``, ``sector_depth`` (``UltrasoundAugmentation``; off when absent)."""
     return BatchAugmentation(
         rotation_degrees=float(cfg["rotation_degrees"]),
         crop_scale=(float(cfg["crop_scale"][0]), float(cfg["crop_scale"][1])),
         crop_ratio=(float(cfg["crop_ratio"][0]), float(cfg["crop_ratio"][1])),
         hflip_p=float(cfg["hflip_p"]),
+        ultrasound=build_ultrasound(cfg),
     )
 
 

@@ -52,7 +52,8 @@ PARAMETER_KEYS = {
     "evaluation": ("classes", "image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
                    "n_seeds", "weights", "torch_threads", "min_fidelity", "on_low_fidelity",
                    "train", "augment", "metrics", "quality", "report"),
-    "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p"),
+    "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
+                           "gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth"),
     "evaluation.metrics": ("n_bootstrap", "ci"),
     "evaluation.quality": ("cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
                            "memorisation_controls", "tsne_perplexity", "max_points_per_class"),
