@@ -210,11 +210,16 @@ def vae_round_trips(vae, train: np.ndarray, n: int, seed: int) -> tuple[np.ndarr
     rng = np.random.default_rng([seed, 5])
     pick = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
     param = next(vae.parameters())
+    # a few images per call at SD's 512 px (the decoder's activations grow with the batch:
+    # one call would hold all 20 controls' at once); one call at the small default sizes
+    chunk = max(1, (16 * 256 * 256) // max(1, int(train.shape[1]) * int(train.shape[2])))
+    gray = []
     with torch.no_grad():
-        x = to_model_range(train[pick], channels=int(vae.config.in_channels)).to(param.device, param.dtype)
-        out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    gray = ((out.mean(dim=1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    return gray, pick
+        for start in range(0, len(pick), chunk):
+            x = to_model_range(train[pick[start : start + chunk]], channels=int(vae.config.in_channels)).to(param.device, param.dtype)
+            out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            gray.append(((out.mean(dim=1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+    return np.concatenate(gray) if gray else np.empty((0, *train.shape[1:3]), np.uint8), pick
 
 
 def memorisation_check(
