@@ -225,6 +225,16 @@ def training_noise_scheduler(pipe: StableDiffusionPipeline) -> DDPMScheduler:
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); older
+# releases (>= 0.32 is allowed) know only `torch_dtype`.
+try:
+    from diffusers.utils.deprecation_utils import _resolve_dtype as _  # noqa: F401
+
+    _DTYPE_KWARG = "dtype"
+except ImportError:
+    _DTYPE_KWARG = "torch_dtype"
+
+
 def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
     """Load SD v1.5 (or any SD-1.x layout) from a local folder or the local hub cache — never downloads.
 
@@ -241,8 +251,9 @@ def load_pretrained_pipeline(model_id_or_path: str) -> StableDiffusionPipeline:
             safety_checker=None,
             requires_safety_checker=False,
             # float32 whatever the files hold: transformers 5 otherwise keeps an fp16 text encoder
-            # in fp16 beside an fp32 UNet (dtype mismatch); training and synthesis cast themselves
-            torch_dtype=torch.float32,
+            # in fp16 beside an fp32 UNet (dtype mismatch); training and synthesis cast themselves.
+            # `dtype` where diffusers has it (`torch_dtype` is deprecated there), else `torch_dtype`
+            **{_DTYPE_KWARG: torch.float32},
         )
     except OSError as exc:  # e.g. a cached hub id with some of its files missing
         raise FileNotFoundError(
