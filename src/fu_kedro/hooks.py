@@ -23,6 +23,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from fu_kedro.datasets.versions import versioned_root
 from fu_kedro.launch import is_main_process, process_rank
 from fu_kedro.prerequisites import MissingPrerequisitesError, find_missing_prerequisites, format_problems
 
@@ -75,7 +76,6 @@ class MainProcessWrites:
 
     def _stage_outputs(self, pipeline, catalog) -> None:
         from fu_kedro.datasets import staging
-        from fu_kedro.datasets.versions import versioned_root
 
         self._staged, self._datasets = [], {}
         for name in sorted(pipeline.all_outputs()):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,18 +112,23 @@ def sidecar_path(version_path: Path) -> Path:
     return Path(version_path).parent / SIDECAR
 
 
-def to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any, finite: bool = False) -> Any:
+    """Plain JSON values, the project's one sanitiser: string keys, lists for tuples and sets,
+    numpy (and 0-d torch) scalars as Python numbers, anything else as its ``str``.
+    ``finite``: NaN and ±inf become ``null``, so the file is standard JSON (metrics files)."""
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v, finite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
-        return [to_jsonable(v) for v in obj]
+        return [to_jsonable(v, finite) for v in obj]
+    if not isinstance(obj, (str, int, float, bool)) and obj is not None and callable(getattr(obj, "item", None)):
+        try:
+            obj = obj.item()  # numpy scalars
+        except (TypeError, ValueError):
+            return str(obj)
+    if isinstance(obj, float) and finite and not math.isfinite(obj):
+        return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        try:
-            return obj.item()
-        except (TypeError, ValueError):
-            pass
     return str(obj)
 
 

@@ -329,17 +329,51 @@ def summarise_zero_shot(
         differences, a paired test and variance components; ``reference`` = majority-class
         and uniform-guess scores.
     """
+    pred, runs, reference = _runs_by_experiment(predictions, classes)
+    target_classes = [c for c in classes if c in set(pred["label"])]
+    boot_idx = bootstrap_patient_indices(patient_keys(reference), n_bootstrap, seed) if n_bootstrap else []
+    alpha = (1.0 - ci) / 2.0
+    n_reps = max([len({r for r, _, _ in v if r >= 0}) for v in runs.values()] + [0])
+    result: dict[str, Any] = {
+        "classes": list(classes),
+        "target_classes": target_classes,
+        "n_target_images": int(len(reference)),
+        "n_target_patients": int(len(np.unique(patient_keys(reference)))),
+        "bootstrap": _bootstrap_description(n_bootstrap, ci, seed, n_reps),
+        "reference": reference_scores(reference, classes, target_classes, seed),
+        "experiments": {},
+        "differences": {},
+    }
+    cubes: dict[tuple[str, str], np.ndarray] = {}  # (key, metric) -> (B, K, S)
+    for (experiment, backbone, aug), key in _experiment_names(pred):
+        entry, cube = _experiment_entry(experiment, backbone, aug, runs[key], classes, target_classes,
+                                        boot_idx, n_bootstrap, alpha, seed)
+        cubes.update({(key, m): c for m, c in cube.items()})
+        result["experiments"][key] = entry
+    for key, entry in result["experiments"].items():
+        base_key = experiment_key(baseline, entry["backbone"], entry["augmentation"])
+        if entry["experiment"] != baseline and base_key in result["experiments"]:
+            diff = _difference(key, base_key, result["experiments"], cubes, n_bootstrap, alpha, seed)
+            result["differences"][f"{key} - {base_key}"] = diff
+    return result
+
+
+def _experiment_names(pred: pd.DataFrame) -> list[tuple[tuple, str]]:
+    """((experiment, backbone, augmentation), key) of every experiment, in the table's sorted group order."""
+    return [(names, experiment_key(*names)) for names, _ in pred.groupby(GROUP_COLUMNS, sort=True)]
+
+
+def _runs_by_experiment(predictions: pd.DataFrame, classes: list[str]):
+    """(the checked table, experiment key -> its (replicate, seed, frame) runs, the target images every run predicted)."""
     _check_predictions(predictions, classes)
     pred = predictions.copy()
     pred["augmentation"] = pred["augmentation"].map(_as_bool)
     if "replicate" not in pred.columns:
         pred["replicate"] = -1
     pred["replicate"] = pd.to_numeric(pred["replicate"], errors="coerce").fillna(-1).astype(int)
-    target_classes = [c for c in classes if c in set(pred["label"])]
-    groups = list(pred.groupby(GROUP_COLUMNS, sort=True))
     reference = None
     runs: dict[str, list[tuple[int, int, pd.DataFrame]]] = {}
-    for (experiment, backbone, aug), frame in groups:
+    for (experiment, backbone, aug), frame in pred.groupby(GROUP_COLUMNS, sort=True):
         key = experiment_key(experiment, backbone, aug)
         runs[key] = _runs_of(frame)
         for _, s, run_frame in runs[key]:
@@ -349,118 +383,115 @@ def summarise_zero_shot(
                 raise ValueError(f"experiment {key} seed {s} did not predict the same target images as the others")
     if reference is None:
         raise ValueError("zero-shot predictions table is empty")
-    boot_idx = bootstrap_patient_indices(patient_keys(reference), n_bootstrap, seed) if n_bootstrap else []
-    alpha = (1.0 - ci) / 2.0
-    n_reps = max([len({r for r, _, _ in v if r >= 0}) for v in runs.values()] + [0])
+    return pred, runs, reference
 
-    result: dict[str, Any] = {
-        "classes": list(classes),
-        "target_classes": target_classes,
-        "n_target_images": int(len(reference)),
-        "n_target_patients": int(len(np.unique(patient_keys(reference)))),
-        "bootstrap": {
-            "n_resamples": int(n_bootstrap), "ci": ci, "unit": "patient (center::patient_id)", "seed": seed,
-            "levels": ["synthetic-batch replicate", "classifier seed (paired between arms)",
-                       "target patient (one draw shared by all classifiers)"],
-            "n_replicates": n_reps,
-            "conditional_on": (
-                f"this base model and LoRA adapter; covers classifier seeds, test patients and {n_reps} synthetic "
-                "batches from independent sampling seeds" if n_reps > 1 else
-                "this base model, this LoRA adapter and this one synthetic batch (synthesis.replicates = 1): covers "
-                "classifier seeds and test patients, not the generator's variance"
-            ),
-        },
-        "reference": reference_scores(reference, classes, target_classes, seed),
-        "experiments": {},
-        "differences": {},
+
+def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int) -> dict[str, Any]:
+    return {
+        "n_resamples": int(n_bootstrap), "ci": ci, "unit": "patient (center::patient_id)", "seed": seed,
+        "levels": ["synthetic-batch replicate", "classifier seed (paired between arms)",
+                   "target patient (one draw shared by all classifiers)"],
+        "n_replicates": n_reps,
+        "conditional_on": (
+            f"this base model and LoRA adapter; covers classifier seeds, test patients and {n_reps} synthetic "
+            "batches from independent sampling seeds" if n_reps > 1 else
+            "this base model, this LoRA adapter and this one synthetic batch (synthesis.replicates = 1): covers "
+            "classifier seeds and test patients, not the generator's variance"
+        ),
     }
-    cubes: dict[tuple[str, str], np.ndarray] = {}  # (key, metric) -> (B, K, S)
-    for (experiment, backbone, aug), _ in groups:
-        key = experiment_key(experiment, backbone, aug)
-        reps = sorted({r for r, _, _ in runs[key]})
-        seeds = sorted({s for _, s, _ in runs[key]})
-        cell = {(r, s): f for r, s, f in runs[key]}
-        missing = [(r, s) for r in reps for s in seeds if (r, s) not in cell]
-        if missing:
-            raise ValueError(f"experiment {key}: no predictions for (replicate, seed) {missing[:3]}; every "
-                             "replicate needs every seed")
-        entry: dict[str, Any] = {
-            "experiment": experiment,
-            "backbone": backbone,
-            "augmentation": bool(aug),
-            "seeds": seeds,
-            "n_seeds": len(seeds),
-            "replicates": [r for r in reps if r >= 0],
-            "n_classifiers": len(cell),
-        }
-        for protocol in PROTOCOLS:
-            per_run, cms, prepared, recalls = {}, [], [], []
-            for (r, s), frame in cell.items():
-                y_true = frame["label"].to_numpy(dtype=object)
-                y_pred, proba, pcls = protocol_predictions(frame, classes, target_classes, protocol)
-                prepared.append((y_true, y_pred, proba, pcls))
-                per_run[(r, s)] = classification_metrics(y_true, y_pred, proba, pcls, target_classes)
-                recalls.append(per_class_recall(y_true, y_pred, target_classes))
-                cms.append(confusion_matrix(y_true, y_pred, labels=classes))
-            per_seed = {
-                str(s): {k: float(v) for k, v in pd.DataFrame([per_run[(r, s)] for r in reps]).mean().items()}
-                for s in seeds
-            }
-            mean, sd = _mean_sd(list(per_seed.values()))
-            block: dict[str, Any] = {
-                "per_seed": per_seed,
-                "mean": mean,
-                "sd": sd,
-                "per_class_recall": {c: float(np.mean([rc[c] for rc in recalls])) for c in target_classes},
-                "confusion_matrix": {"labels": list(classes), "matrix": np.sum(cms, axis=0).tolist()},
-                "per_center": _per_center([(s, f) for (_, s), f in cell.items()], classes, target_classes, protocol),
-            }
-            if len(reps) > 1:
-                block["per_replicate_seed"] = {f"rep{r}/seed{s}": per_run[(r, s)] for r, s in cell}
-                rep_means = pd.DataFrame([pd.DataFrame([per_run[(r, s)] for s in seeds]).mean() for r in reps])
-                block["sd_between_replicates"] = {k: float(v) for k, v in rep_means.std(ddof=1).items()}
-            if boot_idx and protocol == "all_classes":
-                flat = _bootstrap(prepared, boot_idx, target_classes)  # metric -> (B, n_classifiers)
-                column = {rs: j for j, rs in enumerate(cell)}
-                order = [[column[(r, s)] for s in seeds] for r in reps]
-                cube = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
-                cubes.update({(key, m): c for m, c in cube.items()})
-                rng = np.random.default_rng([seed, 1])
-                block["ci"] = {m: _interval(hierarchical_resample(c, None, n_bootstrap, rng), alpha)
-                               for m, c in cube.items()}
-                block["ci_test_patients_only"] = {m: _interval(c.mean(axis=(1, 2)), alpha) for m, c in cube.items()}
-            entry[protocol] = block
-        result["experiments"][key] = entry
 
-    for key, entry in result["experiments"].items():
-        if entry["experiment"] == baseline:
-            continue
-        base_key = experiment_key(baseline, entry["backbone"], entry["augmentation"])
-        if base_key not in result["experiments"]:
-            continue
-        base = result["experiments"][base_key]
-        paired = entry["seeds"] == base["seeds"]
-        shared = [s for s in entry["seeds"] if s in base["seeds"]]
-        diff: dict[str, Any] = {"experiment": key, "baseline": base_key, "paired_by": "seed", "seeds": shared}
-        for protocol in PROTOCOLS:
-            block = {}
-            for m in BOOTSTRAP_METRICS:
-                per_seed = {str(s): entry[protocol]["per_seed"][str(s)][m] - base[protocol]["per_seed"][str(s)][m]
-                            for s in shared}
-                d: dict[str, Any] = {"mean": entry[protocol]["mean"][m] - base[protocol]["mean"][m],
-                                     "per_seed": per_seed}
-                if (key, m) in cubes and paired:
-                    a, b = cubes[(key, m)], cubes[(base_key, m)][:, 0, :]
-                    rng = np.random.default_rng([seed, 2])
-                    d["ci"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
-                    d["ci_test_patients_only"] = _interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
-                    d["variance_components"] = variance_components(a, b)
-                if protocol == "all_classes":
-                    d["paired_test"] = paired_seed_test(per_seed)
-                block[m] = d
-            diff[protocol] = block
-        result["differences"][f"{key} - {base_key}"] = diff
-    return result
+
+def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed):
+    """One experiment's entry (every protocol) and its bootstrap cubes (metric -> (B, K, S))."""
+    key = experiment_key(experiment, backbone, aug)
+    reps = sorted({r for r, _, _ in runs})
+    seeds = sorted({s for _, s, _ in runs})
+    cell = {(r, s): f for r, s, f in runs}
+    missing = [(r, s) for r in reps for s in seeds if (r, s) not in cell]
+    if missing:
+        raise ValueError(f"experiment {key}: no predictions for (replicate, seed) {missing[:3]}; every "
+                         "replicate needs every seed")
+    entry: dict[str, Any] = {
+        "experiment": experiment,
+        "backbone": backbone,
+        "augmentation": bool(aug),
+        "seeds": seeds,
+        "n_seeds": len(seeds),
+        "replicates": [r for r in reps if r >= 0],
+        "n_classifiers": len(cell),
+    }
+    cubes: dict[str, np.ndarray] = {}
+    for protocol in PROTOCOLS:
+        block, prepared = _protocol_block(cell, reps, seeds, classes, target_classes, protocol)
+        if boot_idx and protocol == "all_classes":
+            flat = _bootstrap(prepared, boot_idx, target_classes)  # metric -> (B, n_classifiers)
+            column = {rs: j for j, rs in enumerate(cell)}
+            order = [[column[(r, s)] for s in seeds] for r in reps]
+            cubes = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
+            rng = np.random.default_rng([seed, 1])
+            block["ci"] = {m: _interval(hierarchical_resample(c, None, n_bootstrap, rng), alpha)
+                           for m, c in cubes.items()}
+            block["ci_test_patients_only"] = {m: _interval(c.mean(axis=(1, 2)), alpha) for m, c in cubes.items()}
+        entry[protocol] = block
+    return entry, cubes
+
+
+def _protocol_block(cell: dict, reps: list[int], seeds: list[int], classes, target_classes, protocol: str):
+    """One protocol's metrics of one experiment (per seed, mean, sd, recall, confusion, per center) and the
+    per-classifier predictions the bootstrap resamples."""
+    per_run, cms, prepared, recalls = {}, [], [], []
+    for (r, s), frame in cell.items():
+        y_true = frame["label"].to_numpy(dtype=object)
+        y_pred, proba, pcls = protocol_predictions(frame, classes, target_classes, protocol)
+        prepared.append((y_true, y_pred, proba, pcls))
+        per_run[(r, s)] = classification_metrics(y_true, y_pred, proba, pcls, target_classes)
+        recalls.append(per_class_recall(y_true, y_pred, target_classes))
+        cms.append(confusion_matrix(y_true, y_pred, labels=classes))
+    per_seed = {
+        str(s): {k: float(v) for k, v in pd.DataFrame([per_run[(r, s)] for r in reps]).mean().items()}
+        for s in seeds
+    }
+    mean, sd = _mean_sd(list(per_seed.values()))
+    block: dict[str, Any] = {
+        "per_seed": per_seed,
+        "mean": mean,
+        "sd": sd,
+        "per_class_recall": {c: float(np.mean([rc[c] for rc in recalls])) for c in target_classes},
+        "confusion_matrix": {"labels": list(classes), "matrix": np.sum(cms, axis=0).tolist()},
+        "per_center": _per_center([(s, f) for (_, s), f in cell.items()], classes, target_classes, protocol),
+    }
+    if len(reps) > 1:
+        block["per_replicate_seed"] = {f"rep{r}/seed{s}": per_run[(r, s)] for r, s in cell}
+        rep_means = pd.DataFrame([pd.DataFrame([per_run[(r, s)] for s in seeds]).mean() for r in reps])
+        block["sd_between_replicates"] = {k: float(v) for k, v in rep_means.std(ddof=1).items()}
+    return block, prepared
+
+
+def _difference(key: str, base_key: str, experiments: dict, cubes: dict, n_bootstrap: int, alpha: float,
+                seed: int) -> dict[str, Any]:
+    """Experiment minus its baseline (same backbone and augmentation), paired by seed."""
+    entry, base = experiments[key], experiments[base_key]
+    paired = entry["seeds"] == base["seeds"]
+    shared = [s for s in entry["seeds"] if s in base["seeds"]]
+    diff: dict[str, Any] = {"experiment": key, "baseline": base_key, "paired_by": "seed", "seeds": shared}
+    for protocol in PROTOCOLS:
+        block = {}
+        for m in BOOTSTRAP_METRICS:
+            per_seed = {str(s): entry[protocol]["per_seed"][str(s)][m] - base[protocol]["per_seed"][str(s)][m]
+                        for s in shared}
+            d: dict[str, Any] = {"mean": entry[protocol]["mean"][m] - base[protocol]["mean"][m],
+                                 "per_seed": per_seed}
+            if (key, m) in cubes and paired:
+                a, b = cubes[(key, m)], cubes[(base_key, m)][:, 0, :]
+                rng = np.random.default_rng([seed, 2])
+                d["ci"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
+                d["ci_test_patients_only"] = _interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
+                d["variance_components"] = variance_components(a, b)
+            if protocol == "all_classes":
+                d["paired_test"] = paired_seed_test(per_seed)
+            block[m] = d
+        diff[protocol] = block
+    return diff
 
 
 def variance_components(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:

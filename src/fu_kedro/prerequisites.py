@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fu_kedro.datasets.versions import load_version, saved_versions, versioned_path
+
 FU_LORA_HUB_ID = "fangyijie/fu-lora"
 DOCS = "docs/paper_profile.md"
 
@@ -144,8 +146,6 @@ def _latest_info(catalog, name: str) -> dict | None:
 def _pinned_version(catalog, name: str) -> tuple[str | None, list[str]]:
     """For an input that is not saved: the version pinned for it (``--load-versions``; unpinned,
     nothing saved means no version to load) and the versions that are saved."""
-    from fu_kedro.datasets.versions import load_version, saved_versions
-
     try:
         dataset = catalog.get(name)
     except Exception:  # noqa: BLE001 - a broken entry: nothing pinned
@@ -172,8 +172,6 @@ INGESTION_SETS = ("source_images", "target_images", "lora_subset")  # written to
 
 def _saved_folder(catalog, name: str) -> tuple[str | None, Path | None]:
     """(version, ``<filepath>/<version>/<name>``) this run would load for a versioned dataset."""
-    from fu_kedro.datasets.versions import load_version, versioned_path
-
     try:
         dataset = catalog.get(name)
     except Exception:  # noqa: BLE001 - not in the catalog
@@ -226,8 +224,6 @@ def find_mixed_runs(pipeline, catalog) -> list[str]:
       ``source_images`` loaded beside it; else the synthetic data come from another split
       (possibly from images that are validation images now).
     """
-    from fu_kedro.datasets.versions import versioned_path
-
     inputs = set(pipeline.inputs())
     found: list[str] = []
     versions = {n: _saved_folder(catalog, n) for n in INGESTION_SETS if n in inputs}

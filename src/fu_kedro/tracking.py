@@ -44,6 +44,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from fu_kedro import lineage as L
+from fu_kedro.datasets.versions import load_version, save_version, versioned_path
 from fu_kedro.launch import is_main_process
 
 log = logging.getLogger(__name__)
@@ -114,15 +115,6 @@ def _pipelines_with_nodes(pipeline) -> list[str]:
 
 
 # --------------------------------------------------------------------------- helpers on datasets
-def _versioned_path(dataset, version: str | None) -> Path | None:
-    if version is None or not hasattr(dataset, "_get_versioned_path"):
-        return None
-    try:
-        return Path(str(dataset._get_versioned_path(version)))  # noqa: SLF001 - Kedro's own versioned path
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _published(path: Path | None) -> Path | None:
     """Where a path of this run's staging folder will be once the run ends well
     (``fu_kedro.datasets.staging``; the sidecar moves with its version folder)."""
@@ -131,24 +123,6 @@ def _published(path: Path | None) -> Path | None:
     from fu_kedro.datasets.staging import published_path
 
     return published_path(path)
-
-
-def _load_version(dataset) -> str | None:
-    if getattr(dataset, "_version", None) is None:
-        return None
-    try:
-        return dataset.resolve_load_version()
-    except Exception:  # noqa: BLE001 - not saved: nothing to record
-        return None
-
-
-def _save_version(dataset) -> str | None:
-    if getattr(dataset, "_version", None) is None:
-        return None
-    try:
-        return dataset.resolve_save_version()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _plain_path(dataset) -> Path | None:
@@ -293,7 +267,7 @@ class LineageHooks:
         if name in STATE.produced:
             made = STATE.produced[name]
             dataset = catalog.get(name) if name in catalog else None
-            version = _load_version(dataset) if dataset is not None else None
+            version = load_version(dataset) if dataset is not None else None
             if version is not None:  # saved in this run: refer to it by version
                 return self._versioned_entry(name, dataset, version)
             path = _plain_path(dataset) if dataset is not None else None
@@ -303,14 +277,14 @@ class LineageHooks:
             dataset = catalog.get(name)
         except Exception:  # noqa: BLE001
             dataset = None
-        version = _load_version(dataset) if dataset is not None else None
+        version = load_version(dataset) if dataset is not None else None
         if version is not None:
             return self._versioned_entry(name, dataset, version)
         path = _plain_path(dataset) if dataset is not None else None
         return {"kind": "file", "dataset": name, "path": L.rel_path(path, STATE.project) if path else None}
 
     def _versioned_entry(self, name: str, dataset, version: str) -> dict:
-        path = _versioned_path(dataset, version)  # where it is now (this run's staging folder if saved in it)
+        path = versioned_path(dataset, version)  # where it is now (this run's staging folder if saved in it)
         final = _published(path)
         key = str(final.resolve()) if final else ""
         if key not in STATE.sidecars:
@@ -350,10 +324,10 @@ class LineageHooks:
             return
         try:
             dataset = STATE.catalog.get(dataset_name)
-            version = _save_version(dataset)
+            version = save_version(dataset)
             if version is None:
                 return
-            record = self._record(dataset_name, node, version, _published(_versioned_path(dataset, version)))
+            record = self._record(dataset_name, node, version, _published(versioned_path(dataset, version)))
             if record is not None:
                 _embed(data, L.to_jsonable(record))
         except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
@@ -371,10 +345,10 @@ class LineageHooks:
 
     def _write_sidecar(self, dataset_name: str, node) -> None:
         dataset = STATE.catalog.get(dataset_name)
-        version = _save_version(dataset)
+        version = save_version(dataset)
         if version is None:
             return
-        path = _versioned_path(dataset, version)
+        path = versioned_path(dataset, version)
         record = self._record(dataset_name, node, version, _published(path))
         if record is None or path is None or not path.exists():
             return
@@ -500,12 +474,12 @@ class MlflowRunExtras:
         try:
             dataset = STATE.catalog.get(dataset_name)
             client = _mlflow_client()
-            version = _save_version(dataset)
+            version = save_version(dataset)
             if version is not None:
                 client.set_tag(run_id, f"output.{dataset_name}.version", version)
             spec = _metadata(dataset).get("mlflow") or {}
             if spec.get("artifact_path") is not None:
-                path = _versioned_path(dataset, version) if version else _plain_path(dataset)
+                path = versioned_path(dataset, version) if version else _plain_path(dataset)
                 self._log_artifact(client, run_id, path, spec)
             if spec.get("headline_metrics"):
                 raw = data

@@ -242,6 +242,8 @@ def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float
     return float(loss), float(accuracy_score(data.labels.numpy(), proba.argmax(axis=1)))
 
 
+# long: one training loop read top to bottom (the shape of diffusers' training examples); its
+# step order is what tests/test_reproducibility.py pins, so it is not cut into pieces
 def train_classifier(
     model: nn.Module,
     train: TensorSet,

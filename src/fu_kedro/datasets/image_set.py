@@ -38,6 +38,8 @@ from kedro.io.core import (
 )
 from PIL import Image
 
+from fu_kedro.lineage import to_jsonable
+
 
 @dataclass
 class ImageSet:
@@ -96,18 +98,6 @@ class ImageSet:
             pd.concat([s.meta for s in sets], ignore_index=True),
             info or {},
         )
-
-
-def _to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 class ImageSetDataset(AbstractVersionedDataset[ImageSet, ImageSet]):
@@ -205,7 +195,7 @@ def write_image_set(data: ImageSet, folder: Path) -> None:
             Image.fromarray(img, mode="L").save(tmp / "images" / f"{image_id}.png")
         data.meta.to_csv(tmp / "metadata.csv", index=False)
         info = {k: v for k, v in data.info.items() if k != "version"}
-        (tmp / "info.json").write_text(json.dumps(_to_jsonable(info), indent=2))
+        (tmp / "info.json").write_text(json.dumps(to_jsonable(info), indent=2))
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

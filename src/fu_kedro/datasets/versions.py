@@ -16,21 +16,17 @@ from kedro.io.core import AbstractVersionedDataset
 def load_version(dataset) -> str | None:
     """The version a load reads (pinned by ``--load-versions``, else the latest saved); None when
     the dataset is not versioned or nothing is saved."""
-    if not isinstance(dataset, AbstractVersionedDataset):
-        return None
-    try:
+    try:  # duck-typed: kedro-mlflow's artifact wrappers are versioned datasets too
         return dataset.resolve_load_version()
-    except Exception:  # noqa: BLE001 - nothing saved
+    except Exception:  # noqa: BLE001 - not a versioned dataset, or nothing saved
         return None
 
 
 def save_version(dataset) -> str | None:
     """The version this run saves the dataset under (None when not versioned)."""
-    if not isinstance(dataset, AbstractVersionedDataset):
-        return None
     try:
         return dataset.resolve_save_version()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - not a versioned dataset
         return None
 
 
@@ -46,7 +42,7 @@ def saved_versions(dataset) -> list[str]:
 
 def versioned_path(dataset, version: str | None) -> Path | None:
     """``<filepath>/<version>/<name>`` of a versioned dataset (None if not versioned)."""
-    if version is None or not isinstance(dataset, AbstractVersionedDataset):
+    if version is None or not hasattr(dataset, "_get_versioned_path"):
         return None
     try:
         return Path(str(dataset._get_versioned_path(version)))  # noqa: SLF001 - no public API for it

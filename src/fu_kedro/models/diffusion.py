@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 
 TINY_BASE_NAME = "tiny base trained here (not Stable Diffusion)"
 
+# SD v1.5's training noise schedule (scheduler/scheduler_config.json), shared by both profiles.
+SD15_NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+
 # Small enough to train on 2 CPU cores in minutes; same classes as SD v1.5's components.
 TINY_CONFIG: dict[str, Any] = {
     "vae": {
@@ -71,14 +81,8 @@ TINY_CONFIG: dict[str, Any] = {
         "max_position_embeddings": 77,
         "projection_dim": 64,
     },
-    "scheduler": {  # SD v1.5's noise schedule (DPM-Solver++ is unstable at the cosine schedule's end)
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-    },
+    # SD v1.5's noise schedule (DPM-Solver++ is unstable at the cosine schedule's end)
+    "scheduler": dict(SD15_NOISE_SCHEDULE),
 }
 
 # Stable Diffusion v1.5's published component configs (runwayml/stable-diffusion-v1-5,
@@ -118,16 +122,7 @@ SD15_CONFIG: dict[str, Any] = {
         "projection_dim": 768,
         "hidden_act": "quick_gelu",
     },
-    "scheduler": {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-    },
+    "scheduler": SD15_NOISE_SCHEDULE | {"clip_sample": False, "set_alpha_to_one": False},  # + DDIM-only keys
 }
 
 # Words the offline tokenizer knows as whole tokens; anything else falls back to

@@ -24,7 +24,6 @@ that was not run here (no GPU on the reference machine).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from fu_kedro.devices import resolve_device
+from fu_kedro.lineage import sha256_file
 from fu_kedro.models.lora import LoraAdapter, apply_lora
 from fu_kedro.models.training import encode_prompts
 
@@ -254,13 +254,7 @@ def library_versions() -> dict[str, str]:
 
 def file_sha256(path: str | Path | None) -> str:
     """SHA-256 of a file's bytes ("" when there is no file, e.g. an adapter built in memory)."""
-    if not path or not Path(path).is_file():
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(path)) if path and Path(path).is_file() else ""
 
 
 # Manifest columns that decide an image's pixels (with the base and adapter weights).

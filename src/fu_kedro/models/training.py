@@ -167,6 +167,62 @@ def tokenize(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor
     ).input_ids
 
 
+def _caption_states(text_encoder, token_ids: torch.Tensor, empty_ids: torch.Tensor, device, clip_skip: int | None):
+    """A frozen text encoder gives the same states for the same caption: encode each distinct
+    caption (and the empty one) once instead of every step. Returns (states, row of each
+    caption, row of the empty caption)."""
+    with torch.no_grad():
+        unique, inverse = torch.unique(torch.cat([token_ids, empty_ids[None]]), dim=0, return_inverse=True)
+        states = torch.cat([_encode_ids(text_encoder, unique[i : i + 64].to(device), clip_skip)
+                            for i in range(0, len(unique), 64)])
+    return states, inverse[:-1], inverse[-1]
+
+
+def _draw_batch(latents, token_ids, idx, empty_ids, noise_scheduler, cfg: LoopConfig, gen: torch.Generator):
+    """Every random draw of one step, made for the whole (global) batch on every process, in a fixed
+    order (caption dropout, noise, noise offset, timesteps): (x0, caption ids, dropped, noise, t)."""
+    x0 = latents[idx]
+    ids = token_ids[idx].clone()
+    drop = torch.zeros(len(ids), dtype=torch.bool)
+    if cfg.caption_dropout > 0:
+        drop = torch.rand(len(ids), generator=gen) < cfg.caption_dropout
+        ids[drop] = empty_ids
+    noise = torch.randn(x0.shape, generator=gen)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    return x0, ids, drop, noise, t
+
+
+def _per_image_loss(pred, target, t, noise_scheduler, min_snr_gamma: float | None) -> torch.Tensor:
+    """MSE per image, min-SNR weighted when ``min_snr_gamma`` is set."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, t)
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        loss = loss * weight
+    return loss
+
+
+def _optimisation(unet_params: list, te_params: list, cfg: LoopConfig, accelerator: Accelerator):
+    """(AdamW over the UNet and text-encoder groups, linear warm-up, optional EMA) of the trained weights,
+    cast to float32 first: trained in float32 even when the frozen base is half precision
+    (mixed precision via autocast)."""
+    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+    for p in unet_params + te_params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=_fused(accelerator))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    ema = EMAModel(unet_params + te_params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
+    return opt, sched, ema
+
+
+# long: one training loop read top to bottom, as in diffusers' train_text_to_image_lora.py; the
+# setup, the random draws and the loss are named steps above, the step order stays in one place
 def train_denoiser(
     pipe: StableDiffusionPipeline,
     latents: torch.Tensor,
@@ -200,17 +256,9 @@ def train_denoiser(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     empty_ids = tokenize(pipe, [""])[0]
-    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
-    if te_params:
-        groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
-    # Train in float32 even when the frozen base is half precision (mixed precision via autocast).
-    for p in unet_params + te_params:
-        p.data = p.data.float()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=_fused(accelerator))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    ema = EMAModel(unet_params + te_params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
+    opt, sched, ema = _optimisation(unet_params, te_params, cfg, accelerator)
     unet.train()
     text_encoder.train(bool(te_params))
     n_proc, rank = accelerator.num_processes, accelerator.process_index
@@ -223,14 +271,7 @@ def train_denoiser(
     if cfg.batch_size < n_proc:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {n_proc} processes it is split between")
 
-    # A frozen text encoder gives the same states for the same caption: encode each distinct
-    # caption (and the empty one) once instead of every step.
-    cached = None
-    if not te_params:
-        with torch.no_grad():
-            unique, inverse = torch.unique(torch.cat([token_ids, empty_ids[None]]), dim=0, return_inverse=True)
-            states = torch.cat([_encode_ids(text_encoder, unique[i : i + 64].to(device), clip_skip) for i in range(0, len(unique), 64)])
-        cached = (states, inverse[:-1], inverse[-1])
+    cached = None if te_params else _caption_states(text_encoder, token_ids, empty_ids, device, clip_skip)
 
     history: list[dict] = []
     start, last, step = time.monotonic(), None, 0
@@ -239,17 +280,7 @@ def train_denoiser(
     while step < cfg.max_steps:
         idx = next(batches)
         with accelerator.accumulate(unet, text_encoder):
-            # every random draw is made for the whole (global) batch, on every process...
-            x0 = latents[idx]
-            ids = token_ids[idx].clone()
-            drop = torch.zeros(len(ids), dtype=torch.bool)
-            if cfg.caption_dropout > 0:
-                drop = torch.rand(len(ids), generator=gen) < cfg.caption_dropout
-                ids[drop] = empty_ids
-            noise = torch.randn(x0.shape, generator=gen)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            x0, ids, drop, noise, t = _draw_batch(latents, token_ids, idx, empty_ids, noise_scheduler, cfg, gen)
             # ...then each process keeps its share (all of it when there is one process)
             global_batch = len(idx)
             share = torch.arange(global_batch).tensor_split(n_proc)[rank]
@@ -267,13 +298,7 @@ def train_denoiser(
                 target = noise
             with accelerator.autocast():
                 pred = unet(noisy, t, hidden).sample
-            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            if cfg.min_snr_gamma:
-                snr = compute_snr(noise_scheduler, t)
-                weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
-                loss = loss * weight
+            loss = _per_image_loss(pred, target, t, noise_scheduler, cfg.min_snr_gamma)
             if n_proc == 1:
                 loss = loss.mean()
             else:

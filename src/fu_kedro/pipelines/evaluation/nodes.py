@@ -9,10 +9,8 @@ judge the synthetic batch; everything ends in one report.
 from __future__ import annotations
 
 import functools
-import html
 import inspect
 import logging
-import math
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,7 +36,7 @@ from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
 from fu_kedro.devices import resolve_device
 from fu_kedro.launch import distributed_state
-from fu_kedro.lineage import chain_html
+from fu_kedro.lineage import to_jsonable
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
 from fu_kedro.models.generation import torch_threads
 
@@ -106,19 +104,6 @@ def set_mlflow_tags(tags: dict[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None and numpy scalars -> Python, so the JSON files are standard JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 # --------------------------------------------------------------------------- data
 def prepare_classifier_data(
     source_images: ImageSet, target_images: ImageSet, synthetic_batch: ImageSet, params: dict
@@ -147,6 +132,47 @@ def prepare_classifier_data(
     check_parameters(params)
     classes = list(params["classes"])
     size = int(params["image_size"])
+    splits = _check_real_sets(source_images, target_images, classes)
+    source = prepare_tensors(source_images, classes, size, "source_images")
+    target = prepare_tensors(target_images, classes, size, "target_images")
+    synthetic = None
+    if synthetic_batch is not None and len(synthetic_batch):
+        synthetic = prepare_tensors(synthetic_batch, classes, size, "synthetic_batch")
+    data = {
+        "classes": classes,
+        "image_size": size,
+        "source_train": source.subset((splits == "train").to_numpy()),
+        "source_val": source.subset((splits == "val").to_numpy()),
+        "target": target,
+        "synthetic": synthetic,
+    }
+    batch = synthetic_batch if synthetic is not None else None
+    mem_size, data["memorisation_images"] = _memorisation_images(source_images, splits, batch, classes, size, params)
+    if synthetic is not None:
+        meta = synthetic.meta
+        meta["replicate"] = (pd.to_numeric(meta["replicate"]).astype(int) if "replicate" in meta.columns
+                             else np.zeros(len(meta), int))
+    data["info"] = {
+        "n_source_train": len(data["source_train"]),
+        "n_source_val": len(data["source_val"]),
+        "n_target": len(target),
+        "n_synthetic": 0 if synthetic is None else len(synthetic),
+        "source_info": source_images.info,
+        "target_info": target_images.info,
+        "synthetic_info": synthetic_batch.info if synthetic_batch is not None else {},
+        "target_classes": [c for c in classes if c in set(target.meta["label"].astype(str))],
+        "memorisation_size": int(mem_size),
+        "synthetic_replicates": [] if synthetic is None else sorted(map(int, synthetic.meta["replicate"].unique())),
+    }
+    log.info(
+        "evaluation data at %d px: %d source train, %d source val, %d target, %d synthetic images",
+        size, *(data["info"][k] for k in ("n_source_train", "n_source_val", "n_target", "n_synthetic")),
+    )
+    return data
+
+
+def _check_real_sets(source_images: ImageSet, target_images: ImageSet, classes: list[str]) -> pd.Series:
+    """The real sets have the columns, images and source train/val patients evaluation needs; the source splits."""
     if len(set(classes)) != len(classes) or len(classes) < 2:
         raise ValueError(f"evaluation.classes must be >= 2 distinct class names, got {classes}")
     for name, images, columns in (
@@ -170,53 +196,25 @@ def prepare_classifier_data(
     )
     if overlap:
         raise ValueError(f"source_images: patients {sorted(overlap)[:5]} are in both train and val splits")
-    source = prepare_tensors(source_images, classes, size, "source_images")
-    target = prepare_tensors(target_images, classes, size, "target_images")
-    synthetic = None
-    if synthetic_batch is not None and len(synthetic_batch):
-        synthetic = prepare_tensors(synthetic_batch, classes, size, "synthetic_batch")
-    data = {
-        "classes": classes,
-        "image_size": size,
-        "source_train": source.subset((splits == "train").to_numpy()),
-        "source_val": source.subset((splits == "val").to_numpy()),
-        "target": target,
-        "synthetic": synthetic,
-    }
-    # The copy check compares pixels at the generator's resolution (the synthetic images' own
-    # size unless quality.memorisation_size is a number), both sides through the same resize:
-    # a training image that the generator reproduced exactly then correlates 1.0 with it.
+    return splits
+
+
+def _memorisation_images(source_images: ImageSet, splits: pd.Series, synthetic_batch: ImageSet | None,
+                         classes: list[str], size: int, params: dict) -> tuple[int, dict[str, np.ndarray]]:
+    """(resolution, uint8 arrays) for the copy check: source train/val and the synthetic batch.
+
+    The copy check compares pixels at the generator's resolution (the synthetic images' own
+    size unless quality.memorisation_size is a number), both sides through the same resize:
+    a training image that the generator reproduced exactly then correlates 1.0 with it.
+    """
     mem_size = params["quality"].get("memorisation_size", "auto")
     if mem_size in (None, "auto"):
-        mem_size = int(synthetic_batch.images.shape[1]) if synthetic is not None else size
+        mem_size = int(synthetic_batch.images.shape[1]) if synthetic_batch is not None else size
     mem = {"source_train": source_images.select((splits == "train").to_numpy()),
            "source_val": source_images.select((splits == "val").to_numpy())}
-    if synthetic is not None:
+    if synthetic_batch is not None:
         mem["synthetic"] = synthetic_batch
-    data["memorisation_images"] = {
-        k: prepare_tensors(v, classes, int(mem_size), k).images[:, 0].numpy() for k, v in mem.items()
-    }
-    if synthetic is not None:
-        meta = synthetic.meta
-        meta["replicate"] = (pd.to_numeric(meta["replicate"]).astype(int) if "replicate" in meta.columns
-                             else np.zeros(len(meta), int))
-    data["info"] = {
-        "n_source_train": len(data["source_train"]),
-        "n_source_val": len(data["source_val"]),
-        "n_target": len(target),
-        "n_synthetic": 0 if synthetic is None else len(synthetic),
-        "source_info": source_images.info,
-        "target_info": target_images.info,
-        "synthetic_info": synthetic_batch.info if synthetic_batch is not None else {},
-        "target_classes": [c for c in classes if c in set(target.meta["label"].astype(str))],
-        "memorisation_size": int(mem_size),
-        "synthetic_replicates": [] if synthetic is None else sorted(map(int, synthetic.meta["replicate"].unique())),
-    }
-    log.info(
-        "evaluation data at %d px: %d source train, %d source val, %d target, %d synthetic images",
-        size, *(data["info"][k] for k in ("n_source_train", "n_source_val", "n_target", "n_synthetic")),
-    )
-    return data
+    return mem_size, {k: prepare_tensors(v, classes, int(mem_size), k).images[:, 0].numpy() for k, v in mem.items()}
 
 
 # --------------------------------------------------------------------------- plan
@@ -266,16 +264,7 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
             )
     backbones = list(params["backbones"])
     weights_files = dict(params.get("weights") or {})
-    stray = sorted(set(weights_files) - set(backbones))
-    if stray:
-        log.warning("evaluation.weights names backbones not in the grid (ignored): %s", stray)
-    descriptions = {}
-    for name in backbones:
-        check_backbone(name)
-        # builds the model and loads the file now, so a mismatch stops the run before training
-        _, descriptions[name] = build_classifier(
-            name, len(classifier_data["classes"]), classifier_data["image_size"], weights_files.get(name)
-        )
+    descriptions = _check_backbones(backbones, weights_files, classifier_data)
     n_seeds = int(params["n_seeds"])
     if n_seeds < 1:
         raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
@@ -304,32 +293,44 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
                     n_s = 0 if rep < 0 else (per_replicate[rep] if ratio is None else int(round(ratio * n_real)))
                     batch = min(cfg.batch_size, n_real + n_s)
                     for i in range(n_seeds):
-                        plan.append(
-                            {
-                                "experiment": experiment,
-                                "backbone": backbone,
-                                "augmentation": aug,
-                                "seed": int(seed) + i,
-                                "replicate": rep,
-                                "weights": descriptions[backbone],
-                                "weights_file": weights_files.get(backbone),
-                                "n_real": n_real,
-                                "n_synthetic": n_s,
-                                "synthetic_ratio": ratio,
-                                # the schedule, equal for every arm: same steps, batch, lr, evaluations
-                                "steps": cfg.steps,
-                                "batch_size": batch,
-                                "eval_every": cfg.eval_every,
-                                "learning_rate": cfg.learning_rate,
-                                "lr_schedule": cfg.lr_schedule,
-                                "held_equal": "optimiser steps, batch size, learning-rate schedule, evaluations",
-                                "passes_over_training_set": round(cfg.steps * batch / (n_real + n_s), 3),
-                                "torch_threads": threads,
-                            }
-                        )
+                        plan.append({
+                            "experiment": experiment, "backbone": backbone, "augmentation": aug,
+                            "seed": int(seed) + i, "replicate": rep,
+                            "weights": descriptions[backbone], "weights_file": weights_files.get(backbone),
+                            "n_real": n_real, "n_synthetic": n_s, "synthetic_ratio": ratio,
+                            **_shared_schedule(cfg, batch, n_real + n_s), "torch_threads": threads,
+                        })
     log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
              len(plan), cfg.steps, cfg.batch_size, len(replicates))
     return plan
+
+
+def _check_backbones(backbones: list[str], weights_files: dict, classifier_data: dict) -> dict[str, str]:
+    """Backbone -> how its weights start (``random init`` or the ImageNet file), each checked now."""
+    stray = sorted(set(weights_files) - set(backbones))
+    if stray:
+        log.warning("evaluation.weights names backbones not in the grid (ignored): %s", stray)
+    descriptions = {}
+    for name in backbones:
+        check_backbone(name)
+        # builds the model and loads the file now, so a mismatch stops the run before training
+        _, descriptions[name] = build_classifier(
+            name, len(classifier_data["classes"]), classifier_data["image_size"], weights_files.get(name)
+        )
+    return descriptions
+
+
+def _shared_schedule(cfg: TrainConfig, batch: int, n_images: int) -> dict[str, Any]:
+    """The schedule, equal for every arm: same steps, batch, lr, evaluations (and the passes it makes)."""
+    return {
+        "steps": cfg.steps,
+        "batch_size": batch,
+        "eval_every": cfg.eval_every,
+        "learning_rate": cfg.learning_rate,
+        "lr_schedule": cfg.lr_schedule,
+        "held_equal": "optimiser steps, batch size, learning-rate schedule, evaluations",
+        "passes_over_training_set": round(cfg.steps * batch / n_images, 3),
+    }
 
 
 def run_key(run: dict) -> str:
@@ -568,7 +569,7 @@ def check_synthetic_fidelity(
     else:
         log.info("synthetic batch passed the fidelity gate: %.3f >= %.2f (scorers' real source-val accuracy %.3f)",
                  fid, threshold, ref)
-    return _json_safe(gate)
+    return to_jsonable(gate, finite=True)
 
 
 # --------------------------------------------------------------------------- zero-shot
@@ -635,7 +636,7 @@ def compute_zero_shot_metrics(
         entry = result["experiments"].get(experiment_key(run["experiment"], run["backbone"], run["augmentation"]))
         if entry is not None:
             entry.update({k: run[k] for k in ("n_real", "n_synthetic", "weights", "synthetic_ratio")})
-    return _json_safe(result)
+    return to_jsonable(result, finite=True)
 
 
 def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
@@ -712,7 +713,6 @@ def train_cas_classifier(
 
 
 @in_stage_threads
-@in_stage_threads
 def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict, seed: int) -> tuple:
     """Training images at the copy-check resolution, through the base model's VAE: a positive
     control for the memorisation check (a generator that memorised them would make these)."""
@@ -750,166 +750,62 @@ def assess_synthetic_quality(
         ``per_class``; each anchored by a reference (``fidelity_reference``,
         ``cas_reference``), intervals over seeds, memorisation controls and threshold.
     """
-    classes = classifier_data["classes"]
     synthetic = classifier_data["synthetic"]
-    empty = pd.DataFrame(columns=["class", "kind", "x", "y"])
     if synthetic is None:
+        empty = pd.DataFrame(columns=["class", "kind", "x", "y"])
         return {"n_images": 0, "fidelity": None, "cas_accuracy": None, "note": "synthetic batch is empty"}, empty
     baselines = _first_config_runs(experiment_plan, "baseline")
     if not baselines:
         raise ValueError("synthetic quality needs baseline runs (evaluation.training_sets must include baseline)")
     gate = fidelity_gate or check_synthetic_fidelity(
         classifier_data, trained_classifiers, experiment_plan, dict(params, on_low_fidelity="warn"), seed)
-    names = np.asarray(classes, dtype=object)
-    prompted = names[synthetic.labels.numpy()]
-    scorer = trained_classifiers[run_key(baselines[0])].model
-    q = params["quality"]
-    n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
-    val, target = classifier_data["source_val"], classifier_data["target"]
-    val_groups = val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None
-    target_groups = (target.meta["center"].astype(str) + "::" + target.meta["patient_id"].astype(str)).to_numpy()
-
+    base_models = [trained_classifiers[run_key(r)].model for r in baselines]
     with stage_threads(params):
-        # CAS: synthetic-only classifiers (one per seed) on real images they never saw, beside
-        # real-only classifiers of the same seeds on the same images (train-real/test-real)
-        cas_models = [c.model for c in cas_classifier]
-        base_models = [trained_classifiers[run_key(r)].model for r in baselines]
-        cas_val = _correct_matrix(cas_models, val, val.labels.numpy())
-        cas_tgt = _correct_matrix(cas_models, target, target.labels.numpy())
-        real_tgt = _correct_matrix(base_models, target, target.labels.numpy())
-        cas_pred_val = [names[predict_proba(m, val).argmax(axis=1)] for m in cas_models]
-        cas_pred_tgt = [names[predict_proba(m, target).argmax(axis=1)] for m in cas_models]
-        real_train = classifier_data["source_train"]
-        f_real = extract_features(scorer, real_train)
-        f_val = extract_features(scorer, val)
-        f_syn = extract_features(scorer, synthetic)
-    cas_val_pc = [quality.fidelity(names[val.labels.numpy()], p, classes)["per_class"] for p in cas_pred_val]
-    cas_tgt_pc = [quality.fidelity(names[target.labels.numpy()], p, classes)["per_class"] for p in cas_pred_tgt]
-    real_names = names[real_train.labels.numpy()]
-    val_names = names[val.labels.numpy()]
+        views = _classifier_views(classifier_data, [c.model for c in cas_classifier], base_models, base_models[0])
+    copies = _memorisation(classifier_data, params["quality"], seed, vae_controls)
+    scorer = {"run": run_key(baselines[0]), "backbone": baselines[0]["backbone"], "weights": baselines[0]["weights"]}
+    cas_info = [dict(c.info, best_step=c.best_step) for c in cas_classifier]
+    report, embedding = quality.synthetic_quality_report(classifier_data, views, gate, copies, cas_info, scorer,
+                                                         params, seed)
+    log.info(
+        "synthetic quality: fidelity %.3f (scorers on real val %.3f), CAS %.3f (real-only %.3f) on source val, "
+        "%d flagged copies (threshold %.3f)",
+        report["fidelity"], gate.get("scorer_accuracy_source_val"), report["cas_accuracy"],
+        gate.get("scorer_accuracy_source_val"), report["memorisation"]["n_flagged"], copies["threshold"],
+    )
+    return to_jsonable(report, finite=True), embedding
 
-    # memorisation at the generator's resolution, threshold calibrated on controls
+
+def _classifier_views(classifier_data: dict, cas_models: list, base_models: list, scorer) -> dict:
+    """What the classifiers make of the images the quality measures need: CAS (synthetic-only
+    classifiers, one per seed) on real images they never saw, beside real-only classifiers of
+    the same seeds on the same images (train-real/test-real); the scorer's features."""
+    names = np.asarray(classifier_data["classes"], dtype=object)
+    val, target = classifier_data["source_val"], classifier_data["target"]
+    return {
+        "cas_val": _correct_matrix(cas_models, val, val.labels.numpy()),
+        "cas_target": _correct_matrix(cas_models, target, target.labels.numpy()),
+        "real_target": _correct_matrix(base_models, target, target.labels.numpy()),
+        "cas_pred_val": [names[predict_proba(m, val).argmax(axis=1)] for m in cas_models],
+        "cas_pred_target": [names[predict_proba(m, target).argmax(axis=1)] for m in cas_models],
+        "f_real": extract_features(scorer, classifier_data["source_train"]),
+        "f_val": extract_features(scorer, val),
+        "f_syn": extract_features(scorer, classifier_data["synthetic"]),
+    }
+
+
+def _memorisation(classifier_data: dict, q: dict, seed: int, vae_controls) -> dict:
+    """The copy check at the generator's resolution, its threshold calibrated on controls."""
     mem = classifier_data["memorisation_images"]
     copies = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"],
                                         int(q.get("memorisation_controls", 20)), seed,
                                         q.get("memorisation_threshold", "auto"), vae_controls)
-    sim, nn_idx, threshold = copies["similarity"], copies["nearest"], copies["threshold"]
-    flagged = np.flatnonzero(copies["flagged"])
     calibration = copies["controls"]
     if not calibration["separable"]:
         log.warning("memorisation check: at %d px a real validation image correlates %.3f with a training image, as "
                     "high as a slipped-in copy (%.3f); the copy check cannot tell them apart at this resolution",
                     mem["synthetic"].shape[-1], calibration["negative_max"], calibration["positive_min"])
-
-    rng = np.random.default_rng([seed, 5])
-    per_class = {}
-    for c in classes:
-        s_mask, r_mask, v_mask = prompted == c, real_names == c, val_names == c
-        if not s_mask.any():
-            continue
-        # Fréchet distance at matched sizes: as many synthetic images as real train images
-        syn_idx = np.flatnonzero(s_mask)
-        matched = rng.choice(syn_idx, min(len(syn_idx), int(r_mask.sum())), replace=False)
-        div_syn = quality.mean_pairwise_cosine_distance(f_syn[s_mask])
-        div_real = quality.mean_pairwise_cosine_distance(f_real[r_mask])
-        per_class[c] = {
-            "n_images": int(s_mask.sum()),
-            "fidelity": gate.get("per_class", {}).get(c),
-            "cas_recall_source_val": float(np.mean([pc.get(c, np.nan) for pc in cas_val_pc])),
-            "cas_recall_target": float(np.mean([pc.get(c, np.nan) for pc in cas_tgt_pc])) if c in set(
-                names[target.labels.numpy()]) else None,
-            "frechet_distance_to_real_train": quality.frechet_distance(f_syn[s_mask], f_real[r_mask]),
-            "frechet_distance_to_real_train_matched_size": quality.frechet_distance(f_syn[matched], f_real[r_mask]),
-            "frechet_distance_real_val_reference": quality.frechet_distance(f_val[v_mask], f_real[r_mask]),
-            "kid_to_real_train": quality.kernel_inception_distance(f_syn[s_mask], f_real[r_mask], seed=seed)["mean"],
-            "kid_real_val_reference": quality.kernel_inception_distance(f_val[v_mask], f_real[r_mask], seed=seed)["mean"],
-            "diversity_synthetic": div_syn,
-            "diversity_real_train": div_real,
-            "diversity_ratio": div_syn / div_real if div_real and np.isfinite(div_real) else None,
-            "max_nearest_real_correlation": float(sim[s_mask].max()),
-            "n_flagged_copies": int(np.sum(sim[s_mask] >= threshold)),
-        }
-    meta = synthetic.meta
-    kid = quality.kernel_inception_distance(f_syn, f_real, seed=seed)
-    kid_ref = quality.kernel_inception_distance(f_val, f_real, seed=seed)
-    report = {
-        "n_images": int(len(synthetic)),
-        "n_replicates": int(meta["replicate"].nunique()),
-        "feature_space": (
-            f"penultimate layer ({f_real.shape[1]} features) of the baseline classifier {run_key(baselines[0])} "
-            f"({baselines[0]['backbone']}, {baselines[0]['weights']}, trained on real source train images, "
-            f"{classifier_data['image_size']} px); distances in this space are not FID/KID on Inception features"
-        ),
-        "gate": {k: gate.get(k) for k in ("status", "threshold", "action", "message")},
-        "fidelity": gate.get("fidelity"),
-        "fidelity_ci": gate.get("fidelity_ci"),
-        "fidelity_per_seed": gate.get("fidelity_per_seed"),
-        "fidelity_per_replicate": gate.get("fidelity_per_replicate"),
-        "fidelity_scorer": gate.get("scorer"),
-        "fidelity_reference": {
-            "what": "the fidelity scorers' own accuracy on real held-out source-val images (train-real/test-real)",
-            "accuracy": gate.get("scorer_accuracy_source_val"),
-            "ci": gate.get("scorer_accuracy_source_val_ci"),
-            "per_seed": gate.get("scorer_accuracy_source_val_per_seed"),
-            "note": gate.get("note"),
-        },
-        "cas_accuracy": float(cas_val.mean()),
-        "cas_accuracy_ci": quality.seed_item_interval(cas_val, val_groups, n_boot, seed),
-        "cas_accuracy_per_seed": {str(c.info["seed"]): float(v.mean()) for c, v in zip(cas_classifier, cas_val)},
-        "cas_accuracy_target": float(cas_tgt.mean()),
-        "cas_accuracy_target_ci": quality.seed_item_interval(cas_tgt, target_groups, n_boot, seed),
-        "cas_reference": {
-            "what": "real-only (baseline) classifiers of the same seeds on the same images (train-real/test-real)",
-            "source_val_accuracy": gate.get("scorer_accuracy_source_val"),
-            "source_val_ci": gate.get("scorer_accuracy_source_val_ci"),
-            "target_accuracy": float(real_tgt.mean()),
-            "target_ci": quality.seed_item_interval(real_tgt, target_groups, n_boot, seed),
-        },
-        "cas_classifier": {k: cas_classifier[0].info.get(k) for k in ("backbone", "augmentation", "weights",
-                                                                      "n_train", "n_val", "steps")}
-        | {"seeds": [c.info["seed"] for c in cas_classifier], "best_steps": [c.best_step for c in cas_classifier],
-           "selection": "held-out synthetic images"},
-        "frechet_distance_to_real_train": quality.frechet_distance(f_syn, f_real),
-        "frechet_distance_to_real_train_matched_size": quality.frechet_distance(
-            f_syn[rng.choice(len(f_syn), min(len(f_syn), len(f_real)), replace=False)], f_real),
-        "frechet_distance_real_val_reference": quality.frechet_distance(f_val, f_real),
-        "kid_to_real_train": kid,
-        "kid_real_val_reference": kid_ref,
-        "diversity_synthetic": quality.mean_pairwise_cosine_distance(f_syn),
-        "diversity_real_train": quality.mean_pairwise_cosine_distance(f_real),
-        "memorisation": {
-            "method": (f"max Pearson correlation of pixels with any real source-train image at {mem['synthetic'].shape[-1]} "
-                       "px (the generator's resolution; real and synthetic images through the same antialiased resize)"),
-            "resolution": int(mem["synthetic"].shape[-1]),
-            "threshold": float(threshold),
-            "threshold_source": copies["threshold_source"],
-            "controls": calibration,
-            "real_val_reference_max_correlation": calibration["negative_max"],
-            "real_val_reference_p99": calibration["negative_p99"],
-            "n_flagged": int(len(flagged)),
-            "flagged": [
-                {
-                    "image_id": str(meta["image_id"].iloc[i]),
-                    "nearest_real_image_id": str(real_train.meta["image_id"].iloc[nn_idx[i]]),
-                    "correlation": float(sim[i]),
-                }
-                for i in flagged
-            ],
-        },
-        "per_class": per_class,
-        "lineage": classifier_data["info"].get("synthetic_info", {}),
-    }
-    embedding = quality.per_class_embedding(
-        f_real, real_names, f_syn, prompted, classes,
-        perplexity=float(q["tsne_perplexity"]), max_per_class=int(q["max_points_per_class"]), seed=int(seed),
-    )
-    log.info(
-        "synthetic quality: fidelity %.3f (scorers on real val %.3f), CAS %.3f (real-only %.3f) on source val, "
-        "%d flagged copies (threshold %.3f)",
-        report["fidelity"], gate.get("scorer_accuracy_source_val"), report["cas_accuracy"],
-        gate.get("scorer_accuracy_source_val"), len(flagged), threshold,
-    )
-    return _json_safe(report), embedding
+    return copies
 
 
 # --------------------------------------------------------------------------- report
@@ -944,82 +840,8 @@ def build_report(
         (HTML text, confusion-matrix figure, training-curve figure, sample-grid figure,
         embedding figure, per-center figure); the figures are also embedded in the HTML.
     """
-    from . import report as rp
+    from . import report  # matplotlib: only when the report is built
 
-    info = classifier_data["info"]
-    figs = {
-        "confusion": rp.plot_confusion_matrices(zero_shot_metrics),
-        "curves": rp.plot_training_curves(training_history),
-        "samples": rp.plot_sample_grid(classifier_data, int(params["report"]["samples_per_class"]), seed),
-        "embedding": rp.plot_embedding(synthetic_embedding),
-        "per_center": rp.plot_per_center(zero_shot_metrics),
-    }
-    img = {k: f"<img src='{rp.figure_to_data_uri(f)}'>" for k, f in figs.items()}
-    runs = pd.DataFrame(experiment_plan)
-    if "replicate" not in runs:
-        runs["replicate"] = -1
-    weights = (
-        runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
-        .agg(seeds=("seed", lambda s: ", ".join(map(str, sorted(set(s))))),
-             replicates=("replicate", lambda r: ", ".join(str(x) for x in sorted(set(r)) if x >= 0) or "-"),
-             weights=("weights", "first"), n_real=("n_real", "first"), n_synthetic=("n_synthetic", "first"))
-        .reset_index()
-    )
-    schedule = (
-        runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
-        .agg(steps=("steps", "first"), batch=("batch_size", "first"), lr=("learning_rate", "first"),
-             schedule=("lr_schedule", "first"), eval_every=("eval_every", "first"),
-             passes=("passes_over_training_set", "first"))
-        .reset_index()
-        if "steps" in runs else pd.DataFrame()
-    )
-    best = training_history.groupby("run", sort=False)[["best_step", "best_epoch"]].first().reset_index()
-    syn_info = info.get("synthetic_info") or {}
-    data_rows = pd.DataFrame(
-        [
-            {"set": "source train (real)", "images": info["n_source_train"], "from": _describe(info["source_info"])},
-            {"set": "source val (real, checkpoint selection)", "images": info["n_source_val"], "from": _describe(info["source_info"])},
-            {"set": "target (zero-shot test only)", "images": info["n_target"], "from": _describe(info["target_info"])},
-            {"set": "synthetic batch", "images": info["n_synthetic"], "from": _describe(syn_info)},
-        ]
-    )
-    q = synthetic_quality
-    m = zero_shot_metrics
-    sections = [("The question and the answer", rp.headline_html(m, q))]
-    sections += [
-        ("Chance and reference rows (target, paper protocol)", rp._table(rp.reference_table(m))),
-        ("Zero-shot comparison (paper protocol: argmax over all source classes, 'other' is an error)",
-         rp._table(rp.comparison_table(m, "all_classes"))
-         + f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% hierarchical bootstrap "
-           f"interval ({' → '.join(m['bootstrap'].get('levels', []))}), {m['bootstrap']['n_resamples']} resamples, "
-           f"{m['n_target_patients']} patients, {m['n_target_images']} images; conditional on "
-           f"{html.escape(str(m['bootstrap'].get('conditional_on', '')))}]. Recall/Precision/F-score are macro over the "
-           f"target classes {m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from "
-           "one-hot predictions as in the FU-LoRA notebook (see docs/evaluation.md).</p>"),
-        ("Zero-shot comparison restricted to the target's classes", rp._table(rp.comparison_table(m, "target_classes"))),
-        ("Differences to the baseline (percentage points, paired by seed)",
-         rp._table(rp.differences_table(m)) + rp._table(rp.paired_seed_table(m))),
-        ("Per-class recall (mean over classifiers, paper protocol)", rp._table(rp.per_class_recall_table(m))),
-        ("Synthetic data quality", rp.quality_html(q) + img["embedding"]),
-        ("Source-validation curves (checkpoint selection; same schedule for every arm)",
-         img["curves"] + rp._table(schedule) + rp._table(best)),
-        ("Per target center", img["per_center"] + rp._table(rp.per_center_table(m))),
-        ("Confusion matrices", img["confusion"]),
-        ("Data and weights", rp._table(data_rows) + rp._table(weights)
-         + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
-           "checkpoints selected on source validation patients only.</p>"),
-        ("What ran where (recorded from the runs, not from the settings)",
-         rp._table(rp.ran_on_table(training_history, classifier_data.get("synthetic")))),
-        ("Samples (rows: classes)", img["samples"]),
-        ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
-    ]
-    banner = rp.gate_banner(q)
-    page = rp.render_html(sections, "FU-LoRA evaluation: zero-shot classification and synthetic-data quality", banner)
-    return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]
-
-
-def _describe(info: dict) -> str:
-    if not info:
-        return "n/a"
-    keep = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) < 80}
-    return ", ".join(f"{k}={v}" for k, v in list(keep.items())[:8]) or "n/a"
+    return report.evaluation_report(classifier_data, experiment_plan, training_history, zero_shot_metrics,
+                                    synthetic_quality, synthetic_embedding,
+                                    int(params["report"]["samples_per_class"]), seed)

@@ -20,6 +20,7 @@ from .nodes import (
 )
 
 
+# long: the list of nodes — reading it alone tells the data flow (the spaceflights shape)
 def create_pipeline(**kwargs) -> Pipeline:
     """source/target images + synthetic batch -> trained classifiers -> contract files and report."""
     return Pipeline(

@@ -278,3 +278,175 @@ def _vae_control(vae_controls, train: np.ndarray, threshold: float):
             "similarity_min": float(np.min(sim)), "similarity_median": float(np.median(sim)),
             "nearest_is_source": float(np.mean(idx == source)),
             "what": "source-train images encoded and decoded by the base model's VAE (must be flagged)"}
+
+
+# --------------------------------------------------------------------------- the synthetic_quality.json content
+def _per_class_quality(classes: list[str], views: dict, names: dict, gate: dict, copies: dict,
+                       rng: np.random.Generator, seed: int) -> dict:
+    """Every measure per prompted class (``rng`` draws the matched-size subsets, in class order)."""
+    cas_val_pc = [fidelity(names["val"], p, classes)["per_class"] for p in views["cas_pred_val"]]
+    cas_tgt_pc = [fidelity(names["target"], p, classes)["per_class"] for p in views["cas_pred_target"]]
+    f_real, f_val, f_syn = views["f_real"], views["f_val"], views["f_syn"]
+    sim, threshold = copies["similarity"], copies["threshold"]
+    out = {}
+    for c in classes:
+        s_mask, r_mask, v_mask = names["prompted"] == c, names["real_train"] == c, names["val"] == c
+        if not s_mask.any():
+            continue
+        # Fréchet distance at matched sizes: as many synthetic images as real train images
+        syn_idx = np.flatnonzero(s_mask)
+        matched = rng.choice(syn_idx, min(len(syn_idx), int(r_mask.sum())), replace=False)
+        div_syn = mean_pairwise_cosine_distance(f_syn[s_mask])
+        div_real = mean_pairwise_cosine_distance(f_real[r_mask])
+        out[c] = {
+            "n_images": int(s_mask.sum()),
+            "fidelity": gate.get("per_class", {}).get(c),
+            "cas_recall_source_val": float(np.mean([pc.get(c, np.nan) for pc in cas_val_pc])),
+            "cas_recall_target": float(np.mean([pc.get(c, np.nan) for pc in cas_tgt_pc])) if c in set(
+                names["target"]) else None,
+            "frechet_distance_to_real_train": frechet_distance(f_syn[s_mask], f_real[r_mask]),
+            "frechet_distance_to_real_train_matched_size": frechet_distance(f_syn[matched], f_real[r_mask]),
+            "frechet_distance_real_val_reference": frechet_distance(f_val[v_mask], f_real[r_mask]),
+            "kid_to_real_train": kernel_inception_distance(f_syn[s_mask], f_real[r_mask], seed=seed)["mean"],
+            "kid_real_val_reference": kernel_inception_distance(f_val[v_mask], f_real[r_mask], seed=seed)["mean"],
+            "diversity_synthetic": div_syn,
+            "diversity_real_train": div_real,
+            "diversity_ratio": div_syn / div_real if div_real and np.isfinite(div_real) else None,
+            "max_nearest_real_correlation": float(sim[s_mask].max()),
+            "n_flagged_copies": int(np.sum(sim[s_mask] >= threshold)),
+        }
+    return out
+
+
+def _fidelity_fields(gate: dict) -> dict:
+    """The gate's verdict and fidelity, with the scorers' own accuracy on real images as its reference."""
+    return {
+        "gate": {k: gate.get(k) for k in ("status", "threshold", "action", "message")},
+        "fidelity": gate.get("fidelity"),
+        "fidelity_ci": gate.get("fidelity_ci"),
+        "fidelity_per_seed": gate.get("fidelity_per_seed"),
+        "fidelity_per_replicate": gate.get("fidelity_per_replicate"),
+        "fidelity_scorer": gate.get("scorer"),
+        "fidelity_reference": {
+            "what": "the fidelity scorers' own accuracy on real held-out source-val images (train-real/test-real)",
+            "accuracy": gate.get("scorer_accuracy_source_val"),
+            "ci": gate.get("scorer_accuracy_source_val_ci"),
+            "per_seed": gate.get("scorer_accuracy_source_val_per_seed"),
+            "note": gate.get("note"),
+        },
+    }
+
+
+def _cas_fields(views: dict, groups: dict, gate: dict, cas_info: list[dict], n_boot: int, seed: int) -> dict:
+    """Classification accuracy score: synthetic-only classifiers on real images, beside real-only ones."""
+    cas_val, cas_tgt, real_tgt = views["cas_val"], views["cas_target"], views["real_target"]
+    return {
+        "cas_accuracy": float(cas_val.mean()),
+        "cas_accuracy_ci": seed_item_interval(cas_val, groups["val"], n_boot, seed),
+        "cas_accuracy_per_seed": {str(c["seed"]): float(v.mean()) for c, v in zip(cas_info, cas_val)},
+        "cas_accuracy_target": float(cas_tgt.mean()),
+        "cas_accuracy_target_ci": seed_item_interval(cas_tgt, groups["target"], n_boot, seed),
+        "cas_reference": {
+            "what": "real-only (baseline) classifiers of the same seeds on the same images (train-real/test-real)",
+            "source_val_accuracy": gate.get("scorer_accuracy_source_val"),
+            "source_val_ci": gate.get("scorer_accuracy_source_val_ci"),
+            "target_accuracy": float(real_tgt.mean()),
+            "target_ci": seed_item_interval(real_tgt, groups["target"], n_boot, seed),
+        },
+        "cas_classifier": {k: cas_info[0].get(k) for k in ("backbone", "augmentation", "weights",
+                                                          "n_train", "n_val", "steps")}
+        | {"seeds": [c["seed"] for c in cas_info], "best_steps": [c["best_step"] for c in cas_info],
+           "selection": "held-out synthetic images"},
+    }
+
+
+def _feature_space_fields(views: dict, rng: np.random.Generator, seed: int) -> dict:
+    """Distances and diversity of the whole batch in the scorer's feature space (after the per-class draws)."""
+    f_real, f_val, f_syn = views["f_real"], views["f_val"], views["f_syn"]
+    kid = kernel_inception_distance(f_syn, f_real, seed=seed)
+    kid_ref = kernel_inception_distance(f_val, f_real, seed=seed)
+    return {
+        "frechet_distance_to_real_train": frechet_distance(f_syn, f_real),
+        "frechet_distance_to_real_train_matched_size": frechet_distance(
+            f_syn[rng.choice(len(f_syn), min(len(f_syn), len(f_real)), replace=False)], f_real),
+        "frechet_distance_real_val_reference": frechet_distance(f_val, f_real),
+        "kid_to_real_train": kid,
+        "kid_real_val_reference": kid_ref,
+        "diversity_synthetic": mean_pairwise_cosine_distance(f_syn),
+        "diversity_real_train": mean_pairwise_cosine_distance(f_real),
+    }
+
+
+def _memorisation_fields(copies: dict, resolution: int, synthetic_ids: pd.Series, train_ids: pd.Series) -> dict:
+    sim, nn_idx, calibration = copies["similarity"], copies["nearest"], copies["controls"]
+    flagged = np.flatnonzero(copies["flagged"])
+    return {
+        "method": (f"max Pearson correlation of pixels with any real source-train image at {resolution} "
+                   "px (the generator's resolution; real and synthetic images through the same antialiased resize)"),
+        "resolution": int(resolution),
+        "threshold": float(copies["threshold"]),
+        "threshold_source": copies["threshold_source"],
+        "controls": calibration,
+        "real_val_reference_max_correlation": calibration["negative_max"],
+        "real_val_reference_p99": calibration["negative_p99"],
+        "n_flagged": int(len(flagged)),
+        "flagged": [
+            {
+                "image_id": str(synthetic_ids.iloc[i]),
+                "nearest_real_image_id": str(train_ids.iloc[nn_idx[i]]),
+                "correlation": float(sim[i]),
+            }
+            for i in flagged
+        ],
+    }
+
+
+def synthetic_quality_report(classifier_data: dict, views: dict, gate: dict, copies: dict, cas_info: list[dict],
+                             scorer: dict, params: dict, seed: int) -> tuple[dict, pd.DataFrame]:
+    """The ``synthetic_quality.json`` content and the t-SNE table, from what the classifiers made of the images.
+
+    Args:
+        classifier_data: output of ``prepare_classifier_data``.
+        views: the classifiers' outputs (``nodes._classifier_views``): correct-matrices
+            ``cas_val``, ``cas_target``, ``real_target``; CAS predictions ``cas_pred_val``,
+            ``cas_pred_target``; scorer features ``f_real``, ``f_val``, ``f_syn``.
+        gate: output of ``check_synthetic_fidelity``.
+        copies: output of :func:`memorisation_check`.
+        cas_info: per CAS classifier, its ``info`` with its ``best_step``.
+        scorer: the feature-space scorer: ``run`` (its key), ``backbone``, ``weights``.
+        params: ``evaluation`` parameters (``quality``, ``metrics``).
+        seed: seeds subsampling, t-SNE and intervals.
+    """
+    classes = classifier_data["classes"]
+    synthetic, val, target = classifier_data["synthetic"], classifier_data["source_val"], classifier_data["target"]
+    real_train = classifier_data["source_train"]
+    class_names = np.asarray(classes, dtype=object)
+    names = {"prompted": class_names[synthetic.labels.numpy()], "real_train": class_names[real_train.labels.numpy()],
+             "val": class_names[val.labels.numpy()], "target": class_names[target.labels.numpy()]}
+    groups = {"val": val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None,
+              "target": (target.meta["center"].astype(str) + "::" + target.meta["patient_id"].astype(str)).to_numpy()}
+    q = params["quality"]
+    n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
+    rng = np.random.default_rng([seed, 5])
+    per_class = _per_class_quality(classes, views, names, gate, copies, rng, seed)
+    report = {
+        "n_images": int(len(synthetic)),
+        "n_replicates": int(synthetic.meta["replicate"].nunique()),
+        "feature_space": (
+            f"penultimate layer ({views['f_real'].shape[1]} features) of the baseline classifier {scorer['run']} "
+            f"({scorer['backbone']}, {scorer['weights']}, trained on real source train images, "
+            f"{classifier_data['image_size']} px); distances in this space are not FID/KID on Inception features"
+        ),
+        **_fidelity_fields(gate),
+        **_cas_fields(views, groups, gate, cas_info, n_boot, seed),
+        **_feature_space_fields(views, rng, seed),
+        "memorisation": _memorisation_fields(copies, classifier_data["memorisation_images"]["synthetic"].shape[-1],
+                                             synthetic.meta["image_id"], real_train.meta["image_id"]),
+        "per_class": per_class,
+        "lineage": classifier_data["info"].get("synthetic_info", {}),
+    }
+    embedding = per_class_embedding(
+        views["f_real"], names["real_train"], views["f_syn"], names["prompted"], classes,
+        perplexity=float(q["tsne_perplexity"]), max_per_class=int(q["max_points_per_class"]), seed=int(seed),
+    )
+    return report, embedding

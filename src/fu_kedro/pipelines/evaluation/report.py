@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from fu_kedro.lineage import chain_html  # noqa: E402
+
 DATA_NAMES = {"baseline": "Real", "hybrid": "Real + synthetic"}
 
 
@@ -404,3 +406,108 @@ def ran_on_table(history: pd.DataFrame, synthetic) -> pd.DataFrame:
                 row["autocast"] = row.pop("dtype", "")
                 rows.append({"stage": f"synthesis ({len(sub)} images)", **row})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the whole page
+REPORT_TITLE = "FU-LoRA evaluation: zero-shot classification and synthetic-data quality"
+
+
+def _describe(info: dict) -> str:
+    if not info:
+        return "n/a"
+    keep = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) < 80}
+    return ", ".join(f"{k}={v}" for k, v in list(keep.items())[:8]) or "n/a"
+
+
+def report_figures(classifier_data: dict, training_history: pd.DataFrame, zero_shot_metrics: dict,
+                   synthetic_embedding: pd.DataFrame, samples_per_class: int, seed: int) -> dict[str, Figure]:
+    return {
+        "confusion": plot_confusion_matrices(zero_shot_metrics),
+        "curves": plot_training_curves(training_history),
+        "samples": plot_sample_grid(classifier_data, samples_per_class, seed),
+        "embedding": plot_embedding(synthetic_embedding),
+        "per_center": plot_per_center(zero_shot_metrics),
+    }
+
+
+def plan_tables(experiment_plan: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(what each configuration trained on and from which weights, the schedule every arm shared)."""
+    runs = pd.DataFrame(experiment_plan)
+    if "replicate" not in runs:
+        runs["replicate"] = -1
+    weights = (
+        runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
+        .agg(seeds=("seed", lambda s: ", ".join(map(str, sorted(set(s))))),
+             replicates=("replicate", lambda r: ", ".join(str(x) for x in sorted(set(r)) if x >= 0) or "-"),
+             weights=("weights", "first"), n_real=("n_real", "first"), n_synthetic=("n_synthetic", "first"))
+        .reset_index()
+    )
+    schedule = (
+        runs.groupby(["experiment", "backbone", "augmentation"], sort=False)
+        .agg(steps=("steps", "first"), batch=("batch_size", "first"), lr=("learning_rate", "first"),
+             schedule=("lr_schedule", "first"), eval_every=("eval_every", "first"),
+             passes=("passes_over_training_set", "first"))
+        .reset_index()
+        if "steps" in runs else pd.DataFrame()
+    )
+    return weights, schedule
+
+
+def data_table(info: dict) -> pd.DataFrame:
+    """The four image sets: how many images each, and where they came from."""
+    syn_info = info.get("synthetic_info") or {}
+    return pd.DataFrame(
+        [
+            {"set": "source train (real)", "images": info["n_source_train"], "from": _describe(info["source_info"])},
+            {"set": "source val (real, checkpoint selection)", "images": info["n_source_val"], "from": _describe(info["source_info"])},
+            {"set": "target (zero-shot test only)", "images": info["n_target"], "from": _describe(info["target_info"])},
+            {"set": "synthetic batch", "images": info["n_synthetic"], "from": _describe(syn_info)},
+        ]
+    )
+
+
+def _interval_note(m: dict) -> str:
+    return (
+        f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% hierarchical bootstrap "
+        f"interval ({' → '.join(m['bootstrap'].get('levels', []))}), {m['bootstrap']['n_resamples']} resamples, "
+        f"{m['n_target_patients']} patients, {m['n_target_images']} images; conditional on "
+        f"{html.escape(str(m['bootstrap'].get('conditional_on', '')))}]. Recall/Precision/F-score are macro over the "
+        f"target classes {m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from "
+        "one-hot predictions as in the FU-LoRA notebook (see docs/evaluation.md).</p>"
+    )
+
+
+def evaluation_report(classifier_data: dict, experiment_plan: list[dict], training_history: pd.DataFrame,
+                      zero_shot_metrics: dict, synthetic_quality: dict, synthetic_embedding: pd.DataFrame,
+                      samples_per_class: int, seed: int):
+    """The evaluation report (one self-contained HTML page) and its figures (see ``nodes.build_report``)."""
+    figs = report_figures(classifier_data, training_history, zero_shot_metrics, synthetic_embedding,
+                          samples_per_class, seed)
+    img = {k: f"<img src='{figure_to_data_uri(f)}'>" for k, f in figs.items()}
+    weights, schedule = plan_tables(experiment_plan)
+    best = training_history.groupby("run", sort=False)[["best_step", "best_epoch"]].first().reset_index()
+    q, m = synthetic_quality, zero_shot_metrics
+    sections = [
+        ("The question and the answer", headline_html(m, q)),
+        ("Chance and reference rows (target, paper protocol)", _table(reference_table(m))),
+        ("Zero-shot comparison (paper protocol: argmax over all source classes, 'other' is an error)",
+         _table(comparison_table(m, "all_classes")) + _interval_note(m)),
+        ("Zero-shot comparison restricted to the target's classes", _table(comparison_table(m, "target_classes"))),
+        ("Differences to the baseline (percentage points, paired by seed)",
+         _table(differences_table(m)) + _table(paired_seed_table(m))),
+        ("Per-class recall (mean over classifiers, paper protocol)", _table(per_class_recall_table(m))),
+        ("Synthetic data quality", quality_html(q) + img["embedding"]),
+        ("Source-validation curves (checkpoint selection; same schedule for every arm)",
+         img["curves"] + _table(schedule) + _table(best)),
+        ("Per target center", img["per_center"] + _table(per_center_table(m))),
+        ("Confusion matrices", img["confusion"]),
+        ("Data and weights", _table(data_table(classifier_data["info"])) + _table(weights)
+         + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
+           "checkpoints selected on source validation patients only.</p>"),
+        ("What ran where (recorded from the runs, not from the settings)",
+         _table(ran_on_table(training_history, classifier_data.get("synthetic")))),
+        ("Samples (rows: classes)", img["samples"]),
+        ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
+    ]
+    page = render_html(sections, REPORT_TITLE, gate_banner(q))
+    return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]

@@ -160,23 +160,35 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
     resolution = params["resolution"]
     kind = cfg["kind"]
     if kind == "pretrained":
-        path = cfg.get("pretrained_path")
-        if not path:
-            raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
-        pipe = load_pretrained_pipeline(str(path))
-        check_resolution(resolution, pipe.vae_scale_factor)
-        pipe.fu_base_info = {
-            "kind": "pretrained",
-            "name": str(path),
-            "model": str(path),
-            "resolution": resolution,
-            "content_hash": pipeline_hash(pipe),
-        }
-        log.info("base model: pretrained %s (hash %s)", path, pipe.fu_base_info["content_hash"][:12])
-        return pipe, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
+        return _load_pretrained_base(cfg, resolution)
     if kind != "tiny":
         raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
+    return _train_tiny_base(source_images, prior_corpus, params, caption_template, seed)
 
+
+def _load_pretrained_base(cfg: dict[str, Any], resolution: int):
+    """``base_model.kind: pretrained``: SD v1.5 (or any SD-1.x folder) from disk, with its reference."""
+    path = cfg.get("pretrained_path")
+    if not path:
+        raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
+    pipe = load_pretrained_pipeline(str(path))
+    check_resolution(resolution, pipe.vae_scale_factor)
+    pipe.fu_base_info = {
+        "kind": "pretrained",
+        "name": str(path),
+        "model": str(path),
+        "resolution": resolution,
+        "content_hash": pipeline_hash(pipe),
+    }
+    log.info("base model: pretrained %s (hash %s)", path, pipe.fu_base_info["content_hash"][:12])
+    return pipe, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
+
+
+def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str,
+                     seed: int):
+    """``base_model.kind: tiny``: the small SD-architecture model trained here (VAE, then denoiser)."""
+    cfg = params["base_model"]
+    resolution = params["resolution"]
     tiny = cfg["tiny"]
     check_keys(tiny, TINY_KEYS, "lora_training.base_model.tiny")
     ae_cfg = _loop(tiny["autoencoder"], seed, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)

@@ -184,14 +184,7 @@ def plan_synthetic_batch(
     check_parameters(params, known)
     base = describe_base(base_model)
     adapter = _adapter_identity(lora_adapter)
-    trained_on = lora_adapter.metadata.get("base_content_hash")
-    if trained_on and trained_on not in ("None", "null") and trained_on != base["content_hash"]:
-        raise ValueError(
-            f"the LoRA adapter (version {adapter['adapter_catalog_version'] or '?'}) was trained on base model "
-            f"{trained_on[:12]}…, but base_model (version {base.get('catalog_version') or '?'}) is "
-            f"{base['content_hash'][:12]}…; pin matching versions, e.g. --load-versions "
-            f"base_model:{lora_adapter.metadata.get('base_catalog_version', '<version>')}"
-        )
+    _check_adapter_fits_base(lora_adapter, adapter, base)
     resolution = params.get("resolution") or base.get("resolution") or base_model.vae.config.sample_size
     factor = base_model.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
     if int(resolution) % factor:
@@ -200,18 +193,7 @@ def plan_synthetic_batch(
     n = int(params["images_per_class"])
     replicates = int(params.get("replicates", 1))
     per_replicate = n * len(params["classes"])
-    rows = []
-    # Replicate r is a whole batch of its own, sampled from base seed base_seed + r (image seeds are a
-    # hash of (base seed, index within the replicate)): K independent draws from the same generator.
-    for r in range(replicates):
-        for c, label in enumerate(params["classes"]):
-            prompt = caption_template.format(plane=label)
-            for k in range(n):
-                local = c * n + k
-                i = r * per_replicate + local
-                rows.append({"index": i, "image_id": f"{label}_{i:05d}", "label": label, "prompt": prompt,
-                             "seed": image_seed(base_seed + r, local)})
-    plan = pd.DataFrame(rows)
+    plan = _image_rows(params["classes"], caption_template, n, replicates, base_seed)
     replicate = plan["index"] // per_replicate
     plan = plan.assign(
         negative_prompt=params.get("negative_prompt") or "",
@@ -237,6 +219,37 @@ def plan_synthetic_batch(
         params["scheduler"], params["steps"], params["guidance_scale"], params["lora_scale"], base_seed,
     )
     return plan
+
+
+def _check_adapter_fits_base(lora_adapter: LoraAdapter, adapter: dict, base: dict) -> None:
+    """The adapter was trained on this base model (same content hash), else the versions to pin."""
+    trained_on = lora_adapter.metadata.get("base_content_hash")
+    if trained_on and trained_on not in ("None", "null") and trained_on != base["content_hash"]:
+        raise ValueError(
+            f"the LoRA adapter (version {adapter['adapter_catalog_version'] or '?'}) was trained on base model "
+            f"{trained_on[:12]}…, but base_model (version {base.get('catalog_version') or '?'}) is "
+            f"{base['content_hash'][:12]}…; pin matching versions, e.g. --load-versions "
+            f"base_model:{lora_adapter.metadata.get('base_catalog_version', '<version>')}"
+        )
+
+
+def _image_rows(classes: list[str], caption_template: str, n: int, replicates: int, base_seed: int) -> pd.DataFrame:
+    """index, image_id, label, prompt and seed of every image, class-major within each replicate.
+
+    Replicate r is a whole batch of its own, sampled from base seed base_seed + r (image seeds are a
+    hash of (base seed, index within the replicate)): K independent draws from the same generator.
+    """
+    per_replicate = n * len(classes)
+    rows = []
+    for r in range(replicates):
+        for c, label in enumerate(classes):
+            prompt = caption_template.format(plane=label)
+            for k in range(n):
+                local = c * n + k
+                i = r * per_replicate + local
+                rows.append({"index": i, "image_id": f"{label}_{i:05d}", "label": label, "prompt": prompt,
+                             "seed": image_seed(base_seed + r, local)})
+    return pd.DataFrame(rows)
 
 
 def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.DataFrame, params: dict[str, Any]) -> dict[str, ImageSet]:
