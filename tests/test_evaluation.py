@@ -50,6 +50,15 @@ def _sets(n_src=8, n_tgt=4, n_syn=6):
     return src, tgt, ImageSet(syn.images, meta, {"adapter_sha256": "test"})
 
 
+def test_time_cap_banner_names_each_stopped_loop_and_its_step():
+    from fu_kedro.pipelines.evaluation.report import time_cap_banner
+
+    assert time_cap_banner({}) == "" and time_cap_banner(None) == "" and time_cap_banner({"time_capped": {}}) == ""
+    banner = time_cap_banner({"time_capped": {"base_denoiser": 120, "lora": 37}})
+    assert "id='time-capped'" in banner and "not reproducible" in banner and "max_minutes" in banner
+    assert "denoiser (UNet) (base_denoiser) stopped at step 120" in banner and "(lora) stopped at step 37" in banner
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_target_label_outside_source_space_stops_before_training():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
@@ -146,6 +155,8 @@ def test_frechet_distance_grows_with_shift():
 @pytest.mark.slow
 def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path):
     src, tgt, syn = _sets()
+    # as synthesis records it when a wall-clock cap (max_minutes) stopped the LoRA loop at step 37
+    syn.info["time_capped"] = {"lora": 37}
     params = _params()
     catalog_conf = yaml.safe_load((ROOT / "conf/base/catalog_evaluation.yml").read_text())
     csv_conf = catalog_conf["zero_shot_predictions"]
@@ -216,6 +227,9 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     assert ("id='low-fidelity'" in report) == (quality_json["fidelity"] < params["min_fidelity"])
     assert quality_json["gate"]["status"] == ("failed" if quality_json["fidelity"] < params["min_fidelity"] else "passed")
     assert report.index("The question and the answer") < report.index("Zero-shot comparison")
+    # a capped training loop behind the batch: the report says the result is not reproducible, which loop, which step
+    assert "id='time-capped'" in report and "not reproducible" in report
+    assert "the LoRA adapter (lora) stopped at step 37" in report
     history = catalog.load("classifier_training_history")
     assert set(history.groupby("run")["step"].max()) == {6}  # every run, both arms, 6 optimiser steps
     for name in ("evaluation_confusion_matrices", "evaluation_training_curves", "evaluation_sample_grid",

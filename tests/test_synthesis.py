@@ -30,12 +30,13 @@ from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetSh
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, device_and_dtype, shard_indices
-from fu_kedro.models.lora import attach_lora, export_lora
+from fu_kedro.models.lora import LoraAdapter, attach_lora, export_lora
 from fu_kedro.pipelines.synthesis.nodes import (
     generate_synthetic_shard,
     merge_synthetic_shards,
     plan_synthetic_batch,
     summarize_synthetic_batch,
+    time_capped_loops,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,17 @@ def test_manifest_has_one_row_per_image_with_lineage(batch, adapter):
     assert batch.info["per_class"] == {"abdomen": 3, "brain": 3, "femur": 3}
     # class-distinct prompts give different images; different seeds too
     assert len({img.tobytes() for img in batch.images}) == 9
+    assert "time_capped" not in batch.info  # no wall-clock cap stopped a loop: the batch says nothing of it
+
+
+def test_time_capped_loops_come_from_the_base_and_the_adapter():
+    class Base:  # what the base_model dataset loads carries the tiny base's record
+        fu_base_info = {"content_hash": "x", "time_capped": {"base_denoiser": 120}}
+
+    adapter = LoraAdapter({}, {"time_capped": json.dumps({"lora": 37}), "base_time_capped": json.dumps({"base_denoiser": 120})})
+    assert time_capped_loops(Base(), adapter) == {"base_denoiser": 120, "lora": 37}
+    Base.fu_base_info = {"content_hash": "x", "time_capped": {}}
+    assert time_capped_loops(Base(), LoraAdapter({}, {"time_capped": "{}"})) == {}
 
 
 def test_three_manifest_rows_regenerated_alone_are_pixel_identical(batch, adapter):

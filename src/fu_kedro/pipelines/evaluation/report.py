@@ -243,6 +243,24 @@ def gate_banner(quality: dict) -> str:
     )
 
 
+# the training loops that take the optional wall-clock cap (fu_kedro.models.training.LoopConfig.max_minutes)
+LOOP_NAMES = {"autoencoder": "the tiny base's autoencoder (VAE)", "base_denoiser": "the tiny base's denoiser (UNet)",
+              "lora": "the LoRA adapter"}
+
+
+def time_cap_banner(synthetic_info: dict | None) -> str:
+    """The red banner when a wall-clock cap stopped a training loop behind the synthetic batch, else nothing."""
+    capped = (synthetic_info or {}).get("time_capped") or {}
+    if not capped:
+        return ""
+    stops = "; ".join(f"{LOOP_NAMES.get(loop, loop)} ({loop}) stopped at step {step}" for loop, step in capped.items())
+    return (
+        "<div class='banner' id='time-capped'>This result is not reproducible: the wall-clock cap (max_minutes) "
+        f"stopped training: {html.escape(stops)}. How far a capped loop gets depends on how loaded the machine "
+        "was; set max_minutes: null for a fixed number of steps.</div>"
+    )
+
+
 def _pts(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f}"
 
@@ -509,5 +527,6 @@ def evaluation_report(classifier_data: dict, experiment_plan: list[dict], traini
         ("Samples (rows: classes)", img["samples"]),
         ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
     ]
-    page = render_html(sections, REPORT_TITLE, gate_banner(q))
+    banners = time_cap_banner(classifier_data["info"].get("synthetic_info")) + gate_banner(q)
+    page = render_html(sections, REPORT_TITLE, banners)
     return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]

@@ -315,9 +315,29 @@ def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.Dat
         "seconds": round(seconds, 3),
         "num_processes": state.num_processes,
     }
+    capped = time_capped_loops(base_model, lora_adapter)
+    if capped:  # only then: an uncapped run's batch is unchanged
+        info["time_capped"] = capped
     log.info("synthesis shard %d/%d: %d images in %.1f s on %s (%s, LoRA %s)", shard, shards, len(made), seconds,
              device.type, str(dtype).removeprefix("torch."), "fused" if fuse else "as peft layers")
     return {shard_name(info["batch_key"], shard, shards): ImageSet(stack, meta, info)}
+
+
+def time_capped_loops(base_model, lora_adapter: LoraAdapter) -> dict[str, int]:
+    """The training loops behind the models that a wall-clock cap (``max_minutes``) stopped,
+    loop -> step reached (``autoencoder``, ``base_denoiser``: the tiny base; ``lora``): the
+    images then depend on how loaded the training machine was. Empty when none was."""
+    capped: dict[str, int] = {}
+    meta = lora_adapter.metadata
+    for recorded in (describe_base(base_model).get("time_capped"), meta.get("base_time_capped"), meta.get("time_capped")):
+        if isinstance(recorded, str):  # safetensors metadata holds JSON text
+            try:
+                recorded = json.loads(recorded)
+            except ValueError:
+                recorded = None
+        if isinstance(recorded, dict):
+            capped.update({str(loop): int(step) for loop, step in recorded.items()})
+    return capped
 
 
 def _load(value: ImageSet | Callable[[], ImageSet]) -> ImageSet:
@@ -370,6 +390,9 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
         "generation_seconds": round(sum(float(p.info.get("seconds", 0)) for p in parts), 3),
         "parameters": params,
     }
+    capped = {loop: step for p in parts for loop, step in (p.info.get("time_capped") or {}).items()}
+    if capped:  # a wall-clock cap stopped a loop behind these images: the report says so
+        batch.info["time_capped"] = capped
     log.info("synthetic batch %s: %d images from %d shard(s)", key, len(batch), shards)
     return batch
 
