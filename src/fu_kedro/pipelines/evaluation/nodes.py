@@ -721,6 +721,7 @@ def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict
     return quality.vae_round_trips(base_model.vae, train, n, seed)
 
 
+@in_stage_threads  # t-SNE, Fréchet and KID too: sklearn/scipy's OpenMP/BLAS pools spin-wait on a busy machine
 def assess_synthetic_quality(
     classifier_data: dict,
     trained_classifiers: dict,
@@ -760,8 +761,7 @@ def assess_synthetic_quality(
     gate = fidelity_gate or check_synthetic_fidelity(
         classifier_data, trained_classifiers, experiment_plan, dict(params, on_low_fidelity="warn"), seed)
     base_models = [trained_classifiers[run_key(r)].model for r in baselines]
-    with stage_threads(params):
-        views = _classifier_views(classifier_data, [c.model for c in cas_classifier], base_models, base_models[0])
+    views = _classifier_views(classifier_data, [c.model for c in cas_classifier], base_models, base_models[0])
     copies = _memorisation(classifier_data, params["quality"], seed, vae_controls)
     scorer = {"run": run_key(baselines[0]), "backbone": baselines[0]["backbone"], "weights": baselines[0]["weights"]}
     cas_info = [dict(c.info, best_step=c.best_step) for c in cas_classifier]
