@@ -42,6 +42,17 @@ def african_planes_dev(shared_data_dir) -> Path:
     return path
 
 
+def project_parameters(env: str | None = None, runtime_params: dict | None = None) -> dict:
+    """The project's resolved parameters as ``kedro run [--env <env>] [--params ...]`` sees them: Kedro's
+    ``OmegaConfigLoader`` with the project's own arguments (soft merge of envs, resolvers)."""
+    from kedro.config import OmegaConfigLoader
+
+    from fu_kedro.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env=env, runtime_params=runtime_params, **CONFIG_LOADER_ARGS)
+    return loader["parameters"]
+
+
 @pytest.fixture
 def ingestion_params() -> dict:
     """A fresh copy of the ``ingestion:`` block of conf/base/parameters_ingestion.yml."""

@@ -13,8 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import copy_project
-from kedro.config import OmegaConfigLoader
+from conftest import copy_project, project_parameters
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
@@ -36,10 +35,7 @@ def _kedro(args: list[str], cwd, timeout: int = 300) -> tuple[int, str, float]:
 
 
 def _paper_params(project_root, runtime_params: dict | None = None) -> dict:
-    from fu_kedro.settings import CONFIG_LOADER_ARGS  # the project's own loader settings (soft merge, resolvers)
-
-    loader = OmegaConfigLoader(str(project_root / "conf"), env="paper", runtime_params=runtime_params, **CONFIG_LOADER_ARGS)
-    return loader["parameters"]
+    return project_parameters("paper", runtime_params)
 
 
 # --------------------------------------------------------------------------- the real CLI

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import project_parameters
 from safetensors.torch import save_file
 
 from fu_kedro.data_sources import generate_phantoms
@@ -21,19 +21,17 @@ from fu_kedro.models.lora import read_adapter_file, save_adapter_file
 from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter, generate
 
 RES = 64  # latents 8x8: the full-size UNet at a resolution a CPU test can afford
+# every test builds the full-size SD v1.5 architecture (about 1.07 G parameters) on the CPU
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def paper_lora(project_root) -> dict:
-    """The paper environment's LoRA knobs (conf/paper), with a one-step budget."""
-    paper = project_root / "conf" / "paper" / "parameters_lora_training.yml"
-    base = yaml.safe_load((project_root / "conf" / "base" / "parameters_lora_training.yml").read_text())["lora_training"]
-    if paper.is_file():
-        override = yaml.safe_load(paper.read_text())["lora_training"]
-        base["lora"].update(override.get("lora", {}))
-    base["lora"].update(max_steps=1, batch_size=2, mixed_precision="no")
-    base["resolution"] = RES
-    return base
+def paper_lora() -> dict:
+    """The paper environment's LoRA knobs (conf/paper over conf/base), with a one-step budget at a tiny size."""
+    params = project_parameters("paper")["lora_training"]
+    params["lora"].update(max_steps=1, batch_size=2, mixed_precision="no")
+    params.update(resolution=RES, torch_threads=1)
+    return params
 
 
 @pytest.fixture(scope="module")
