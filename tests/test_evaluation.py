@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
+from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.pipelines.evaluation import create_pipeline
 from fu_kedro.pipelines.evaluation import nodes, quality
@@ -172,7 +173,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
             "classifier_training_history": CSVDataset(filepath=str(tmp_path / "history.csv")),
             # an untrained tiny base: its VAE's round trips are the memorisation check's second positive control
-            "base_model": MemoryDataset(build_pipeline_from_config(TINY_CONFIG, 32, 0)),
+            "base_model": MemoryDataset(BaseModel(build_pipeline_from_config(TINY_CONFIG, 32, 0), {"kind": "tiny"})),
         }
     )
     pipeline = create_pipeline()

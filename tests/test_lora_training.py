@@ -18,6 +18,7 @@ from diffusers import StableDiffusionPipeline
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.data_sources.prior_corpus import make_prior_corpus
+from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.models.generation import torch_threads
 from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
@@ -61,11 +62,10 @@ def lora_subset() -> ImageSet:
     return src
 
 
-def _random_base(seed: int = 0) -> StableDiffusionPipeline:
+def _random_base(seed: int = 0) -> BaseModel:
     pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed)
     pipe.set_progress_bar_config(disable=True)
-    pipe.fu_base_info = {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": "x"}
-    return pipe
+    return BaseModel(pipe, {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": "x"})
 
 
 def test_adapter_changes_pixels_and_lowers_denoising_loss_on_its_images(params, lora_subset):
@@ -76,7 +76,7 @@ def test_adapter_changes_pixels_and_lowers_denoising_loss_on_its_images(params, 
         lora_subset.meta["image_id"]
     )
     # lower loss on the LoRA images with the adapter than without (fresh base, same weights)
-    base = _random_base()
+    base = _random_base().pipe
     x = resize_images(lora_subset, 32)
     latents = encode_to_latents(base.vae, x)
     ids = tokenize(base, lora_subset.meta["caption"].tolist())
@@ -101,17 +101,17 @@ def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
     src = generate_phantoms("source", 6, 64, seed=4)
     src.meta["split"] = np.where(np.arange(len(src)) % 3 == 0, "val", "train")
     params["base_model"]["tiny"]["train_on"] = "source"
-    pipe, history = build_base_model(src, _prior(params), params, CAPTION, seed=1)
-    info = pipe.fu_base_info
+    base, history = build_base_model(src, _prior(params), params, CAPTION, seed=1)
+    info = base.info
     assert info["kind"] == "tiny" and "tiny base trained here" in info["name"]
     assert info["trained_on"]["images"] == int((src.meta["split"] == "train").sum())
     assert info["trained_on"]["corpus"] == "source" and info["time_capped"] == {} and info["torch_threads"] == 1
     assert set(history["stage"]) == {"autoencoder", "base_denoiser"}
     assert (history.groupby("stage").size() == 15).all()
-    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
-    adapter, lora_hist, summary = fit_lora_adapter(pipe, src.select(src.meta["split"] == "train"), params, seed=1)
+    assert base.pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
+    adapter, lora_hist, summary = fit_lora_adapter(base, src.select(src.meta["split"] == "train"), params, seed=1)
     curves, grid, metrics, record = summarize_training(
-        pipe, adapter, history, lora_hist, summary, params, CLASSES, CAPTION, seed=1
+        base, adapter, history, lora_hist, summary, params, CLASSES, CAPTION, seed=1
     )
     assert len(metrics["lora_loss"]) == 60 and {"value", "step"} <= set(metrics["lora_loss"][0])
     assert metrics["base_denoiser_steps"] == {"value": 15.0, "step": 0}
@@ -127,10 +127,10 @@ def test_default_tiny_base_trains_on_the_prior_corpus_only(params):
     params["base_model"]["tiny"]["autoencoder"].update(max_steps=2)
     params["base_model"]["tiny"]["denoiser"].update(max_steps=2)
     prior = _prior(params, 3)
-    pipe, history = build_base_model(src, prior, params, CAPTION, seed=1)
+    base, history = build_base_model(src, prior, params, CAPTION, seed=1)
     assert params["base_model"]["tiny"]["train_on"] == "prior"  # conf/base's default
-    assert pipe.fu_base_info["trained_on"]["corpus"] == "prior"
-    assert pipe.fu_base_info["trained_on"]["images"] == len(prior)  # not one source image
+    assert base.info["trained_on"]["corpus"] == "prior"
+    assert base.info["trained_on"]["images"] == len(prior)  # not one source image
 
 
 @pytest.mark.parametrize(

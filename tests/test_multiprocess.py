@@ -42,6 +42,7 @@ def lora_fit(out: Path | None = None) -> tuple[dict, pd.DataFrame]:
     """Fit a LoRA adapter on a tiny random-weight pipeline; the main process writes it to ``out``."""
     from fu_kedro.data_sources import generate_phantoms
     from fu_kedro.launch import distributed_state, is_main_process
+    from fu_kedro.models.base_model import BaseModel
     from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
     from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter
 
@@ -51,7 +52,7 @@ def lora_fit(out: Path | None = None) -> tuple[dict, pd.DataFrame]:
     subset.meta["caption"] = "a photo of fetal " + subset.meta["label"]
     batch_sizes = []  # what this process's UNet sees per training step
     pipe.unet.register_forward_pre_hook(lambda m, args: batch_sizes.append(len(args[0])) if torch.is_grad_enabled() else None)
-    adapter, history, _ = fit_lora_adapter(pipe, subset, _lora_params(), seed=0)
+    adapter, history, _ = fit_lora_adapter(BaseModel(pipe), subset, _lora_params(), seed=0)
     if out is not None:
         (out / f"batch_sizes_{distributed_state().process_index}.json").write_text(json.dumps(batch_sizes))
     if out is not None and is_main_process():

@@ -16,6 +16,7 @@ from conftest import project_parameters
 from safetensors.torch import save_file
 
 from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.lora import read_adapter_file, save_adapter_file
 from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter, generate
@@ -39,14 +40,13 @@ def sd15():
     torch.set_num_threads(2)
     pipe = build_pipeline_from_config(SD15_CONFIG, RES, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    pipe.fu_base_info = {"kind": "pretrained", "name": "SD v1.5 architecture, random weights (test)", "resolution": RES}
-    return pipe
+    return BaseModel(pipe, {"kind": "pretrained", "name": "SD v1.5 architecture, random weights (test)", "resolution": RES})
 
 
 def test_sd15_shapes_match_the_published_architecture(sd15):
-    n_unet = sum(p.numel() for p in sd15.unet.parameters())
-    n_te = sum(p.numel() for p in sd15.text_encoder.parameters())
-    n_vae = sum(p.numel() for p in sd15.vae.parameters())
+    n_unet = sum(p.numel() for p in sd15.pipe.unet.parameters())
+    n_te = sum(p.numel() for p in sd15.pipe.text_encoder.parameters())
+    n_vae = sum(p.numel() for p in sd15.pipe.vae.parameters())
     # SD v1.5: UNet 859.52 M, CLIP ViT-L/14 text encoder 123.06 M, VAE 83.65 M parameters
     assert round(n_unet / 1e6, 1) == 859.5 and round(n_te / 1e6, 1) == 123.1 and round(n_vae / 1e6, 1) == 83.7
 
@@ -54,7 +54,7 @@ def test_sd15_shapes_match_the_published_architecture(sd15):
 def test_paper_lora_step_save_reload_and_one_step_generation(sd15, paper_lora, tmp_path):
     subset = generate_phantoms("source", 1, 64, seed=3).select([0, 1])
     subset.meta["caption"] = "a photo of fetal " + subset.meta["label"]
-    base_hash = pipeline_hash(sd15)
+    base_hash = pipeline_hash(sd15.pipe)
     adapter, history, _ = fit_lora_adapter(sd15, subset, paper_lora, seed=0)
     assert len(history) == 1 and np.isfinite(history["loss"]).all()
     rank = paper_lora["lora"]["rank"]

@@ -21,13 +21,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
 from kedro.io.core import DatasetError, Version
 
 from conftest import run_kedro_session
 
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetShardsDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
+from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, device_and_dtype, shard_indices
 from fu_kedro.models.lora import LoraAdapter, attach_lora, export_lora
@@ -62,12 +62,11 @@ def base_hash() -> str:
     return pipeline_hash(build_pipeline_from_config(TINY_CONFIG, 32, seed=0))
 
 
-def random_base() -> StableDiffusionPipeline:
-    """A fresh random tiny pipeline (the same weights every call)."""
+def random_base() -> BaseModel:
+    """A fresh random tiny base model (the same weights every call)."""
     pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    pipe.fu_base_info = {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": base_hash()}
-    return pipe
+    return BaseModel(pipe, {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": base_hash()})
 
 
 def random_adapter():
@@ -139,19 +138,17 @@ def test_manifest_has_one_row_per_image_with_lineage(batch, adapter):
 
 
 def test_time_capped_loops_come_from_the_base_and_the_adapter():
-    class Base:  # what the base_model dataset loads carries the tiny base's record
-        fu_base_info = {"content_hash": "x", "time_capped": {"base_denoiser": 120}}
-
+    base = BaseModel(None, {"content_hash": "x", "time_capped": {"base_denoiser": 120}})  # the tiny base's record
     adapter = LoraAdapter({}, {"time_capped": json.dumps({"lora": 37}), "base_time_capped": json.dumps({"base_denoiser": 120})})
-    assert time_capped_loops(Base(), adapter) == {"base_denoiser": 120, "lora": 37}
-    Base.fu_base_info = {"content_hash": "x", "time_capped": {}}
-    assert time_capped_loops(Base(), LoraAdapter({}, {"time_capped": "{}"})) == {}
+    assert time_capped_loops(base, adapter) == {"base_denoiser": 120, "lora": 37}
+    assert time_capped_loops(BaseModel(None, {"content_hash": "x", "time_capped": {}}),
+                             LoraAdapter({}, {"time_capped": "{}"})) == {}
 
 
 def test_three_manifest_rows_regenerated_alone_are_pixel_identical(batch, adapter):
     rows = batch.meta.iloc[[0, 5, 8]]  # first call, middle of the second, the padded last call
     assert rows["lora_fused"].tolist() == [False] * 3 and set(rows["device"]) == {"cpu"}
-    pipe = prepare_pipeline(random_base(), adapter, float(rows["lora_scale"].iloc[0]), CPU, torch.float32, False,
+    pipe = prepare_pipeline(random_base().pipe, adapter, float(rows["lora_scale"].iloc[0]), CPU, torch.float32, False,
                             str(rows["scheduler"].iloc[0]))
     for i, (_, row) in zip([0, 5, 8], rows.iterrows()):
         alone = regenerate(pipe, row.to_frame().T)  # one image, from the row's own fields
@@ -171,7 +168,7 @@ def test_clip_skip_follows_the_adapter_changes_images_and_regenerates(params, co
     )
     assert np.abs(skipped.images.astype(int) - plain.images).mean() > 1.0  # another text layer, other images
     row = skipped.meta.iloc[[1]]
-    pipe = prepare_pipeline(random_base(), trained, 1.0, CPU, torch.float32, False, row["scheduler"].iloc[0])
+    pipe = prepare_pipeline(random_base().pipe, trained, 1.0, CPU, torch.float32, False, row["scheduler"].iloc[0])
     assert np.array_equal(regenerate(pipe, row)[0], skipped.images[1])
     # an explicit value wins; an adapter that records nothing gets 0
     assert set(plan_for(dict(params, clip_skip=0), trained, conf)["clip_skip"]) == {0}
@@ -184,7 +181,7 @@ def test_manifest_round_trips_through_the_dataset_and_still_regenerates(batch, a
     loaded = ImageSetDataset(str(tmp_path / "synthetic_batch"), version=Version(None, None)).load()
     assert np.array_equal(loaded.images, batch.images)
     row = loaded.meta.iloc[[7]]
-    pipe = prepare_pipeline(random_base(), adapter, float(row["lora_scale"].iloc[0]), CPU, torch.float32, False, row["scheduler"].iloc[0])
+    pipe = prepare_pipeline(random_base().pipe, adapter, float(row["lora_scale"].iloc[0]), CPU, torch.float32, False, row["scheduler"].iloc[0])
     assert np.array_equal(regenerate(pipe, row)[0], batch.images[7])
 
 
@@ -238,7 +235,7 @@ def test_two_gloo_processes_each_return_the_one_process_batch(batch, params, tmp
 def test_lora_training_generate_is_unchanged_by_the_delegation():
     from fu_kedro.pipelines.lora_training.nodes import generate
 
-    pipe = random_base()
+    pipe = random_base().pipe
     prompts, seeds = ["a photo of fetal brain", "a photo of fetal femur", "a photo of fetal other"], [3, 4, 5]
     with torch.no_grad():
         old = pipe(prompts, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
@@ -252,11 +249,11 @@ def test_fused_adapter_gives_the_same_images_as_peft_layers(adapter):
     kwargs = dict(resolution=32, steps=4, guidance_scale=5.0, batch_size=2)
     from fu_kedro.models.generation import generate_images
 
-    unfused = generate_images(prepare_pipeline(random_base(), adapter, 0.8, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
-    fused_pipe = prepare_pipeline(random_base(), adapter, 0.8, CPU, torch.float32, True, "dpm++_multistep")
+    unfused = generate_images(prepare_pipeline(random_base().pipe, adapter, 0.8, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
+    fused_pipe = prepare_pipeline(random_base().pipe, adapter, 0.8, CPU, torch.float32, True, "dpm++_multistep")
     assert not fused_pipe.get_list_adapters().get("unet")  # LoRA layers folded in and removed
     fused = generate_images(fused_pipe, prompts, seeds, **kwargs)
-    plain = generate_images(prepare_pipeline(random_base(), None, 1.0, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
+    plain = generate_images(prepare_pipeline(random_base().pipe, None, 1.0, CPU, torch.float32, False, "dpm++_multistep"), prompts, seeds, **kwargs)
     assert np.abs(fused.astype(int) - unfused.astype(int)).max() <= 2
     assert np.abs(plain.astype(int) - unfused.astype(int)).max() > 2  # the adapter does change the images
 

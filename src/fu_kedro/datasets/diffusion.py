@@ -17,7 +17,7 @@ format (``StableDiffusionPipeline.load_lora_weights(<file>)`` loads it) with its
 
 Both write under a temporary name and rename at the end, so a failed run never leaves a
 file or folder that looks complete. Loaded objects carry the catalog version they came from
-(``fu_base_info["catalog_version"]`` / ``metadata["catalog_version"]``) so later steps can
+(``BaseModel.info["catalog_version"]`` / ``metadata["catalog_version"]``) so later steps can
 record it (the synthesis manifest does).
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 import fsspec
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
 
+from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
 from fu_kedro.models.lora import LoraAdapter, read_adapter_file, save_adapter_file
 
@@ -89,14 +90,13 @@ class _LocalVersioned(AbstractVersionedDataset):
 
 
 class DiffusionModelDataset(_LocalVersioned):
-    """A ``StableDiffusionPipeline`` with its reference (see module docstring).
+    """A :class:`~fu_kedro.models.base_model.BaseModel` (pipeline + reference; see module docstring).
 
-    The pipeline to save must carry ``pipe.fu_base_info`` (a dict with at least ``kind``;
-    for ``pretrained`` also ``model``, the id/path it was loaded from), as set by the
-    ``lora_training`` pipeline.
+    The ``info`` of the model to save needs at least ``kind``; for ``pretrained`` also
+    ``model``, the id/path it was loaded from (as ``lora_training`` sets them).
     """
 
-    def load(self):
+    def load(self) -> BaseModel:
         from diffusers import StableDiffusionPipeline
 
         folder = self._load_path()
@@ -115,21 +115,20 @@ class DiffusionModelDataset(_LocalVersioned):
         else:
             pipe = StableDiffusionPipeline.from_pretrained(folder / "model", local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        pipe.fu_base_info = reference | {"catalog_version": _version_of(folder)}
-        return pipe
+        return BaseModel(pipe, reference | {"catalog_version": _version_of(folder)})
 
-    def save(self, data) -> None:
-        reference = dict(getattr(data, "fu_base_info", {}) or {})
+    def save(self, data: BaseModel) -> None:
+        reference = dict(data.info)
         if "kind" not in reference:
-            raise DatasetError("DiffusionModelDataset.save: the pipeline has no fu_base_info['kind'] (tiny | pretrained)")
-        reference.setdefault("content_hash", pipeline_hash(data))
+            raise DatasetError("DiffusionModelDataset.save: the base model's info has no 'kind' (tiny | pretrained)")
+        reference.setdefault("content_hash", pipeline_hash(data.pipe))
         reference.pop("catalog_version", None)
         folder = self._save_path()
         tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True)
             if reference["kind"] != "pretrained":
-                data.save_pretrained(tmp / "model", safe_serialization=True)
+                data.pipe.save_pretrained(tmp / "model", safe_serialization=True)
             (tmp / "reference.json").write_text(to_json(reference))
             os.replace(tmp, folder)
         except BaseException:

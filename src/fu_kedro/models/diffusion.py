@@ -16,7 +16,6 @@ can be built with random weights (tests, benchmarks) without a download.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -271,14 +270,6 @@ def state_dict_hash(modules: dict[str, torch.nn.Module]) -> str:
 def pipeline_hash(pipe: StableDiffusionPipeline) -> str:
     """Content hash of the weights of a pipeline (VAE, UNet, text encoder)."""
     return state_dict_hash({"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder})
-
-
-def describe_base(pipe: StableDiffusionPipeline) -> dict[str, Any]:
-    """The lineage record of a base model: name, source and content hash."""
-    info = copy.deepcopy(getattr(pipe, "fu_base_info", {}))
-    info.setdefault("name", TINY_BASE_NAME)
-    info["content_hash"] = info.get("content_hash") or pipeline_hash(pipe)
-    return info
 
 
 def to_json(obj: Any) -> str:

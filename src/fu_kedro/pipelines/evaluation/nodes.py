@@ -718,7 +718,7 @@ def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict
     control for the memorisation check (a generator that memorised them would make these)."""
     train = classifier_data["memorisation_images"]["source_train"]
     n = int(params.get("quality", {}).get("memorisation_controls", 20))
-    return quality.vae_round_trips(base_model.vae, train, n, seed)
+    return quality.vae_round_trips(base_model.pipe.vae, train, n, seed)
 
 
 @in_stage_threads  # t-SNE, Fréchet and KID too: sklearn/scipy's OpenMP/BLAS pools spin-wait on a busy machine

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
+from fu_kedro.models.base_model import BaseModel  # noqa: E402
 from fu_kedro.models.diffusion import (  # noqa: E402
     TINY_BASE_NAME,
     TINY_CONFIG,
@@ -152,7 +153,7 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
         seed: project seed.
 
     Returns:
-        (pipeline with ``fu_base_info``, per-step training history of the tiny base — empty for
+        (``BaseModel``: pipeline + info, per-step training history of the tiny base — empty for
         a pretrained base).
     """
     cfg = params["base_model"]
@@ -173,15 +174,15 @@ def _load_pretrained_base(cfg: dict[str, Any], resolution: int):
         raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
     pipe = load_pretrained_pipeline(str(path))
     check_resolution(resolution, pipe.vae_scale_factor)
-    pipe.fu_base_info = {
+    base = BaseModel(pipe, {
         "kind": "pretrained",
         "name": str(path),
         "model": str(path),
         "resolution": resolution,
         "content_hash": pipeline_hash(pipe),
-    }
-    log.info("base model: pretrained %s (hash %s)", path, pipe.fu_base_info["content_hash"][:12])
-    return pipe, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
+    })
+    log.info("base model: pretrained %s (hash %s)", path, base.info["content_hash"][:12])
+    return base, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
 
 
 def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str,
@@ -218,7 +219,7 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
         unet_hist = train_denoiser(pipe, latents, ids, unet_cfg)
         pipe.unet.requires_grad_(False)
     log.info("tiny base denoiser: %s", summarize(unet_hist))
-    pipe.fu_base_info = {
+    info = {
         "kind": "tiny",
         "name": TINY_BASE_NAME,
         "resolution": resolution,
@@ -243,10 +244,10 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
         ],
         ignore_index=True,
     )
-    return pipe, history[["stage", "step", "loss", "seconds"]]
+    return BaseModel(pipe, info), history[["stage", "step", "loss", "seconds"]]
 
 
-def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], seed: int):
+def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int):
     """Train the LoRA adapter on the LoRA subset, or read it from ``adapter_file``.
 
     Returns:
@@ -256,13 +257,13 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
     source = params.get("adapter_source", "train")
     lora = params["lora"]
     resolution = params["resolution"]
-    base_info = dict(getattr(base_model, "fu_base_info", {}))
+    base_info = dict(base_model.info)
     if source == "file":
         path = params.get("adapter_file")
         if not path:
             raise ValueError("lora_training.adapter_source is 'file' but lora_training.adapter_file is not set")
         adapter = read_adapter_file(path)
-        _check_adapter_fits(base_model, adapter, path)
+        _check_adapter_fits(base_model.pipe, adapter, path)
         adapter.metadata.setdefault("base_content_hash", str(base_info.get("content_hash")))
         adapter.metadata["adapter_source"] = "file"
         log.info("LoRA adapter: read %s (%s format), not trained", path, adapter.metadata.get("imported_format"))
@@ -275,15 +276,15 @@ def fit_lora_adapter(base_model, lora_subset: ImageSet, params: dict[str, Any], 
         raise ValueError(f"lora_training.lora.rank must be a positive integer, got {rank!r}")
     if len(lora_subset) == 0:
         raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
-    check_resolution(resolution, base_model.vae_scale_factor)
+    check_resolution(resolution, base_model.pipe.vae_scale_factor)
 
     from fu_kedro.launch import distributed_state
 
     with torch_threads(params.get("torch_threads")) as threads:
-        return _train_lora(base_model, lora_subset, params, loop_cfg, base_info, seed, threads, distributed_state().device)
+        return _train_lora(base_model.pipe, lora_subset, params, loop_cfg, base_info, seed, threads, distributed_state().device)
 
 
-def _train_lora(base_model, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: LoopConfig, base_info: dict,
+def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: LoopConfig, base_info: dict,
                 seed: int, threads: int, device):
     """Fit the peft LoRA on the LoRA subset (``fit_lora_adapter``'s train branch)."""
     lora = params["lora"]
@@ -292,7 +293,7 @@ def _train_lora(base_model, lora_subset: ImageSet, params: dict[str, Any], loop_
     # VAE and text encoder on this process's device beside the UNet that accelerate moves
     # there (GPU: latents are encoded on the GPU; the validation grid runs on one device).
     # CPU: a no-op. Not run on a GPU here.
-    pipe = base_model.to(device)
+    pipe = pipe.to(device)
     x = resize_images(lora_subset, resolution)
     latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
     captions = _captions(lora_subset, "{plane}")
@@ -364,7 +365,7 @@ def generate(
     )
 
 
-def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
+def validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
     """A few images per class from fixed seeds, without (left) and with (right) the adapter."""
     cfg = params["validation"]
     resolution = params["resolution"]
@@ -372,7 +373,7 @@ def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any
     prompts = [caption_template.format(plane=c) for c in classes for _ in range(per_class)]
     seeds = [seed + i for i in range(per_class)] * len(classes)
     clip_skip = params.get("lora", {}).get("clip_skip")  # as the adapter was trained
-    pipe = base_model
+    pipe = base_model.pipe
     pipe.set_progress_bar_config(disable=True)
     without = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"], clip_skip)
     apply_lora(pipe, lora_adapter, float(cfg.get("lora_scale", 1.0)))
@@ -390,7 +391,7 @@ def validation_grid(base_model, lora_adapter: LoraAdapter, params: dict[str, Any
                 axes[r, c].set_title(title, fontsize=9)
             if c == 0:
                 axes[r, c].set_ylabel(cls, fontsize=9)
-    name = getattr(base_model, "fu_base_info", {}).get("name", "base")
+    name = base_model.info.get("name", "base")
     fig.suptitle(f"validation: {name}; seeds {seed}..{seed + per_class - 1}", fontsize=8)
     fig.tight_layout()
     return fig
@@ -456,7 +457,7 @@ def summarize_training(
     for key in ("denoising_loss_without_adapter", "denoising_loss_with_adapter"):
         if key in lora_summary:
             metrics[key] = {"value": float(lora_summary[key]), "step": 0}
-    info = dict(getattr(base_model, "fu_base_info", {}))
+    info = dict(base_model.info)
     capped = dict(info.get("time_capped") or {}) | dict(lora_summary.get("time_capped") or {})
     metrics["time_capped"] = {"value": float(bool(capped)), "step": 0}
     if capped:

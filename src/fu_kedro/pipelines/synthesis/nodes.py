@@ -33,7 +33,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.datasets.image_set_shards import shard_name  # noqa: E402
 from fu_kedro.launch import distributed_state  # noqa: E402
-from fu_kedro.models.diffusion import describe_base  # noqa: E402
+from fu_kedro.models.base_model import BaseModel, describe_base  # noqa: E402
 from fu_kedro.models.generation import (  # noqa: E402
     SCHEDULERS,
     device_and_dtype,
@@ -149,7 +149,7 @@ def _adapter_identity(adapter: LoraAdapter) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- nodes
 def plan_synthetic_batch(
-    base_model,
+    base_model: BaseModel,
     lora_adapter: LoraAdapter,
     caption_template: str,
     plane_labels: dict[str, str],
@@ -159,8 +159,8 @@ def plan_synthetic_batch(
     """The manifest of the batch to make, one row per image, before any image exists.
 
     Args:
-        base_model: the ``base_model`` catalog entry (a ``StableDiffusionPipeline`` with
-            ``fu_base_info``: kind, resolution, content hash, catalog version).
+        base_model: the ``base_model`` catalog entry (``BaseModel``: the pipeline, and its
+            info: kind, resolution, content hash, catalog version).
         lora_adapter: the ``lora_adapter`` catalog entry (metadata with its catalog version
             and the content hash of the base it was trained on).
         caption_template: ``ingestion.caption_template``; ``{plane}`` = the class word.
@@ -185,8 +185,8 @@ def plan_synthetic_batch(
     base = describe_base(base_model)
     adapter = _adapter_identity(lora_adapter)
     _check_adapter_fits_base(lora_adapter, adapter, base)
-    resolution = params.get("resolution") or base.get("resolution") or base_model.vae.config.sample_size
-    factor = base_model.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
+    resolution = params.get("resolution") or base.get("resolution") or base_model.pipe.vae.config.sample_size
+    factor = base_model.pipe.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
     if int(resolution) % factor:
         raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
     base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
@@ -252,7 +252,7 @@ def _image_rows(classes: list[str], caption_template: str, n: int, replicates: i
     return pd.DataFrame(rows)
 
 
-def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.DataFrame, params: dict[str, Any]) -> dict[str, ImageSet]:
+def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, plan: pd.DataFrame, params: dict[str, Any]) -> dict[str, ImageSet]:
     """The images of shard ``shard_index`` of ``num_shards`` of the plan (the whole plan by default).
 
     Under several processes the shard is split again, contiguously, between them
@@ -272,7 +272,7 @@ def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.Dat
     fuse = params.get("fuse_lora", "auto")
     fuse = device.type == "cuda" if fuse == "auto" else bool(fuse)
     first = plan.iloc[0]
-    pipe = prepare_pipeline(base_model, lora_adapter, float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
+    pipe = prepare_pipeline(base_model.pipe, lora_adapter, float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
     started = time.perf_counter()
     with state.split_between_processes(indices) as mine, torch_threads(params.get("torch_threads")) as threads:
         rows = plan.iloc[mine] if mine else plan.iloc[[]]
@@ -323,7 +323,7 @@ def generate_synthetic_shard(base_model, lora_adapter: LoraAdapter, plan: pd.Dat
     return {shard_name(info["batch_key"], shard, shards): ImageSet(stack, meta, info)}
 
 
-def time_capped_loops(base_model, lora_adapter: LoraAdapter) -> dict[str, int]:
+def time_capped_loops(base_model: BaseModel, lora_adapter: LoraAdapter) -> dict[str, int]:
     """The training loops behind the models that a wall-clock cap (``max_minutes``) stopped,
     loop -> step reached (``autoencoder``, ``base_denoiser``: the tiny base; ``lora``): the
     images then depend on how loaded the training machine was. Empty when none was."""
