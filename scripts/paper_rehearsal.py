@@ -2,6 +2,7 @@
 
     python scripts/paper_rehearsal.py                     # temp folder, removed at the end
     python scripts/paper_rehearsal.py --workdir /tmp/reh --keep --json /tmp/reh/summary.json
+    python scripts/paper_rehearsal.py --adapter-from-file   # LoRA imported from a kohya file, not trained
 
 What a researcher with a GPU will run is the ``paper`` env (docs/paper_profile.md). This
 script runs exactly that configuration, with only the *counts* shrunk, in a temporary copy
@@ -25,10 +26,17 @@ Overrides (``--params``) are counts only, plus ``lora_training.lora.mixed_precis
 (the paper's fp16 autocast needs a GPU). Everything else — resolutions, rank, alpha, learning
 rates, clip skip, backbones, augmentation, samplers, guidance — is the paper env's value.
 
-Every stage's wall time and peak resident memory (``os.wait4``), the machine load before and
-after, and the output files are printed and written as JSON (``--json``). Exit code 0 only
-if every run succeeded and the contract files exist. Nothing is downloaded; nothing is
-written inside the repository.
+``--adapter-from-file``: all four pipelines, with ``lora_training`` importing a random-weight
+kohya file (rank 128, UNet + text encoder) instead of training (the 512-px LoRA fit is left out).
+
+Every stage's wall time, CPU time and peak resident memory (``os.wait4``), the machine load
+before and after, each node's and each slow dataset load/save's wall time, CPU time and peak
+RSS (a Kedro hook added to the project copy only), what the MLflow runs recorded about how
+they ran (device, precision, fused LoRA, memory format, batch sizes), and the output files are
+printed and written as JSON (``--json``). Exit code 0 only if every run succeeded, the
+contract files exist and the report has its "What ran where" table (and no fixed "nothing ran
+on a GPU"). The machine is usually shared: judge by CPU time. Nothing is downloaded; nothing
+is written inside the repository.
 """
 from __future__ import annotations
 
@@ -68,7 +76,11 @@ COUNT_PARAMS = {
     "evaluation.metrics.n_bootstrap": 10,     # base 200
     "evaluation.quality.tsne_perplexity": 2,  # t-SNE needs perplexity < points (a handful here)
     "evaluation.report.samples_per_class": 1,
+    "evaluation.quality.memorisation_controls": 2,  # base 20: each is a VAE encode + decode at 512 px
+    "evaluation.train.batch_size": 4,         # paper profile 32 (vit_b_16 at 224 px: ~1.7 TFLOP per step at 32)
 }
+# The adapter_source: file run ends with synthesis (no evaluation after it): 1 image per class.
+FILE_RUN_PARAMS = {"synthesis.images_per_class": 1}
 # The classifier's training length, whichever budget keys evaluation.train has (steps or epochs).
 TRAIN_BUDGET = {"steps": 2, "eval_every": 1, "epochs": 1, "min_steps": 0}
 # Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
@@ -84,11 +96,12 @@ CONTRACT_FILES = (
 
 
 # --------------------------------------------------------------------------- stand-ins
-def copy_project(dest: Path, rev: str | None = None) -> Path:
+def copy_project(dest: Path, rev: str | None = None, overlay: list[str] | tuple = ()) -> Path:
     """conf + pyproject + src + .telemetry in ``dest``, MLflow's store inside it (as tests' copy_project).
 
     From the working tree, or with ``rev`` from that git commit (``git archive``; e.g. HEAD
-    to rehearse what is committed while the working tree is being edited).
+    to rehearse what is committed while the working tree is being edited), with the files in
+    ``overlay`` (paths relative to the repository) taken from the working tree.
     """
     import yaml
 
@@ -98,17 +111,87 @@ def copy_project(dest: Path, rev: str | None = None) -> Path:
         archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, *names], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         shutil.rmtree(dest / "conf" / "local", ignore_errors=True)
+        for name in overlay:  # these files as they are in the working tree (e.g. one's own edits on top of HEAD)
+            shutil.copy(PROJECT_ROOT / name, dest / name)
     else:
         shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
         for name in ("pyproject.toml", ".telemetry"):
             if (PROJECT_ROOT / name).exists():
                 shutil.copy(PROJECT_ROOT / name, dest / name)
         shutil.copytree(PROJECT_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    add_profile_hook(dest)
     (dest / "conf" / "local").mkdir()
     (dest / "conf" / "local" / "mlflow.yml").write_text(
         yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{dest}/mlflow.db"}})
     )
     return dest
+
+
+PROFILE_HOOK = '''"""Per-node and per-dataset wall time, CPU time and peak RSS, as JSON lines in
+$FU_REHEARSAL_PROFILE (written by scripts/paper_rehearsal.py into its project copy only)."""
+import json, os, resource, time
+
+from kedro.framework.hooks import hook_impl
+
+
+def _now():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.monotonic(), r.ru_utime + r.ru_stime, r.ru_maxrss * 1024 / 1e9
+
+
+class RehearsalProfile:
+    def __init__(self):
+        self._open = {}
+
+    def _start(self, key):
+        self._open[key] = _now()
+
+    def _end(self, kind, name, key):
+        if key not in self._open or not os.environ.get("FU_REHEARSAL_PROFILE"):
+            return
+        (w0, c0, _), (w1, c1, rss) = self._open.pop(key), _now()
+        with open(os.environ["FU_REHEARSAL_PROFILE"], "a") as f:
+            f.write(json.dumps({"kind": kind, "name": name, "seconds": round(w1 - w0, 2), "cpu_seconds": round(c1 - c0, 2),
+                                "peak_rss_gb_so_far": round(rss, 2), "load": os.getloadavg()[0]}) + "\\n")
+
+    @hook_impl
+    def before_node_run(self, node):
+        self._start(("node", node.name))
+
+    @hook_impl
+    def after_node_run(self, node):
+        self._end("node", node.name, ("node", node.name))
+
+    @hook_impl
+    def on_node_error(self, node):
+        self._end("node_failed", node.name, ("node", node.name))
+
+    @hook_impl
+    def before_dataset_loaded(self, dataset_name):
+        self._start(("load", dataset_name))
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name):
+        self._end("load", dataset_name, ("load", dataset_name))
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name):
+        self._start(("save", dataset_name))
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name):
+        self._end("save", dataset_name, ("save", dataset_name))
+'''
+
+
+def add_profile_hook(project: Path) -> None:
+    """The copy's settings get one more hook: per-node / per-dataset wall, CPU and peak RSS
+    (``$FU_REHEARSAL_PROFILE``). Only in the copy; the repository's settings are untouched."""
+    (project / "src" / "fu_kedro" / "rehearsal_profile.py").write_text(PROFILE_HOOK)
+    settings = project / "src" / "fu_kedro" / "settings.py"
+    settings.write_text(settings.read_text() + "\n\n# scripts/paper_rehearsal.py (this copy only): per-node profile\n"
+                        "from fu_kedro.rehearsal_profile import RehearsalProfile  # noqa: E402\n\n"
+                        "HOOKS = (*HOOKS, RehearsalProfile())\n")
 
 
 def write_sd15(folder: Path, dtype: str = "float16") -> dict:
@@ -230,13 +313,22 @@ def write_random_kohya(path: Path, rank: int = 128, seed: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------- runs
+def _cpu_seconds() -> float:
+    """CPU time of this process and of every child it has waited for (user + system)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_logged(cwd: Path, cmd: list[str], log_file: Path, env: dict | None = None) -> dict:
     """Run ``cmd`` in ``cwd`` with its output in ``log_file``: exit code, wall time, peak RSS, CPU time, load."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", KEDRO_DISABLE_TELEMETRY="1", COLUMNS="200", PYTHONUNBUFFERED="1") | (env or {})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KEDRO_DISABLE_TELEMETRY="1", COLUMNS="200", PYTHONUNBUFFERED="1",
+               TQDM_DISABLE="1") | (env or {})
     load_before = _load()
     start = time.monotonic()
     with open(log_file, "w") as log:
@@ -260,12 +352,26 @@ def kedro_run(project: Path, pipeline: str, params: dict, log_file: Path) -> dic
     """``kedro run --env paper --pipeline <pipeline> --params ...`` as a child process."""
     cli_params = ",".join(f"{k}={v}" for k, v in params.items())
     cmd = [sys.executable, "-m", "kedro", "run", "--env", "paper", "--pipeline", pipeline, "--params", cli_params]
-    result = {"pipeline": pipeline} | run_logged(project, cmd, log_file)
+    profile_file = Path(log_file).with_suffix(".profile.jsonl")
+    profile_file.unlink(missing_ok=True)
+    result = {"pipeline": pipeline} | run_logged(project, cmd, log_file, {"FU_REHEARSAL_PROFILE": str(profile_file)})
+    result["profile"] = read_profile(profile_file)
     print(f"  {pipeline:14s} exit {result['exit_code']}  {result['seconds']:7.1f} s  peak RSS {result['peak_rss_gb']:.2f} GB  "
           f"CPU {result['cpu_seconds']:.0f} s  load {result['load_before']} -> {result['load_after']}", flush=True)
+    for item in result["profile"]:
+        print(f"      {item['kind']:5s} {item['name'][:44]:44s} {item['seconds']:7.1f} s  CPU {item['cpu_seconds']:6.1f} s  "
+              f"peak RSS so far {item['peak_rss_gb_so_far']:.2f} GB  load {item['load']:.2f}", flush=True)
     if result["exit_code"]:
         print("".join(Path(log_file).read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
     return result
+
+
+def read_profile(path: Path, min_cpu_seconds: float = 1.0) -> list[dict]:
+    """The per-node / per-dataset profile lines of one run; dataset loads/saves under ``min_cpu_seconds`` CPU dropped."""
+    if not path.is_file():
+        return []
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [i for i in items if i["kind"].startswith("node") or max(i["cpu_seconds"], i["seconds"]) >= min_cpu_seconds]
 
 
 def latest(project: Path, relative: str) -> Path | None:
@@ -282,6 +388,62 @@ def outputs(project: Path) -> list[str]:
                   if p.is_file() and not p.is_relative_to(data / "01_raw"))
 
 
+def read_as_kohya(log_file: Path) -> bool:
+    """The ``adapter_source: file`` run read its file as kohya-ss (its log says so; the saved
+    ``lora_adapter`` version is diffusers-format, so its own metadata says ``diffusers``)."""
+    return bool(re.search(r"LoRA adapter: read \S+ \(kohya format\)", Path(log_file).read_text(errors="ignore")))
+
+
+def check_imported(project: Path, kohya_file: Path, log_file: Path) -> dict:
+    """The saved ``lora_adapter`` is the kohya file's adapter: read as kohya, same tensors."""
+    saved = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
+    source = read_adapter_file(kohya_file)
+    same = set(saved.state_dict) == set(source.state_dict) and all(
+        (saved.state_dict[k].float() - source.state_dict[k].float()).abs().max() <= 1e-6 + 1e-3 * float(source.state_dict[k].abs().max())
+        for k in source.state_dict)
+    kohya = read_as_kohya(log_file)
+    return {"path": str(kohya_file), "tensors": len(source.state_dict), "read_as_kohya": kohya,
+            "saved_equals_file": bool(same), "ok": bool(kohya and same)}
+
+
+def recorded_ran_on(project: Path) -> dict[str, dict]:
+    """What the MLflow runs recorded about how they ran: ``*ran_on*`` tags and the device /
+    precision parameters, per run (``<run name> <run id[:8]>``), from the copy's ``mlflow.db``."""
+    import sqlite3
+
+    db = project / "mlflow.db"
+    if not db.is_file():
+        return {}
+    con = sqlite3.connect(db)
+    try:
+        names = dict(con.execute("SELECT run_uuid, value FROM tags WHERE key = 'mlflow.runName'").fetchall())
+        rows = con.execute("SELECT run_uuid, key, value FROM tags WHERE key LIKE '%ran_on%' UNION ALL "
+                           "SELECT run_uuid, key, value FROM params WHERE key LIKE '%mixed_precision' OR key LIKE '%.device' "
+                           "OR key LIKE '%.precision' OR key LIKE '%fuse_lora' OR key LIKE '%batch_size' "
+                           "OR key LIKE '%torch_threads'").fetchall()
+        starts = dict(con.execute("SELECT run_uuid, start_time FROM runs").fetchall())
+    finally:
+        con.close()
+    out: dict[str, dict] = {}
+    for run_id, key, value in sorted(rows, key=lambda r: (starts.get(r[0], 0), r[1])):
+        out.setdefault(f"{names.get(run_id, '?')} {run_id[:8]}", {})[key] = value
+    return out
+
+
+def check_report(project: Path) -> dict:
+    """The report says what ran, from the runs (its 'What ran where' table), and no fixed 'nothing ran on a GPU'."""
+    report = latest(project, "data/08_reporting/evaluation_report.html")
+    if report is None:
+        return {"path": None, "problems": []}  # missing contract files are reported on their own
+    text = report.read_text() if report.is_file() else "".join(f.read_text(errors="ignore") for f in report.rglob("*.html"))
+    problems = []
+    if "What ran where" not in text:
+        problems.append("no 'What ran where' table")
+    if re.search(r"nothing ran on a GPU", text, re.IGNORECASE):
+        problems.append("says 'nothing ran on a GPU' (fixed text)")
+    return {"path": str(report), "problems": problems}
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -296,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-run-only", action="store_true",
                     help="only ingestion, then lora_training + synthesis with adapter_source: file on a kohya file with "
                          "random weights (rank 128, UNet + text encoder); runs beside a --skip-file-run rehearsal")
+    ap.add_argument("--adapter-from-file", action="store_true",
+                    help="all four pipelines, but lora_training imports a kohya file with random weights (rank 128, "
+                         "UNet + text encoder; adapter_source: file) instead of training: the 512-px LoRA fit "
+                         "(~900 CPU-s, most of it the denoising loss before/after) is left out")
     ap.add_argument("--params", default="", help="more --params for every run (key=value,...)")
     ap.add_argument("--from-git", default=None, metavar="REV",
                     help="rehearse this commit (e.g. HEAD) instead of the working tree")
+    ap.add_argument("--overlay", default="", metavar="PATHS",
+                    help="with --from-git: these files (comma-separated, relative) from the working tree instead")
     ap.add_argument("--shared-data", type=Path, default=SHARED_DATA, help="the real samples (default ../shared/data)")
     args = ap.parse_args(argv)
 
@@ -306,13 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fu_paper_rehearsal_")).resolve()
     if workdir.is_relative_to(PROJECT_ROOT):
         ap.error("--workdir must be outside the repository")
-    project = copy_project(workdir / "project", args.from_git)
+    project = copy_project(workdir / "project", args.from_git, [x for x in args.overlay.split(",") if x])
     logs = workdir / "logs"
     logs.mkdir()
     summary: dict = {"workdir": str(workdir), "load_start": _load(), "cores": len(os.sched_getaffinity(0)), "runs": []}
     print(f"paper rehearsal in {workdir} ({summary['cores']} cores, load {summary['load_start']})", flush=True)
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _cpu_seconds()
     summary["stand_ins"] = {
         "sd15": write_sd15(project / "models" / "stable-diffusion-v1-5", args.sd_dtype),
         "fetal_planes_db_images": write_fetal_planes_db(args.shared_data / "fetal_planes_db_sample",
@@ -321,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                                         args.target_per_center_class),
         "backbone_weights": write_backbone_weights(project / "models" / "torchvision"),
         "seconds": round(time.monotonic() - t0, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),  # this process + the child that writes SD v1.5
     }
-    print(f"  stand-ins      {summary['stand_ins']['seconds']:.1f} s (SD v1.5 random weights "
+    print(f"  stand-ins      {summary['stand_ins']['seconds']:.1f} s, CPU {summary['stand_ins']['cpu_seconds']:.0f} s "
+          f"(SD v1.5 random weights "
           f"{summary['stand_ins']['sd15']['bytes'] / 1e9:.2f} GB {args.sd_dtype}, "
           f"{summary['stand_ins']['fetal_planes_db_images']} FETAL_PLANES_DB + {summary['stand_ins']['african_images']} "
           "African images, 5 backbone state dicts)", flush=True)
@@ -331,12 +501,30 @@ def main(argv: list[str] | None = None) -> int:
     params = shrunk_counts(paper_parameters(project)) | CPU_PARAMS | extra
     summary["params"] = params
     ok = True
+    if args.adapter_from_file:
+        kohya_file = project / "models" / "fu-lora" / "rehearsal_random_kohya.safetensors"
+        t0 = time.monotonic()
+        write_random_kohya(kohya_file)
+        summary["kohya_file_seconds"] = round(time.monotonic() - t0, 1)
+        file_params = params | {"lora_training.adapter_source": "file",
+                                "lora_training.adapter_file": str(kohya_file.relative_to(project))}
+        for pipeline in ("ingestion", "lora_training", "synthesis", "evaluation"):
+            run = kedro_run(project, pipeline, params if pipeline == "ingestion" else file_params,
+                            logs / f"{pipeline}{'' if pipeline == 'ingestion' else '_adapter_file'}.log")
+            summary["runs"].append(run | ({} if pipeline == "ingestion" else {"adapter_source": "file"}))
+            if run["exit_code"]:
+                ok = False
+                break
+        if ok:
+            summary["kohya_file"] = check_imported(project, kohya_file, logs / "lora_training_adapter_file.log")
+            ok = summary["kohya_file"]["ok"]
+        return finish(summary, ok, args, workdir, logs, t_start)
     if args.file_run_only:
         summary["runs"].append(kedro_run(project, "ingestion", params, logs / "ingestion.log"))
         kohya_file = project / "models" / "fu-lora" / "rehearsal_random_kohya.safetensors"
         write_random_kohya(kohya_file)
-        file_params = params | {"lora_training.adapter_source": "file",
-                                "lora_training.adapter_file": str(kohya_file.relative_to(project))}
+        file_params = params | FILE_RUN_PARAMS | {"lora_training.adapter_source": "file",
+                                                  "lora_training.adapter_file": str(kohya_file.relative_to(project))}
         for pipeline in ("lora_training", "synthesis"):
             if summary["runs"][-1]["exit_code"]:
                 break
@@ -344,10 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                                    | {"adapter_source": "file"})
         ok = not any(r["exit_code"] for r in summary["runs"])
         if ok:
-            imported = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
-            summary["kohya_file"] = {"path": str(kohya_file), "imported_format": imported.metadata.get("imported_format"),
-                                     "tensors": len(imported.state_dict)}
-            ok = imported.metadata.get("imported_format") == "kohya"
+            summary["kohya_file"] = check_imported(project, kohya_file, logs / "lora_training_adapter_file.log")
+            ok = summary["kohya_file"]["ok"]
         return finish(summary, ok, args, workdir, logs, t_start)
     for pipeline in ("ingestion", "lora_training", "synthesis", "evaluation"):
         run = kedro_run(project, pipeline, params, logs / f"{pipeline}.log")
@@ -366,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         kohya_file = project / "models" / "fu-lora" / "rehearsal_kohya.safetensors"
         kohya_file.parent.mkdir(parents=True)
         save_file(tensors, str(kohya_file), metadata=metadata)
-        file_params = params | {"lora_training.adapter_source": "file",
-                                "lora_training.adapter_file": str(kohya_file.relative_to(project))}
+        file_params = params | FILE_RUN_PARAMS | {"lora_training.adapter_source": "file",
+                                                  "lora_training.adapter_file": str(kohya_file.relative_to(project))}
         for pipeline in ("lora_training", "synthesis"):
             run = kedro_run(project, pipeline, file_params, logs / f"{pipeline}_adapter_file.log")
             run["adapter_source"] = "file"
@@ -377,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         if ok:
             imported = read_adapter_file(latest(project, "data/06_models/lora_adapter.safetensors"))
-            same = imported.metadata.get("imported_format") == "kohya" and set(imported.state_dict) == set(trained.state_dict) and all(
+            same = read_as_kohya(logs / "lora_training_adapter_file.log") and set(imported.state_dict) == set(trained.state_dict) and all(
                 (imported.state_dict[k].float() - trained.state_dict[k].float()).abs().max() <= 1e-3 * max(1.0, float(trained.state_dict[k].abs().max()))
                 for k in trained.state_dict)
             summary["kohya_file"] = {"path": str(kohya_file), "tensors": len(tensors), "imported_equals_trained": bool(same)}
@@ -391,15 +577,27 @@ def finish(summary: dict, ok: bool, args, workdir: Path, logs: Path, t_start: fl
     """Summary printed and written; the workdir removed if everything passed and it was a temp folder."""
     project = workdir / "project"
     summary["contract_files"] = {name: str(latest(project, name)) for name in CONTRACT_FILES}
+    summary["contract_files_missing"] = [n for n in CONTRACT_FILES if not (latest(project, n) and latest(project, n).is_file())]
     summary["outputs"] = outputs(project)
+    summary["ran_on"] = recorded_ran_on(project)
+    summary["cpu_seconds_kedro_runs"] = round(sum(r["cpu_seconds"] for r in summary["runs"]), 1)
+    summary["cpu_seconds_total"] = round(_cpu_seconds(), 1)  # everything: stand-ins, kohya file, runs, checks
+    summary["report_check"] = check_report(project)
+    if summary["runs"] and not args.file_run_only:
+        ok = ok and not summary["contract_files_missing"] and not summary["report_check"]["problems"]
     summary["seconds_total"] = round(time.monotonic() - t_start, 1)
     summary["peak_rss_gb"] = max((r["peak_rss_gb"] for r in summary["runs"]), default=None)
     summary["load_end"] = _load()
     summary["ok"] = bool(ok)
     print(f"paper rehearsal {'passed' if ok else 'FAILED'}: {summary['seconds_total']:.0f} s in total, "
+          f"CPU time {summary['cpu_seconds_total']:.0f} s (kedro runs {summary['cpu_seconds_kedro_runs']:.0f} s), "
           f"peak RSS of one stage {summary['peak_rss_gb']} GB, load {summary['load_start']} -> {summary['load_end']}")
     for name, path in summary["contract_files"].items():
         print(f"  {name}: {path}")
+    for run_name, tags in summary["ran_on"].items():
+        print(f"  MLflow {run_name}: " + ", ".join(f"{k}={v}" for k, v in sorted(tags.items())))
+    for problem in summary["report_check"]["problems"]:
+        print(f"  report: {problem}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

@@ -1,6 +1,7 @@
 """``scripts/paper_rehearsal.py``: the paper env end to end on CPU with stand-ins for the downloads.
 
-The slow test runs the whole rehearsal (about 20 minutes on 2 idle cores, more under load);
+The slow tests run the rehearsal (the full one: ~45 CPU-minutes, an hour or more of wall time on
+2 shared cores; ``--adapter-from-file``: see docs/paper_profile.md);
 the others check its stand-ins quickly: the data folders pass the paper env's prerequisite
 checks and read as real data, and the kohya-ss file it writes imports to the same adapter.
 """
@@ -63,8 +64,74 @@ def test_kohya_file_of_a_trained_adapter_imports_to_the_same_adapter(tmp_path):
         assert torch.allclose(imported.state_dict[key], tensor), key
 
 
+def test_profile_hook_is_added_to_the_copy_only_and_records_nodes(tmp_path, monkeypatch):
+    project = rehearsal.copy_project(tmp_path / "project")
+    settings = (project / "src" / "fu_kedro" / "settings.py").read_text()
+    assert "RehearsalProfile()" in settings and "RehearsalProfile" not in (rehearsal.PROJECT_ROOT / "src" / "fu_kedro" / "settings.py").read_text()
+    namespace: dict = {}
+    exec(compile((project / "src" / "fu_kedro" / "rehearsal_profile.py").read_text(), "rehearsal_profile", "exec"), namespace)
+    profile_file = tmp_path / "p.jsonl"
+    monkeypatch.setenv("FU_REHEARSAL_PROFILE", str(profile_file))
+    hook = namespace["RehearsalProfile"]()
+
+    class Node:
+        name = "fit_lora_adapter_node"
+
+    hook.before_dataset_loaded("base_model")
+    sum(range(2_000_000))
+    hook.after_dataset_loaded("base_model")
+    hook.before_node_run(Node())
+    hook.after_node_run(Node())
+    hook.before_node_run(Node())
+    hook.on_node_error(Node())
+    items = rehearsal.read_profile(profile_file, min_cpu_seconds=0)
+    assert [(i["kind"], i["name"]) for i in items] == [("load", "base_model"), ("node", Node.name), ("node_failed", Node.name)]
+    assert all(i["seconds"] >= 0 and i["cpu_seconds"] >= 0 and i["peak_rss_gb_so_far"] > 0 for i in items)
+    assert [i["kind"] for i in rehearsal.read_profile(profile_file)] == ["node", "node_failed"]  # short loads dropped
+    assert rehearsal.read_profile(tmp_path / "absent.jsonl") == []
+
+
+def test_report_check_wants_the_what_ran_table_and_no_fixed_gpu_sentence(tmp_path):
+    folder = tmp_path / "data" / "08_reporting" / "evaluation_report.html" / "2026-11-28T00.00.00.000Z"
+    folder.mkdir(parents=True)
+    (folder / "evaluation_report.html").write_text("<h2>What ran where (recorded from the runs)</h2>")
+    assert rehearsal.check_report(tmp_path)["problems"] == []
+    (folder / "evaluation_report.html").write_text("<p>Nothing ran on a GPU.</p>")
+    assert len(rehearsal.check_report(tmp_path)["problems"]) == 2
+    assert rehearsal.check_report(tmp_path / "none") == {"path": None, "problems": []}
+
+
+def test_recorded_ran_on_reads_the_mlflow_tags_and_device_params(tmp_path):
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    con.executescript(
+        "CREATE TABLE tags (key TEXT, value TEXT, run_uuid TEXT); CREATE TABLE params (key TEXT, value TEXT, run_uuid TEXT);"
+        "CREATE TABLE runs (run_uuid TEXT, start_time INT);"
+        "INSERT INTO runs VALUES ('aaaaaaaaaa', 1), ('bbbbbbbbbb', 2);"
+        "INSERT INTO tags VALUES ('mlflow.runName', 'synthesis', 'aaaaaaaaaa'), ('synthesis.ran_on.device', 'cpu', 'aaaaaaaaaa'),"
+        "('mlflow.runName', 'evaluation', 'bbbbbbbbbb'), ('evaluation.ran_on.memory_format', 'contiguous', 'bbbbbbbbbb'),"
+        "('other', 'x', 'bbbbbbbbbb');"
+        "INSERT INTO params VALUES ('lora_training.lora.mixed_precision', 'no', 'aaaaaaaaaa'), ('seed', '42', 'aaaaaaaaaa');")
+    con.commit()
+    con.close()
+    assert rehearsal.recorded_ran_on(tmp_path) == {
+        "synthesis aaaaaaaa": {"lora_training.lora.mixed_precision": "no", "synthesis.ran_on.device": "cpu"},
+        "evaluation bbbbbbbb": {"evaluation.ran_on.memory_format": "contiguous"}}
+    assert rehearsal.recorded_ran_on(tmp_path / "none") == {}
+
+
+def test_counts_only_are_shrunk(tmp_path):
+    """The rehearsal's overrides are counts (and batch sizes), never a resolution, rank, backbone or sampler."""
+    keys = set(rehearsal.COUNT_PARAMS) | set(rehearsal.FILE_RUN_PARAMS)
+    for forbidden in ("image_size", "resolution", "rank", "alpha", "backbones", "augmentation", "clip_skip",
+                      "guidance_scale", "learning_rate", "weights"):
+        assert not any(k.split(".")[-1] == forbidden for k in keys), forbidden
+    assert set(rehearsal.CPU_PARAMS) == {"lora_training.lora.mixed_precision"}
+
+
 @pytest.mark.slow
-@pytest.mark.rehearsal  # 25-60 min on 2 cores: not in the default run (pyproject addopts)
+@pytest.mark.rehearsal  # an hour or more on 2 shared cores: not in the default run (pyproject addopts)
 def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path):
     summary_file = tmp_path / "summary.json"
     code = rehearsal.main(["--workdir", str(tmp_path / "work"), "--json", str(summary_file)])
@@ -76,7 +143,20 @@ def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path)
     for name, path in summary["contract_files"].items():
         assert path != "None", name
     assert summary["kohya_file"]["imported_equals_trained"]
+    assert not summary["contract_files_missing"] and summary["report_check"]["problems"] == []
     metrics = json.loads(open(summary["contract_files"]["data/08_reporting/zero_shot_metrics.json"]).read())
     backbones = {e["backbone"] for e in metrics["experiments"].values()} if all(
         "backbone" in e for e in metrics["experiments"].values()) else None
     assert backbones in (None, set(rehearsal.BACKBONES))
+
+
+@pytest.mark.slow
+@pytest.mark.rehearsal  # tens of minutes on 2 cores: not in the default run
+def test_paper_rehearsal_with_an_imported_adapter_runs_all_four_pipelines(tmp_path):
+    summary_file = tmp_path / "summary.json"
+    code = rehearsal.main(["--workdir", str(tmp_path / "work"), "--json", str(summary_file), "--adapter-from-file"])
+    summary = json.loads(summary_file.read_text())
+    assert code == 0, [r for r in summary["runs"] if r["exit_code"]]
+    assert [r["pipeline"] for r in summary["runs"]] == ["ingestion", "lora_training", "synthesis", "evaluation"]
+    assert summary["kohya_file"]["imported_format"] == "kohya" and not summary["contract_files_missing"]
+    assert summary["report_check"]["problems"] == []
