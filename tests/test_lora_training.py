@@ -27,8 +27,11 @@ from fu_kedro.pipelines.lora_training.nodes import (
     build_base_model,
     fit_lora_adapter,
     generate,
+    adapter_lineage,
+    plot_loss_curves,
+    render_validation_grid,
     resize_images,
-    summarize_training,
+    training_metrics,
 )
 
 CAPTION = "a photo of fetal {plane}"
@@ -110,9 +113,10 @@ def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
     assert (history.groupby("stage").size() == 15).all()
     assert base.pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
     adapter, lora_hist, summary = fit_lora_adapter(base, src.select(src.meta["split"] == "train"), params, seed=1)
-    curves, grid, metrics, record = summarize_training(
-        base, adapter, history, lora_hist, summary, params, CLASSES, CAPTION, seed=1
-    )
+    grid = render_validation_grid(base, adapter, params, CLASSES, CAPTION, seed=1)
+    plot_loss_curves(history, lora_hist)
+    record = adapter_lineage(base, adapter, summary)
+    metrics = training_metrics(history, lora_hist, summary, record)
     assert len(metrics["lora_loss"]) == 60 and {"value", "step"} <= set(metrics["lora_loss"][0])
     assert metrics["base_denoiser_steps"] == {"value": 15.0, "step": 0}
     assert record["adapter"]["content_hash"] == adapter.content_hash

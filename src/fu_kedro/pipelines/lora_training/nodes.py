@@ -248,28 +248,51 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
 
 
 def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int):
-    """Train the LoRA adapter on the LoRA subset, or read it from ``adapter_file``.
+    """The LoRA adapter as ``lora_training.adapter_source`` says: trained here (``train``,
+    :func:`train_lora_adapter`) or read from ``adapter_file`` (``file``, :func:`read_lora_adapter`).
+
+    A router, so that ``kedro run`` and ``--params lora_training.adapter_source=file`` run the
+    same node (``fit_lora_adapter_node``) into the same catalog entries.
 
     Returns:
         (adapter, per-step history, summary dict with the denoising loss on the LoRA images
         with and without the adapter).
     """
     source = params.get("adapter_source", "train")
+    if source == "file":
+        return read_lora_adapter(base_model, params)
+    if source == "train":
+        return train_lora_adapter(base_model, lora_subset, params, seed)
+    raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
+
+
+def read_lora_adapter(base_model: BaseModel, params: dict[str, Any]):
+    """An existing adapter file (diffusers or kohya-ss format), checked to fit the base model.
+
+    Returns:
+        (adapter, an empty history, summary naming the file).
+    """
+    path = params.get("adapter_file")
+    if not path:
+        raise ValueError("lora_training.adapter_source is 'file' but lora_training.adapter_file is not set")
+    adapter = read_adapter_file(path)
+    _check_adapter_fits(base_model.pipe, adapter, path)
+    adapter.metadata.setdefault("base_content_hash", str(base_model.info.get("content_hash")))
+    adapter.metadata["adapter_source"] = "file"
+    log.info("LoRA adapter: read %s (%s format), not trained", path, adapter.metadata.get("imported_format"))
+    return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), {"adapter_source": "file", "file": str(path)}
+
+
+def train_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int):
+    """Train the LoRA adapter on the LoRA subset's captioned images.
+
+    Returns:
+        (adapter, per-step history, summary dict with the denoising loss on the LoRA images
+        with and without the adapter).
+    """
     lora = params["lora"]
     resolution = params["resolution"]
     base_info = dict(base_model.info)
-    if source == "file":
-        path = params.get("adapter_file")
-        if not path:
-            raise ValueError("lora_training.adapter_source is 'file' but lora_training.adapter_file is not set")
-        adapter = read_adapter_file(path)
-        _check_adapter_fits(base_model.pipe, adapter, path)
-        adapter.metadata.setdefault("base_content_hash", str(base_info.get("content_hash")))
-        adapter.metadata["adapter_source"] = "file"
-        log.info("LoRA adapter: read %s (%s format), not trained", path, adapter.metadata.get("imported_format"))
-        return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), {"adapter_source": "file", "file": str(path)}
-    if source != "train":
-        raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
     loop_cfg = _loop(lora, seed + 2, "lora_training.lora", LORA_KEYS)
     rank = lora["rank"]
     if not isinstance(rank, int) or rank <= 0:
@@ -286,7 +309,7 @@ def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[
 
 def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: LoopConfig, base_info: dict,
                 seed: int, threads: int, device):
-    """Fit the peft LoRA on the LoRA subset (``fit_lora_adapter``'s train branch)."""
+    """Fit the peft LoRA on the LoRA subset (the loop of :func:`train_lora_adapter`)."""
     lora = params["lora"]
     rank = lora["rank"]
     resolution = params["resolution"]
@@ -434,34 +457,24 @@ def _tag_time_capped(capped: dict[str, int]) -> None:
         mlflow.set_tag("fu_kedro.reproducible", "false")
 
 
-def summarize_training(
-    base_model,
-    lora_adapter: LoraAdapter,
-    base_history: pd.DataFrame,
-    lora_history: pd.DataFrame,
-    lora_summary: dict,
-    params: dict[str, Any],
-    classes: list[str],
-    caption_template: str,
-    seed: int,
-):
-    """Loss-curve figure, validation grid, MLflow metric histories and a lineage record."""
-    metrics: dict[str, Any] = {}
-    for stage in ["autoencoder", "base_denoiser", "lora"]:
-        for hist in (base_history, lora_history):
-            part = hist[hist["stage"] == stage]
-            if not part.empty:
-                metrics[f"{stage}_loss"] = _history_metric(part)
-                metrics[f"{stage}_steps"] = {"value": float(len(part)), "step": 0}
-                metrics[f"{stage}_seconds"] = {"value": float(part["seconds"].iloc[-1]), "step": 0}
-    for key in ("denoising_loss_without_adapter", "denoising_loss_with_adapter"):
-        if key in lora_summary:
-            metrics[key] = {"value": float(lora_summary[key]), "step": 0}
+def render_validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str],
+                           caption_template: str, seed: int) -> Figure:
+    """The validation grid: per class, fixed seeds, base (left) vs base + LoRA (right), under
+    ``lora_training.torch_threads``."""
+    with torch_threads(params.get("torch_threads")):
+        return validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
+
+
+def plot_loss_curves(base_history: pd.DataFrame, lora_history: pd.DataFrame) -> Figure:
+    """The loss-curve figure of every stage that trained in this run (autoencoder, base denoiser, LoRA)."""
+    return loss_curves(base_history, lora_history)
+
+
+def adapter_lineage(base_model: BaseModel, lora_adapter: LoraAdapter, lora_summary: dict) -> dict[str, Any]:
+    """The adapter's lineage record: the base model's reference, the adapter's hash, catalog
+    version and metadata, the LoRA summary, and which loops (if any) a wall-clock cap stopped."""
     info = dict(base_model.info)
     capped = dict(info.get("time_capped") or {}) | dict(lora_summary.get("time_capped") or {})
-    metrics["time_capped"] = {"value": float(bool(capped)), "step": 0}
-    if capped:
-        _tag_time_capped(capped)
     record = {
         "base_model": {k: v for k, v in info.items() if k != "architecture"},
         "adapter": {
@@ -475,7 +488,27 @@ def summarize_training(
         "time_capped": capped,
         "reproducible": not capped,
     }
-    with torch_threads(params.get("torch_threads")):
-        grid = validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
-    curves = loss_curves(base_history, lora_history)
-    return curves, grid, metrics, json.loads(json.dumps(record, default=str))
+    return json.loads(json.dumps(record, default=str))
+
+
+def training_metrics(base_history: pd.DataFrame, lora_history: pd.DataFrame, lora_summary: dict,
+                     lora_lineage: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow metric histories of the training (loss per stage, steps, seconds, the
+    denoising loss with/without the adapter, ``time_capped``); a capped loop (named in the
+    lineage record) also tags the MLflow run as not reproducible."""
+    metrics: dict[str, Any] = {}
+    for stage in ["autoencoder", "base_denoiser", "lora"]:
+        for hist in (base_history, lora_history):
+            part = hist[hist["stage"] == stage]
+            if not part.empty:
+                metrics[f"{stage}_loss"] = _history_metric(part)
+                metrics[f"{stage}_steps"] = {"value": float(len(part)), "step": 0}
+                metrics[f"{stage}_seconds"] = {"value": float(part["seconds"].iloc[-1]), "step": 0}
+    for key in ("denoising_loss_without_adapter", "denoising_loss_with_adapter"):
+        if key in lora_summary:
+            metrics[key] = {"value": float(lora_summary[key]), "step": 0}
+    capped = dict(lora_lineage.get("time_capped") or {})
+    metrics["time_capped"] = {"value": float(bool(capped)), "step": 0}
+    if capped:
+        _tag_time_capped(capped)
+    return metrics

@@ -1,4 +1,4 @@
-"""``lora_training`` pipeline: prior corpus + source images -> base model -> LoRA adapter -> curves, grid, lineage.
+"""``lora_training`` pipeline: prior corpus + source images -> base model -> LoRA adapter -> grid, curves, lineage, metrics.
 
 The tiny base is trained on ``prior_corpus`` (broad phantom styles, FU-LoRA's "broad
 prior"; ``base_model.tiny.train_on``), the LoRA on ``lora_subset`` (20 per class of the
@@ -11,12 +11,21 @@ Reusing an earlier tiny base instead of training it again (documented in the REA
 
 ``--from-nodes`` skips ``build_base_model_node``; ``base_model`` (and, by default, its
 training history) is then loaded from the catalog — the latest version, or the pinned one.
+``fit_lora_adapter_node`` trains the adapter or, with ``lora_training.adapter_source=file``,
+reads it from ``adapter_file`` (a router node: parameters are not known when the pipeline is built).
 """
 from kedro.pipeline import Node, Pipeline
 
 from fu_kedro.data_sources.prior_corpus import make_prior_corpus
 
-from .nodes import build_base_model, fit_lora_adapter, summarize_training
+from .nodes import (
+    adapter_lineage,
+    build_base_model,
+    fit_lora_adapter,
+    plot_loss_curves,
+    render_validation_grid,
+    training_metrics,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -47,25 +56,35 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="fit_lora_adapter_node",
             ),
             Node(
-                summarize_training,
+                render_validation_grid,
                 inputs=[
                     "base_model",
                     "lora_adapter",
-                    "base_training_history",
-                    "lora_training_history",
-                    "lora_training_summary",
                     "params:lora_training",
                     "params:lora_training.validation.classes",
                     "params:ingestion.caption_template",
                     "params:seed",
                 ],
-                outputs=[
-                    "lora_loss_curves",
-                    "lora_validation_grid",
-                    "lora_training_metrics",
-                    "lora_lineage",
-                ],
-                name="summarize_lora_training_node",
+                outputs="lora_validation_grid",
+                name="render_validation_grid_node",
+            ),
+            Node(
+                plot_loss_curves,
+                inputs=["base_training_history", "lora_training_history"],
+                outputs="lora_loss_curves",
+                name="plot_loss_curves_node",
+            ),
+            Node(
+                adapter_lineage,
+                inputs=["base_model", "lora_adapter", "lora_training_summary"],
+                outputs="lora_lineage",
+                name="adapter_lineage_node",
+            ),
+            Node(
+                training_metrics,
+                inputs=["base_training_history", "lora_training_history", "lora_training_summary", "lora_lineage"],
+                outputs="lora_training_metrics",
+                name="log_training_metrics_node",
             ),
         ],
         tags="lora_training",
