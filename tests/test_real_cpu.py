@@ -142,7 +142,7 @@ SHRUNK = [
 ]
 
 
-@pytest.mark.slow  # one `kedro run --env real_cpu` subprocess on the real sample: ~1 min on 1 core
+@pytest.mark.slow  # one `kedro run --env real_cpu` subprocess on the real sample: 69 s CPU, 2.5 min wall at load 6 (measured)
 def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db_sample, african_planes_dev):
     from conftest import copy_project
 
