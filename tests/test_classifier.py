@@ -14,6 +14,7 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
+from fu_kedro.classifiers.train import curve_metrics
 from fu_kedro.datasets import ImageSet
 
 AUG = {"rotation_degrees": 15, "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "hflip_p": 0.5}
@@ -125,6 +126,10 @@ def test_training_learns_and_is_seeded(one_thread):
     # the kept checkpoint is the best validation evaluation
     assert a.best_step == int(a.history.loc[a.history["val_accuracy"].idxmax(), "step"])
     assert extract_features(a.model, val).shape == (8, 512)
+    # the curves as MLflow metric histories (sent through the catalog by the evaluation pipeline)
+    curves = curve_metrics("toy", a.history)
+    assert set(curves) == {"toy.train_loss", "toy.train_accuracy", "toy.val_loss", "toy.val_accuracy"}
+    assert curves["toy.val_loss"] == [{"value": v, "step": s} for v, s in zip(a.history["val_loss"], [3, 6, 9, 12])]
 
 
 def _train_toy(cfg, backbone="resnet18"):

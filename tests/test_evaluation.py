@@ -233,6 +233,14 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     assert "the LoRA adapter (lora) stopped at step 37" in report
     history = catalog.load("classifier_training_history")
     assert set(history.groupby("run")["step"].max()) == {6}  # every run, both arms, 6 optimiser steps
+    # the curves go to MLflow through the catalog: <run with dots>.<metric>, step = optimiser step
+    curves = outputs["classifier_curve_metrics"].load()
+    for run, hist in history.groupby("run"):
+        points = curves[f"{run.replace('/', '.')}.val_accuracy"]
+        assert [p["step"] for p in points] == hist["step"].tolist()
+        assert [p["value"] for p in points] == pytest.approx(hist["val_accuracy"].tolist())
+    assert {k.rsplit(".", 1)[1] for k in curves} == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    assert any(k.startswith("cas.synthetic_only.seed") for k in curves)
     for name in ("evaluation_confusion_matrices", "evaluation_training_curves", "evaluation_sample_grid",
                  "synthetic_embedding_plot", "evaluation_per_center"):
         assert outputs[name].load().axes, name

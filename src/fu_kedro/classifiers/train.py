@@ -31,10 +31,10 @@ CUDA, fp16 with ``GradScaler`` and the fused AdamW on CUDA, channels-last, the
 device-resident tensors. Tested on the CPU: the default is unchanged, bad settings fail
 before training, and the autocast + ``GradScaler`` code of ``train_step`` runs (CPU bf16).
 
-Curves: when an MLflow run is active (``kedro run`` with kedro-mlflow), each evaluation's
-``train_loss``, ``train_accuracy`` (means over the steps since the last evaluation),
-``val_loss`` and ``val_accuracy`` are logged with ``mlflow.log_metrics(..., step=step)``
-under ``<run_name>.``; the full history is also returned as a DataFrame.
+Curves: each evaluation's ``train_loss``, ``train_accuracy`` (means over the steps since the
+last evaluation), ``val_loss`` and ``val_accuracy`` are a row of the returned history; the
+evaluation pipeline sends them to MLflow through the catalog (``curve_metrics``, keys
+``<run_name>.<metric>``, MLflow step = optimiser step).
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -231,9 +230,13 @@ def train_step(
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
-def log_epoch_metrics(run_name: str, row: dict[str, Any]) -> None:
-    """One evaluation's curves to the active MLflow run, keys ``<run_name>.<metric>``, MLflow step = optimiser step."""
-    mlflow.log_metrics({f"{run_name}.{m}": float(row[m]) for m in EPOCH_METRICS}, step=int(row["step"]))
+def curve_metrics(run_name: str, history: pd.DataFrame) -> dict[str, list[dict[str, float]]]:
+    """One run's curves as MLflow metric histories: ``{"<run_name>.<metric>": [{"value", "step"}, ...]}``,
+    MLflow step = optimiser step (the format of kedro-mlflow's ``MlflowMetricsHistoryDataset``)."""
+    return {
+        f"{run_name}.{m}": [{"value": float(v), "step": int(s)} for v, s in zip(history[m], history["step"])]
+        for m in EPOCH_METRICS
+    }
 
 
 def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float, float]:
@@ -293,7 +296,6 @@ def train_classifier(
     sign = 1.0 if cfg.selection_metric == "val_loss" else -1.0
     best_score, best_step, best_state = np.inf, 0, None
     rows = []
-    active = mlflow.active_run() is not None
     calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(plan.device)
     batches = batch_indices(len(train), cfg.batch_size, order)
     batch_size = min(cfg.batch_size, len(train))
@@ -340,8 +342,6 @@ def train_classifier(
         }
         rows.append(row)
         losses, correct, seen = [], 0, 0
-        if active:
-            log_epoch_metrics(run_name, row)
         score = sign * row[cfg.selection_metric]
         if score < best_score:
             best_score, best_step = score, step

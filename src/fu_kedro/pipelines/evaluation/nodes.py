@@ -31,7 +31,7 @@ from fu_kedro.classifiers import (
     prepare_tensors,
     train_classifier,
 )
-from fu_kedro.classifiers.train import log_epoch_metrics, train_config
+from fu_kedro.classifiers.train import curve_metrics, train_config
 from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
 from fu_kedro.devices import resolve_device
@@ -414,7 +414,7 @@ def train_experiments(
                 cfg,
                 seed=run["seed"],
                 augmentation=params["augment"] if run["augmentation"] else None,
-                run_name=key.replace("/", "."),
+                run_name=curve_run_name(key),
             )
             result.info.update(run)
             trained[key] = result
@@ -466,24 +466,41 @@ def train_synthetic_arm_classifiers(
 
 
 def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: list[dict], rank: int):
-    """Every process's trained runs on every process, in plan order; MLflow gets the other processes' curves.
-
-    Only the main process logs to MLflow (fu_kedro.settings); the curves of runs trained
-    elsewhere are logged here, after the fact, with the same keys ``train_classifier`` uses.
-    """
+    """Every process's trained runs on every process, in plan order (the main process then
+    sends every run's curves to MLflow: ``classifier_curve_metrics``)."""
     from accelerate.utils import gather_object
 
     for result in trained.values():
         result.model.cpu()  # a pickled model must not point at this process's GPU
     mine = [(key, trained[key], hist, rank) for key, hist in zip(trained, histories)]
     everyone = {key: (result, hist, source) for key, result, hist, source in gather_object(mine)}
-    if mlflow.active_run() is not None:
-        for key, (_, hist, source) in everyone.items():
-            if source != rank:
-                for row in hist.to_dict("records"):
-                    log_epoch_metrics(key.replace("/", "."), row)  # the run_name train_experiments gives
     keys = [run_key(run) for run in experiment_plan]
     return {k: everyone[k][0] for k in keys}, [everyone[k][1] for k in keys]
+
+
+def curve_run_name(key: str) -> str:
+    """The MLflow name of a run's curves: its plan key with dots (``hybrid.resnet18.da0.seed0...``)."""
+    return key.replace("/", ".")
+
+
+def cas_run_name(seed: int) -> str:
+    """The MLflow name of a CAS classifier's curves."""
+    return f"cas.synthetic_only.seed{seed}"
+
+
+def classifier_curve_metrics(classifier_training_history: pd.DataFrame, cas_classifier: list | None) -> dict:
+    """Every classifier's training curves as MLflow metric histories (``classifier_curve_metrics``):
+    ``{"<run>.<train_loss|train_accuracy|val_loss|val_accuracy>": [{"value", "step"}, ...]}`` for
+    each run of the plan (``classifier_training_history``) and each CAS classifier; step =
+    optimiser step."""
+    out: dict = {}
+    if not classifier_training_history.empty:
+        for key, hist in classifier_training_history.groupby("run", sort=False):
+            out.update(curve_metrics(curve_run_name(str(key)), hist))
+    for result in cas_classifier or []:
+        if not result.history.empty:
+            out.update(curve_metrics(cas_run_name(result.info["seed"]), result.history))
+    return out
 
 
 # --------------------------------------------------------------------------- quality gate
@@ -705,7 +722,7 @@ def train_cas_classifier(
                 cfg,
                 seed=run["seed"],
                 augmentation=params["augment"] if run["augmentation"] else None,
-                run_name=f"cas.synthetic_only.seed{run['seed']}",
+                run_name=cas_run_name(run["seed"]),
             )
             result.info.update({"backbone": run["backbone"], "augmentation": run["augmentation"], "weights": weights})
             out.append(result)

@@ -8,6 +8,7 @@ from .nodes import (
     assess_synthetic_quality,
     build_report,
     check_synthetic_fidelity,
+    classifier_curve_metrics,
     compute_zero_shot_metrics,
     make_vae_round_trip_controls,
     plan_experiments,
@@ -80,6 +81,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["classifier_data", "evaluation_plan", "params:evaluation", "params:seed", "fidelity_gate"],
                 outputs="cas_classifier",
                 name="train_cas_classifier_node",
+            ),
+            Node(
+                classifier_curve_metrics,
+                inputs=["classifier_training_history", "cas_classifier"],
+                outputs="classifier_curve_metrics",
+                name="classifier_curve_metrics_node",
             ),
             Node(
                 make_vae_round_trip_controls,
