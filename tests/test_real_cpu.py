@@ -44,9 +44,10 @@ def test_ultrasound_knobs_off_leave_the_paper_da_bit_identical(off):
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
-def test_base_conf_keeps_the_ultrasound_knobs_off():
-    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_evaluation.yml").read_text())
-    assert build_ultrasound(conf["evaluation"]["augment"]) is None
+def test_paper_profile_turns_the_ultrasound_knobs_off():
+    """conf/base turns the ultrasound DA on (commit 9c46b0e); the paper's DA is geometric only."""
+    p = _params("paper")
+    assert build_ultrasound(p["evaluation"]["augment"]) is None
 
 
 def test_ultrasound_augmentation_is_seeded_per_image_and_changes_intensity():
@@ -97,13 +98,17 @@ def test_unknown_augment_key_still_stops_the_run():
         check_keys(PAPER_DA | {"specle": 0.2}, PARAMETER_KEYS["evaluation.augment"], "evaluation.augment")
 
 
-def _real_cpu_params() -> dict:
-    """conf/base soft-merged with conf/real_cpu, as Kedro loads them for ``--env real_cpu``."""
+def _params(env: str) -> dict:
+    """conf/base soft-merged with conf/<env>, as Kedro loads them for ``--env <env>``."""
     from kedro.config import OmegaConfigLoader
 
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="real_cpu",
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env=env,
                                merge_strategy={"parameters": "soft"})
     return loader["parameters"]
+
+
+def _real_cpu_params() -> dict:
+    return _params("real_cpu")
 
 
 def test_real_cpu_profile_matches_resolution_end_to_end():
