@@ -244,13 +244,44 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
             needing more synthetic images than there are, a backbone torchvision lacks, a
             weights file that does not fit its backbone.
     """
+    n_real = len(classifier_data["source_train"])
+    arms = _training_arms(params, n_real, classifier_data["info"]["n_synthetic"])
+    backbones = list(params["backbones"])
+    weights_files = dict(params.get("weights") or {})
+    descriptions = _check_backbones(backbones, weights_files, classifier_data)
+    n_seeds = int(params["n_seeds"])
+    if n_seeds < 1:
+        raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
+    augmentations = [bool(a) for a in params["augmentation"]]
+    cfg = train_config(params["train"])
+    replicates, per_replicate = _synthetic_replicates(classifier_data, [r for _, r in arms if r is not None], n_real)
+    plan = []
+    for experiment, ratio in arms:
+        # the baseline trains once per seed; every synthetic arm once per replicate x seed
+        arm_replicates = [-1] if experiment == "baseline" else replicates
+        for backbone in backbones:
+            for aug in augmentations:
+                for rep in arm_replicates:
+                    n_s = 0 if rep < 0 else (per_replicate[rep] if ratio is None else int(round(ratio * n_real)))
+                    config = {
+                        "experiment": experiment, "backbone": backbone, "augmentation": aug, "replicate": rep,
+                        "weights": descriptions[backbone], "weights_file": weights_files.get(backbone),
+                        "n_real": n_real, "n_synthetic": n_s, "synthetic_ratio": ratio,
+                    }
+                    plan.extend(_seeded_runs(config, cfg, int(seed), n_seeds, params.get("torch_threads")))
+    log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
+             len(plan), cfg.steps, cfg.batch_size, len(replicates))
+    return plan
+
+
+def _training_arms(params: dict, n_real: int, n_syn: int) -> list[tuple[str, float | None]]:
+    """The training sets to compare, checked: ``(name, synthetic:real ratio or None)`` for each of
+    ``evaluation.training_sets``, then one ``hybrid_x<r>`` per ``synthetic_ratios`` entry."""
     sets = list(params["training_sets"])
     unknown = [s for s in sets if s not in TRAINING_SETS]
     if unknown:
         raise ValueError(f"evaluation.training_sets {unknown} unknown; choose from {list(TRAINING_SETS)}")
     ratios = [float(r) for r in (params.get("synthetic_ratios") or [])]
-    n_real = len(classifier_data["source_train"])
-    n_syn = classifier_data["info"]["n_synthetic"]
     if ("hybrid" in sets or ratios) and n_syn == 0:
         raise ValueError(
             "a hybrid experiment needs synthetic images, but synthetic_batch has none; run the synthesis "
@@ -262,15 +293,12 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
                 f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images ({n_real} real train images); "
                 f"the synthetic batch has {n_syn} and ratios must be > 0"
             )
-    backbones = list(params["backbones"])
-    weights_files = dict(params.get("weights") or {})
-    descriptions = _check_backbones(backbones, weights_files, classifier_data)
-    n_seeds = int(params["n_seeds"])
-    if n_seeds < 1:
-        raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
-    augmentations = [bool(a) for a in params["augmentation"]]
-    training = [(s, None) for s in sets] + [(_ratio_name(r), r) for r in ratios]
-    cfg = train_config(params["train"])
+    return [(s, None) for s in sets] + [(_ratio_name(r), r) for r in ratios]
+
+
+def _synthetic_replicates(classifier_data: dict, ratios: list[float], n_real: int) -> tuple[list[int], dict[int, int]]:
+    """The synthetic batch's replicates and how many images each has; a ratio needing more
+    synthetic images than the smallest replicate has stops the run."""
     synthetic = classifier_data["synthetic"]
     replicates = classifier_data["info"].get("synthetic_replicates") or [0]
     per_replicate = (
@@ -282,27 +310,24 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
             if round(r * n_real) > smallest:
                 raise ValueError(f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images per replicate; the "
                                  f"smallest replicate of the batch has {smallest}")
-    threads = params.get("torch_threads")
-    plan = []
-    for experiment, ratio in training:
-        # the baseline trains once per seed; every synthetic arm once per replicate x seed
-        arm_replicates = [-1] if experiment == "baseline" else replicates
-        for backbone in backbones:
-            for aug in augmentations:
-                for rep in arm_replicates:
-                    n_s = 0 if rep < 0 else (per_replicate[rep] if ratio is None else int(round(ratio * n_real)))
-                    batch = min(cfg.batch_size, n_real + n_s)
-                    for i in range(n_seeds):
-                        plan.append({
-                            "experiment": experiment, "backbone": backbone, "augmentation": aug,
-                            "seed": int(seed) + i, "replicate": rep,
-                            "weights": descriptions[backbone], "weights_file": weights_files.get(backbone),
-                            "n_real": n_real, "n_synthetic": n_s, "synthetic_ratio": ratio,
-                            **_shared_schedule(cfg, batch, n_real + n_s), "torch_threads": threads,
-                        })
-    log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
-             len(plan), cfg.steps, cfg.batch_size, len(replicates))
-    return plan
+    return replicates, per_replicate
+
+
+def _seeded_runs(run: dict, cfg: TrainConfig, seed: int, n_seeds: int, threads: int | None) -> list[dict]:
+    """One plan row per classifier seed (``seed, seed + 1, ...``) of one configuration, with the
+    schedule every arm shares."""
+    batch = min(cfg.batch_size, run["n_real"] + run["n_synthetic"])
+    schedule = _shared_schedule(cfg, batch, run["n_real"] + run["n_synthetic"])
+    return [
+        {
+            "experiment": run["experiment"], "backbone": run["backbone"], "augmentation": run["augmentation"],
+            "seed": seed + i, "replicate": run["replicate"],
+            "weights": run["weights"], "weights_file": run["weights_file"],
+            "n_real": run["n_real"], "n_synthetic": run["n_synthetic"], "synthetic_ratio": run["synthetic_ratio"],
+            **schedule, "torch_threads": threads,
+        }
+        for i in range(n_seeds)
+    ]
 
 
 def _check_backbones(backbones: list[str], weights_files: dict, classifier_data: dict) -> dict[str, str]:
