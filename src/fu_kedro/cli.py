@@ -34,13 +34,6 @@ def _catalog_entry(project: Path, env: str | None, name: str):
     return DataCatalog.from_config({name: entry}).get(name)
 
 
-def _saved_versions(dataset) -> list[str]:
-    root = Path(str(getattr(dataset, "_filepath", "")))
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _mlflow_run_names(project: Path, env: str | None) -> dict[str, str]:
     """run id -> run name (and status) from the project's MLflow store, if it can be read."""
     try:
@@ -80,20 +73,22 @@ def lineage(dataset: str, env: str | None, no_mlflow: bool) -> None:
     kedro lineage synthetic_batch@2026-11-28T02.18.18.397Z
     """
     from fu_kedro import lineage as L
+    from fu_kedro.datasets.versions import load_version, saved_versions, versioned_path, versioned_root
 
     project = Path.cwd()
     name, _, version = dataset.partition("@")
     ds = _catalog_entry(project, env, name)
-    if getattr(ds, "_version", None) is None:
+    root = versioned_root(ds)
+    if root is None:
         raise click.ClickException(f"'{name}' is not versioned: only versioned entries have a lineage record")
-    saved = _saved_versions(ds)
+    saved = saved_versions(ds)
     if not saved:
-        raise click.ClickException(f"'{name}' has no saved version under {getattr(ds, '_filepath', '?')}")
+        raise click.ClickException(f"'{name}' has no saved version under {root}")
     if not version:
-        version = ds.resolve_load_version()
+        version = load_version(ds)
     elif version not in saved:
         raise click.ClickException(f"{name}@{version} is not saved; saved versions (latest 5): {', '.join(saved[-5:])}")
-    path = Path(str(ds._get_versioned_path(version)))  # noqa: SLF001 - Kedro's versioned path
+    path = versioned_path(ds, version)
     names = {} if no_mlflow else _mlflow_run_names(project, env)
     tree = L.version_step(name, version, path, project, names=names)
     click.echo("\n".join(L.render_text(tree)))

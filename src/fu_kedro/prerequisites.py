@@ -192,12 +192,12 @@ def _split_of(folder: Path) -> dict[str, str]:
 
 
 def _adapter_metadata(path: Path) -> dict:
-    """The string metadata of a safetensors adapter (header only; values JSON-decoded if they are JSON)."""
-    try:
-        from safetensors import safe_open
+    """An adapter file's metadata (``models.lora.read_adapter_metadata``), values JSON-decoded if
+    they are JSON; empty when the file cannot be read."""
+    from fu_kedro.models.lora import read_adapter_metadata
 
-        with safe_open(str(path), "pt") as handle:
-            raw = dict(handle.metadata() or {})
+    try:
+        raw = read_adapter_metadata(path)
     except Exception:  # noqa: BLE001
         return {}
     out = {}

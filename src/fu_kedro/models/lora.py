@@ -127,6 +127,14 @@ def save_adapter_file(adapter: LoraAdapter, path: Path) -> None:
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a LoRA ``.safetensors`` file, from its header only (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def read_adapter_file(path: str | Path) -> LoraAdapter:
     """Read a LoRA ``.safetensors`` file in diffusers or kohya-ss format as a :class:`LoraAdapter`.
 
@@ -140,10 +148,7 @@ def read_adapter_file(path: str | Path) -> LoraAdapter:
         raise FileNotFoundError(f"LoRA adapter file '{path}' does not exist")
     try:
         raw = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            file_meta = dict(handle.metadata() or {})
+        file_meta = read_adapter_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"LoRA adapter file '{path}' is not a readable safetensors file: {exc}") from exc
     if not raw:
