@@ -453,7 +453,7 @@ def train_experiments(
             hist["best_epoch"] = float(hist.loc[hist["step"] == result.best_step, "epoch"].iloc[0])
             histories.append(hist)
     if state.num_processes > 1:
-        trained, histories = _gather_runs(trained, histories, chosen, state.process_index)
+        trained, histories = _gather_runs(trained, histories, chosen)
         for result in trained.values():
             result.model.to(resolve_device(cfg.device, "evaluation.train.device"))  # predictions run on this process's device
     history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
@@ -490,15 +490,15 @@ def train_synthetic_arm_classifiers(
     return ordered, pd.concat([baseline_history, history], ignore_index=True)
 
 
-def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: list[dict], rank: int):
+def _gather_runs(trained: dict, histories: list[pd.DataFrame], experiment_plan: list[dict]):
     """Every process's trained runs on every process, in plan order (the main process then
     sends every run's curves to MLflow: ``classifier_curve_metrics``)."""
     from accelerate.utils import gather_object
 
     for result in trained.values():
         result.model.cpu()  # a pickled model must not point at this process's GPU
-    mine = [(key, trained[key], hist, rank) for key, hist in zip(trained, histories)]
-    everyone = {key: (result, hist, source) for key, result, hist, source in gather_object(mine)}
+    mine = [(key, trained[key], hist) for key, hist in zip(trained, histories)]
+    everyone = {key: (result, hist) for key, result, hist in gather_object(mine)}
     keys = [run_key(run) for run in experiment_plan]
     return {k: everyone[k][0] for k in keys}, [everyone[k][1] for k in keys]
 
