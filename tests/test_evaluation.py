@@ -244,3 +244,26 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     for name in ("evaluation_confusion_matrices", "evaluation_training_curves", "evaluation_sample_grid",
                  "synthetic_embedding_plot", "evaluation_per_center"):
         assert outputs[name].load().axes, name
+
+
+def test_classifier_curves_reach_mlflow_under_their_run_names(tmp_path):
+    """The catalog entry logs ``<run>.<metric>`` as the training loop used to; kedro-mlflow puts the
+    entry's name before metric names only when ``prefix`` is unset (None), so it is set to ""."""
+    import mlflow
+    from kedro.io import DataCatalog
+
+    conf = yaml.safe_load((ROOT / "conf/base/catalog_evaluation.yml").read_text())["classifier_curve_metrics"]
+    assert conf["prefix"] == ""
+    dataset = DataCatalog.from_config({"classifier_curve_metrics": conf}).get("classifier_curve_metrics")
+    history = pd.DataFrame({"run": "baseline/resnet18/aug/seed42", "step": [2, 4], "train_loss": [1.5, 1.0],
+                            "train_accuracy": [0.5, 0.75], "val_loss": [1.2, 0.9], "val_accuracy": [0.4, 0.6]})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            dataset.save(nodes.classifier_curve_metrics(history, None))
+        client = mlflow.tracking.MlflowClient()
+        points = client.get_metric_history(run.info.run_id, "baseline.resnet18.aug.seed42.val_accuracy")
+        assert [(p.step, p.value) for p in points] == [(2, 0.4), (4, 0.6)]
+        assert len(client.get_run(run.info.run_id).data.metrics) == 4
+    finally:
+        mlflow.set_tracking_uri(None)
