@@ -259,9 +259,12 @@ def test_classifier_curves_reach_mlflow_under_their_run_names(tmp_path):
                             "train_accuracy": [0.5, 0.75], "val_loss": [1.2, 0.9], "val_accuracy": [0.4, 0.6]})
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        with mlflow.start_run() as run:
-            dataset.save(nodes.classifier_curve_metrics(history, None))
+        # a run made by the client in its own experiment: the fluent API's cached active
+        # experiment (left by an earlier test in this process, in another store) is not used
         client = mlflow.tracking.MlflowClient()
+        made = client.create_run(client.create_experiment("classifier-curves"))
+        with mlflow.start_run(run_id=made.info.run_id) as run:
+            dataset.save(nodes.classifier_curve_metrics(history, None))
         points = client.get_metric_history(run.info.run_id, "baseline.resnet18.aug.seed42.val_accuracy")
         assert [(p.step, p.value) for p in points] == [(2, 0.4), (4, 0.6)]
         assert len(client.get_run(run.info.run_id).data.metrics) == 4
