@@ -137,20 +137,21 @@ def _escaping_name(root, fmt):
     return f"{csv}:{len(rows) + 2}", "is not a plain file name inside", 1, set()
 
 
-def _blank_patient(root, fmt):
+def _blank_cell(root, fmt, column: str, row: int):
+    """One row's ``column`` left empty: that row's image is the bad input (CSV line = row + 2)."""
     csv, rows = _csv_rows(root, fmt)
-    rows.loc[2, "Patient_num"] = ""
+    rows.loc[row, column] = ""
     _write_rows(csv, rows, fmt)
-    bad = str(_image_of_row(root, fmt, rows, 2))
-    return bad, f"blank Patient_num ({csv.name} line 4)", 1, {bad}
+    bad = str(_image_of_row(root, fmt, rows, row))
+    return bad, f"blank {column} ({csv.name} line {row + 2})", 1, {bad}
+
+
+def _blank_patient(root, fmt):
+    return _blank_cell(root, fmt, "Patient_num", 2)
 
 
 def _blank_center(root, fmt):
-    csv, rows = _csv_rows(root, fmt)
-    rows.loc[1, "Center"] = ""
-    _write_rows(csv, rows, fmt)
-    bad = str(_image_of_row(root, fmt, rows, 1))
-    return bad, f"blank Center ({csv.name} line 3)", 1, {bad}
+    return _blank_cell(root, fmt, "Center", 1)
 
 
 def _duplicate_rows(root, fmt):
