@@ -63,6 +63,7 @@ COUNT_PARAMS = {
     "ingestion.lora_per_class": 1,            # paper 20
     "ingestion.preview.per_class": 1,
     "lora_training.lora.max_steps": 2,        # paper 2000
+    "lora_training.lora.loss_check_repeats": 1,  # base 4: the before/after loss check is 2 x 4 UNet passes at 512 px (~450 CPU-s)
     "lora_training.validation.per_class": 1,  # paper 4
     "lora_training.validation.classes": "[brain]",  # paper: all five
     "lora_training.validation.steps": 1,      # paper 25

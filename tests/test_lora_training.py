@@ -96,6 +96,18 @@ def test_adapter_changes_pixels_and_lowers_denoising_loss_on_its_images(params, 
     assert np.array_equal(pixels_with, generate(base, prompts, seeds, 32, 4, 3.0))
 
 
+def test_loss_check_repeats_changes_the_check_not_the_adapter(params, lora_subset):
+    """``lora.loss_check_repeats`` only sets how many passes the before/after loss check makes
+    (the paper rehearsal uses 1 at 512 px): the trained weights are the same bits."""
+    params["lora"].update(max_steps=4)
+    one = fit_lora_adapter(_random_base(), lora_subset, params | {"lora": params["lora"] | {"loss_check_repeats": 1}}, seed=5)
+    four = fit_lora_adapter(_random_base(), lora_subset, params, seed=5)  # conf/base: 4
+    assert params["lora"]["loss_check_repeats"] == 4
+    assert one[0].state_dict.keys() == four[0].state_dict.keys()
+    assert all(torch.equal(one[0].state_dict[k], four[0].state_dict[k]) for k in four[0].state_dict)
+    assert one[2]["denoising_loss_without_adapter"] != four[2]["denoising_loss_without_adapter"]
+
+
 def _prior(params, n_per_class: int = 2):
     return make_prior_corpus(params["base_model"]["tiny"]["prior"] | {"n_per_class": n_per_class, "image_size": 64}, 3)
 

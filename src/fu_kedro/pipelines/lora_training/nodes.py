@@ -91,7 +91,7 @@ def _captions(image_set: ImageSet, template: str) -> list[str]:
 BASE_MODEL_KEYS = ("kind", "pretrained_path", "tiny")
 TINY_KEYS = ("architecture", "train_on", "prior", "autoencoder", "denoiser")
 AUTOENCODER_KEYS = ("kl_weight",)
-LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip")
+LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats")
 
 
 def _loop(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
@@ -322,7 +322,10 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
     captions = _captions(lora_subset, "{plane}")
     ids = tokenize(pipe, captions)
     clip_skip = lora.get("clip_skip")
-    before = denoising_loss(pipe, latents, ids, seed=seed, clip_skip=clip_skip)
+    # the before/after check on fixed noise: passes over the subset (4 = the recorded default;
+    # at 512 px each pass is a UNet call per 32 images, so the paper rehearsal on CPU uses 1)
+    repeats = int(lora.get("loss_check_repeats", 4))
+    before = denoising_loss(pipe, latents, ids, seed=seed, repeats=repeats, clip_skip=clip_skip)
     alpha = float(lora.get("alpha") or rank)
     attach_lora(
         pipe,
@@ -333,7 +336,7 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
         seed=seed,
     )
     hist = train_denoiser(pipe, latents, ids, loop_cfg, clip_skip=clip_skip)
-    after = denoising_loss(pipe, latents, ids, seed=seed, clip_skip=clip_skip)
+    after = denoising_loss(pipe, latents, ids, seed=seed, repeats=repeats, clip_skip=clip_skip)
     log.info("LoRA: %s; denoising loss on the LoRA images %.4f -> %.4f", summarize(hist), before, after)
     adapter = export_lora(
         pipe,
