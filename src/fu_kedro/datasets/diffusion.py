@@ -34,7 +34,7 @@ from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_f
 
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
-from fu_kedro.models.lora import LoraAdapter, read_adapter_file, save_adapter_file
+from fu_kedro.models.lora import LoraAdapter, read_adapter_file, read_adapter_metadata, save_adapter_file
 
 from .staging import published_path
 
@@ -82,11 +82,7 @@ class _LocalVersioned(AbstractVersionedDataset):
         path = self._load_path()
         if (path / "reference.json").is_file():
             return json_preview(json.loads((path / "reference.json").read_text()), drop=("made_from",))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            meta = dict(handle.metadata() or {})
-        return json_preview(meta, drop=("made_from",))
+        return json_preview(read_adapter_metadata(path), drop=("made_from",))
 
 
 class DiffusionModelDataset(_LocalVersioned):
