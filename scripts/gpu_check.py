@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     on_device = cuda or args.device == "cpu"  # the GPU steps run (on the GPU, or on the CPU as a dry run)
     if args.device == "cpu":
         steps["cuda"].detail += " (--device cpu: the GPU steps run on the CPU)"
-    reason = f"skipped: no CUDA device (run on a machine with one, or --device cpu for a dry run)"
+    reason = "skipped: no CUDA device (run on a machine with one, or --device cpu for a dry run)"
     quick = args.quick or args.device == "cpu"
     counts = TINY_PARAMS["quick" if quick else "full"]
     bf16 = bool(steps["cuda"].values.get("bf16"))
