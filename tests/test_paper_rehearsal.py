@@ -89,6 +89,18 @@ def test_profile_hook_is_added_to_the_copy_only_and_records_nodes(tmp_path, monk
     assert all(i["seconds"] >= 0 and i["cpu_seconds"] >= 0 and i["peak_rss_gb_so_far"] > 0 for i in items)
     assert [i["kind"] for i in rehearsal.read_profile(profile_file)] == ["node", "node_failed"]  # short loads dropped
     assert rehearsal.read_profile(tmp_path / "absent.jsonl") == []
+    # as Kedro calls them: through pluggy, by the hook specs' argument names
+    from kedro.framework.hooks.manager import _create_hook_manager
+
+    profile_file.unlink()
+    manager = _create_hook_manager()
+    manager.register(namespace["RehearsalProfile"]())
+    manager.hook.before_node_run(node=Node(), catalog=None, inputs={}, is_async=False, run_id="r")
+    manager.hook.after_node_run(node=Node(), catalog=None, inputs={}, outputs={}, is_async=False, run_id="r")
+    manager.hook.before_dataset_saved(dataset_name="lora_adapter", data=None, node=Node())
+    manager.hook.after_dataset_saved(dataset_name="lora_adapter", data=None, node=Node())
+    items = rehearsal.read_profile(profile_file, min_cpu_seconds=0)
+    assert [(i["kind"], i["name"]) for i in items] == [("node", Node.name), ("save", "lora_adapter")]
 
 
 def test_report_check_wants_the_what_ran_table_and_no_fixed_gpu_sentence(tmp_path):
