@@ -142,6 +142,55 @@ def test_counts_only_are_shrunk(tmp_path):
     assert set(rehearsal.CPU_PARAMS) == {"lora_training.lora.mixed_precision"}
 
 
+def _tiny_lora_case(project_root):
+    """A random tiny base, 1 phantom image per class and conf/base's lora_training block (1 step)."""
+    import yaml
+
+    from fu_kedro.data_sources import generate_phantoms
+    from fu_kedro.models.base_model import BaseModel
+
+    params = yaml.safe_load((project_root / "conf" / "base" / "parameters_lora_training.yml").read_text())["lora_training"]
+    params["lora"].update(max_steps=1, batch_size=2, loss_check_repeats=1, rank=4, train_text_encoder=True)
+    subset = generate_phantoms("source", 1, 64, seed=11)
+    subset.meta["caption"] = [f"a photo of fetal {p}" for p in subset.meta["label"]]
+    pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return BaseModel(pipe, {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": "x"}), subset, params
+
+
+def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_trip(project_root, tmp_path):
+    """``adapter_source: file`` on a kohya-ss file: the lineage (made from the saved, diffusers-format
+    catalog version) says it was imported from that kohya file, with its path and sha256."""
+    import hashlib
+
+    from fu_kedro.datasets import LoraAdapterDataset
+    from fu_kedro.pipelines.lora_training.nodes import adapter_lineage, fit_lora_adapter
+
+    base, subset, params = _tiny_lora_case(project_root)
+    pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
+    attach_lora(pipe, rank=4, alpha=4.0, unet_targets=("to_q", "to_k", "to_v", "to_out.0"), train_text_encoder=True, seed=0)
+    tensors, metadata = rehearsal.kohya_state_dict(export_lora(pipe, 4, 4.0, {}))
+    kohya = tmp_path / "fu_lora_kohya.safetensors"
+    save_file(tensors, str(kohya), metadata=metadata)
+    sha256 = hashlib.sha256(kohya.read_bytes()).hexdigest()
+    adapter, _, summary = fit_lora_adapter(base, subset, params | {"adapter_source": "file", "adapter_file": str(kohya)}, seed=0)
+    assert {k: summary[k] for k in ("imported_from", "imported_format", "imported_sha256", "file_sha256")} == {
+        "imported_from": str(kohya), "imported_format": "kohya", "imported_sha256": sha256, "file_sha256": sha256}
+    dataset = LoraAdapterDataset(str(tmp_path / "lora_adapter.safetensors"))
+    dataset.save(adapter)
+    saved = dataset.load()  # what the lineage node gets: the diffusers-format copy
+    meta = adapter_lineage(base, saved, summary)["adapter"]["metadata"]
+    assert (meta["adapter_source"], meta["imported_format"], meta["imported_from"], meta["imported_sha256"]) == (
+        "file", "kohya", str(kohya), sha256)
+    assert meta["file"] != str(kohya)  # the copy that was read is named apart
+    # a trained adapter, saved and loaded, still reads as what it is (its own file, diffusers format)
+    trained, _, _ = fit_lora_adapter(base, subset, params, seed=0)
+    other = LoraAdapterDataset(str(tmp_path / "trained.safetensors"))
+    other.save(trained)
+    again = other.load()
+    assert again.metadata["adapter_source"] == "train" and again.metadata["imported_format"] == "diffusers"
+
+
 @pytest.mark.slow
 @pytest.mark.rehearsal  # an hour or more on 2 shared cores: not in the default run (pyproject addopts)
 def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path):

@@ -175,7 +175,12 @@ def read_adapter_file(path: str | Path) -> LoraAdapter:
                 scales[module] = alphas[alpha_key] / value.shape[0]
     state = _fold_scale(state, scales)
     meta = {k: v for k, v in file_meta.items() if k != "lora_adapter_metadata"}
-    meta.update({"format": "diffusers", "imported_from": str(path), "imported_format": source_format, "alpha_folded": "true"})
+    meta.update({"format": "diffusers", "alpha_folded": "true"})
+    if not (file_meta.get("adapter_source") == "file" and "imported_format" in file_meta):
+        meta.update({"imported_from": str(path), "imported_format": source_format})
+    # else: lora_training wrote this file from an imported one (adapter_source: file); its
+    # imported_* keys name that file (e.g. a kohya-ss file) and are kept, not replaced by this
+    # diffusers-format copy's own path and format
     return LoraAdapter(state, meta)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -43,7 +44,7 @@ from fu_kedro.models.diffusion import (  # noqa: E402
     load_pretrained_pipeline,
     pipeline_hash,
 )
-from fu_kedro.models.generation import generate_images, torch_threads  # noqa: E402
+from fu_kedro.models.generation import file_sha256, generate_images, torch_threads  # noqa: E402
 from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
@@ -279,8 +280,15 @@ def read_lora_adapter(base_model: BaseModel, params: dict[str, Any]):
     _check_adapter_fits(base_model.pipe, adapter, path)
     adapter.metadata.setdefault("base_content_hash", str(base_model.info.get("content_hash")))
     adapter.metadata["adapter_source"] = "file"
-    log.info("LoRA adapter: read %s (%s format), not trained", path, adapter.metadata.get("imported_format"))
-    return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), {"adapter_source": "file", "file": str(path)}
+    # what was imported (path, format, sha256), for the lineage; the saved version keeps these
+    # keys (read_adapter_file), so the lineage does not name the diffusers-format copy instead
+    sha256 = file_sha256(path)
+    if adapter.metadata.get("imported_from") == str(Path(path)):  # not kept from an earlier import
+        adapter.metadata["imported_sha256"] = sha256
+    imported = {f"imported_{k}": adapter.metadata.get(f"imported_{k}", "") for k in ("from", "format", "sha256")}
+    log.info("LoRA adapter: read %s (%s format), not trained", path, imported["imported_format"])
+    summary = {"adapter_source": "file", "file": str(path), "file_sha256": sha256, **imported}
+    return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), summary
 
 
 def train_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int):
