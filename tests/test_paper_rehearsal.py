@@ -158,6 +158,24 @@ def _tiny_lora_case(project_root):
     return BaseModel(pipe, {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": "x"}), subset, params
 
 
+def test_lora_training_records_what_ran_in_mlflow_tags_and_its_summary(project_root, monkeypatch):
+    """Like the evaluation's and synthesis' ``ran_on`` tags: device, precision, fused LoRA,
+    memory format, optimiser, batch size, processes, threads, from what actually ran."""
+    import mlflow
+
+    from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter
+
+    tags: dict = {}
+    monkeypatch.setattr(mlflow, "active_run", lambda: object())
+    monkeypatch.setattr(mlflow, "set_tags", tags.update)
+    base, subset, params = _tiny_lora_case(project_root)
+    _, _, summary = fit_lora_adapter(base, subset, params, seed=0)
+    assert summary["ran_on"] == {"device": "cpu", "mixed_precision": "no", "lora_fused": False, "memory_format": "contiguous",
+                                 "optimiser": "AdamW (fused)", "gradient_checkpointing": False, "batch_size": 2,
+                                 "num_processes": 1, "torch_threads": summary["torch_threads"]}
+    assert tags == {f"lora_training.ran_on.{k}": str(v) for k, v in summary["ran_on"].items()}
+
+
 def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_trip(project_root, tmp_path):
     """``adapter_source: file`` on a kohya-ss file: the lineage (made from the saved, diffusers-format
     catalog version) says it was imported from that kohya file, with its path and sha256."""

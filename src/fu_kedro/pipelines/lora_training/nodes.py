@@ -344,6 +344,7 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
         seed=seed,
     )
     hist = train_denoiser(pipe, latents, ids, loop_cfg, clip_skip=clip_skip)
+    ran_on = _what_ran(pipe, loop_cfg, threads)
     after = denoising_loss(pipe, latents, ids, seed=seed, repeats=repeats, clip_skip=clip_skip)
     log.info("LoRA: %s; denoising loss on the LoRA images %.4f -> %.4f", summarize(hist), before, after)
     adapter = export_lora(
@@ -376,8 +377,36 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
         "denoising_loss_without_adapter": before,
         "denoising_loss_with_adapter": after,
         "images": len(lora_subset),
+        "ran_on": ran_on,
     }
     return adapter, pd.DataFrame(hist).assign(stage="lora")[["stage", "step", "loss", "seconds"]], summary
+
+
+def _what_ran(pipe, loop_cfg: LoopConfig, threads: int) -> dict[str, Any]:
+    """What the LoRA training actually computed with (not what was asked for), as the MLflow tags
+    ``lora_training.ran_on.<key>`` and in the training summary, like the evaluation's and synthesis' tags."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState()  # the state of the Accelerator train_denoiser ran under
+    device = pipe.unet.device
+    convs = [p for p in pipe.unet.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    channels_last = bool(convs) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    ran_on = {
+        "device": str(device),
+        "mixed_precision": str(state.mixed_precision),  # autocast dtype: no | fp16 | bf16
+        "lora_fused": False,  # trained as separate peft layers (synthesis fuses on CUDA)
+        "memory_format": "channels_last" if channels_last else "contiguous",
+        "optimiser": "AdamW (fused)" if device.type in ("cpu", "cuda") else "AdamW",  # training._fused
+        "gradient_checkpointing": bool(loop_cfg.gradient_checkpointing),
+        "batch_size": loop_cfg.batch_size,  # global; each process trains on its 1/N share
+        "num_processes": state.num_processes,
+        "torch_threads": threads,
+    }
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({f"lora_training.ran_on.{k}": str(v) for k, v in ran_on.items()})
+    return ran_on
 
 
 def _check_adapter_fits(pipe, adapter: LoraAdapter, path) -> None:
