@@ -19,7 +19,7 @@ from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.data_sources.prior_corpus import make_prior_corpus
 from fu_kedro.models.base_model import BaseModel
-from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
+from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.generation import torch_threads
 from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
 from fu_kedro.models.training import NonFiniteLossError, denoising_loss, encode_to_latents, tokenize
@@ -135,6 +135,28 @@ def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
     assert record["base_model"]["content_hash"] == info["content_hash"]
     assert len(grid.axes) == 2 * len(CLASSES)
     assert record["reproducible"] and metrics["time_capped"] == {"value": 0.0, "step": 0}
+
+
+def test_a_saved_base_loads_its_weights_only_when_pipe_is_used(tmp_path, params, lora_subset, monkeypatch):
+    """``adapter_lineage_node`` needs only ``BaseModel.info``: loading ``base_model`` reads
+    ``reference.json``, the weights wait for the first use of ``pipe``."""
+    from kedro.io.core import Version
+
+    import fu_kedro.datasets.diffusion as D
+
+    base = _random_base()
+    ds = D.DiffusionModelDataset(str(tmp_path / "base_model"), version=Version(None, "2026-01-01T00.00.00.000Z"))
+    ds.save(base)
+    reads = []
+    real = D._load_pipe
+    monkeypatch.setattr(D, "_load_pipe", lambda *a: reads.append(a) or real(*a))
+    loaded = D.DiffusionModelDataset(str(tmp_path / "base_model"), version=Version(None, None)).load()
+    assert loaded.info["catalog_version"] == "2026-01-01T00.00.00.000Z" and loaded.info["content_hash"] == "x"
+    adapter = LoraAdapter({}, {"rank": "8"})
+    record = adapter_lineage(loaded, adapter, {"steps": 0})
+    assert record["base_model"]["content_hash"] == "x" and reads == []  # info only: no weights read
+    assert pipeline_hash(loaded.pipe) == pipeline_hash(base.pipe) and len(reads) == 1
+    assert loaded.pipe is loaded.pipe and len(reads) == 1  # read once
 
 
 def test_default_tiny_base_trains_on_the_prior_corpus_only(params):

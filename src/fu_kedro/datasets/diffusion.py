@@ -9,7 +9,9 @@
 For the ``tiny`` base trained here the weights themselves are the artifact (a later run can
 reuse them by loading this catalog version). For a ``pretrained`` base (SD v1.5, gigabytes)
 only the reference is written — the id/path and a content hash of the weights that were
-used — and loading reads the weights from that path again (the hash is checked).
+used — and loading reads the weights from that path again (the hash is checked). Loading
+reads ``reference.json`` at once and the weights on the first use of ``BaseModel.pipe``: a
+node that needs only the info (the adapter's lineage record) does not load them.
 
 ``LoraAdapterDataset`` stores the adapter as one safetensors file in diffusers' LoRA key
 format (``StableDiffusionPipeline.load_lora_weights(<file>)`` loads it) with its lineage
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import uuid
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -85,6 +88,25 @@ class _LocalVersioned(AbstractVersionedDataset):
         return json_preview(read_adapter_metadata(path), drop=("made_from",))
 
 
+def _load_pipe(folder: Path, reference: dict[str, Any]):
+    """The weights of a saved base: the tiny base's ``model/`` folder, or the pretrained base
+    from its path again (its content hash checked against the reference)."""
+    from diffusers import StableDiffusionPipeline
+
+    if reference["kind"] == "pretrained":
+        pipe = load_pretrained_pipeline(reference["model"])
+        found = pipeline_hash(pipe)
+        if reference.get("content_hash") and found != reference["content_hash"]:
+            raise DatasetError(
+                f"{reference['model']}: weights changed since this reference was written "
+                f"(hash {found}, recorded {reference['content_hash']} in {folder / 'reference.json'})"
+            )
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder / "model", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class DiffusionModelDataset(_LocalVersioned):
     """A :class:`~fu_kedro.models.base_model.BaseModel` (pipeline + reference; see module docstring).
 
@@ -93,25 +115,14 @@ class DiffusionModelDataset(_LocalVersioned):
     """
 
     def load(self) -> BaseModel:
-        from diffusers import StableDiffusionPipeline
-
+        """The reference now; the weights on the first use of ``BaseModel.pipe`` (``_load_pipe``)."""
         folder = self._load_path()
         ref_file = folder / "reference.json"
         if not ref_file.is_file():
             raise DatasetError(f"{folder}: no reference.json (not a base-model artifact, or an incomplete one)")
         reference = json.loads(ref_file.read_text())
-        if reference["kind"] == "pretrained":
-            pipe = load_pretrained_pipeline(reference["model"])
-            found = pipeline_hash(pipe)
-            if reference.get("content_hash") and found != reference["content_hash"]:
-                raise DatasetError(
-                    f"{reference['model']}: weights changed since this reference was written "
-                    f"(hash {found}, recorded {reference['content_hash']} in {ref_file})"
-                )
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(folder / "model", local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
-        return BaseModel(pipe, reference | {"catalog_version": _version_of(folder)})
+        return BaseModel(info=reference | {"catalog_version": _version_of(folder)},
+                         load=partial(_load_pipe, folder, reference))
 
     def save(self, data: BaseModel) -> None:
         reference = dict(data.info)
