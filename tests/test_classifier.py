@@ -244,3 +244,27 @@ def test_same_thread_count_same_bits_idle_or_loaded(one_thread):
     assert all(torch.equal(a, b) for a, b in zip(idle.model.state_dict().values(), loaded.model.state_dict().values()))
     np.testing.assert_array_equal(predict_proba(idle.model, val), predict_proba(loaded.model, val))
     assert idle.info["torch_threads"] == loaded.info["torch_threads"] == 1
+
+
+def test_worker_processes_give_the_same_weights_as_one_by_one(one_thread):
+    # evaluation.workers: classifiers trained side by side in loky worker processes come back in
+    # job order with the weights, histories and predictions of the sequential loop, bit for bit
+    from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
+
+    data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
+    train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))
+    cfg = TrainConfig(steps=6, eval_every=3, batch_size=8)
+    jobs = [ClassifierJob(f"toy{s}", "resnet18", 2, 24, None, s, train, val, cfg, AUG, 1) for s in (3, 4)]
+    one = fit_all(jobs, workers=1)
+    two = fit_all(jobs, workers=2)
+    for (a, wa), (b, wb) in zip(one, two):
+        assert wa == wb == "random init"
+        assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+        pd.testing.assert_frame_equal(a.history, b.history)
+        np.testing.assert_array_equal(predict_proba(a.model, val), predict_proba(b.model, val))
+    # different seeds are different models (the order is the jobs' order, not completion order)
+    assert not torch.equal(one[0][0].model.conv1.weight, one[1][0].model.conv1.weight)
+    assert effective_workers(2, torch.device("cpu"), 1) == 2
+    assert effective_workers(2, torch.device("cuda"), 1) == 1 and effective_workers(2, torch.device("cpu"), 4) == 1
+    with pytest.raises(ValueError, match="evaluation.workers must be an integer >= 1"):
+        effective_workers(0, torch.device("cpu"), 1)

@@ -29,8 +29,8 @@ from fu_kedro.classifiers import (
     extract_features,
     predict_proba,
     prepare_tensors,
-    train_classifier,
 )
+from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
 from fu_kedro.classifiers.train import curve_metrics, train_config
 from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
@@ -48,7 +48,7 @@ TRAINING_SETS = ("baseline", "hybrid")
 # every key the evaluation block and its sub-blocks accept: a misspelt key stops the run
 PARAMETER_KEYS = {
     "evaluation": ("classes", "image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
-                   "n_seeds", "weights", "torch_threads", "min_fidelity", "on_low_fidelity",
+                   "n_seeds", "weights", "torch_threads", "workers", "min_fidelity", "on_low_fidelity",
                    "train", "augment", "metrics", "quality", "report"),
     "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
                            "gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth"),
@@ -73,6 +73,7 @@ def check_parameters(params: dict) -> None:
     threads = params.get("torch_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"evaluation.torch_threads must be null or an integer >= 1, got {threads!r}")
+    effective_workers(params.get("workers", 1), torch.device("cpu"), 1)  # an integer >= 1, or it says so
 
 
 @contextmanager
@@ -392,6 +393,22 @@ def training_set(classifier_data: dict, run: dict) -> TensorSet:
     return TensorSet.concat([real, syn])
 
 
+def _job(name: str, run: dict, train, val, classifier_data: dict, cfg, params: dict) -> ClassifierJob:
+    """One planned run as a :class:`ClassifierJob` (what its weights depend on)."""
+    return ClassifierJob(
+        name=name, backbone=run["backbone"], n_classes=len(classifier_data["classes"]),
+        image_size=classifier_data["image_size"], weights_file=run["weights_file"], seed=int(run["seed"]),
+        train=train, val=val, cfg=cfg, augmentation=params["augment"] if run["augmentation"] else None,
+        threads=params.get("torch_threads"),
+    )
+
+
+def _workers(params: dict, cfg, state) -> int:
+    """``evaluation.workers`` as it applies here (1 on a CUDA device or under several launcher processes)."""
+    return effective_workers(params.get("workers", 1), resolve_device(cfg.device, "evaluation.train.device"),
+                             state.num_processes)
+
+
 def train_experiments(
     classifier_data: dict, experiment_plan: list[dict], params: dict, arms: str = "all"
 ) -> tuple[dict[str, TrainedClassifier], pd.DataFrame]:
@@ -416,7 +433,6 @@ def train_experiments(
     same classifiers and table as one process.
     """
     cfg = train_config(params["train"])
-    classes = classifier_data["classes"]
     chosen = [
         run for run in experiment_plan
         if arms == "all" or (arms == "baseline") == (int(run["n_synthetic"]) == 0)
@@ -425,33 +441,28 @@ def train_experiments(
     state = distributed_state()
     mine = list(range(len(chosen)))[state.process_index :: state.num_processes]
     trained, histories = {}, []
+    jobs = []
+    for i in mine:
+        run = chosen[i]
+        log.info("classifier %d/%d (%s arms): %s (%s)", i + 1, len(chosen), arms, run_key(run), run["weights"])
+        jobs.append(_job(curve_run_name(run_key(run)), run, training_set(classifier_data, run),
+                         classifier_data["source_val"], classifier_data, cfg, params))
     with stage_threads(params):
-        for i in mine:
-            run = chosen[i]
-            key = run_key(run)
-            log.info("classifier %d/%d (%s arms): %s (%s)", i + 1, len(chosen), arms, key, run["weights"])
-            torch.manual_seed(run["seed"])  # head and random-init weights depend on the seed
-            model, _ = build_classifier(run["backbone"], len(classes), classifier_data["image_size"], run["weights_file"])
-            result = train_classifier(
-                model,
-                training_set(classifier_data, run),
-                classifier_data["source_val"],
-                cfg,
-                seed=run["seed"],
-                augmentation=params["augment"] if run["augmentation"] else None,
-                run_name=curve_run_name(key),
-            )
-            result.info.update(run)
-            trained[key] = result
-            hist = result.history.copy()
-            hist.insert(0, "run", key)
-            for col in ("experiment", "backbone", "augmentation", "seed", "replicate"):
-                hist[col] = run.get(col, -1)
-            for col in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps"):
-                hist[col] = result.info[col]  # what this run actually ran on
-            hist["best_step"] = result.best_step
-            hist["best_epoch"] = float(hist.loc[hist["step"] == result.best_step, "epoch"].iloc[0])
-            histories.append(hist)
+        fitted = fit_all(jobs, _workers(params, cfg, state))
+    for i, (result, _) in zip(mine, fitted):
+        run = chosen[i]
+        key = run_key(run)
+        result.info.update(run)
+        trained[key] = result
+        hist = result.history.copy()
+        hist.insert(0, "run", key)
+        for col in ("experiment", "backbone", "augmentation", "seed", "replicate"):
+            hist[col] = run.get(col, -1)
+        for col in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps"):
+            hist[col] = result.info[col]  # what this run actually ran on
+        hist["best_step"] = result.best_step
+        hist["best_epoch"] = float(hist.loc[hist["step"] == result.best_step, "epoch"].iloc[0])
+        histories.append(hist)
     if state.num_processes > 1:
         trained, histories = _gather_runs(trained, histories, chosen)
         for result in trained.values():
@@ -727,30 +738,22 @@ def train_cas_classifier(
     labels = synthetic.labels.numpy()
     frac = float(params["quality"]["cas_holdout_fraction"])
     cfg = train_config(params["train"])
-    out = []
+    jobs = []
+    for run in runs:
+        rng = np.random.default_rng(run["seed"])
+        held = np.zeros(len(labels), bool)
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            k = max(1, int(round(frac * len(idx)))) if len(idx) > 1 else 0
+            held[rng.choice(idx, k, replace=False)] = True
+        jobs.append(_job(cas_run_name(run["seed"]), run, synthetic.subset(~held), synthetic.subset(held),
+                         classifier_data, cfg, params))
     with stage_threads(params):
-        for run in runs:
-            rng = np.random.default_rng(run["seed"])
-            held = np.zeros(len(labels), bool)
-            for c in np.unique(labels):
-                idx = np.flatnonzero(labels == c)
-                k = max(1, int(round(frac * len(idx)))) if len(idx) > 1 else 0
-                held[rng.choice(idx, k, replace=False)] = True
-            torch.manual_seed(run["seed"])
-            model, weights = build_classifier(
-                run["backbone"], len(classifier_data["classes"]), classifier_data["image_size"], run["weights_file"]
-            )
-            result = train_classifier(
-                model,
-                synthetic.subset(~held),
-                synthetic.subset(held),
-                cfg,
-                seed=run["seed"],
-                augmentation=params["augment"] if run["augmentation"] else None,
-                run_name=cas_run_name(run["seed"]),
-            )
-            result.info.update({"backbone": run["backbone"], "augmentation": run["augmentation"], "weights": weights})
-            out.append(result)
+        fitted = fit_all(jobs, _workers(params, cfg, distributed_state()))
+    out = []
+    for run, (result, weights) in zip(runs, fitted):
+        result.info.update({"backbone": run["backbone"], "augmentation": run["augmentation"], "weights": weights})
+        out.append(result)
     return out
 
 
