@@ -123,6 +123,79 @@ def test_training_images_slipped_into_a_batch_are_flagged_and_real_val_images_ar
     assert not val_check["flagged"].any()
 
 
+def _trained_tiny_vae(steps: int = 100):
+    """The tiny base's VAE architecture trained briefly (~15 s) on phantoms of other patients
+    (a stand-in for the prior corpus: it never saw the source images)."""
+    from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
+    from fu_kedro.models.training import LoopConfig, to_model_range, train_autoencoder
+
+    torch.set_num_threads(1)
+    prior = generate_phantoms("source", n_per_class=10, image_size=32, seed=7)
+    vae = build_pipeline_from_config(TINY_CONFIG, 32, 0).vae
+    train_autoencoder(vae, to_model_range(prior.images),
+                      LoopConfig(max_steps=steps, batch_size=8, learning_rate=3e-3, seed=0), kl_weight=1e-6)
+    return vae.eval()
+
+
+def test_vae_round_trips_of_training_images_are_flagged_and_real_val_images_are_not():
+    """The positive control a decoder-made copy needs: training images through the base model's
+    own VAE must be flagged (in its decoder space), real validation images of other patients not."""
+    from types import SimpleNamespace
+
+    src, tgt, syn = _sets(n_src=8, n_tgt=2, n_syn=1)
+    fresh = generate_phantoms("source", 4, 32, seed=3)  # the generator's resolution: 32 px
+    vae = _trained_tiny_vae()
+    base_model = SimpleNamespace(pipe=SimpleNamespace(vae=vae))
+    train_mask = (src.meta["split"] == "train").to_numpy()
+    train_ids = src.meta.loc[train_mask, "image_id"].to_numpy()
+    train32 = prepare_tensors(src.select(train_mask), _params()["classes"], 32, "train").images[:, 0].numpy()
+    # a batch in which the generator reproduced three training images through its decoder
+    copied = [0, 5, 11]
+    images = np.concatenate([fresh.images, quality.vae_project(vae, train32[copied])])
+    labels = list(fresh.meta["label"]) + list(src.meta.loc[train_mask, "label"].iloc[copied])
+    batch = ImageSet(images, pd.DataFrame({"image_id": [f"syn_{i}" for i in range(len(images))], "label": labels}), {})
+    data = nodes.prepare_classifier_data(src, tgt, batch, _params())
+    mem = data["memorisation_images"]
+    vae_controls = nodes.make_vae_round_trip_controls(base_model, data, _params(), 0)
+    check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 20, seed=0,
+                                       vae_controls=vae_controls)
+    assert check["space"] == "decoder"
+    controls = check["controls"]
+    round_trips = controls["vae_round_trips"]
+    assert round_trips["n"] == 20 and round_trips["flagged"] == 1.0 and round_trips["nearest_is_source"] == 1.0
+    assert controls["slipped_copies"]["flagged"] == 1.0 and controls["negative_flagged"] == 0.0
+    assert controls["separable"] and controls["negative_max"] < check["threshold"] <= controls["positive_min"]
+    assert controls["positive_min"] == min(round_trips["similarity_min"], controls["slipped_copies"]["similarity_min"])
+    # the decoder-made copies in the batch are flagged, each with its source image
+    n_fresh = len(fresh)
+    assert check["flagged"][n_fresh:].all()
+    assert list(train_ids[check["nearest"][n_fresh:]]) == list(train_ids[copied])
+    # the pixel-space check on the same controls is recorded beside it
+    assert controls["pixel_space"]["vae_round_trips"]["n"] == 20
+    # real validation images (other patients) as the batch, through the same path: none flagged
+    val_controls = quality.decoder_space_images(vae, mem | {"synthetic": mem["source_val"]}, 20, 0)
+    val_check = quality.memorisation_check(mem["source_val"], mem["source_train"], mem["source_val"], 20, seed=0,
+                                           vae_controls=val_controls)
+    assert not val_check["flagged"].any()
+    # controls made for other slipped-in images are refused
+    with pytest.raises(ValueError, match="other slipped-in controls"):
+        quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 20, seed=1,
+                                   vae_controls=vae_controls)
+
+
+def test_memorisation_space_pixels_skips_the_vae_and_other_spaces_are_refused():
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
+    params = _params(quality={**_params()["quality"], "memorisation_space": "pixels"})
+    data = nodes.prepare_classifier_data(src, tgt, syn, params)
+    assert nodes.make_vae_round_trip_controls(None, data, params, 0) == {}  # no base model touched
+    mem = data["memorisation_images"]
+    check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 4, 0, vae_controls={})
+    assert check["space"] == "pixels" and check["controls"]["vae_round_trips"].startswith("not run")
+    with pytest.raises(ValueError, match=r"memorisation_space must be one of \['decoder', 'pixels'\], got 'latent'"):
+        nodes.prepare_classifier_data(src, tgt, syn, _params(quality={**_params()["quality"],
+                                                                      "memorisation_space": "latent"}))
+
+
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_shift():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(150, 8)), rng.normal(size=(150, 8))

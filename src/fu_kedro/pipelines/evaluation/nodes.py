@@ -54,10 +54,11 @@ PARAMETER_KEYS = {
                            "gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth"),
     "evaluation.metrics": ("n_bootstrap", "ci"),
     "evaluation.quality": ("cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
-                           "memorisation_controls", "tsne_perplexity", "max_points_per_class"),
+                           "memorisation_controls", "memorisation_space", "tsne_perplexity", "max_points_per_class"),
     "evaluation.report": ("samples_per_class",),
 }
 ON_LOW_FIDELITY = ("warn", "fail")
+MEMORISATION_SPACES = ("decoder", "pixels")  # quality.memorisation_space (absent: decoder)
 
 
 def check_parameters(params: dict) -> None:
@@ -70,6 +71,10 @@ def check_parameters(params: dict) -> None:
     if params.get("on_low_fidelity", "warn") not in ON_LOW_FIDELITY:
         raise ValueError(f"evaluation.on_low_fidelity must be one of {list(ON_LOW_FIDELITY)}, "
                          f"got {params.get('on_low_fidelity')!r}")
+    space = (params.get("quality") or {}).get("memorisation_space", "decoder")
+    if space not in MEMORISATION_SPACES:
+        raise ValueError(f"evaluation.quality.memorisation_space must be one of {list(MEMORISATION_SPACES)}, "
+                         f"got {space!r}")
     threads = params.get("torch_threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"evaluation.torch_threads must be null or an integer >= 1, got {threads!r}")
@@ -758,12 +763,18 @@ def train_cas_classifier(
 
 
 @in_stage_threads
-def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict, seed: int) -> tuple:
-    """Training images at the copy-check resolution, through the base model's VAE: a positive
-    control for the memorisation check (a generator that memorised them would make these)."""
-    train = classifier_data["memorisation_images"]["source_train"]
-    n = int(params.get("quality", {}).get("memorisation_controls", 20))
-    return quality.vae_round_trips(base_model.pipe.vae, train, n, seed)
+def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict, seed: int) -> dict:
+    """The copy check's images through the base model's VAE (``quality.decoder_space_images``):
+    source train, source val, the synthetic batch and the slipped-in controls, each encoded
+    and decoded once (the check compares them as the generator's decoder renders them), and
+    training images' VAE round trips, a positive control (what a generator that memorised
+    them would output). ``quality.memorisation_space: pixels``: nothing (``{}``; the check runs on
+    the pixels, without the VAE's cost: one encode + decode per image, ~48 CPU-s each at 512 px)."""
+    q = params.get("quality") or {}
+    if q.get("memorisation_space", "decoder") == "pixels":
+        return {}
+    n = int(q.get("memorisation_controls", 20))
+    return quality.decoder_space_images(base_model.pipe.vae, classifier_data["memorisation_images"], n, seed)
 
 
 @in_stage_threads  # t-SNE, Fréchet and KID too: sklearn/scipy's OpenMP/BLAS pools spin-wait on a busy machine
@@ -775,7 +786,7 @@ def assess_synthetic_quality(
     params: dict,
     seed: int,
     fidelity_gate: dict | None = None,
-    vae_controls: tuple | None = None,
+    vae_controls: dict | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Judge the synthetic batch: fidelity (from the gate), CAS, feature-space distances, diversity, memorisation.
 
@@ -788,7 +799,9 @@ def assess_synthetic_quality(
         params: ``evaluation`` parameters (``quality``, ``metrics``).
         seed: seeds t-SNE, subsampling, controls and intervals.
         fidelity_gate: output of ``check_synthetic_fidelity`` (fidelity and its reference).
-        vae_controls: output of ``make_vae_round_trip_controls`` (a positive memorisation control).
+        vae_controls: output of ``make_vae_round_trip_controls``: the copy check runs in the
+            base model's decoder space, with VAE round trips as positive controls (``None`` or
+            ``{}``: on the pixels, slipped-in copies only).
 
     Returns:
         (``synthetic_quality.json`` content, t-SNE table with class, kind, x, y). Key fields:
@@ -847,9 +860,10 @@ def _memorisation(classifier_data: dict, q: dict, seed: int, vae_controls) -> di
                                         q.get("memorisation_threshold", "auto"), vae_controls)
     calibration = copies["controls"]
     if not calibration["separable"]:
-        log.warning("memorisation check: at %d px a real validation image correlates %.3f with a training image, as "
-                    "high as a slipped-in copy (%.3f); the copy check cannot tell them apart at this resolution",
-                    mem["synthetic"].shape[-1], calibration["negative_max"], calibration["positive_min"])
+        log.warning("memorisation check (%s space): at %d px a real validation image correlates %.3f with a training "
+                    "image, as high as a positive control (%.3f); the copy check cannot tell them apart at this "
+                    "resolution", copies["space"], mem["synthetic"].shape[-1], calibration["negative_max"],
+                    calibration["positive_min"])
     return copies
 
 

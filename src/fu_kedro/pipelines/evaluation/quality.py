@@ -189,7 +189,7 @@ def memorisation_controls(
 
 def calibrate_memorisation_threshold(positive_sim: np.ndarray, negative_sim: np.ndarray) -> dict:
     """Threshold between the controls: midway between the highest real-val (negative) and the
-    lowest slipped-copy (positive) nearest-train correlation; ``separable`` says whether any
+    lowest positive-control nearest-train correlation; ``separable`` says whether any
     threshold puts every control on its side."""
     neg_max, pos_min = float(np.max(negative_sim)), float(np.min(positive_sim))
     separable = pos_min > neg_max
@@ -199,85 +199,164 @@ def calibrate_memorisation_threshold(positive_sim: np.ndarray, negative_sim: np.
             "positive_median": float(np.median(positive_sim))}
 
 
-def vae_round_trips(vae, train: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` training images encoded and decoded by the generator's own VAE (posterior mean),
-    back to ``uint8`` grayscale at the same resolution: what a generator that memorised them
-    would output. Returns (round trips, train index of each)."""
+def vae_project(vae, images: np.ndarray) -> np.ndarray:
+    """``uint8 (N, S, S)`` images encoded (posterior mean) and decoded by ``vae``, back to
+    ``uint8`` grayscale at the same resolution: the image the generator's decoder renders
+    for each (what it keeps of it, without what it cannot render)."""
     import torch
 
     from fu_kedro.models.training import to_model_range
 
-    rng = np.random.default_rng([seed, 5])
-    pick = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
     param = next(vae.parameters())
-    # a few images per call at SD's 512 px (the decoder's activations grow with the batch:
-    # one call would hold all 20 controls' at once); one call at the small default sizes
-    chunk = max(1, (16 * 256 * 256) // max(1, int(train.shape[1]) * int(train.shape[2])))
+    # a few images per call at SD's 512 px (the decoder's activations grow with the batch);
+    # one call per 256 images at the small default sizes
+    chunk = max(1, (16 * 256 * 256) // max(1, int(images.shape[1]) * int(images.shape[2])))
     gray = []
     with torch.no_grad():
-        for start in range(0, len(pick), chunk):
-            x = to_model_range(train[pick[start : start + chunk]], channels=int(vae.config.in_channels)).to(param.device, param.dtype)
-            out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        for start in range(0, len(images), chunk):
+            x = to_model_range(images[start : start + chunk], channels=int(vae.config.in_channels))
+            out = vae.decode(vae.encode(x.to(param.device, param.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
             gray.append(((out.mean(dim=1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
-    return np.concatenate(gray) if gray else np.empty((0, *train.shape[1:3]), np.uint8), pick
+    return np.concatenate(gray) if gray else np.empty((0, *images.shape[1:3]), np.uint8)
+
+
+def vae_round_trips(vae, train: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` training images encoded and decoded by the generator's own VAE (posterior mean),
+    back to ``uint8`` grayscale at the same resolution: what a generator that memorised them
+    would output. Returns (round trips, train index of each)."""
+    rng = np.random.default_rng([seed, 5])
+    pick = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
+    return vae_project(vae, train[pick]), pick
+
+
+def decoder_space_images(vae, images: dict[str, np.ndarray], n_controls: int, seed: int) -> dict:
+    """What the copy check needs from the generator's VAE (:func:`memorisation_check`).
+
+    ``images``: ``source_train``, ``source_val`` and (if any) ``synthetic``, ``uint8`` at the
+    check's resolution. Returns each of them through :func:`vae_project` (same keys), the
+    slipped-in positive controls of :func:`memorisation_controls` through it (``slipped``,
+    ``slipped_source``), and ``n_controls`` VAE round trips of training images
+    (``round_trips``, ``round_trip_source``: :func:`vae_round_trips`) with their own
+    projection (``round_trips_projected``).
+    """
+    train, val = images["source_train"], images["source_val"]
+    controls = memorisation_controls(train, val, n_controls, seed)
+    round_trips, source = vae_round_trips(vae, train, n_controls, seed)
+    out = {k: vae_project(vae, v) for k, v in images.items() if k in ("source_train", "source_val", "synthetic")}
+    return out | {"slipped": vae_project(vae, controls["positive"]), "slipped_source": controls["positive_source"],
+                  "round_trips": round_trips, "round_trip_source": source,
+                  "round_trips_projected": vae_project(vae, round_trips)}
+
+
+def _control_summary(sim: np.ndarray, idx: np.ndarray, source: np.ndarray, threshold: float) -> dict:
+    return {"n": int(len(sim)), "flagged": float(np.mean(sim >= threshold)),
+            "similarity_min": float(np.min(sim)), "similarity_median": float(np.median(sim)),
+            "nearest_is_source": float(np.mean(idx == source))}
+
+
+def _calibrated_check(synthetic, reference, negative, positives: dict, calibrate_on: tuple, threshold) -> dict:
+    """Nearest-reference correlation of the batch (``synthetic``; ``None``: controls only) and
+    of each control set, and the threshold calibrated between the negatives and the positive
+    sets named in ``calibrate_on``. ``positives``: name -> (images, reference index of the
+    image each copies)."""
+    sim, nearest = nearest_real_similarity(synthetic, reference) if synthetic is not None else (None, None)
+    neg_sim, _ = nearest_real_similarity(negative, reference)
+    pos = {k: (*nearest_real_similarity(x, reference), src) for k, (x, src) in positives.items()}
+    cal_sim = np.concatenate([pos[k][0] for k in calibrate_on])
+    cal_hit = np.concatenate([pos[k][1] == pos[k][2] for k in calibrate_on])
+    calibration = calibrate_memorisation_threshold(cal_sim, neg_sim)
+    auto = threshold in (None, "auto")
+    value = calibration["threshold"] if auto else float(threshold)
+    return {"similarity": sim, "nearest": nearest, "flagged": None if sim is None else sim >= value,
+            "threshold": float(value),
+            "threshold_source": "calibrated from the controls" if auto else "evaluation.quality.memorisation_threshold",
+            "calibration": calibration | {
+                "n_positive": int(len(cal_sim)), "positive_flagged": float(np.mean(cal_sim >= value)),
+                "positive_nearest_is_source": float(np.mean(cal_hit)),
+                "n_negative": int(len(neg_sim)), "negative_flagged": float(np.mean(neg_sim >= value))},
+            "per_control": {k: _control_summary(s, i, src, value) for k, (s, i, src) in pos.items()}}
+
+
+SLIPPED = "source-train images slipped into a copy of the batch (half exact, half with pixel noise sd 4)"
+ROUND_TRIPS = "source-train images encoded and decoded by the base model's VAE (must be flagged)"
+NEGATIVE = "real source-val images (patients not in source train)"
+NOT_RUN = "not run: no base model VAE given (or quality.memorisation_space: pixels)"
 
 
 def memorisation_check(
     synthetic: np.ndarray, train: np.ndarray, val: np.ndarray, n_controls: int, seed: int, threshold="auto",
-    vae_controls: tuple[np.ndarray, np.ndarray] | None = None,
+    vae_controls: dict | None = None,
 ) -> dict:
     """Flag synthetic images that copy a training image, with the threshold calibrated on controls.
 
     All three arrays are ``uint8 (N, S, S)`` at the same resolution, made by the same resize
     (the generator's resolution: ``prepare_classifier_data``). Negative controls: real val
     images (other patients); positive controls: training images slipped into a copy of the
-    batch (:func:`memorisation_controls`). ``threshold="auto"`` puts the threshold between
-    them; a number overrides it (the controls still say how it does). ``vae_controls``
-    (:func:`vae_round_trips`): training images through the generator's VAE, a second positive
-    control reported beside the first (the share flagged at the threshold used); not used
-    for the calibration, so a blurry VAE cannot loosen the threshold.
+    batch (:func:`memorisation_controls`) and, with ``vae_controls``, training images
+    through the generator's VAE (:func:`vae_round_trips`). ``threshold="auto"`` puts the
+    threshold between them; a number overrides it (the controls still say how it does).
+
+    ``vae_controls`` (:func:`decoder_space_images`, from the base model's VAE): the check
+    runs in the **decoder's space**: every image — synthetic, training, validation and
+    control — is compared after one encode/decode by that VAE, both sides alike (as both
+    sides go through the same resize). The generator can only output what its decoder
+    renders, so what the decoder drops (fine speckle) is no difference between a synthetic
+    image and a training image, and a real val image is judged as the decoder would render
+    that new patient — what a generator that generalised perfectly would output. The VAE
+    round trips are then calibration positives beside the slipped copies: a blurrier VAE
+    blurs the negatives as much, and the threshold stays above every negative. Without
+    ``vae_controls`` (``None`` or ``{}``) the check runs on the pixels themselves (positives:
+    slipped copies).
+    ``controls.pixel_space`` records the pixel-space check next to the decoder-space one.
 
     Returns:
         dict: ``similarity`` and ``nearest`` (per synthetic image: highest correlation with
         a training image, and that image's index), ``flagged`` (bool per image),
-        ``threshold``, ``threshold_source``, ``controls`` (calibration, and the share of each
-        control flagged at the threshold used).
+        ``threshold``, ``threshold_source``, ``space`` (``decoder`` | ``pixels``),
+        ``controls`` (calibration, and the share of each control flagged at the threshold used).
     """
-    sim, nearest = nearest_real_similarity(synthetic, train)
     controls = memorisation_controls(train, val, n_controls, seed)
-    pos_sim, pos_idx = nearest_real_similarity(controls["positive"], train)
-    neg_sim, _ = nearest_real_similarity(controls["negative"], train)
-    calibration = calibrate_memorisation_threshold(pos_sim, neg_sim)
-    auto = threshold in (None, "auto")
-    value = calibration["threshold"] if auto else float(threshold)
+    slipped = (controls["positive"], controls["positive_source"])
+    # in decoder space the batch is judged there only (the pixel-space pass is of the controls)
+    pixels = _calibrated_check(None if vae_controls else synthetic, train, val, {"slipped": slipped},
+                               ("slipped",), threshold)
+    if not vae_controls:
+        check, space = pixels, "pixels"
+        vae_summary = NOT_RUN
+        positive = SLIPPED
+    else:
+        d = vae_controls
+        if not np.array_equal(d["slipped_source"], controls["positive_source"]):
+            raise ValueError("vae_controls were made for other slipped-in controls (n_controls or seed differ)")
+        round_trips_px = nearest_real_similarity(d["round_trips"], train)
+        check = _calibrated_check(
+            d["synthetic"], d["source_train"], d["source_val"],
+            {"slipped": (d["slipped"], d["slipped_source"]),
+             "round_trips": (d["round_trips_projected"], d["round_trip_source"])},
+            ("slipped", "round_trips"), threshold)
+        space, positive = "decoder", f"{SLIPPED}; {ROUND_TRIPS.removesuffix(' (must be flagged)')}"
+        vae_summary = check["per_control"]["round_trips"] | {"what": ROUND_TRIPS, "used_for_calibration": True}
+        pixels["per_control"]["round_trips"] = _control_summary(*round_trips_px, d["round_trip_source"],
+                                                                pixels["threshold"])
     return {
-        "similarity": sim,
-        "nearest": nearest,
-        "flagged": sim >= value,
-        "threshold": float(value),
-        "threshold_source": "calibrated from the controls" if auto else "evaluation.quality.memorisation_threshold",
-        "controls": calibration | {
-            "n_positive": int(len(pos_sim)),
-            "positive": "source-train images slipped into a copy of the batch (half exact, half with pixel noise sd 4)",
-            "positive_flagged": float(np.mean(pos_sim >= value)),
-            "positive_nearest_is_source": float(np.mean(pos_idx == controls["positive_source"])),
-            "n_negative": int(len(neg_sim)),
-            "negative": "real source-val images (patients not in source train)",
-            "negative_flagged": float(np.mean(neg_sim >= value)),
-            "vae_round_trips": _vae_control(vae_controls, train, value),
+        "similarity": check["similarity"],
+        "nearest": check["nearest"],
+        "flagged": check["flagged"],
+        "threshold": check["threshold"],
+        "threshold_source": check["threshold_source"],
+        "space": space,
+        "controls": check["calibration"] | {
+            "positive": positive,
+            "negative": NEGATIVE,
+            "slipped_copies": check["per_control"]["slipped"],
+            "vae_round_trips": vae_summary,
+            "pixel_space": {"threshold": pixels["threshold"], **{k: pixels["calibration"][k] for k in (
+                "separable", "negative_max", "positive_min", "negative_flagged")},
+                "slipped_copies": pixels["per_control"]["slipped"],
+                "vae_round_trips": pixels["per_control"].get("round_trips", NOT_RUN),
+                "what": "the same check on the pixels themselves (no decoder), for reference"},
         },
     }
-
-
-def _vae_control(vae_controls, train: np.ndarray, threshold: float):
-    if vae_controls is None:
-        return "not run: no base model given"
-    images, source = vae_controls
-    sim, idx = nearest_real_similarity(images, train)
-    return {"n": int(len(sim)), "flagged": float(np.mean(sim >= threshold)),
-            "similarity_min": float(np.min(sim)), "similarity_median": float(np.median(sim)),
-            "nearest_is_source": float(np.mean(idx == source)),
-            "what": "source-train images encoded and decoded by the base model's VAE (must be flagged)"}
 
 
 # --------------------------------------------------------------------------- the synthetic_quality.json content
@@ -380,9 +459,13 @@ def _feature_space_fields(views: dict, rng: np.random.Generator, seed: int) -> d
 def _memorisation_fields(copies: dict, resolution: int, synthetic_ids: pd.Series, train_ids: pd.Series) -> dict:
     sim, nn_idx, calibration = copies["similarity"], copies["nearest"], copies["controls"]
     flagged = np.flatnonzero(copies["flagged"])
+    decoder = copies.get("space") == "decoder"
     return {
         "method": (f"max Pearson correlation of pixels with any real source-train image at {resolution} "
-                   "px (the generator's resolution; real and synthetic images through the same antialiased resize)"),
+                   "px (the generator's resolution; real and synthetic images through the same antialiased resize"
+                   + ("; then every image, synthetic, real and control, through one encode/decode by the base "
+                      "model's VAE: compared as the generator's decoder renders them)" if decoder else ")")),
+        "space": copies.get("space", "pixels"),
         "resolution": int(resolution),
         "threshold": float(copies["threshold"]),
         "threshold_source": copies["threshold_source"],
