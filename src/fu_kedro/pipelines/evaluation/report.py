@@ -391,7 +391,8 @@ def quality_html(q: dict) -> str:
         {"measure": f"memorisation: flagged copies at {mem.get('resolution')} px (threshold {fmt(mem.get('threshold'))}, "
                     f"{mem.get('threshold_source')})",
          "value": str(mem.get("n_flagged")),
-         "reference": f"controls: slipped-in training images flagged {fmt(ctl.get('positive_flagged'))} (min corr. "
+         "reference": f"controls ({mem.get('space', 'pixels')} space): slipped-in training images and VAE round trips flagged "
+                      f"{fmt(ctl.get('positive_flagged'))} (min corr. "
                       f"{fmt(ctl.get('positive_min'))}); real val flagged {fmt(ctl.get('negative_flagged'))} (max corr. "
                       f"{fmt(ctl.get('negative_max'))}); separable: {ctl.get('separable')}"},
     ])
