@@ -1,6 +1,8 @@
 """Fixtures shared by the project's tests (real sample folders, parameters, phantom sets)."""
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 from pathlib import Path
 
@@ -53,11 +55,21 @@ def project_parameters(env: str | None = None, runtime_params: dict | None = Non
     return loader["parameters"]
 
 
+@functools.lru_cache(maxsize=1)
+def _base_parameters() -> dict:
+    return project_parameters("base")
+
+
+def base_params(block: str) -> dict:
+    """A fresh copy of one block of conf/base's parameters, resolved as a run resolves them
+    (``${globals:...}`` filled in from conf/base/globals.yml): not the raw YAML."""
+    return copy.deepcopy(_base_parameters()[block])
+
+
 @pytest.fixture
 def ingestion_params() -> dict:
     """A fresh copy of the ``ingestion:`` block of conf/base/parameters_ingestion.yml."""
-    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_ingestion.yml").read_text())
-    return conf["ingestion"]
+    return base_params("ingestion")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import accuracy_score, f1_score, recall_score
+from conftest import base_params
 
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
@@ -27,7 +28,7 @@ CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
 
 
 def _params(**over):
-    params = yaml.safe_load((ROOT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
+    params = base_params("evaluation")
     params = copy.deepcopy(params)
     params.update(
         image_size=32, n_seeds=2,

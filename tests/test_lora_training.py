@@ -8,11 +8,9 @@ import copy
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import run_kedro_session
+from conftest import base_params, run_kedro_session
 from diffusers import StableDiffusionPipeline
 
 from fu_kedro.data_sources import generate_phantoms
@@ -45,10 +43,9 @@ def _threads():
 
 
 @pytest.fixture
-def params(project_root) -> dict:
+def params() -> dict:
     """conf/base's lora_training block with CPU-test budgets (tiny step counts)."""
-    conf = yaml.safe_load((project_root / "conf" / "base" / "parameters_lora_training.yml").read_text())
-    p = conf["lora_training"]
+    p = base_params("lora_training")
     p["base_model"]["tiny"]["autoencoder"].update(max_steps=15)
     p["base_model"]["tiny"]["denoiser"].update(max_steps=15)
     p["lora"].update(max_steps=60, batch_size=16, caption_dropout=0.0)

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_RUN_PARAMS
+from conftest import TINY_RUN_PARAMS, base_params
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ LAUNCH_TIMEOUT = 600
 
 def _lora_params() -> dict:
     """conf/base's lora_training block with a tiny budget; text-encoder LoRA and clip skip on, like the paper."""
-    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_lora_training.yml").read_text())["lora_training"]
+    conf = base_params("lora_training")
     conf["lora"].update(rank=4, alpha=4, train_text_encoder=True, clip_skip=1, max_steps=3, batch_size=6,
                         caption_dropout=0.3, max_minutes=100, learning_rate=1e-3)
     return conf
@@ -80,7 +79,7 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     evaluation_nodes.train_classifier = lambda model, train, val, cfg, seed, **kw: (
         seeds_trained.append([seed, len(train)]) or train_classifier(model, train, val, cfg, seed, **kw)
     )
-    params = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_evaluation.yml").read_text())["evaluation"]
+    params = base_params("evaluation")
     params.update(image_size=32, n_seeds=2, backbones=["resnet18"], augmentation=[True])
     params["train"].update(steps=6, eval_every=3, batch_size=16, bn_recalibration_images=32)
     source = generate_phantoms("source", 8, 64, seed=1)

@@ -104,6 +104,21 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
     assert p["seed"] == 42
 
 
+def test_the_class_list_has_one_home_in_every_env(project_root):
+    """conf/base/globals.yml sets the class list once; every parameter that is the class list
+    refers to it (``${globals:classes}``), in conf/base and in every env."""
+    literal = "[abdomen, brain, femur, thorax, other]"
+    files = sorted((project_root / "conf").glob("*/parameters*.yml"))
+    assert files and not [f for f in files if literal in f.read_text()]
+    for env in ("base", "paper", "real_cpu"):
+        p = project_parameters(env)
+        classes = p["evaluation"]["classes"]
+        assert classes == ["abdomen", "brain", "femur", "thorax", "other"], env
+        assert (p["synthesis"]["classes"] == p["ingestion"]["required_classes"]["source"] == classes
+                == p["lora_training"]["validation"]["classes"] == p["lora_training"]["base_model"]["tiny"]["prior"]["classes"])
+    assert project_parameters("base", {"synthesis": {"classes": ["femur"]}})["synthesis"]["classes"] == ["femur"]
+
+
 def test_rank_sweep_override_changes_the_rank_only(project_root):
     # `kedro run --env paper --params lora_training.lora.rank=32` reaches the loader as a nested dict
     p = _paper_params(project_root, {"lora_training": {"lora": {"rank": 32}}})

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
-from conftest import PROJECT_ROOT
+from conftest import base_params
 
 from fu_kedro.data_sources.phantom import DEFAULT_TARGET_CENTERS
 from fu_kedro.data_sources.prior_corpus import STYLE_KEYS, make_prior_corpus
@@ -15,8 +14,7 @@ from fu_kedro.pipelines.lora_training.nodes import base_training_corpus
 
 @pytest.fixture
 def prior_params() -> dict:
-    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_lora_training.yml").read_text())
-    prior = conf["lora_training"]["base_model"]["tiny"]["prior"]
+    prior = base_params("lora_training")["base_model"]["tiny"]["prior"]
     return prior | {"n_per_class": 6, "image_size": 64}
 
 
@@ -27,7 +25,7 @@ def test_the_corpus_node_reads_no_target_parameter_or_data():
 
 
 def test_no_corpus_image_is_rendered_with_a_target_centers_style(prior_params):
-    ingestion = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    ingestion = base_params("ingestion")
     centers = ingestion["phantom"]["target"]["settings"] + DEFAULT_TARGET_CENTERS
     corpus = make_prior_corpus(prior_params | {"n_per_class": 40}, seed=42)
     styles = corpus.meta[list(STYLE_KEYS)].to_numpy(float)

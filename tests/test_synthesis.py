@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from kedro.io.core import DatasetError, Version
 
-from conftest import run_kedro_session
+from conftest import base_params, run_kedro_session
 
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetShardsDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
@@ -88,8 +87,8 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def conf():
-    base = yaml.safe_load((ROOT / "conf/base/parameters_synthesis.yml").read_text())["synthesis"]
-    ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    base = base_params("synthesis")
+    ingestion = base_params("ingestion")
     return base, ingestion
 
 
@@ -215,7 +214,7 @@ def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> Non
     )
     torch.set_num_threads(1)
     adapter = random_adapter()
-    ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    ingestion = base_params("ingestion")
     plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params, 42)
     (result,) = generate_synthetic_shard(random_base(), adapter, plan, params).values()
     np.save(Path(out_dir) / f"images_{rank}.npy", result.images)
