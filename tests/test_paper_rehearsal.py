@@ -144,12 +144,12 @@ def test_counts_only_are_shrunk(tmp_path):
 
 def _tiny_lora_case(project_root):
     """A random tiny base, 1 phantom image per class and conf/base's lora_training block (1 step)."""
-    import yaml
+    from conftest import base_params
 
     from fu_kedro.data_sources import generate_phantoms
     from fu_kedro.models.base_model import BaseModel
 
-    params = yaml.safe_load((project_root / "conf" / "base" / "parameters_lora_training.yml").read_text())["lora_training"]
+    params = base_params("lora_training")  # resolved (${globals:classes} filled in), not the raw YAML
     params["lora"].update(max_steps=1, batch_size=2, loss_check_repeats=1, rank=4, train_text_encoder=True)
     subset = generate_phantoms("source", 1, 64, seed=11)
     subset.meta["caption"] = [f"a photo of fetal {p}" for p in subset.meta["label"]]
