@@ -275,3 +275,25 @@ def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project
     _kedro_run(project, "lora_training", TEST_RUN_PARAMS, from_nodes=["fit_lora_adapter_node"])
     assert len(list((project / "data/06_models/base_model").iterdir())) == 1
     assert len(list((project / "data/06_models/lora_adapter.safetensors").iterdir())) == 2
+
+
+def test_denoiser_lr_schedule_is_diffusers_constant_with_warmup():
+    """``get_scheduler("constant_with_warmup")``: the learning rate itself at every step without
+    warm-up (every shipped config), 0 -> lr linearly over ``warmup_steps`` with it."""
+    from accelerate import Accelerator
+
+    from fu_kedro.models.training import LoopConfig, _optimisation
+
+    def lrs(warmup: int) -> list[float]:
+        p = torch.nn.Parameter(torch.zeros(2))
+        cfg = LoopConfig(max_steps=6, batch_size=1, learning_rate=1e-3, seed=0, warmup_steps=warmup)
+        opt, sched, _ = _optimisation([p], [], cfg, Accelerator(cpu=True))
+        out = []
+        for _ in range(6):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(0) == [1e-3] * 6
+    assert lrs(4) == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])

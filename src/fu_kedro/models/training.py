@@ -7,8 +7,8 @@ so the same loop runs on CPU, one GPU or several (``accelerate launch``, or
 ``python -m fu_kedro.launch``). Under N processes every process draws the same global batch
 (same seeded generator) and trains on its 1/N share of it; DDP averages the gradients, so
 the weights equal those of one process with the same ``batch_size``. Reusable pieces
-come from ``diffusers.training_utils`` (``EMAModel``, ``compute_snr``), as in diffusers'
-``train_text_to_image_lora.py``.
+come from ``diffusers.training_utils`` (``EMAModel``, ``compute_snr``, ``cast_training_params``)
+and ``diffusers.optimization.get_scheduler``, as in diffusers' ``train_text_to_image_lora.py``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 
 from fu_kedro.models.diffusion import training_noise_scheduler
 from tqdm.auto import tqdm
@@ -49,7 +50,7 @@ class LoopConfig:
     # says so (``time_capped``), which the run records (MLflow tag, lineage, report).
     max_minutes: float | None = None
     weight_decay: float = 1e-2
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # diffusers' constant_with_warmup: lr x step / warmup_steps, then lr (0 = none, every shipped config)
     ema_decay: float | None = None
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1
@@ -207,16 +208,13 @@ def _per_image_loss(pred, target, t, noise_scheduler, min_snr_gamma: float | Non
 
 
 def _optimisation(unet_params: list, te_params: list, cfg: LoopConfig, accelerator: Accelerator):
-    """(AdamW over the UNet and text-encoder groups, linear warm-up, optional EMA) of the trained weights,
-    cast to float32 first: trained in float32 even when the frozen base is half precision
-    (mixed precision via autocast)."""
+    """(AdamW over the UNet and text-encoder groups, diffusers' constant schedule with linear
+    warm-up, optional EMA) of the trained weights (already float32: ``cast_training_params``)."""
     groups = [{"params": unet_params, "lr": cfg.learning_rate}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
-    for p in unet_params + te_params:
-        p.data = p.data.float()
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=_fused(accelerator))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
     ema = EMAModel(unet_params + te_params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
     return opt, sched, ema
 
@@ -258,6 +256,8 @@ def train_denoiser(
     empty_ids = tokenize(pipe, [""])[0]
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    # the trained weights in float32 even when the frozen base is half precision (autocast does the rest)
+    cast_training_params([unet, text_encoder], dtype=torch.float32)
     opt, sched, ema = _optimisation(unet_params, te_params, cfg, accelerator)
     unet.train()
     text_encoder.train(bool(te_params))
