@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fu_kedro.datasets import ImageSet
+from fu_kedro.datasets.image_set import row_positions
 
 # ImageNet statistics: the grey image is copied to three channels so ImageNet weights fit.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,9 +36,7 @@ class TensorSet:
 
     def subset(self, index) -> "TensorSet":
         """Rows chosen by a boolean mask or positions, as a new set."""
-        idx = np.asarray(index)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
+        idx = row_positions(index)
         t = torch.as_tensor(idx, dtype=torch.long)
         return TensorSet(self.images[t], self.labels[t], self.meta.iloc[idx].reset_index(drop=True))
 

@@ -41,6 +41,12 @@ from PIL import Image
 from fu_kedro.lineage import to_jsonable
 
 
+def row_positions(mask_or_index) -> np.ndarray:
+    """Integer row positions from a boolean mask or from positions (``ImageSet.select``, ``TensorSet.subset``)."""
+    idx = np.asarray(mask_or_index)
+    return np.flatnonzero(idx) if idx.dtype == bool else idx
+
+
 @dataclass
 class ImageSet:
     """Grayscale images ``(N, H, W) uint8`` with aligned per-image metadata."""
@@ -69,9 +75,7 @@ class ImageSet:
 
     def select(self, mask_or_index) -> "ImageSet":
         """Rows chosen by a boolean mask or integer positions, as a new set (same ``info``)."""
-        idx = np.asarray(mask_or_index)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
+        idx = row_positions(mask_or_index)
         return ImageSet(self.images[idx], self.meta.iloc[idx].reset_index(drop=True), dict(self.info))
 
     def resized_tensor(self, size: int):
