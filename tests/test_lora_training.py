@@ -297,3 +297,29 @@ def test_denoiser_lr_schedule_is_diffusers_constant_with_warmup():
 
     assert lrs(0) == [1e-3] * 6
     assert lrs(4) == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_one_lora_fit_trains_nothing_and_bad_fits_stop(params, lora_subset, tmp_path):
+    from kedro.io.core import Version
+
+    from fu_kedro.datasets import LoraAdapterFitsDataset
+    from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter_refits
+
+    fit0 = LoraAdapter({"unet.a.to_q.lora.down.weight": torch.ones(1, 2)}, {"catalog_version": "v0"})
+    never = BaseModel(info={"kind": "tiny", "content_hash": "x"}, load=lambda: pytest.fail("the base's weights were read"))
+    fits = fit_lora_adapter_refits(never, lora_subset, fit0, params, 42)  # lora_training.lora.fits: 1 (default)
+    assert len(fits) == 0 and fits.fits == 1
+    assert fits.info["fit_of"] == {"content_hash": fit0.content_hash, "catalog_version": "v0"}
+    # the catalog entry: nothing saved yet loads as an empty set that says so; an empty set round-trips
+    root = str(tmp_path / "lora_adapter_fits")
+    assert LoraAdapterFitsDataset(root, version=Version(None, None)).load().missing
+    LoraAdapterFitsDataset(root, version=Version(None, "2026-01-01T00.00.00.000Z")).save(fits)
+    loaded = LoraAdapterFitsDataset(root, version=Version(None, None)).load()
+    assert loaded.missing is None and loaded.fits == 1 and loaded.info["catalog_version"] == "2026-01-01T00.00.00.000Z"
+    for lora, extra, message in (
+        ({"fits": 0}, {}, "lora_training.lora.fits must be a positive integer, got 0"),
+        ({"fits": 2}, {"adapter_source": "file"}, "lora_training.lora.fits=2 needs lora_training.adapter_source: train"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fit_lora_adapter_refits(never, lora_subset, fit0, dict(params, lora=dict(params["lora"], **lora), **extra), 42)
+

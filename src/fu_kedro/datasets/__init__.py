@@ -10,6 +10,7 @@ import importlib
 _HOMES = {
     "DiffusionModelDataset": ".diffusion",
     "LoraAdapterDataset": ".diffusion",
+    "LoraAdapterFitsDataset": ".diffusion",
     "ImageSet": ".image_set",
     "ImageSetDataset": ".image_set",
     "ImageSetShardsDataset": ".image_set_shards",

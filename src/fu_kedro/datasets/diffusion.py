@@ -17,7 +17,12 @@ node that needs only the info (the adapter's lineage record) does not load them.
 format (``StableDiffusionPipeline.load_lora_weights(<file>)`` loads it) with its lineage
 (rank, alpha, base hash, LoRA subset ids, parameters) in the file's metadata header.
 
-Both write under a temporary name and rename at the end, so a failed run never leaves a
+``LoraAdapterFitsDataset`` stores the independent LoRA fits 1..K-1 of ``lora_training.lora.fits``
+(fit 0 is ``lora_adapter``) as one folder: ``fit-01.safetensors`` ... (each like the adapter
+file above) and ``fits.json`` (K, the fit-0 adapter they belong to, a summary per fit). With
+K = 1 the folder holds ``fits.json`` alone.
+
+All three write under a temporary name and rename at the end, so a failed run never leaves a
 file or folder that looks complete. Loaded objects carry the catalog version they came from
 (``BaseModel.info["catalog_version"]`` / ``metadata["catalog_version"]``) so later steps can
 record it (the synthesis manifest does).
@@ -33,13 +38,23 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+from kedro.io.core import (
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    VersionNotFoundError,
+    get_filepath_str,
+    get_protocol_and_path,
+)
 
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
-from fu_kedro.models.lora import LoraAdapter, read_adapter_file, read_adapter_metadata, save_adapter_file
+from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits, read_adapter_file, read_adapter_metadata, save_adapter_file
 
 from .staging import published_path
+
+
+FITS_INDEX = "fits.json"
 
 
 def _version_of(path: Path) -> str | None:
@@ -83,6 +98,8 @@ class _LocalVersioned(AbstractVersionedDataset):
         from fu_kedro.datasets.previews import json_preview
 
         path = self._load_path()
+        if (path / FITS_INDEX).is_file():
+            return json_preview(json.loads((path / FITS_INDEX).read_text()), drop=("made_from",))
         if (path / "reference.json").is_file():
             return json_preview(json.loads((path / "reference.json").read_text()), drop=("made_from",))
         return json_preview(read_adapter_metadata(path), drop=("made_from",))
@@ -163,4 +180,52 @@ class LoraAdapterDataset(_LocalVersioned):
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+
+
+def _read_fit(path: Path, version: str | None) -> LoraAdapter:
+    adapter = read_adapter_file(path)
+    adapter.metadata["catalog_version"] = version
+    adapter.metadata["file"] = str(path)
+    if published_path(path) != path:
+        adapter.metadata["published_file"] = str(published_path(path))
+    return adapter
+
+
+class LoraAdapterFitsDataset(_LocalVersioned):
+    """:class:`~fu_kedro.models.lora.LoraAdapterFits`: LoRA fits 1..K-1 as ``fit-NN.safetensors`` + ``fits.json``.
+
+    Loading reads ``fits.json`` at once and each adapter on first use. With no saved version at
+    all it loads an empty set that says so (``missing``): a run that does not use the fits
+    (``synthesis.adapter_per_replicate: false``) does not need them.
+    """
+
+    def load(self) -> LoraAdapterFits:
+        try:
+            folder = self._load_path()
+        except VersionNotFoundError as exc:
+            return LoraAdapterFits([], {"fits": 1}, missing=str(exc))
+        index = folder / FITS_INDEX
+        if not index.is_file():
+            raise DatasetError(f"{folder}: no {FITS_INDEX} (not a LoRA-fits artifact, or an incomplete one)")
+        info = json.loads(index.read_text())
+        version = _version_of(folder)
+        files = [folder / f"fit-{r:02d}.safetensors" for r in range(1, int(info["fits"]))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise DatasetError(f"{folder}: {FITS_INDEX} lists {info['fits']} fits but {absent} are missing")
+        return LoraAdapterFits([partial(_read_fit, f, version) for f in files], info | {"catalog_version": version})
+
+    def save(self, data: LoraAdapterFits) -> None:
+        folder = self._save_path()
+        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            for r in range(1, data.fits):
+                save_adapter_file(data.adapter(r), tmp / f"fit-{r:02d}.safetensors")
+            info = {k: v for k, v in data.info.items() if k != "catalog_version"} | {"fits": data.fits}
+            (tmp / FITS_INDEX).write_text(to_json(info))
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -206,3 +207,57 @@ def as_json_metadata(metadata: dict[str, Any]) -> dict[str, str]:
 
 def temp_adapter_path() -> Path:
     return Path(tempfile.mkdtemp(prefix="fu_lora_")) / "adapter.safetensors"
+
+
+def lora_fit_seed(seed: int, fit: int) -> int:
+    """The seed of independent LoRA fit ``fit`` (``lora_training.lora.fits``): the project seed
+    itself for fit 0 (the ``lora_adapter``), else a 31-bit hash of (seed, fit) — NumPy's
+    ``SeedSequence`` mixes them, so fits of neighbouring project seeds share no seed."""
+    if int(fit) < 0:
+        raise ValueError(f"a LoRA fit index is >= 0, got {fit}")
+    if int(fit) == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed), _FIT_SEED_TAG, int(fit)]).generate_state(1, dtype=np.uint32)[0]
+    return int(state) & 0x7FFFFFFF
+
+
+_FIT_SEED_TAG = 0x4C6F5241  # "LoRA": keeps fit seeds apart from image seeds (SeedSequence([base_seed, index]))
+
+
+class LoraAdapterFits:
+    """The independent LoRA fits 1..K-1 trained beside ``lora_adapter`` (fit 0) on the same base
+    and LoRA subset, each from its own seed (:func:`lora_fit_seed`); empty when
+    ``lora_training.lora.fits`` is 1.
+
+    ``info``: ``fits`` (K, fit 0 included), ``fit_of`` (fit 0's content hash and catalog
+    version: the fits belong to that adapter), one summary per fit (``fits_summary``) and, once
+    loaded, ``catalog_version``. Adapters are read on first use (``adapter(r)``). A catalog entry
+    with no saved version loads as an empty set whose ``missing`` says so: synthesis needs the
+    fits only with ``synthesis.adapter_per_replicate``, and then names what to run.
+    """
+
+    def __init__(self, adapters: list | None = None, info: dict | None = None, missing: str | None = None):
+        self._adapters = list(adapters or [])  # LoraAdapter, or a callable returning one (lazy)
+        self.info = dict(info or {})
+        self.missing = missing
+
+    def __len__(self) -> int:
+        """Fits held here (1..K-1), without fit 0."""
+        return len(self._adapters)
+
+    @property
+    def fits(self) -> int:
+        """K: the fits these belong to, fit 0 (``lora_adapter``) included."""
+        return len(self._adapters) + 1
+
+    def adapter(self, fit: int) -> LoraAdapter:
+        """Fit ``fit`` (1..K-1)."""
+        if not 1 <= int(fit) <= len(self._adapters):
+            raise IndexError(f"LoRA fit {fit}: this set holds fits 1..{len(self._adapters)}")
+        item = self._adapters[int(fit) - 1]
+        if callable(item):
+            item = self._adapters[int(fit) - 1] = item()
+        return item
+
+    def __repr__(self) -> str:
+        return f"LoraAdapterFits({len(self)} fit(s) beside fit 0, version {self.info.get('catalog_version')})"

@@ -45,7 +45,15 @@ from fu_kedro.models.diffusion import (  # noqa: E402
     pipeline_hash,
 )
 from fu_kedro.models.generation import file_sha256, generate_images, torch_threads  # noqa: E402
-from fu_kedro.models.lora import LoraAdapter, apply_lora, attach_lora, export_lora, read_adapter_file  # noqa: E402
+from fu_kedro.models.lora import (  # noqa: E402
+    LoraAdapter,
+    LoraAdapterFits,
+    apply_lora,
+    attach_lora,
+    export_lora,
+    lora_fit_seed,
+    read_adapter_file,
+)
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
     denoising_loss,
@@ -92,7 +100,7 @@ def _captions(image_set: ImageSet, template: str) -> list[str]:
 BASE_MODEL_KEYS = ("kind", "pretrained_path", "tiny")
 TINY_KEYS = ("architecture", "train_on", "prior", "autoencoder", "denoiser")
 AUTOENCODER_KEYS = ("kl_weight",)
-LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats")
+LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats", "fits")
 
 
 def _loop(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
@@ -265,6 +273,54 @@ def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[
     if source == "train":
         return train_lora_adapter(base_model, lora_subset, params, seed)
     raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
+
+
+def lora_fits(params: dict[str, Any]) -> int:
+    """``lora_training.lora.fits`` (K, default 1), checked: K independent fits need ``adapter_source: train``."""
+    fits = (params.get("lora") or {}).get("fits", 1)
+    if not isinstance(fits, int) or isinstance(fits, bool) or fits < 1:
+        raise ValueError(f"lora_training.lora.fits must be a positive integer, got {fits!r}")
+    if fits > 1 and params.get("adapter_source", "train") != "train":
+        raise ValueError(f"lora_training.lora.fits={fits} needs lora_training.adapter_source: train (an adapter read "
+                         "from a file cannot be fitted again); set lora_training.lora.fits=1")
+    return fits
+
+
+def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_adapter: LoraAdapter,
+                            params: dict[str, Any], seed: int) -> LoraAdapterFits:
+    """LoRA fits 1..K-1 of ``lora_training.lora.fits`` = K, beside ``lora_adapter`` (fit 0).
+
+    Each is :func:`train_lora_adapter` again — the same base weights (a fresh copy each time),
+    the same LoRA subset and parameters — with its own seed, :func:`~fu_kedro.models.lora.lora_fit_seed`
+    ``(seed, r)`` (fit 0's is the project seed): LoRA init, batch order, noise and caption
+    dropout all differ. Synthesis uses fit r for replicate r with
+    ``synthesis.adapter_per_replicate``. K = 1 (the default) trains nothing and does not load
+    the base's weights.
+
+    Returns:
+        ``LoraAdapterFits``: the adapters (metadata as fit 0's, plus ``fit``, ``fit_of``) and
+        ``info``: K, the fit-0 adapter they belong to, one summary per fit (seed, content
+        hash, steps, denoising loss without/with the adapter).
+    """
+    fits = lora_fits(params)
+    fit_of = {"content_hash": lora_adapter.content_hash, "catalog_version": lora_adapter.metadata.get("catalog_version")}
+    info: dict[str, Any] = {"fits": fits, "fit_of": fit_of, "seed": int(seed), "fits_summary": []}
+    if fits == 1:
+        return LoraAdapterFits([], info)
+    pristine = base_model.pipe
+    adapters = []
+    for r in range(1, fits):
+        fit_seed = lora_fit_seed(seed, r)
+        base = BaseModel(copy.deepcopy(pristine), dict(base_model.info))  # attach_lora adds layers to the pipe it gets
+        log.info("LoRA fit %d of %d (seed %d)", r + 1, fits, fit_seed)
+        adapter, history, summary = train_lora_adapter(base, lora_subset, params, fit_seed)
+        del base
+        adapter.metadata.update({"fit": str(r), "fits": str(fits), "fit_of": json.dumps(fit_of, default=str)})
+        adapters.append(adapter)
+        info["fits_summary"].append({"fit": r, "seed": fit_seed, "content_hash": adapter.content_hash,
+                                     "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
+                                     **{k: v for k, v in summary.items() if k != "ran_on"}})
+    return LoraAdapterFits(adapters, json.loads(json.dumps(info, default=str)))
 
 
 def read_lora_adapter(base_model: BaseModel, params: dict[str, Any]):

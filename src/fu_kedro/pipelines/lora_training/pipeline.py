@@ -13,6 +13,8 @@ Reusing an earlier tiny base instead of training it again (documented in the REA
 training history) is then loaded from the catalog — the latest version, or the pinned one.
 ``fit_lora_adapter_node`` trains the adapter or, with ``lora_training.adapter_source=file``,
 reads it from ``adapter_file`` (a router node: parameters are not known when the pipeline is built).
+``fit_lora_adapter_refits_node`` trains the independent fits 1..K-1 of ``lora_training.lora.fits``
+(nothing when K = 1, the default) into ``lora_adapter_fits``.
 """
 from kedro.pipeline import Node, Pipeline
 
@@ -22,6 +24,7 @@ from .nodes import (
     adapter_lineage,
     build_base_model,
     fit_lora_adapter,
+    fit_lora_adapter_refits,
     plot_loss_curves,
     render_validation_grid,
     training_metrics,
@@ -54,6 +57,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["base_model", "lora_subset", "params:lora_training", "params:seed"],
                 outputs=["lora_adapter", "lora_training_history", "lora_training_summary"],
                 name="fit_lora_adapter_node",
+            ),
+            Node(
+                fit_lora_adapter_refits,
+                inputs=["base_model", "lora_subset", "lora_adapter", "params:lora_training", "params:seed"],
+                outputs="lora_adapter_fits",
+                name="fit_lora_adapter_refits_node",
             ),
             Node(
                 render_validation_grid,
