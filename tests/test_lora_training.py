@@ -323,3 +323,32 @@ def test_one_lora_fit_trains_nothing_and_bad_fits_stop(params, lora_subset, tmp_
         with pytest.raises(ValueError, match=message):
             fit_lora_adapter_refits(never, lora_subset, fit0, dict(params, lora=dict(params["lora"], **lora), **extra), 42)
 
+
+@pytest.mark.slow
+def test_kedro_run_with_two_lora_fits_makes_each_replicate_with_its_fit(project_copy):
+    import pandas as pd
+
+    project = project_copy
+    tiny = dict(TEST_RUN_PARAMS, **{"lora_training.lora.max_steps": 3, "lora_training.base_model.tiny.prior.n_per_class": 6,
+                                    "lora_training.lora.fits": 2})
+    _kedro_run(project, "ingestion", tiny)
+    _kedro_run(project, "lora_training", tiny)
+    (fits_version,) = (project / "data/06_models/lora_adapter_fits").iterdir()
+    folder = fits_version / "lora_adapter_fits"
+    index = json.loads((folder / "fits.json").read_text())
+    assert index["fits"] == 2 and (folder / "fit-01.safetensors").is_file()
+    assert {i["dataset"] for i in json.loads((fits_version / "lineage.json").read_text())["inputs"]} >= {
+        "base_model", "lora_subset", "lora_adapter"}
+    synthesis = {"synthesis.images_per_class": 1, "synthesis.steps": 2, "synthesis.batch_size": 2,
+                 "synthesis.replicates": 2, "synthesis.adapter_per_replicate": True}
+    _kedro_run(project, "synthesis", dict(tiny, **synthesis))
+    batch = next((project / "data/07_model_output/synthetic_batch").glob("*/synthetic_batch"))
+    manifest = pd.read_csv(batch / "metadata.csv")
+    by_replicate = manifest.groupby("replicate").first()
+    assert by_replicate["adapter_fit"].tolist() == [0, 1]
+    assert by_replicate["adapter_dataset"].tolist() == ["lora_adapter", "lora_adapter_fits"]
+    assert by_replicate["adapter_content_hash"].iloc[1] == index["fits_summary"][0]["content_hash"]
+    assert by_replicate["adapter_catalog_version"].iloc[1] == fits_version.name
+    assert by_replicate["adapter_seed"].tolist() == [42, index["fits_summary"][0]["seed"]]
+    upstream = json.loads((batch / "info.json").read_text())["made_from"]["upstream"]
+    assert {(u.get("dataset"), u.get("version")) for u in upstream} >= {("lora_adapter_fits", fits_version.name)}

@@ -28,7 +28,16 @@ from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetSh
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
-from fu_kedro.models.generation import torch_threads, image_seed, prepare_pipeline, regenerate, device_and_dtype, shard_indices
+from fu_kedro.datasets.image_set_shards import shard_name
+from fu_kedro.models.generation import (
+    device_and_dtype,
+    file_sha256,
+    image_seed,
+    prepare_pipeline,
+    regenerate,
+    shard_indices,
+    torch_threads,
+)
 from fu_kedro.models.lora import LoraAdapter, attach_lora, export_lora
 from fu_kedro.pipelines.synthesis.nodes import (
     generate_synthetic_shard,
@@ -68,11 +77,11 @@ def random_base() -> BaseModel:
     return BaseModel(pipe, {"kind": "tiny", "name": "random tiny (test)", "resolution": 32, "content_hash": base_hash()})
 
 
-def random_adapter():
+def random_adapter(seed: int = 2):
     """A rank-4 UNet adapter with random up *and* down weights (peft's init leaves up at 0)."""
     pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)
     attach_lora(pipe, rank=4, alpha=4, seed=1)
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
@@ -100,8 +109,9 @@ def params(conf) -> dict:
     return p
 
 
-def plan_for(params, adapter, conf, seed=42, base=None):
-    return plan_synthetic_batch(base or random_base(), adapter, conf[1]["caption_template"], conf[1]["plane_labels"], params, seed)
+def plan_for(params, adapter, conf, seed=42, base=None, fits=None):
+    return plan_synthetic_batch(base or random_base(), adapter, conf[1]["caption_template"], conf[1]["plane_labels"], params,
+                                seed, fits)
 
 
 def make_batch(params, adapter, conf) -> ImageSet:
@@ -206,6 +216,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def random_fits(adapter, k: int):
+    """Stand-in for lora_training.lora.fits = k: other random adapters as fits 1..k-1 of ``adapter``."""
+    from fu_kedro.models.lora import LoraAdapterFits
+
+    others = [random_adapter(seed=2 + r) for r in range(1, k)]
+    return LoraAdapterFits(others, {"fits": k, "fit_of": {"content_hash": adapter.content_hash}})
+
+
 def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> None:
     """One of two gloo CPU processes, as `python -m fu_kedro.launch -n 2` would start it."""
     os.environ.update(
@@ -214,9 +232,11 @@ def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> Non
     )
     torch.set_num_threads(1)
     adapter = random_adapter()
+    fits = random_fits(adapter, params["replicates"]) if params.get("adapter_per_replicate") else None
     ingestion = base_params("ingestion")
-    plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params, 42)
-    (result,) = generate_synthetic_shard(random_base(), adapter, plan, params).values()
+    plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params, 42,
+                                fits)
+    (result,) = generate_synthetic_shard(random_base(), adapter, plan, params, fits).values()
     np.save(Path(out_dir) / f"images_{rank}.npy", result.images)
     result.meta.to_csv(Path(out_dir) / f"meta_{rank}.csv", index=False)
 
@@ -439,3 +459,107 @@ def test_replicates_are_independent_batches_in_one_manifest(params, adapter, con
         assert rows["label"].tolist() == one["label"].tolist()
     with pytest.raises(ValueError, match="replicates must be a positive integer, got 0"):
         plan_for(dict(params, replicates=0), adapter, conf)
+
+
+# --------------------------------------------------------------------------- one LoRA fit per replicate
+@pytest.fixture(scope="module")
+def two_fits(tmp_path_factory):
+    """lora_training.lora.fits = 2 on the random tiny base (3 LoRA steps: bookkeeping, not quality),
+    fit 0 and fits 1.. through their catalog datasets, as synthesis loads them."""
+    from fu_kedro.data_sources import generate_phantoms
+    from fu_kedro.datasets import LoraAdapterFitsDataset
+    from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter, fit_lora_adapter_refits
+
+    lora_params = base_params("lora_training")
+    lora_params["torch_threads"] = 1
+    lora_params["lora"].update(max_steps=3, batch_size=8, loss_check_repeats=1, fits=2)
+    subset = generate_phantoms("source", 2, 64, seed=11)
+    subset.meta["caption"] = [f"a photo of fetal {p}" for p in subset.meta["label"]]
+    root, version = tmp_path_factory.mktemp("fits"), "2026-01-01T00.00.00.000Z"
+    fit0, _, _ = fit_lora_adapter(random_base(), subset, lora_params, 42)
+    LoraAdapterDataset(str(root / "lora_adapter.safetensors"), version=Version(None, version)).save(fit0)
+    fit0 = LoraAdapterDataset(str(root / "lora_adapter.safetensors"), version=Version(version, None)).load()
+    fits = fit_lora_adapter_refits(random_base(), subset, fit0, lora_params, 42)
+    fits_ds = LoraAdapterFitsDataset(str(root / "lora_adapter_fits"), version=Version(None, version))
+    fits_ds.save(fits)
+    one = fit_lora_adapter_refits(random_base(), subset, fit0, dict(lora_params, lora=dict(lora_params["lora"], fits=1)), 42)
+    return fit0, LoraAdapterFitsDataset(str(root / "lora_adapter_fits"), version=Version(version, None)).load(), one
+
+
+def test_two_lora_fits_make_two_traced_replicates_and_replicate_0_is_unchanged(two_fits, params, conf, tmp_path):
+    from fu_kedro.models.lora import lora_fit_seed
+
+    fit0, fits, one = two_fits
+    assert len(one) == 0 and one.fits == 1  # lora_training.lora.fits = 1 (the default): nothing trained
+    assert fits.fits == 2 and fits.info["fit_of"]["content_hash"] == fit0.content_hash
+    fit1 = fits.adapter(1)
+    assert fit1.content_hash != fit0.content_hash and fit1.content_hash == fits.info["fits_summary"][0]["content_hash"]
+    assert fit1.metadata["seed"] == str(lora_fit_seed(42, 1)) != fit0.metadata["seed"] == "42"
+    assert fit1.metadata["lora_subset_image_ids"] == fit0.metadata["lora_subset_image_ids"]  # same subset, same base
+    assert fit1.metadata["base_content_hash"] == fit0.metadata["base_content_hash"]
+
+    params.update(replicates=2, images_per_class=3, classes=["brain", "femur"])  # 6 per replicate: batch 2 of 4 mixes both
+    off = make_batch(params, fit0, conf)  # default: both replicates from fit 0
+    on = dict(params, adapter_per_replicate=True)
+    plan = plan_for(on, fit0, conf, fits=fits)
+    (result,) = generate_synthetic_shard(random_base(), fit0, plan, on, fits).values()
+    batch = merge_synthetic_shards({shard_name(plan["batch_key"].iloc[0], 0, 1): result}, plan, on)
+    meta = batch.meta
+    rep = meta["replicate"].to_numpy()
+    # every row names its adapter: content hash, fit index and seed, catalog entry and version
+    for r, adapter, dataset in ((0, fit0, "lora_adapter"), (1, fit1, "lora_adapter_fits")):
+        rows = meta[rep == r]
+        assert set(rows["adapter_content_hash"]) == {adapter.content_hash} and set(rows["adapter_fit"]) == {r}
+        assert set(rows["adapter_seed"]) == {int(adapter.metadata["seed"])} and set(rows["adapter_dataset"]) == {dataset}
+        assert set(rows["adapter_catalog_version"]) == {"2026-01-01T00.00.00.000Z"}
+        assert set(rows["adapter_file_sha256"]) == {file_sha256(adapter.metadata["file"])}
+    assert [a["fit"] for a in batch.info["adapter_per_replicate"]] == [0, 1]
+    # replicate 0 is pixel-identical to the single-adapter batch; replicate 1 changes with its own fit
+    assert np.array_equal(batch.images[rep == 0], off.images[off.meta["replicate"].to_numpy() == 0])
+    assert not np.array_equal(batch.images[rep == 1], off.images[off.meta["replicate"].to_numpy() == 1])
+    assert meta[["image_id", "seed"]].equals(off.meta[["image_id", "seed"]])
+    # the option off leaves the manifest as it was: no fit columns
+    assert "adapter_fit" not in off.meta.columns and "adapter_per_replicate" not in off.info
+    # shards (each row with its replicate's fit) give the same batch
+    store = ImageSetShardsDataset(str(tmp_path / "shards"))
+    for k in range(3):
+        store.save(generate_synthetic_shard(random_base(), fit0, plan, dict(on, num_shards=3, shard_index=k), fits))
+    merged = merge_synthetic_shards(store.load(), plan, dict(on, num_shards=3))
+    assert np.array_equal(merged.images, batch.images)
+    # a row regenerated alone with its fit's adapter is the same image
+    row = meta.iloc[[len(meta) - 1]]
+    pipe = prepare_pipeline(random_base().pipe, fit1, 1.0, CPU, torch.float32, False, row["scheduler"].iloc[0])
+    assert np.array_equal(regenerate(pipe, row)[0], batch.images[-1])
+
+
+def test_too_few_lora_fits_stop_the_plan_naming_both_parameters(two_fits, params, conf):
+    from fu_kedro.models.lora import LoraAdapterFits
+
+    fit0, fits, one = two_fits
+    on = dict(params, replicates=3, adapter_per_replicate=True)
+    message = r"synthesis.replicates=3.*holds 2 \(lora_training.lora.fits=2\).*lora_training.lora.fits=3"
+    with pytest.raises(ValueError, match=message):
+        plan_for(on, fit0, conf, fits=fits)
+    missing = LoraAdapterFits([], {"fits": 1}, missing="Did not find any versions")
+    with pytest.raises(ValueError, match=r"adapter_per_replicate.*no lora_adapter_fits is saved"):
+        plan_for(dict(on, replicates=2), fit0, conf, fits=missing)
+    # fits of another adapter (another run) are refused; the option off never reads them
+    with pytest.raises(ValueError, match="not of lora_adapter version"):
+        plan_for(dict(on, replicates=2), random_adapter(), conf, fits=fits)
+    plan_for(dict(params, replicates=3), fit0, conf, fits=missing)
+
+
+def test_two_gloo_processes_use_each_rows_lora_fit(params, adapter, conf, tmp_path):
+    """Under fu_kedro.launch each process makes its share of the rows, each row with its replicate's fit."""
+    params.update(replicates=3, images_per_class=1, classes=["brain", "femur"], adapter_per_replicate=True)
+    fits = random_fits(adapter, 3)
+    plan = plan_for(params, adapter, conf, fits=fits)
+    (one,) = generate_synthetic_shard(random_base(), adapter, plan, params, fits).values()
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), params, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        meta = pd.read_csv(tmp_path / f"meta_{rank}.csv", dtype={"image_id": str})
+        assert np.array_equal(np.load(tmp_path / f"images_{rank}.npy"), one.images), f"rank {rank}"
+        assert meta["process_index"].tolist() == [0, 0, 0, 1, 1, 1]  # each process spans two fits
+        assert meta["adapter_fit"].tolist() == [0, 0, 1, 1, 2, 2]
+    single = make_batch(dict(params, adapter_per_replicate=False), adapter, conf).images
+    assert np.array_equal(one.images[:2], single[:2]) and not np.array_equal(one.images[2:], single[2:])

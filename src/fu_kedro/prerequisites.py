@@ -268,6 +268,13 @@ def find_mixed_runs(pipeline, catalog) -> list[str]:
     return found
 
 
+# Free inputs read only under some parameters: name -> does this run use it? (their dataset loads as
+# an empty placeholder when nothing is saved, and the node that uses them names what to run).
+OPTIONAL_INPUTS = {
+    "lora_adapter_fits": lambda params: bool((params.get("synthesis") or {}).get("adapter_per_replicate")),
+}
+
+
 def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> tuple[list[Problem], list[str]]:
     """The run's free inputs (outputs of other pipelines) are saved, and come from this run's data sources.
 
@@ -280,6 +287,8 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
     for name in sorted(pipeline.inputs()):
         if name == "parameters" or name.startswith("params:"):
             continue
+        if name in OPTIONAL_INPUTS and not OPTIONAL_INPUTS[name](params):
+            continue  # an input this run's parameters do not use (its node checks it when they do)
         producer = _producer(name)
         how = (
             f"it is made by the {producer} pipeline: run `kedro run{env_flag} --pipeline {producer}` first"

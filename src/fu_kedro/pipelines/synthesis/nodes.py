@@ -15,6 +15,7 @@ Pixel-reproducibility (batch vs shard vs process vs one image alone) is the busi
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import json
@@ -45,7 +46,7 @@ from fu_kedro.models.generation import (  # noqa: E402
     shard_indices,
     torch_threads,
 )
-from fu_kedro.models.lora import LoraAdapter  # noqa: E402
+from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
     replicates = params.get("replicates", 1)
     if not _is_int(replicates) or replicates < 1:
         problems.append(f"replicates must be a positive integer, got {replicates!r}")
+    if params.get("adapter_per_replicate", False) not in (True, False):
+        problems.append(f"adapter_per_replicate must be true or false, got {params.get('adapter_per_replicate')!r}")
     if problems:
         raise ValueError("synthesis parameters: " + "; ".join(problems))
 
@@ -147,6 +150,51 @@ def _adapter_identity(adapter: LoraAdapter) -> dict[str, str]:
     }
 
 
+def replicate_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapterFits | None,
+                       params: dict[str, Any]) -> list[LoraAdapter] | None:
+    """The adapter of each replicate with ``synthesis.adapter_per_replicate``: fit r
+    (``lora_adapter`` for r = 0, ``lora_adapter_fits`` for r >= 1); None when the option is off
+    (every replicate uses ``lora_adapter``).
+
+    Raises:
+        ValueError: fewer fits than ``synthesis.replicates`` (naming both parameters and the
+            command that makes more), or fits that belong to another ``lora_adapter``.
+    """
+    if not params.get("adapter_per_replicate", False):
+        return None
+    replicates = int(params.get("replicates", 1))
+    fits = lora_adapter_fits if lora_adapter_fits is not None else LoraAdapterFits([], {"fits": 1}, "not given")
+    if fits.fits < replicates:
+        where = (f"no lora_adapter_fits is saved ({fits.missing})" if fits.missing else
+                 f"lora_adapter_fits (version {fits.info.get('catalog_version') or '?'}) holds {fits.fits} "
+                 f"(lora_training.lora.fits={fits.fits})")
+        raise ValueError(
+            f"synthesis.adapter_per_replicate is true with synthesis.replicates={replicates}: each replicate needs its "
+            f"own LoRA fit, {replicates} in all, but {where}. Train them with `kedro run --pipeline lora_training "
+            f"--params lora_training.lora.fits={replicates}` (or set synthesis.replicates <= lora_training.lora.fits, "
+            f"or synthesis.adapter_per_replicate=false)"
+        )
+    fit_of = (fits.info.get("fit_of") or {}).get("content_hash")
+    if replicates > 1 and fit_of != lora_adapter.content_hash:
+        raise ValueError(
+            f"lora_adapter_fits (version {fits.info.get('catalog_version') or '?'}) are further fits of the adapter "
+            f"{str(fit_of)[:12]}… (lora_adapter version {(fits.info.get('fit_of') or {}).get('catalog_version') or '?'}), "
+            f"not of lora_adapter version {lora_adapter.metadata.get('catalog_version') or '?'} "
+            f"({lora_adapter.content_hash[:12]}…); pin the matching versions with --load-versions, or re-run lora_training"
+        )
+    return [lora_adapter] + [fits.adapter(r) for r in range(1, replicates)]
+
+
+def _fit_identity(adapter: LoraAdapter, fit: int) -> dict[str, Any]:
+    """Which LoRA fit made a replicate: the adapter's identity plus fit index, seed and catalog entry."""
+    recorded = adapter.metadata.get("seed")
+    return _adapter_identity(adapter) | {
+        "adapter_fit": fit,
+        "adapter_seed": int(recorded) if str(recorded or "").isdigit() else -1,  # -1: not recorded (an imported file)
+        "adapter_dataset": "lora_adapter" if fit == 0 else "lora_adapter_fits",
+    }
+
+
 # --------------------------------------------------------------------------- nodes
 def plan_synthetic_batch(
     base_model: BaseModel,
@@ -155,6 +203,7 @@ def plan_synthetic_batch(
     plane_labels: dict[str, str],
     params: dict[str, Any],
     seed: int,
+    lora_adapter_fits: LoraAdapterFits | None = None,
 ) -> pd.DataFrame:
     """The manifest of the batch to make, one row per image, before any image exists.
 
@@ -167,6 +216,8 @@ def plan_synthetic_batch(
         plane_labels: ``ingestion.plane_labels``; its values are the known class names.
         params: ``synthesis`` parameters.
         seed: the project seed, the base seed when ``synthesis.base_seed`` is null.
+        lora_adapter_fits: the ``lora_adapter_fits`` catalog entry (LoRA fits 1..K-1); used only
+            with ``synthesis.adapter_per_replicate``: replicate r is then made with fit r.
 
     Returns:
         DataFrame with ``index`` (global, class-major), ``image_id``, ``label``, ``prompt``,
@@ -174,7 +225,10 @@ def plan_synthetic_batch(
         ``synthesis.replicates`` independent batches it belongs to), ``base_seed`` (its
         replicate's: the base seed + replicate), ``scheduler``,
         ``steps``, ``guidance``, ``lora_scale``, ``resolution``, ``batch_size`` (the call
-        shape), base model and adapter identity, and ``batch_key`` (hash of all of it).
+        shape), base model and adapter identity, and ``batch_key`` (hash of all of it). With
+        ``synthesis.adapter_per_replicate`` each row's adapter columns are its replicate's fit's,
+        plus ``adapter_fit``, ``adapter_seed`` and ``adapter_dataset`` (``lora_adapter`` for fit 0,
+        ``lora_adapter_fits`` else: the entry ``adapter_catalog_version`` is a version of).
 
     Raises:
         ValueError: bad parameters (see :func:`check_parameters`), a resolution the VAE
@@ -185,6 +239,7 @@ def plan_synthetic_batch(
     base = describe_base(base_model)
     adapter = _adapter_identity(lora_adapter)
     _check_adapter_fits_base(lora_adapter, adapter, base)
+    per_replicate_adapters = replicate_adapters(lora_adapter, lora_adapter_fits, params)
     resolution = params.get("resolution") or base.get("resolution") or base_model.pipe.vae.config.sample_size
     factor = base_model.pipe.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
     if int(resolution) % factor:
@@ -212,12 +267,27 @@ def plan_synthetic_batch(
         **adapter,
         replicate=replicate,
     )
+    if per_replicate_adapters is not None:  # replicate r made with LoRA fit r: its own adapter columns
+        plan = _with_fit_columns(plan, per_replicate_adapters, params, base)
     plan["batch_key"] = hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest()[:16]
     log.info(
         "synthesis plan %s: %d images (%d per class: %s) at %d px, %s %d steps, guidance %g, LoRA scale %g, base seed %d",
         plan["batch_key"].iloc[0], len(plan), n, ", ".join(params["classes"]), resolution,
         params["scheduler"], params["steps"], params["guidance_scale"], params["lora_scale"], base_seed,
     )
+    return plan
+
+
+def _with_fit_columns(plan: pd.DataFrame, adapters: list[LoraAdapter], params: dict[str, Any], base: dict) -> pd.DataFrame:
+    """The plan with each row's adapter columns set to its replicate's LoRA fit's (each checked
+    against the base), plus ``adapter_fit``, ``adapter_seed``, ``adapter_dataset``."""
+    fits = []
+    for r, fit_adapter in enumerate(adapters):
+        _check_adapter_fits_base(fit_adapter, _adapter_identity(fit_adapter), base)
+        fits.append(_fit_identity(fit_adapter, r) | {"clip_skip": _clip_skip(params, fit_adapter)})
+    by_replicate = pd.DataFrame(fits)
+    for column in by_replicate.columns:
+        plan[column] = by_replicate[column].to_numpy()[plan["replicate"].to_numpy()]
     return plan
 
 
@@ -252,8 +322,13 @@ def _image_rows(classes: list[str], caption_template: str, n: int, replicates: i
     return pd.DataFrame(rows)
 
 
-def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, plan: pd.DataFrame, params: dict[str, Any]) -> dict[str, ImageSet]:
+def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, plan: pd.DataFrame, params: dict[str, Any],
+                             lora_adapter_fits: LoraAdapterFits | None = None) -> dict[str, ImageSet]:
     """The images of shard ``shard_index`` of ``num_shards`` of the plan (the whole plan by default).
+
+    Each row is made with its own adapter: ``lora_adapter``, or with
+    ``synthesis.adapter_per_replicate`` its ``adapter_fit`` (from ``lora_adapter_fits``), each
+    on its own copy of the base; a shard or process makes only the fits its rows need.
 
     Under several processes the shard is split again, contiguously, between them
     (``split_between_processes``), and gathered back (``gather_object``): every process
@@ -272,23 +347,22 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
     fuse = params.get("fuse_lora", "auto")
     fuse = device.type == "cuda" if fuse == "auto" else bool(fuse)
     first = plan.iloc[0]
-    pipe = prepare_pipeline(base_model.pipe, lora_adapter, float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
+    adapters = _row_adapters(lora_adapter, lora_adapter_fits, plan, params)
+    pristine, pipes = base_model.pipe, {}
+    if len(adapters) == 1:  # one adapter for every row (synthesis.adapter_per_replicate: false): the base itself
+        pipes = {fit: prepare_pipeline(pristine, adapter, float(first["lora_scale"]), device, dtype, fuse,
+                                       str(first["scheduler"])) for fit, adapter in adapters.items()}
+    # else a copy of the untouched base per fit, prepared when a row needs it (fusing changes the weights)
+
+    def pipe_for(fit: int):  # the base with this fit's adapter, ready to sample
+        return pipes.pop(fit) if fit in pipes else prepare_pipeline(
+            copy.deepcopy(pristine), adapters[fit], float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
+
     started = time.perf_counter()
     with state.split_between_processes(indices) as mine, torch_threads(params.get("torch_threads")) as threads:
-        rows = plan.iloc[mine] if mine else plan.iloc[[]]
-        images = generate_images(
-            pipe,
-            rows["prompt"].tolist(),
-            rows["seed"].tolist(),
-            negative_prompts=rows["negative_prompt"].tolist(),
-            resolution=int(first["resolution"]),
-            steps=int(first["steps"]),
-            guidance_scale=float(first["guidance"]),
-            batch_size=int(first["batch_size"]),
-            clip_skip=int(first["clip_skip"]),
-            progress=state.is_main_process,
-            desc=f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else ""),
-        )
+        desc = f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else "")
+        images = _generate_rows(plan, list(mine), pipe_for, progress=state.is_main_process, desc=desc,
+                                name_fits=len(adapters) > 1)
         made = [(i, img, threads, state.process_index) for i, img in zip(mine, images)]
     seconds = time.perf_counter() - started
     if state.num_processes > 1:
@@ -315,12 +389,55 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
         "seconds": round(seconds, 3),
         "num_processes": state.num_processes,
     }
-    capped = time_capped_loops(base_model, lora_adapter)
+    capped = {loop: step for adapter in adapters.values() for loop, step in time_capped_loops(base_model, adapter).items()}
     if capped:  # only then: an uncapped run's batch is unchanged
         info["time_capped"] = capped
     log.info("synthesis shard %d/%d: %d images in %.1f s on %s (%s, LoRA %s)", shard, shards, len(made), seconds,
              device.type, str(dtype).removeprefix("torch."), "fused" if fuse else "as peft layers")
     return {shard_name(info["batch_key"], shard, shards): ImageSet(stack, meta, info)}
+
+
+def _generate_rows(plan: pd.DataFrame, mine: list[int], pipe_for: Callable[[int], Any], progress: bool, desc: str,
+                   name_fits: bool) -> np.ndarray:
+    """The images of plan rows ``mine``, the rows of each LoRA fit (``adapter_fit``; all fit 0
+    without it) in one ``generate_images`` call on ``pipe_for(fit)``, in row order."""
+    first = plan.iloc[0]
+    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    images = np.zeros((len(mine), int(first["resolution"]), int(first["resolution"])), np.uint8)
+    for fit in dict.fromkeys(fit_of_row[mine].tolist()):  # the fits of these rows, in row order
+        at = [j for j, i in enumerate(mine) if fit_of_row[i] == fit]
+        pipe = pipe_for(fit)
+        rows = plan.iloc[[mine[j] for j in at]]
+        images[at] = generate_images(
+            pipe,
+            rows["prompt"].tolist(),
+            rows["seed"].tolist(),
+            negative_prompts=rows["negative_prompt"].tolist(),
+            resolution=int(first["resolution"]),
+            steps=int(first["steps"]),
+            guidance_scale=float(first["guidance"]),
+            batch_size=int(first["batch_size"]),
+            clip_skip=int(rows["clip_skip"].iloc[0]),
+            progress=progress,
+            desc=desc + (f", LoRA fit {fit}" if name_fits else ""),
+        )
+        del pipe  # a fit's rows are contiguous (replicate-major plan): its copy is not needed again
+    return images
+
+
+def _row_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapterFits | None, plan: pd.DataFrame,
+                  params: dict[str, Any]) -> dict[int, LoraAdapter]:
+    """fit -> adapter for the plan's rows (``{0: lora_adapter}`` unless ``adapter_per_replicate``),
+    each checked against the content hash the plan recorded for its rows."""
+    if "adapter_fit" not in plan.columns:
+        return {0: lora_adapter}
+    needed = dict(params, adapter_per_replicate=True, replicates=int(plan["adapter_fit"].max()) + 1)  # as planned
+    adapters = replicate_adapters(lora_adapter, lora_adapter_fits, needed)
+    for fit, recorded in plan.groupby("adapter_fit")["adapter_content_hash"].first().items():
+        if adapters[int(fit)].content_hash != recorded:
+            raise ValueError(f"LoRA fit {fit}: the adapter given is {adapters[int(fit)].content_hash[:12]}…, the plan's "
+                             f"rows were planned with {recorded[:12]}…; use the same model versions for plan and shards")
+    return {int(fit): adapters[int(fit)] for fit in sorted(plan["adapter_fit"].unique())}
 
 
 def time_capped_loops(base_model: BaseModel, lora_adapter: LoraAdapter) -> dict[str, int]:
@@ -386,6 +503,11 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
                        "catalog_version": first["base_catalog_version"]},
         "adapter": {"content_hash": first["adapter_content_hash"], "file_sha256": first["adapter_file_sha256"],
                     "catalog_version": first["adapter_catalog_version"]},
+        **({"adapter_per_replicate": [  # synthesis.adapter_per_replicate: replicate r made with LoRA fit r
+            {"replicate": int(r), "fit": int(row["adapter_fit"]), "seed": int(row["adapter_seed"]),
+             "content_hash": row["adapter_content_hash"], "file_sha256": row["adapter_file_sha256"],
+             "dataset": row["adapter_dataset"], "catalog_version": row["adapter_catalog_version"]}
+            for r, row in plan.groupby("replicate").first().iterrows()]} if "adapter_fit" in plan.columns else {}),
         "shards": [{k: v for k, v in p.info.items()} for p in parts],
         "generation_seconds": round(sum(float(p.info.get("seconds", 0)) for p in parts), 3),
         "parameters": params,

@@ -14,6 +14,10 @@ parameters and model versions everywhere)::
 Several processes on one machine (GPUs, or CPU cores with gloo) share one shard instead::
 
     python -m fu_kedro.launch --num_processes 2 run --pipeline synthesis
+
+``lora_adapter_fits`` (LoRA fits 1..K-1, ``lora_training.lora.fits``) is read only with
+``synthesis.adapter_per_replicate: true`` (replicate r made with fit r); otherwise a project
+that never saved it runs as before.
 """
 from kedro.pipeline import Node, Pipeline
 
@@ -34,6 +38,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:ingestion.plane_labels",
                     "params:synthesis",
                     "params:seed",
+                    "lora_adapter_fits",
                 ],
                 outputs="synthesis_plan",
                 name="plan_synthetic_batch_node",
@@ -41,7 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 generate_synthetic_shard,
-                inputs=["base_model", "lora_adapter", "synthesis_plan", "params:synthesis"],
+                inputs=["base_model", "lora_adapter", "synthesis_plan", "params:synthesis", "lora_adapter_fits"],
                 outputs="synthetic_shards",
                 name="generate_synthetic_shard_node",
                 tags=[SHARD],
