@@ -108,6 +108,20 @@ def test_synthetic_ratio_sweep_draws_stratified_subsets():
         nodes.plan_experiments(data, _params(synthetic_ratios=[5]), seed=0)
 
 
+def test_plan_names_the_lora_fit_of_each_hybrid_replicate():
+    src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=2)
+    half = len(syn) // 2
+    syn.meta["replicate"] = [0] * half + [1] * (len(syn) - half)
+    off = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params()), _params(n_seeds=1), seed=0)
+    assert not any("adapter_fit" in run for run in off)  # synthesis.adapter_per_replicate: false
+    syn.meta["adapter_fit"] = syn.meta["replicate"]
+    syn.meta["adapter_content_hash"] = np.where(syn.meta["replicate"] == 0, "fit0hash", "fit1hash")
+    plan = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params()), _params(n_seeds=1), seed=0)
+    hybrid = {run["replicate"]: (run["adapter_fit"], run["adapter_content_hash"]) for run in plan if run["replicate"] >= 0}
+    assert hybrid == {0: (0, "fit0hash"), 1: (1, "fit1hash")}
+    assert all("adapter_fit" not in run for run in plan if run["replicate"] < 0)  # the baseline has no adapter
+
+
 # ----------------------------------------------------------------------------- quality measures
 def test_fidelity_is_per_class_recall_of_prompted_labels():
     prompted = np.array(["brain", "brain", "femur", "femur", "femur", "other"], object)

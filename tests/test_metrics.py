@@ -232,3 +232,8 @@ def test_replicates_are_averaged_and_paired_with_the_baseline_by_seed():
     assert d["per_seed"]["3"] == pytest.approx((acc[(0, 3)] + acc[(1, 3)]) / 2 - base_acc[3])
     assert d["variance_components"]["K"] == 2 and d["variance_components"]["replicate"] is not None
     assert "2 synthetic batches" in res["bootstrap"]["conditional_on"]
+    assert "LoRA adapter" in res["bootstrap"]["conditional_on"] and "replicate_lora_fits" not in res["bootstrap"]
+    # replicates from independent LoRA fits (synthesis.adapter_per_replicate): same numbers, the coverage says so
+    refit = summarise_zero_shot(pred, CLASSES, n_bootstrap=50, ci=0.95, seed=0, replicate_fits=True)
+    assert refit["bootstrap"]["replicate_lora_fits"] is True and "own independent LoRA fit" in refit["bootstrap"]["conditional_on"]
+    assert refit["differences"] == res["differences"] and "LoRA fit" in refit["bootstrap"]["levels"][0]

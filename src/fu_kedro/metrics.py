@@ -305,6 +305,7 @@ def summarise_zero_shot(
     ci: float,
     seed: int,
     baseline: str = "baseline",
+    replicate_fits: bool = False,
 ) -> dict[str, Any]:
     """All zero-shot metrics of every experiment, with intervals and differences to the baseline.
 
@@ -317,6 +318,9 @@ def summarise_zero_shot(
         ci: interval coverage, e.g. 0.95.
         seed: seed of the bootstrap resampling.
         baseline: training-set name every other training set is compared with.
+        replicate_fits: the synthetic replicates come from independent LoRA fits
+            (``synthesis.adapter_per_replicate``), not only independent sampling seeds of one
+            adapter: ``bootstrap.conditional_on`` says the interval covers the fits too.
 
     Returns:
         JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed`` (mean over
@@ -339,7 +343,7 @@ def summarise_zero_shot(
         "target_classes": target_classes,
         "n_target_images": int(len(reference)),
         "n_target_patients": int(len(np.unique(patient_keys(reference)))),
-        "bootstrap": _bootstrap_description(n_bootstrap, ci, seed, n_reps),
+        "bootstrap": _bootstrap_description(n_bootstrap, ci, seed, n_reps, replicate_fits),
         "reference": reference_scores(reference, classes, target_classes, seed),
         "experiments": {},
         "differences": {},
@@ -386,19 +390,26 @@ def _runs_by_experiment(predictions: pd.DataFrame, classes: list[str]):
     return pred, runs, reference
 
 
-def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int) -> dict[str, Any]:
-    return {
+def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int, replicate_fits: bool = False) -> dict[str, Any]:
+    refit = replicate_fits and n_reps > 1
+    out = {
         "n_resamples": int(n_bootstrap), "ci": ci, "unit": "patient (center::patient_id)", "seed": seed,
-        "levels": ["synthetic-batch replicate", "classifier seed (paired between arms)",
-                   "target patient (one draw shared by all classifiers)"],
+        "levels": ["synthetic-batch replicate" + (" (its own LoRA fit and sampling seeds)" if refit else ""),
+                   "classifier seed (paired between arms)", "target patient (one draw shared by all classifiers)"],
         "n_replicates": n_reps,
         "conditional_on": (
+            f"this base model and the LoRA subset; covers classifier seeds, test patients and {n_reps} synthetic "
+            "batches, each from its own independent LoRA fit (synthesis.adapter_per_replicate) and its own "
+            "sampling seeds" if refit else
             f"this base model and LoRA adapter; covers classifier seeds, test patients and {n_reps} synthetic "
             "batches from independent sampling seeds" if n_reps > 1 else
             "this base model, this LoRA adapter and this one synthetic batch (synthesis.replicates = 1): covers "
             "classifier seeds and test patients, not the generator's variance"
         ),
     }
+    if refit:  # only then, so that a run without it writes the keys it always wrote
+        out["replicate_lora_fits"] = True
+    return out
 
 
 def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed):

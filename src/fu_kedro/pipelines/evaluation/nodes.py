@@ -275,9 +275,24 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
                         "n_real": n_real, "n_synthetic": n_s, "synthetic_ratio": ratio,
                     }
                     plan.extend(_seeded_runs(config, cfg, int(seed), n_seeds, params.get("torch_threads")))
+    fits = _replicate_fits(classifier_data)
+    if fits:  # synthesis.adapter_per_replicate: the LoRA fit each synthetic arm's replicate was made with
+        for run in plan:
+            if run["replicate"] >= 0:
+                run["adapter_fit"], run["adapter_content_hash"] = fits[run["replicate"]]
     log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
              len(plan), cfg.steps, cfg.batch_size, len(replicates))
     return plan
+
+
+def _replicate_fits(classifier_data: dict) -> dict[int, tuple[int, str]]:
+    """replicate -> (LoRA fit, adapter content hash) when the batch was made with one fit per
+    replicate (manifest column ``adapter_fit``); empty otherwise."""
+    synthetic = classifier_data.get("synthetic")
+    if synthetic is None or "adapter_fit" not in synthetic.meta.columns:
+        return {}
+    first = synthetic.meta.groupby("replicate")[["adapter_fit", "adapter_content_hash"]].first()
+    return {int(r): (int(row["adapter_fit"]), str(row["adapter_content_hash"])) for r, row in first.iterrows()}
 
 
 def _training_arms(params: dict, n_real: int, n_syn: int) -> list[tuple[str, float | None]]:
@@ -689,6 +704,7 @@ def compute_zero_shot_metrics(
         n_bootstrap=int(params["metrics"]["n_bootstrap"]),
         ci=float(params["metrics"]["ci"]),
         seed=int(seed),
+        replicate_fits=len({run["adapter_content_hash"] for run in experiment_plan if "adapter_content_hash" in run}) > 1,
     )
     for run in experiment_plan:
         entry = result["experiments"].get(experiment_key(run["experiment"], run["backbone"], run["augmentation"]))
