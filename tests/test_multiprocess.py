@@ -71,12 +71,13 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
         train_experiments,
     )
 
-    import fu_kedro.pipelines.evaluation.nodes as evaluation_nodes
+    import fu_kedro.classifiers.pool as pool
 
     torch.set_num_threads(1)
     seeds_trained = []  # the runs this process trained (train_classifier's seed and set size)
-    train_classifier = evaluation_nodes.train_classifier
-    evaluation_nodes.train_classifier = lambda model, train, val, cfg, seed, **kw: (
+    # under several launcher processes evaluation.workers is 1: each process trains its runs itself
+    train_classifier = pool.train_classifier
+    pool.train_classifier = lambda model, train, val, cfg, seed, **kw: (
         seeds_trained.append([seed, len(train)]) or train_classifier(model, train, val, cfg, seed, **kw)
     )
     params = base_params("evaluation")
