@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -170,3 +172,40 @@ def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db
     assert metrics
     quality = json.loads(next((reporting / "synthetic_quality.json").glob("*/synthetic_quality.json")).read_text())
     assert quality.get("fidelity") is not None
+
+
+def test_selection_metric_last_keeps_the_final_step_and_the_other_rules_are_unchanged():
+    """``selection_metric: last`` (real_cpu): the weights at the end of the fixed schedule, whatever
+    the validation curve says; val_loss / val_accuracy still keep their best evaluation."""
+    from fu_kedro.classifiers import TrainConfig, build_classifier, predict_proba, train_classifier
+    from fu_kedro.classifiers.data import TensorSet
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 1, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.arange(20) % 2  # noise: the validation curve wanders, so the best evaluation is rarely the last
+    data = TensorSet(images, labels, pd.DataFrame({"image_id": [str(i) for i in range(20)]}))
+    train, val = data.subset(np.arange(12)), data.subset(np.arange(12, 20))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for rule in ("last", "val_loss"):
+            cfg = TrainConfig(steps=8, eval_every=2, batch_size=4, learning_rate=1e-2, selection_metric=rule,
+                              bn_recalibration_images=8)
+            torch.manual_seed(3)
+            model, _ = build_classifier("resnet18", 2, 16)
+            runs[rule] = train_classifier(model, train, val, cfg, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    last, by_loss = runs["last"], runs["val_loss"]
+    assert last.best_step == 8 and last.info["best_step"] == 8
+    # same seed, same schedule: the curves are the same bits, only the kept weights differ
+    pd.testing.assert_frame_equal(last.history, by_loss.history)
+    assert by_loss.best_step != 8  # this seed's val_loss curve is lowest before the end
+    assert by_loss.best_step == int(by_loss.history.loc[by_loss.history["val_loss"].idxmin(), "step"])
+    assert np.isclose(
+        float(np.log(predict_proba(last.model, val)[np.arange(len(val)), val.labels.numpy()]).mean()),
+        -float(last.history["val_loss"].iloc[-1]), atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="selection_metric"):
+        TrainConfig(selection_metric="smoothed")

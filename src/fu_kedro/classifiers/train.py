@@ -7,7 +7,8 @@ batch of exactly ``batch_size`` images drawn from a reshuffled pass over the tra
 by-product of set size). The learning rate follows a cosine decay to 0 over the steps
 (``lr_schedule``). Every ``eval_every`` steps (and at the last step) the model is scored on
 the held-out validation set; the weights of the best evaluation are kept (checkpoint
-selection). There is no early stop: a few validation images make a noisy stopping rule,
+selection by ``selection_metric``; ``last`` keeps the final step's weights, the evaluations
+then only draw the curves). There is no early stop: a few validation images make a noisy stopping rule,
 and a stopped run would have a different schedule from its partner. The validation set is
 whatever the caller passes; the evaluation pipeline passes source validation patients
 only, never target images.
@@ -61,6 +62,9 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
 LR_SCHEDULES = ("cosine", "constant")
+# last: the weights at the end of the fixed schedule; the evaluations then only draw the curves
+# (a rule for tiny validation sets, where the best of many noisy evaluations is mostly noise)
+SELECTION_METRICS = ("val_loss", "val_accuracy", "last")
 
 
 @dataclass
@@ -74,7 +78,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"  # cosine: decays to 0 over ``steps`` | constant
-    selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher)
+    selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher) | last (the final step)
     eval_batch_size: int = 256
     bn_recalibration_images: int = 256  # 0 = off; see train_classifier
     device: str = "auto"  # auto: this process's CUDA device if there is one, else cpu | cpu | cuda | cuda:N
@@ -83,8 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        if self.selection_metric not in ("val_loss", "val_accuracy"):
-            raise ValueError(f"selection_metric must be val_loss or val_accuracy, got {self.selection_metric!r}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ValueError(f"selection_metric must be one of {list(SELECTION_METRICS)}, got {self.selection_metric!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         for name in ("steps", "eval_every", "batch_size", "eval_batch_size"):
@@ -294,6 +298,7 @@ def train_classifier(
         if cfg.lr_schedule == "cosine" else None
     )
     sign = 1.0 if cfg.selection_metric == "val_loss" else -1.0
+    last = cfg.selection_metric == "last"
     best_score, best_step, best_state = np.inf, 0, None
     rows = []
     calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(plan.device)
@@ -342,7 +347,7 @@ def train_classifier(
         }
         rows.append(row)
         losses, correct, seen = [], 0, 0
-        score = sign * row[cfg.selection_metric]
+        score = -float(step) if last else sign * row[cfg.selection_metric]
         if score < best_score:
             best_score, best_step = score, step
             best_state = copy.deepcopy(model.state_dict())
