@@ -23,7 +23,8 @@ published FU-LoRA files' format) and ``lora_training`` + ``synthesis`` run with
 ``adapter_source: file`` on it; the imported adapter must equal the trained one.
 
 Overrides (``--params``) are counts only, plus ``lora_training.lora.mixed_precision=no``
-(the paper's fp16 autocast needs a GPU). Everything else — resolutions, rank, alpha, learning
+(the paper's fp16 autocast needs a GPU) and ``evaluation.torch_threads=2`` (the stage on both
+cores; recorded in MLflow as ``evaluation.ran_on.torch_threads``). Everything else — resolutions, rank, alpha, learning
 rates, clip skip, backbones, augmentation, samplers, guidance — is the paper env's value.
 
 ``--adapter-from-file``: all four pipelines, with ``lora_training`` importing a random-weight
@@ -62,8 +63,8 @@ FPDB_PLANES = ("Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax", "O
 COUNT_PARAMS = {
     "ingestion.lora_per_class": 1,            # paper 20
     "ingestion.preview.per_class": 1,
-    "lora_training.lora.max_steps": 2,        # paper 2000
-    "lora_training.lora.loss_check_repeats": 1,  # base 4: the before/after loss check is 2 x 4 UNet passes at 512 px (~450 CPU-s)
+    "lora_training.lora.max_steps": 1,        # paper 2000: one step runs the whole loop (forward, backward, AdamW, both LoRAs)
+    "lora_training.lora.loss_check_repeats": 1,  # base 4; 1 is the least: still ~1/3 of fit_lora_adapter (2 UNet calls of 5 images at 512 px)
     "lora_training.validation.per_class": 1,  # paper 4
     "lora_training.validation.classes": "[brain]",  # paper: all five
     "lora_training.validation.steps": 1,      # paper 25
@@ -77,16 +78,20 @@ COUNT_PARAMS = {
     "evaluation.metrics.n_bootstrap": 10,     # base 200
     "evaluation.quality.tsne_perplexity": 2,  # t-SNE needs perplexity < points (a handful here)
     "evaluation.report.samples_per_class": 1,
-    "evaluation.quality.memorisation_controls": 2,  # base 20: each is a VAE encode + decode at 512 px
+    "evaluation.quality.memorisation_controls": 1,  # base 20: each is a VAE encode + decode at 512 px (~45 CPU-s)
     "evaluation.train.batch_size": 4,         # paper profile 32 (vit_b_16 at 224 px: ~1.7 TFLOP per step at 32)
 }
-# The adapter_source: file run ends with synthesis (no evaluation after it): 1 image per class.
-FILE_RUN_PARAMS = {"synthesis.images_per_class": 1}
+# The adapter_source: file run ends with synthesis (no evaluation after it): 1 image of 1 class
+# (each 512-px image is ~70 CPU-s: a UNet pass with CFG + a VAE decode; the 5 classes run the same code).
+FILE_RUN_PARAMS = {"synthesis.images_per_class": 1, "synthesis.classes": "[brain]"}
 # The classifier's training length, whichever budget keys evaluation.train has (steps or epochs).
-TRAIN_BUDGET = {"steps": 2, "eval_every": 1, "epochs": 1, "min_steps": 0}
+TRAIN_BUDGET = {"steps": 1, "eval_every": 1, "epochs": 1, "min_steps": 0}
 # Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
 # Quoted: --params values are YAML, and a bare `no` is the boolean false.
 CPU_PARAMS = {"lora_training.lora.mixed_precision": "'no'"}
+# Not a count either: the evaluation stage on both cores (the paper env inherits conf/base's 1, set
+# for a shared 2-core machine); recorded by the run as evaluation.ran_on.torch_threads.
+THREAD_PARAMS = {"evaluation.torch_threads": 2}
 
 CONTRACT_FILES = (
     "data/08_reporting/zero_shot_predictions.csv",
@@ -387,9 +392,22 @@ def outputs(project: Path) -> list[str]:
 
 
 def read_as_kohya(log_file: Path) -> bool:
-    """The ``adapter_source: file`` run read its file as kohya-ss (its log says so; the saved
-    ``lora_adapter`` version is diffusers-format, so its own metadata says ``diffusers``)."""
+    """The ``adapter_source: file`` run read its file as kohya-ss (its log says so)."""
     return bool(re.search(r"LoRA adapter: read \S+ \(kohya format\)", Path(log_file).read_text(errors="ignore")))
+
+
+def lineage_names(project: Path, kohya_file: Path) -> bool:
+    """The latest ``lora_lineage.json`` says the adapter was imported from ``kohya_file``, a
+    kohya-format file with that sha256 (not the diffusers-format catalog copy it was re-read from)."""
+    import hashlib
+
+    lineage = latest(project, "data/08_reporting/lora_lineage.json")
+    if lineage is None:
+        return False
+    meta = json.loads(lineage.read_text())["adapter"]["metadata"]
+    return (meta.get("adapter_source"), meta.get("imported_format"), meta.get("imported_sha256"),
+            Path(str(meta.get("imported_from"))).name) == (
+        "file", "kohya", hashlib.sha256(kohya_file.read_bytes()).hexdigest(), kohya_file.name)
 
 
 def check_imported(project: Path, kohya_file: Path, log_file: Path) -> dict:
@@ -399,9 +417,9 @@ def check_imported(project: Path, kohya_file: Path, log_file: Path) -> dict:
     same = set(saved.state_dict) == set(source.state_dict) and all(
         (saved.state_dict[k].float() - source.state_dict[k].float()).abs().max() <= 1e-6 + 1e-3 * float(source.state_dict[k].abs().max())
         for k in source.state_dict)
-    kohya = read_as_kohya(log_file)
+    kohya, lineage = read_as_kohya(log_file), lineage_names(project, kohya_file)
     return {"path": str(kohya_file), "tensors": len(source.state_dict), "read_as_kohya": kohya,
-            "saved_equals_file": bool(same), "ok": bool(kohya and same)}
+            "saved_equals_file": bool(same), "lineage_names_kohya_file": lineage, "ok": bool(kohya and same and lineage)}
 
 
 def recorded_ran_on(project: Path) -> dict[str, dict]:
@@ -496,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
           "African images, 5 backbone state dicts)", flush=True)
 
     extra = dict(item.split("=", 1) for item in args.params.split(",") if item)
-    params = shrunk_counts(paper_parameters(project)) | CPU_PARAMS | extra
+    params = shrunk_counts(paper_parameters(project)) | CPU_PARAMS | THREAD_PARAMS | extra
     summary["params"] = params
     ok = True
     if args.adapter_from_file:
@@ -564,9 +582,12 @@ def main(argv: list[str] | None = None) -> int:
             same = read_as_kohya(logs / "lora_training_adapter_file.log") and set(imported.state_dict) == set(trained.state_dict) and all(
                 (imported.state_dict[k].float() - trained.state_dict[k].float()).abs().max() <= 1e-3 * max(1.0, float(trained.state_dict[k].abs().max()))
                 for k in trained.state_dict)
-            summary["kohya_file"] = {"path": str(kohya_file), "tensors": len(tensors), "imported_equals_trained": bool(same)}
-            print(f"  kohya file: {len(tensors)} tensors; imported adapter equals the trained one: {same}", flush=True)
-            ok = ok and same
+            lineage = lineage_names(project, kohya_file)
+            summary["kohya_file"] = {"path": str(kohya_file), "tensors": len(tensors), "imported_equals_trained": bool(same),
+                                     "lineage_names_kohya_file": lineage}
+            print(f"  kohya file: {len(tensors)} tensors; imported adapter equals the trained one: {same}; "
+                  f"lineage names the kohya file (path, sha256): {lineage}", flush=True)
+            ok = ok and same and lineage
 
     return finish(summary, ok, args, workdir, logs, t_start)
 

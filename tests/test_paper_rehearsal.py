@@ -7,6 +7,7 @@ checks and read as real data, and the kohya-ss file it writes imports to the sam
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -140,6 +141,24 @@ def test_counts_only_are_shrunk(tmp_path):
                       "guidance_scale", "learning_rate", "weights"):
         assert not any(k.split(".")[-1] == forbidden for k in keys), forbidden
     assert set(rehearsal.CPU_PARAMS) == {"lora_training.lora.mixed_precision"}
+    assert rehearsal.THREAD_PARAMS == {"evaluation.torch_threads": 2}  # recorded as evaluation.ran_on.torch_threads
+
+
+def test_lineage_check_wants_the_kohya_file_by_name_and_sha256(tmp_path):
+    kohya = tmp_path / "models" / "fu-lora" / "k.safetensors"
+    kohya.parent.mkdir(parents=True)
+    kohya.write_bytes(b"kohya")
+    folder = tmp_path / "data" / "08_reporting" / "lora_lineage.json" / "2026-11-28T00.00.00.000Z"
+    folder.mkdir(parents=True)
+    meta = {"adapter_source": "file", "imported_format": "kohya", "imported_from": "models/fu-lora/k.safetensors",
+            "imported_sha256": hashlib.sha256(b"kohya").hexdigest()}
+    (folder / "lora_lineage.json").write_text(json.dumps({"adapter": {"metadata": meta}}))
+    assert rehearsal.lineage_names(tmp_path, kohya)
+    (folder / "lora_lineage.json").write_text(json.dumps({"adapter": {"metadata": meta | {"imported_format": "diffusers"}}}))
+    assert not rehearsal.lineage_names(tmp_path, kohya)
+    (folder / "lora_lineage.json").write_text(json.dumps({"adapter": {"metadata": meta | {"imported_sha256": "0" * 64}}}))
+    assert not rehearsal.lineage_names(tmp_path, kohya)
+    assert not rehearsal.lineage_names(tmp_path / "none", kohya)
 
 
 def _tiny_lora_case(project_root):
@@ -179,7 +198,6 @@ def test_lora_training_records_what_ran_in_mlflow_tags_and_its_summary(project_r
 def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_trip(project_root, tmp_path):
     """``adapter_source: file`` on a kohya-ss file: the lineage (made from the saved, diffusers-format
     catalog version) says it was imported from that kohya file, with its path and sha256."""
-    import hashlib
 
     from fu_kedro.datasets import LoraAdapterDataset
     from fu_kedro.pipelines.lora_training.nodes import adapter_lineage, fit_lora_adapter
