@@ -23,8 +23,7 @@ published FU-LoRA files' format) and ``lora_training`` + ``synthesis`` run with
 ``adapter_source: file`` on it; the imported adapter must equal the trained one.
 
 Overrides (``--params``) are counts only, plus ``lora_training.lora.mixed_precision=no``
-(the paper's fp16 autocast needs a GPU) and ``evaluation.torch_threads=2`` (the stage on both
-cores; recorded in MLflow as ``evaluation.ran_on.torch_threads``). Everything else — resolutions, rank, alpha, learning
+(the paper's fp16 autocast needs a GPU). Everything else — resolutions, rank, alpha, learning
 rates, clip skip, backbones, augmentation, samplers, guidance — is the paper env's value.
 
 ``--adapter-from-file``: all four pipelines, with ``lora_training`` importing a random-weight
@@ -89,9 +88,11 @@ TRAIN_BUDGET = {"steps": 1, "eval_every": 1, "epochs": 1, "min_steps": 0}
 # Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
 # Quoted: --params values are YAML, and a bare `no` is the boolean false.
 CPU_PARAMS = {"lora_training.lora.mixed_precision": "'no'"}
-# Not a count either: the evaluation stage on both cores (the paper env inherits conf/base's 1, set
-# for a shared 2-core machine); recorded by the run as evaluation.ran_on.torch_threads.
-THREAD_PARAMS = {"evaluation.torch_threads": 2}
+# No thread override: the paper env's LoRA and synthesis use all cores; the evaluation trains
+# its classifiers in evaluation.workers processes of evaluation.torch_threads (conf/base: 2 x 1).
+# (evaluation.torch_threads=2, tried before the workers existed, cost 2-3x the CPU time of 1
+# thread on the shared machine: the OpenMP threads spin waiting for a busy core.)
+THREAD_PARAMS: dict = {}
 
 CONTRACT_FILES = (
     "data/08_reporting/zero_shot_predictions.csv",
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter-from-file", action="store_true",
                     help="all four pipelines, but lora_training imports a kohya file with random weights (rank 128, "
                          "UNet + text encoder; adapter_source: file) instead of training: the 512-px LoRA fit "
-                         "(~900 CPU-s, most of it the denoising loss before/after) is left out")
+                         "(~270 CPU-s at the rehearsal's counts, a third of it the denoising loss before/after) is left out")
     ap.add_argument("--params", default="", help="more --params for every run (key=value,...)")
     ap.add_argument("--from-git", default=None, metavar="REV",
                     help="rehearse this commit (e.g. HEAD) instead of the working tree")

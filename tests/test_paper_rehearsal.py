@@ -1,7 +1,7 @@
 """``scripts/paper_rehearsal.py``: the paper env end to end on CPU with stand-ins for the downloads.
 
-The slow tests run the rehearsal (the full one: ~45 CPU-minutes, an hour or more of wall time on
-2 shared cores; ``--adapter-from-file``: see docs/paper_profile.md);
+The slow tests run the rehearsal (the full one: 38 CPU-minutes, 1.5 h of wall time on 2 shared
+cores, est. under 20 min on 2 idle ones; ``--adapter-from-file``: see docs/paper_profile.md);
 the others check its stand-ins quickly: the data folders pass the paper env's prerequisite
 checks and read as real data, and the kohya-ss file it writes imports to the same adapter.
 """
@@ -141,7 +141,7 @@ def test_counts_only_are_shrunk(tmp_path):
                       "guidance_scale", "learning_rate", "weights"):
         assert not any(k.split(".")[-1] == forbidden for k in keys), forbidden
     assert set(rehearsal.CPU_PARAMS) == {"lora_training.lora.mixed_precision"}
-    assert rehearsal.THREAD_PARAMS == {"evaluation.torch_threads": 2}  # recorded as evaluation.ran_on.torch_threads
+    assert rehearsal.THREAD_PARAMS == {}  # the paper env's threads (evaluation: conf/base's workers x torch_threads)
 
 
 def test_lineage_check_wants_the_kohya_file_by_name_and_sha256(tmp_path):
@@ -228,7 +228,7 @@ def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_tri
 
 
 @pytest.mark.slow
-@pytest.mark.rehearsal  # an hour or more on 2 shared cores: not in the default run (pyproject addopts)
+@pytest.mark.rehearsal  # ~38 CPU-minutes (1.5 h on 2 shared cores): not in the default run (pyproject addopts)
 def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path):
     summary_file = tmp_path / "summary.json"
     code = rehearsal.main(["--workdir", str(tmp_path / "work"), "--json", str(summary_file)])
