@@ -78,6 +78,10 @@ COUNT_PARAMS = {
     "evaluation.quality.tsne_perplexity": 2,  # t-SNE needs perplexity < points (a handful here)
     "evaluation.report.samples_per_class": 1,
     "evaluation.quality.memorisation_controls": 1,  # base 20: each is a VAE encode + decode at 512 px (~45 CPU-s)
+    # the copy check passes every image it compares (source train + val, synthetic, controls) through
+    # the SD VAE (quality.memorisation_space: decoder): at 64 px that is the same code for ~1/64 of
+    # the 512-px cost (~45 CPU-s an image there); the 512-px VAE itself runs in LoRA training and synthesis
+    "evaluation.quality.memorisation_size": 64,
     "evaluation.train.batch_size": 4,         # paper profile 32 (vit_b_16 at 224 px: ~1.7 TFLOP per step at 32)
 }
 # The adapter_source: file run ends with synthesis (no evaluation after it): 1 image of 1 class
