@@ -26,7 +26,6 @@ a quarantine report that names it. The "Why" bullets of the issue and their test
 from __future__ import annotations
 
 import shutil
-import zlib
 from pathlib import Path
 
 import numpy as np

@@ -61,8 +61,8 @@ def _runs(project: Path):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, fetal_planes_db_sample, african_planes_dev):
     project = copy_project(Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("lineage"))
-    params = _nested(TINY + [f"source_format=fetal_planes_db", f"source_path={fetal_planes_db_sample}",
-                             f"target_format=african", f"target_path={african_planes_dev}"])
+    params = _nested(TINY + ["source_format=fetal_planes_db", f"source_path={fetal_planes_db_sample}",
+                             "target_format=african", f"target_path={african_planes_dev}"])
     cwd = os.getcwd()
     os.chdir(project)  # relative paths (chain_html, kedro lineage) resolve in the copy, as under `kedro run`
     try:

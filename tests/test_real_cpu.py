@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from fu_kedro.classifiers import build_augmentation
 from fu_kedro.classifiers.data import BatchAugmentation, UltrasoundAugmentation, build_ultrasound
