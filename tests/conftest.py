@@ -62,7 +62,7 @@ def _base_parameters() -> dict:
 
 def base_params(block: str) -> dict:
     """A fresh copy of one block of conf/base's parameters, resolved as a run resolves them
-    (``${globals:...}`` filled in from conf/base/globals.yml): not the raw YAML."""
+    (interpolations resolved): not the raw YAML."""
     return copy.deepcopy(_base_parameters()[block])
 
 

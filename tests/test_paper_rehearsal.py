@@ -168,7 +168,7 @@ def _tiny_lora_case(project_root):
     from fu_kedro.data_sources import generate_phantoms
     from fu_kedro.models.base_model import BaseModel
 
-    params = base_params("lora_training")  # resolved (${globals:classes} filled in), not the raw YAML
+    params = base_params("lora_training")  # resolved through Kedro's config loader, not the raw YAML
     params["lora"].update(max_steps=1, batch_size=2, loss_check_repeats=1, rank=4, train_text_encoder=True)
     subset = generate_phantoms("source", 1, 64, seed=11)
     subset.meta["caption"] = [f"a photo of fetal {p}" for p in subset.meta["label"]]
