@@ -141,7 +141,8 @@ def test_counts_only_are_shrunk(tmp_path):
                       "guidance_scale", "learning_rate", "weights"):
         assert not any(k.split(".")[-1] == forbidden for k in keys), forbidden
     assert set(rehearsal.CPU_PARAMS) == {"lora_training.lora.mixed_precision"}
-    assert rehearsal.THREAD_PARAMS == {}  # the paper env's threads (evaluation: conf/base's workers x torch_threads)
+    # no thread override (the paper env's threads); only how many single-thread classifiers train at a time
+    assert rehearsal.THREAD_PARAMS == {"evaluation.workers": 2}
 
 
 def test_lineage_check_wants_the_kohya_file_by_name_and_sha256(tmp_path):
