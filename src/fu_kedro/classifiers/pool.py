@@ -54,10 +54,9 @@ class ClassifierJob:
 
 def fit(job: ClassifierJob) -> tuple[TrainedClassifier, str]:
     """Build and train one classifier: ``(result, weights)``, weights = what initialised the backbone."""
-    from fu_kedro.models.generation import torch_threads
-    from threadpoolctl import threadpool_limits
+    from fu_kedro.models.generation import cpu_threads
 
-    with torch_threads(job.threads), threadpool_limits(limits=job.threads):
+    with cpu_threads(job.threads):  # what evaluation's stage_threads sets, here for a worker process
         torch.manual_seed(job.seed)  # head and random-init weights depend on the seed
         model, weights = build_classifier(job.backbone, job.n_classes, job.image_size, job.weights_file)
         result = train_classifier(model, job.train, job.val, job.cfg, seed=job.seed,

@@ -103,6 +103,16 @@ def torch_threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[int]:
+    """:func:`torch_threads` and the same limit on the BLAS/OpenMP pools numpy, scipy and
+    scikit-learn use (``threadpoolctl``); yields torch's count in use."""
+    from threadpoolctl import threadpool_limits
+
+    with torch_threads(n) as used, threadpool_limits(limits=n):
+        yield used
+
+
 def to_gray_uint8(images: np.ndarray) -> np.ndarray:
     """Pipeline output ``(N, H, W, 3)`` floats in [0, 1] -> ``uint8 (N, H, W)`` grayscale (channel mean)."""
     return (images.mean(axis=-1) * 255).round().clip(0, 255).astype(np.uint8)

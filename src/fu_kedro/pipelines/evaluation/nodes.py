@@ -18,7 +18,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import threadpool_limits
 
 from fu_kedro.classifiers import (
     TensorSet,
@@ -38,7 +37,7 @@ from fu_kedro.devices import resolve_device
 from fu_kedro.launch import distributed_state
 from fu_kedro.lineage import to_jsonable
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
-from fu_kedro.models.generation import torch_threads
+from fu_kedro.models.generation import cpu_threads
 
 from . import quality
 
@@ -86,8 +85,7 @@ def stage_threads(params: dict):
     """``evaluation.torch_threads`` for torch *and* for the BLAS/OpenMP pools numpy, scipy and
     scikit-learn use (``threadpoolctl``): with more threads than free cores they thrash on a
     busy machine (a 512-feature Fréchet distance took 17 s instead of 0.2 s under load)."""
-    n = params.get("torch_threads")
-    with torch_threads(n) as used, threadpool_limits(limits=n):
+    with cpu_threads(params.get("torch_threads")) as used:
         yield used
 
 
