@@ -44,15 +44,18 @@ def african_planes_dev(shared_data_dir) -> Path:
     return path
 
 
+def project_config(key: str, env: str | None = None, runtime_params: dict | None = None) -> dict:
+    """The project's resolved ``parameters`` or ``catalog`` as ``kedro run [--env <env>] [--params ...]``
+    sees them: the project's config loader and arguments (soft merge of envs, resolvers, ``${params:...}``)."""
+    from fu_kedro.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
+
+    loader = CONFIG_LOADER_CLASS(str(PROJECT_ROOT / "conf"), env=env, runtime_params=runtime_params, **CONFIG_LOADER_ARGS)
+    return loader[key]
+
+
 def project_parameters(env: str | None = None, runtime_params: dict | None = None) -> dict:
-    """The project's resolved parameters as ``kedro run [--env <env>] [--params ...]`` sees them: Kedro's
-    ``OmegaConfigLoader`` with the project's own arguments (soft merge of envs, resolvers)."""
-    from kedro.config import OmegaConfigLoader
-
-    from fu_kedro.settings import CONFIG_LOADER_ARGS
-
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env=env, runtime_params=runtime_params, **CONFIG_LOADER_ARGS)
-    return loader["parameters"]
+    """The project's resolved parameters (:func:`project_config`)."""
+    return project_config("parameters", env, runtime_params)
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from conftest import base_params, run_kedro_session
 from diffusers import StableDiffusionPipeline
 
 from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets import LoraAdapterFileDataset, PretrainedBaseDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.data_sources.prior_corpus import make_prior_corpus
 from fu_kedro.models.base_model import BaseModel
@@ -188,18 +189,28 @@ def test_empty_lora_subset_is_an_error(params, lora_subset):
 
 
 def test_missing_pretrained_base_names_what_to_download(params, tmp_path):
-    params["base_model"].update(kind="pretrained", pretrained_path=str(tmp_path / "stable-diffusion-v1-5"))
+    path = str(tmp_path / "stable-diffusion-v1-5")
+    params["base_model"].update(kind="pretrained", pretrained_path=path)
+    pretrained = PretrainedBaseDataset(path).load()  # the catalog entry pretrained_base: nothing read yet
     # the same words as the pre-run check (fu_kedro.models.pretrained): what is missing, the download command
     with pytest.raises(FileNotFoundError, match="no model_index.json.*hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
-        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0)
+        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0,
+                         pretrained_base=pretrained)
+    # kind: pretrained with no path: the entry loads None, the node says which parameter is not set
+    with pytest.raises(ValueError, match="kind is 'pretrained' but base_model.pretrained_path is not set"):
+        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0,
+                         pretrained_base=PretrainedBaseDataset(None).load())
 
 
 def test_corrupt_and_mismatched_adapter_files_are_named(params, lora_subset, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    params.update(adapter_source="file", adapter_file=str(bad))
+    params.update(adapter_source="file")
     with pytest.raises(ValueError, match="broken.safetensors.*not a readable safetensors"):
-        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0,
+                         imported_lora_adapter=LoraAdapterFileDataset(str(bad)).load())
+    with pytest.raises(ValueError, match="adapter_source is 'file' but lora_training.adapter_file is not set"):
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0, imported_lora_adapter=None)
     # a LoRA made for another architecture (wider UNet) does not fit the tiny base
     other = copy.deepcopy(TINY_CONFIG)
     other["unet"]["block_out_channels"] = [64, 128, 256]
@@ -209,9 +220,9 @@ def test_corrupt_and_mismatched_adapter_files_are_named(params, lora_subset, tmp
     attach_lora(wide, rank=4, alpha=4)
     path = tmp_path / "wide.safetensors"
     save_adapter_file(export_lora(wide, 4, 4, {}), path)
-    params["adapter_file"] = str(path)
     with pytest.raises(ValueError, match="wide.safetensors.*does not fit the base model"):
-        fit_lora_adapter(_random_base(), lora_subset, params, seed=0)
+        fit_lora_adapter(_random_base(), lora_subset, params, seed=0,
+                         imported_lora_adapter=LoraAdapterFileDataset(str(path)).load())
 
 
 def test_nan_loss_names_the_step_and_last_finite_loss(params, lora_subset):

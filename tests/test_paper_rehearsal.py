@@ -200,7 +200,7 @@ def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_tri
     """``adapter_source: file`` on a kohya-ss file: the lineage (made from the saved, diffusers-format
     catalog version) says it was imported from that kohya file, with its path and sha256."""
 
-    from fu_kedro.datasets import LoraAdapterDataset
+    from fu_kedro.datasets import LoraAdapterDataset, LoraAdapterFileDataset
     from fu_kedro.pipelines.lora_training.nodes import adapter_lineage, fit_lora_adapter
 
     base, subset, params = _tiny_lora_case(project_root)
@@ -210,7 +210,9 @@ def test_imported_kohya_file_is_named_in_the_lineage_after_the_catalog_round_tri
     kohya = tmp_path / "fu_lora_kohya.safetensors"
     save_file(tensors, str(kohya), metadata=metadata)
     sha256 = hashlib.sha256(kohya.read_bytes()).hexdigest()
-    adapter, _, summary = fit_lora_adapter(base, subset, params | {"adapter_source": "file", "adapter_file": str(kohya)}, seed=0)
+    imported = LoraAdapterFileDataset(str(kohya)).load()  # the catalog entry imported_lora_adapter
+    adapter, _, summary = fit_lora_adapter(base, subset, params | {"adapter_source": "file"}, seed=0,
+                                           imported_lora_adapter=imported)
     assert {k: summary[k] for k in ("imported_from", "imported_format", "imported_sha256", "file_sha256")} == {
         "imported_from": str(kohya), "imported_format": "kohya", "imported_sha256": sha256, "file_sha256": sha256}
     dataset = LoraAdapterDataset(str(tmp_path / "lora_adapter.safetensors"))

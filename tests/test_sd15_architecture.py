@@ -16,6 +16,7 @@ from conftest import project_parameters
 from safetensors.torch import save_file
 
 from fu_kedro.data_sources import generate_phantoms
+from fu_kedro.datasets import LoraAdapterFileDataset
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.lora import read_adapter_file, save_adapter_file
@@ -110,7 +111,8 @@ def test_kohya_file_for_sd15_loads_through_adapter_source_file(sd15, paper_lora,
     save_file(kohya, str(path), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
 
     params = dict(paper_lora) | {"adapter_source": "file", "adapter_file": str(path)}
-    adapter, history, summary = fit_lora_adapter(sd15, generate_phantoms("source", 1, 64, seed=1), params, seed=0)
+    adapter, history, summary = fit_lora_adapter(sd15, generate_phantoms("source", 1, 64, seed=1), params, seed=0,
+                                                 imported_lora_adapter=LoraAdapterFileDataset(str(path)).load())
     assert history.empty and summary["adapter_source"] == "file"
     assert adapter.metadata["imported_format"] == "kohya" and adapter.metadata["ss_network_dim"] == "8"
     for module, (down, up) in expected.items():

@@ -1,4 +1,10 @@
-"""Reading blocks of ``conf/`` parameters into typed settings, strictly.
+"""Reading ``conf/``: the project's config loader, and blocks of parameters into typed settings, strictly.
+
+``ProjectConfigLoader`` is Kedro's ``OmegaConfigLoader`` plus one resolver for the catalog,
+``${params:<dotted.key>}``: a catalog entry whose path is a parameter (the pretrained base,
+an imported LoRA file) reads it from the run's resolved parameters — conf/base, the env's
+parameter files and ``--params``, merged as for the nodes. The parameter stays the one place
+where a user sets the path.
 
 Every training loop (autoencoder, base denoiser, LoRA, classifiers, CAS) takes its knobs
 from a parameter block. A misspelt key (``lora: {max_step: 5}``) would otherwise be
@@ -10,9 +16,43 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, TypeVar
 
+from kedro.config import OmegaConfigLoader
 from kedro.framework.hooks import hook_impl
+from omegaconf import OmegaConf
 
 T = TypeVar("T")
+
+
+_REQUIRED = object()
+
+
+class ProjectConfigLoader(OmegaConfigLoader):
+    """``OmegaConfigLoader`` whose catalog may say ``${params:<dotted.key>}`` (see module docstring).
+
+    Kedro's own ``${runtime_params:...}`` sees ``--params`` only, not an env's parameter files;
+    this resolver sees the merged parameters, so ``conf/paper/parameters_lora_training.yml``
+    and ``--params lora_training.base_model.pretrained_path=...`` reach the catalog entry alike.
+    A key that is not a parameter is an error (a typo would otherwise load nothing).
+    """
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        if key == "catalog" and key not in self:
+            params = super().__getitem__("parameters")
+            # resolvers are process-global: (re)registered for this loader right before it resolves its catalog
+            OmegaConf.register_resolver("params", lambda name, default=_REQUIRED: _dig(params, name, default),
+                                        replace=True)
+        return super().__getitem__(key)
+
+
+def _dig(params: dict[str, Any], dotted: str, default: Any = _REQUIRED) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if default is _REQUIRED:
+                raise KeyError(f"${{params:{dotted}}} in the catalog: no parameter {dotted!r}")
+            return default
+        value = value[part]
+    return value
 
 
 class UnknownSettingError(ValueError):

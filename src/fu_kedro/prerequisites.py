@@ -273,6 +273,9 @@ def find_mixed_runs(pipeline, catalog) -> list[str]:
 OPTIONAL_INPUTS = {
     "lora_adapter_fits": lambda params: bool((params.get("synthesis") or {}).get("adapter_per_replicate")),
 }
+# Files from outside the project whose path is a parameter (catalog entries that no pipeline
+# makes): checked above, by check_pretrained_base / check_adapter_file, when the run uses them.
+PARAMETER_FILES = ("pretrained_base", "imported_lora_adapter")
 
 
 def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> tuple[list[Problem], list[str]]:
@@ -289,6 +292,8 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
             continue
         if name in OPTIONAL_INPUTS and not OPTIONAL_INPUTS[name](params):
             continue  # an input this run's parameters do not use (its node checks it when they do)
+        if name in PARAMETER_FILES:
+            continue  # not an output of another pipeline: find_missing_prerequisites checks the file
         producer = _producer(name)
         how = (
             f"it is made by the {producer} pipeline: run `kedro run{env_flag} --pipeline {producer}` first"
@@ -339,10 +344,12 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
         problems += check_data_source("target", params.get("target_format"), params.get("target_path"))
     lora = params.get("lora_training") or {}
     base = lora.get("base_model") or {}
-    # base_model is built here, or loaded from the catalog (which reloads a pretrained base from its path)
-    if base.get("kind") == "pretrained" and ("build_base_model_node" in nodes or "base_model" in pipeline.inputs()):
+    inputs = set(pipeline.inputs())
+    # base_model is built from pretrained_base here, or loaded from the catalog (which reloads a
+    # pretrained base from its path); both paths are the parameters that the catalog entries read
+    if base.get("kind") == "pretrained" and {"pretrained_base", "base_model"} & inputs:
         problems += check_pretrained_base(base.get("pretrained_path"))
-    if "fit_lora_adapter_node" in nodes and lora.get("adapter_source") == "file":
+    if "imported_lora_adapter" in inputs and lora.get("adapter_source") == "file":
         problems += check_adapter_file(lora.get("adapter_file"))
     if "plan_experiments_node" in nodes:
         problems += check_backbone_weights(params.get("evaluation") or {})

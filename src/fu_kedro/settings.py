@@ -16,9 +16,7 @@ os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 from pathlib import Path  # noqa: E402
 
-from kedro.config import OmegaConfigLoader  # noqa: E402
-
-from fu_kedro.config import ParameterChecks  # noqa: E402
+from fu_kedro.config import ParameterChecks, ProjectConfigLoader  # noqa: E402
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
 from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
@@ -28,7 +26,9 @@ from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
 # <project>/mlflow.db, whatever the working directory.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# OmegaConfigLoader + ${params:<key>} in the catalog: the pretrained base and an imported LoRA
+# file are catalog entries whose path is a parameter (fu_kedro.config.ProjectConfigLoader).
+CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

@@ -244,7 +244,10 @@ class LineageHooks:
             if name == "parameters" or name.startswith("params:"):
                 params[name.removeprefix("params:")] = L.to_jsonable(inputs.get(name))
                 continue
-            entries.append(self._input_entry(name, catalog))
+            entry = self._input_entry(name, catalog)
+            if entry.get("kind") == "file" and not entry.get("path"):
+                continue  # a file entry whose parameter is not set (e.g. pretrained_base of a tiny run): nothing read
+            entries.append(entry)
         entries += self._raw_entries(params)
         STATE.node_records[node.name] = {"node": node.name, "inputs": entries, "params": params}
 

@@ -11,6 +11,8 @@ _HOMES = {
     "DiffusionModelDataset": ".diffusion",
     "LoraAdapterDataset": ".diffusion",
     "LoraAdapterFitsDataset": ".diffusion",
+    "LoraAdapterFileDataset": ".diffusion",
+    "PretrainedBaseDataset": ".diffusion",
     "ImageSet": ".image_set",
     "ImageSetDataset": ".image_set",
     "ImageSetShardsDataset": ".image_set_shards",

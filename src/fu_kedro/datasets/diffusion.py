@@ -22,7 +22,18 @@ format (``StableDiffusionPipeline.load_lora_weights(<file>)`` loads it) with its
 file above) and ``fits.json`` (K, the fit-0 adapter they belong to, a summary per fit). With
 K = 1 the folder holds ``fits.json`` alone.
 
-All three write under a temporary name and rename at the end, so a failed run never leaves a
+Two read-only entries name files that come from outside the project, their path a parameter
+(``${params:...}`` in the catalog, :class:`fu_kedro.config.ProjectConfigLoader`):
+
+``PretrainedBaseDataset`` is the pretrained base (SD v1.5, a diffusers folder or a hub id in the
+local Hugging Face cache; ``lora_training.base_model.pretrained_path``): a ``BaseModel`` whose
+weights are read on the first use of ``pipe`` (never to describe it).
+
+``LoraAdapterFileDataset`` is a LoRA file to use as it is (diffusers or kohya-ss format;
+``lora_training.adapter_file``): an :class:`~fu_kedro.models.lora.ImportedAdapter`, the file read
+and hashed on first use. Both load ``None`` when the parameter is null (the default: nothing is read).
+
+The three writable ones write under a temporary name and rename at the end, so a failed run never leaves a
 file or folder that looks complete. Loaded objects carry the catalog version they came from
 (``BaseModel.info["catalog_version"]`` / ``metadata["catalog_version"]``) so later steps can
 record it (the synthesis manifest does).
@@ -39,6 +50,7 @@ from typing import Any
 
 import fsspec
 from kedro.io.core import (
+    AbstractDataset,
     AbstractVersionedDataset,
     DatasetError,
     Version,
@@ -48,8 +60,17 @@ from kedro.io.core import (
 )
 
 from fu_kedro.models.base_model import BaseModel
+from fu_kedro.lineage import sha256_file
 from fu_kedro.models.diffusion import load_pretrained_pipeline, pipeline_hash, to_json
-from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits, read_adapter_file, read_adapter_metadata, save_adapter_file
+from fu_kedro.models.lora import (
+    ImportedAdapter,
+    LoraAdapter,
+    LoraAdapterFits,
+    read_adapter_file,
+    read_adapter_metadata,
+    save_adapter_file,
+)
+from fu_kedro.models.pretrained import resolve_pretrained_base
 
 from .staging import published_path
 
@@ -229,3 +250,57 @@ class LoraAdapterFitsDataset(_LocalVersioned):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+class _ParameterFile(AbstractDataset):
+    """A read-only file (or folder) outside the project whose path is a parameter; None = not set."""
+
+    what = "file"
+
+    def __init__(self, filepath: str | None = None, metadata: dict | None = None):
+        self._filepath = str(filepath) if filepath not in (None, "") else None
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
+
+    def save(self, data: Any) -> None:
+        raise DatasetError(f"{type(self).__name__} is read-only: the {self.what} comes from outside the project")
+
+
+class PretrainedBaseDataset(_ParameterFile):
+    """The pretrained base (see module docstring): ``BaseModel`` with ``info`` kind/name/model at
+    once and the weights (:func:`~fu_kedro.models.diffusion.load_pretrained_pipeline`: local only,
+    a missing base names what to download) on the first use of ``pipe``; ``None`` when no path is set."""
+
+    what = "pretrained base"
+
+    def load(self) -> BaseModel | None:
+        if self._filepath is None:
+            return None
+        path = self._filepath
+        return BaseModel(info={"kind": "pretrained", "name": path, "model": path},
+                         load=partial(load_pretrained_pipeline, path))
+
+    def _exists(self) -> bool:
+        return self._filepath is not None and resolve_pretrained_base(self._filepath).problem is None
+
+
+def _read_imported(path: str) -> tuple[LoraAdapter, str]:
+    return read_adapter_file(path), sha256_file(Path(path))
+
+
+class LoraAdapterFileDataset(_ParameterFile):
+    """A LoRA file to use as it is (see module docstring): an ``ImportedAdapter`` (path at once;
+    adapter and SHA-256 on first use; a missing or unreadable file is named then); ``None``
+    when no path is set."""
+
+    what = "LoRA adapter file"
+
+    def load(self) -> ImportedAdapter | None:
+        if self._filepath is None:
+            return None
+        return ImportedAdapter(self._filepath, partial(_read_imported, self._filepath))
+
+    def _exists(self) -> bool:
+        return self._filepath is not None and Path(self._filepath).expanduser().is_file()

@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,6 +49,35 @@ class LoraAdapter:
     @property
     def has_text_encoder(self) -> bool:
         return any(k.startswith("text_encoder.") for k in self.state_dict)
+
+
+class ImportedAdapter:
+    """A LoRA file to use as it is (``lora_training.adapter_source: file``), as the catalog entry
+    ``imported_lora_adapter`` loads it (``datasets.LoraAdapterFileDataset``): ``path`` as the
+    parameter names it, and — on first use of ``adapter`` or ``sha256`` — the adapter
+    (:func:`read_adapter_file`) and the SHA-256 of the file's bytes. A run that trains its
+    adapter never touches the file."""
+
+    def __init__(self, path: str, load: Callable[[], tuple[LoraAdapter, str]]):
+        self.path = path
+        self._load: Callable[[], tuple[LoraAdapter, str]] | None = load
+        self._loaded: tuple[LoraAdapter, str] | None = None
+
+    def _get(self) -> tuple[LoraAdapter, str]:
+        if self._loaded is None:
+            self._loaded, self._load = self._load(), None
+        return self._loaded
+
+    @property
+    def adapter(self) -> LoraAdapter:
+        return self._get()[0]
+
+    @property
+    def sha256(self) -> str:
+        return self._get()[1]
+
+    def __repr__(self) -> str:
+        return f"ImportedAdapter({self.path!r}, {'read' if self._loaded else 'not read'})"
 
 
 def attach_lora(

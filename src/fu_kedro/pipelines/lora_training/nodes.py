@@ -8,14 +8,19 @@ One code path for both profiles (``lora_training.base_model.kind``):
   captions; never target images): first the VAE briefly, then the UNet on cached latents
   with caption dropout (for classifier-free guidance), EMA weights and a time budget.
   It is called "tiny base trained here" everywhere, never Stable Diffusion.
-* ``pretrained`` — ``StableDiffusionPipeline.from_pretrained`` from a local folder or the
-  local Hugging Face cache (SD v1.5 in the paper); nothing is downloaded.
+* ``pretrained`` — the catalog entry ``pretrained_base`` (SD v1.5 in the paper, from a local
+  folder or the local Hugging Face cache; nothing is downloaded), its weights read by the
+  dataset on first use.
 
 The LoRA step is the same for both: peft layers on the UNet's attention projections
 (optionally the text encoder), trained on the LoRA subset's captioned images with the one
 denoiser loop of :mod:`fu_kedro.models.training` (accelerate: CPU, one GPU, or several).
 ``adapter_source: file`` skips training and passes on an existing LoRA file (diffusers or
-kohya-ss format, e.g. the published FU-LoRA adapters) through the same catalog entry.
+kohya-ss format, e.g. the published FU-LoRA adapters; the catalog entry
+``imported_lora_adapter`` reads it) through the same catalog entry.
+
+No node opens a file: the pretrained base and the imported adapter come in as catalog
+entries whose path is a parameter (``conf/base/catalog_lora_training.yml``).
 """
 from __future__ import annotations
 
@@ -41,18 +46,17 @@ from fu_kedro.models.diffusion import (  # noqa: E402
     TINY_BASE_NAME,
     TINY_CONFIG,
     build_pipeline_from_config,
-    load_pretrained_pipeline,
     pipeline_hash,
 )
-from fu_kedro.models.generation import file_sha256, generate_images, torch_threads  # noqa: E402
+from fu_kedro.models.generation import generate_images, torch_threads  # noqa: E402
 from fu_kedro.models.lora import (  # noqa: E402
+    ImportedAdapter,
     LoraAdapter,
     LoraAdapterFits,
     apply_lora,
     attach_lora,
     export_lora,
     lora_fit_seed,
-    read_adapter_file,
 )
 from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
@@ -149,8 +153,12 @@ def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_
     return ImageSet.concat(resized, info={"parts": [p.info.get("format") for p in parts]})
 
 
-def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str, seed: int):
-    """The base diffusion model: the tiny model trained here, or a pretrained one loaded from disk.
+def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str,
+                     seed: int, pretrained_base: BaseModel | None = None):
+    """The base diffusion model: the tiny model trained here, or the pretrained one of the catalog.
+
+    A router on ``base_model.kind``: the pipeline is built before the parameters are known,
+    so one node (``build_base_model_node``) makes ``base_model`` either way.
 
     Args:
         source_images: ingestion's source set (used when ``tiny.train_on`` includes ``source``;
@@ -160,6 +168,8 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
         params: ``lora_training`` parameters (``resolution``, ``base_model``, ``torch_threads``).
         caption_template: ``ingestion.caption_template`` (``{plane}`` = class word).
         seed: project seed.
+        pretrained_base: the catalog entry ``pretrained_base`` (weights read on first use;
+            ``None`` when ``pretrained_path`` is not set); used by ``kind: pretrained`` only.
 
     Returns:
         (``BaseModel``: pipeline + info, per-step training history of the tiny base — empty for
@@ -170,27 +180,20 @@ def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: di
     resolution = params["resolution"]
     kind = cfg["kind"]
     if kind == "pretrained":
-        return _load_pretrained_base(cfg, resolution)
+        return _pretrained_base(pretrained_base, resolution)
     if kind != "tiny":
         raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
     return _train_tiny_base(source_images, prior_corpus, params, caption_template, seed)
 
 
-def _load_pretrained_base(cfg: dict[str, Any], resolution: int):
-    """``base_model.kind: pretrained``: SD v1.5 (or any SD-1.x folder) from disk, with its reference."""
-    path = cfg.get("pretrained_path")
-    if not path:
+def _pretrained_base(pretrained: BaseModel | None, resolution: int):
+    """``base_model.kind: pretrained``: SD v1.5 (or any SD-1.x folder) as the catalog loaded it, with its reference."""
+    if pretrained is None:
         raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
-    pipe = load_pretrained_pipeline(str(path))
+    pipe = pretrained.pipe  # the weights are read here (datasets.PretrainedBaseDataset)
     check_resolution(resolution, pipe.vae_scale_factor)
-    base = BaseModel(pipe, {
-        "kind": "pretrained",
-        "name": str(path),
-        "model": str(path),
-        "resolution": resolution,
-        "content_hash": pipeline_hash(pipe),
-    })
-    log.info("base model: pretrained %s (hash %s)", path, base.info["content_hash"][:12])
+    base = BaseModel(pipe, dict(pretrained.info) | {"resolution": resolution, "content_hash": pipeline_hash(pipe)})
+    log.info("base model: pretrained %s (hash %s)", base.info["model"], base.info["content_hash"][:12])
     return base, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
 
 
@@ -256,12 +259,15 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
     return BaseModel(pipe, info), history[["stage", "step", "loss", "seconds"]]
 
 
-def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int):
+def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int,
+                     imported_lora_adapter: ImportedAdapter | None = None):
     """The LoRA adapter as ``lora_training.adapter_source`` says: trained here (``train``,
-    :func:`train_lora_adapter`) or read from ``adapter_file`` (``file``, :func:`read_lora_adapter`).
+    :func:`train_lora_adapter`) or the catalog's ``imported_lora_adapter`` (``file``,
+    :func:`use_imported_adapter`).
 
     A router, so that ``kedro run`` and ``--params lora_training.adapter_source=file`` run the
-    same node (``fit_lora_adapter_node``) into the same catalog entries.
+    same node (``fit_lora_adapter_node``) into the same catalog entries: the pipeline is built
+    before the parameters are known. ``imported_lora_adapter`` is read only on ``file``.
 
     Returns:
         (adapter, per-step history, summary dict with the denoising loss on the LoRA images
@@ -269,7 +275,7 @@ def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[
     """
     source = params.get("adapter_source", "train")
     if source == "file":
-        return read_lora_adapter(base_model, params)
+        return use_imported_adapter(base_model, imported_lora_adapter)
     if source == "train":
         return train_lora_adapter(base_model, lora_subset, params, seed)
     raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
@@ -323,27 +329,28 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
     return LoraAdapterFits(adapters, json.loads(json.dumps(info, default=str)))
 
 
-def read_lora_adapter(base_model: BaseModel, params: dict[str, Any]):
-    """An existing adapter file (diffusers or kohya-ss format), checked to fit the base model.
+def use_imported_adapter(base_model: BaseModel, imported: ImportedAdapter | None):
+    """An existing adapter file (diffusers or kohya-ss format, read by the catalog entry
+    ``imported_lora_adapter``), checked to fit the base model.
 
     Returns:
-        (adapter, an empty history, summary naming the file).
+        (adapter, an empty history, summary naming the file: path, SHA-256, imported format).
     """
-    path = params.get("adapter_file")
-    if not path:
+    if imported is None:
         raise ValueError("lora_training.adapter_source is 'file' but lora_training.adapter_file is not set")
-    adapter = read_adapter_file(path)
+    path = imported.path
+    adapter = imported.adapter
     _check_adapter_fits(base_model.pipe, adapter, path)
     adapter.metadata.setdefault("base_content_hash", str(base_model.info.get("content_hash")))
     adapter.metadata["adapter_source"] = "file"
     # what was imported (path, format, sha256), for the lineage; the saved version keeps these
     # keys (read_adapter_file), so the lineage does not name the diffusers-format copy instead
-    sha256 = file_sha256(path)
+    sha256 = imported.sha256
     if adapter.metadata.get("imported_from") == str(Path(path)):  # not kept from an earlier import
         adapter.metadata["imported_sha256"] = sha256
-    imported = {f"imported_{k}": adapter.metadata.get(f"imported_{k}", "") for k in ("from", "format", "sha256")}
-    log.info("LoRA adapter: read %s (%s format), not trained", path, imported["imported_format"])
-    summary = {"adapter_source": "file", "file": str(path), "file_sha256": sha256, **imported}
+    imported_keys = {f"imported_{k}": adapter.metadata.get(f"imported_{k}", "") for k in ("from", "format", "sha256")}
+    log.info("LoRA adapter: read %s (%s format), not trained", path, imported_keys["imported_format"])
+    summary = {"adapter_source": "file", "file": str(path), "file_sha256": sha256, **imported_keys}
     return adapter, pd.DataFrame(columns=["stage", "step", "loss", "seconds"]), summary
 
 

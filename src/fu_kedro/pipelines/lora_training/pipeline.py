@@ -12,7 +12,10 @@ Reusing an earlier tiny base instead of training it again (documented in the REA
 ``--from-nodes`` skips ``build_base_model_node``; ``base_model`` (and, by default, its
 training history) is then loaded from the catalog — the latest version, or the pinned one.
 ``fit_lora_adapter_node`` trains the adapter or, with ``lora_training.adapter_source=file``,
-reads it from ``adapter_file`` (a router node: parameters are not known when the pipeline is built).
+uses ``imported_lora_adapter`` (a router node: parameters are not known when the pipeline is built).
+The pretrained base and the imported adapter file are catalog entries whose path is a
+parameter (``pretrained_base``: ``base_model.pretrained_path``; ``imported_lora_adapter``:
+``adapter_file``); they load ``None`` when it is not set, and are read only when used.
 ``fit_lora_adapter_refits_node`` trains the independent fits 1..K-1 of ``lora_training.lora.fits``
 (nothing when K = 1, the default) into ``lora_adapter_fits``.
 """
@@ -48,13 +51,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:lora_training",
                     "params:ingestion.caption_template",
                     "params:seed",
+                    "pretrained_base",
                 ],
                 outputs=["base_model", "base_training_history"],
                 name="build_base_model_node",
             ),
             Node(
                 fit_lora_adapter,
-                inputs=["base_model", "lora_subset", "params:lora_training", "params:seed"],
+                inputs=["base_model", "lora_subset", "params:lora_training", "params:seed", "imported_lora_adapter"],
                 outputs=["lora_adapter", "lora_training_history", "lora_training_summary"],
                 name="fit_lora_adapter_node",
             ),
