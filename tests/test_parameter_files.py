@@ -24,7 +24,7 @@ from fu_kedro.pipelines.lora_training.nodes import build_base_model
 
 def _paths(env=None, runtime_params=None) -> tuple:
     catalog = project_config("catalog", env, runtime_params)
-    return catalog["pretrained_base"]["filepath"], catalog["imported_lora_adapter"]["filepath"]
+    return catalog["pretrained_base"]["model"], catalog["imported_lora_adapter"]["file"]
 
 
 def test_the_parameter_is_the_one_place_the_catalog_entries_read_their_path():
@@ -56,7 +56,7 @@ def test_pretrained_base_loads_a_local_sd_folder_on_first_use_only(tmp_path):
     folder = tmp_path / "tiny-sd"
     pipe.save_pretrained(folder, safe_serialization=True)
     dataset = PretrainedBaseDataset(str(folder))
-    assert dataset._describe() == {"filepath": str(folder)} and dataset.exists()
+    assert dataset._describe() == {"model": str(folder)} and dataset.exists()
     base = dataset.load()
     assert base.info == {"kind": "pretrained", "name": str(folder), "model": str(folder)}
     assert "not loaded" in repr(base)  # loading (and describing) read no weights
@@ -91,7 +91,7 @@ def test_imported_adapter_reads_a_diffusers_file_on_first_use_with_its_sha256(tm
     path = tmp_path / "adapter.safetensors"
     save_adapter_file(adapter, path)
     dataset = LoraAdapterFileDataset(str(path))
-    assert dataset._describe() == {"filepath": str(path)} and dataset.exists()
+    assert dataset._describe() == {"file": str(path)} and dataset.exists()
     imported = dataset.load()
     assert imported.path == str(path) and "not read" in repr(imported)
     assert imported.adapter.content_hash == adapter.content_hash
@@ -143,3 +143,18 @@ def test_the_pre_run_check_names_the_files_and_not_the_entries_as_missing_output
     assert f"LoRA adapter file (lora_training.adapter_file={absent!r})" in text
     assert "Stable Diffusion v1.5 weights (lora_training.base_model.pretrained_path=" in text
     assert "`imported_lora_adapter`" not in text and "`pretrained_base`" not in text
+
+
+def test_a_run_keeps_the_path_as_the_parameter_gives_it(project_copy):
+    """Through a real Kedro context (which makes ``filepath``/``path`` keys absolute): a relative
+    folder and a hub id reach the datasets unchanged, as the pre-run check and the lineage read them."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project_copy)
+    for given in ("models/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        cli = {"lora_training": {"base_model": {"pretrained_path": given}, "adapter_file": "models/fu-lora/v1.safetensors"}}
+        with KedroSession.create(project_path=project_copy, env="paper", runtime_params=cli) as session:
+            catalog = session.load_context().catalog
+            assert catalog.get("pretrained_base").load().info["model"] == given
+            assert catalog.get("imported_lora_adapter").load().path == "models/fu-lora/v1.safetensors"

@@ -253,16 +253,22 @@ class LoraAdapterFitsDataset(_LocalVersioned):
 
 
 class _ParameterFile(AbstractDataset):
-    """A read-only file (or folder) outside the project whose path is a parameter; None = not set."""
+    """A read-only file (or folder) outside the project whose path is a parameter; None = not set.
+
+    The path is kept as the parameter gives it (relative = to the working directory, as the
+    pre-run check reads it) and recorded so. Its catalog key is not ``filepath``/``path``:
+    Kedro would make those absolute, and rewrite a hub id ``owner/name`` into a folder.
+    """
 
     what = "file"
+    key = "file"
 
-    def __init__(self, filepath: str | None = None, metadata: dict | None = None):
-        self._filepath = str(filepath) if filepath not in (None, "") else None
+    def __init__(self, path: str | None = None, metadata: dict | None = None):
+        self._filepath = str(path) if path not in (None, "") else None  # _filepath: what tracking records
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath}
+        return {self.key: self._filepath}
 
     def save(self, data: Any) -> None:
         raise DatasetError(f"{type(self).__name__} is read-only: the {self.what} comes from outside the project")
@@ -274,6 +280,10 @@ class PretrainedBaseDataset(_ParameterFile):
     a missing base names what to download) on the first use of ``pipe``; ``None`` when no path is set."""
 
     what = "pretrained base"
+    key = "model"
+
+    def __init__(self, model: str | None = None, metadata: dict | None = None):
+        super().__init__(model, metadata)
 
     def load(self) -> BaseModel | None:
         if self._filepath is None:
@@ -296,6 +306,10 @@ class LoraAdapterFileDataset(_ParameterFile):
     when no path is set."""
 
     what = "LoRA adapter file"
+    key = "file"
+
+    def __init__(self, file: str | None = None, metadata: dict | None = None):
+        super().__init__(file, metadata)
 
     def load(self) -> ImportedAdapter | None:
         if self._filepath is None:
