@@ -71,3 +71,30 @@ def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, smal
         base_training_corpus(source, prior, "target")
     with pytest.raises(ValueError, match="prior corpus, but it is empty"):
         base_training_corpus(source, make_prior_corpus(prior_params | {"n_per_class": 0}, 1), "prior")
+
+
+def test_source_repeats_and_the_priors_own_caption(prior_params, small_phantom_sets):
+    """kohya-style repeats weight the few real images against the prior; a caption of the
+    prior's own tells the two looks apart; neither changes anything when left at its default."""
+    from fu_kedro.pipelines.lora_training.nodes import _captions
+
+    source, _ = small_phantom_sets
+    source = source.select(np.arange(len(source)))
+    source.meta["split"] = np.where(np.arange(len(source)) % 5 == 0, "val", "train")
+    n_train = int((source.meta["split"] == "train").sum())
+    plain = make_prior_corpus(prior_params, 1)
+    assert "caption" not in plain.meta and "caption_template" not in plain.info
+    own = make_prior_corpus(prior_params | {"caption_template": "a phantom of fetal {plane}"}, 1)
+    assert np.array_equal(own.images, plain.images)  # same pixels, only the caption differs
+    both = base_training_corpus(source, own, "prior+source", source_repeats=3)
+    assert len(both) == len(own) + 3 * n_train
+    assert (both.meta["domain"] != "prior").sum() == 3 * n_train
+    caps = _captions(both, "a photo of fetal {plane}")
+    for cap, domain, label in zip(caps, both.meta["domain"], both.meta["label"]):
+        word = "phantom" if domain == "prior" else "photo"
+        assert cap == f"a {word} of fetal {label}"
+    once = base_training_corpus(source, plain, "prior+source")
+    assert _captions(once, "a photo of fetal {plane}") == [f"a photo of fetal {x}" for x in once.meta["label"]]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="source_repeats must be a positive integer"):
+            base_training_corpus(source, plain, "prior+source", source_repeats=bad)

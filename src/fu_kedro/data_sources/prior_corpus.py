@@ -31,7 +31,7 @@ from fu_kedro.data_sources.phantom import CLASSES, _rng, render_phantom
 from fu_kedro.datasets import ImageSet
 
 STYLE_KEYS = ("gain", "speckle", "noise", "zoom", "sector_deg", "apex", "attenuation", "gamma")
-PRIOR_KEYS = ("n_per_class", "classes", "image_size", "breadth", "linear_probe_fraction", "styles")
+PRIOR_KEYS = ("n_per_class", "classes", "image_size", "breadth", "linear_probe_fraction", "styles", "caption_template")
 
 
 def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction: float, n: int,
@@ -64,7 +64,10 @@ def make_prior_corpus(prior: dict[str, Any], seed: int) -> ImageSet:
         prior: ``lora_training.base_model.tiny.prior`` — ``n_per_class`` (0 = an empty corpus,
             e.g. for a pretrained base), ``classes``, ``image_size`` (px, then resized to the
             model's resolution like the source images), ``breadth``, ``linear_probe_fraction``,
-            ``styles`` (range per style key).
+            ``styles`` (range per style key), ``caption_template`` (optional: the prior's own
+            caption, ``{plane}`` = class word; absent/null = the project's caption, as the
+            source images get). A caption of its own tells the base which look is the
+            phantoms' and which the real images', as DreamBooth-style prior preservation does.
         seed: project seed; same seed and parameters -> same pixels.
 
     Returns:
@@ -92,7 +95,11 @@ def make_prior_corpus(prior: dict[str, Any], seed: int) -> ImageSet:
                      **{k: style[k] for k in STYLE_KEYS}})
     columns = ["image_id", "patient_id", "label", "domain", "center", "machine", "source_file", *STYLE_KEYS]
     meta = pd.DataFrame(rows, columns=columns)
+    template = prior.get("caption_template")
+    if template:
+        meta["caption"] = [str(template).format(plane=label) for label in meta["label"]]
     info = {"format": "prior_corpus", "domain": "prior", "seed": int(seed), "n_per_class": n_per_class,
             "image_size": size, "breadth": float(prior.get("breadth", 1.0)), "styles": prior["styles"],
-            "linear_probe_fraction": float(prior.get("linear_probe_fraction", 0.0))}
+            "linear_probe_fraction": float(prior.get("linear_probe_fraction", 0.0)),
+            **({"caption_template": str(template)} if template else {})}
     return ImageSet(images, meta, info)

@@ -95,14 +95,15 @@ def resize_images(image_set: ImageSet, resolution: int) -> torch.Tensor:
 
 
 def _captions(image_set: ImageSet, template: str) -> list[str]:
-    if "caption" in image_set.meta.columns:
-        return image_set.meta["caption"].astype(str).tolist()
-    return [template.format(plane=label) for label in image_set.meta["label"].astype(str)]
+    """Each image's own ``caption`` where it has one (e.g. the prior's ``caption_template``), else ``template``."""
+    own = image_set.meta["caption"] if "caption" in image_set.meta.columns else pd.Series([None] * len(image_set))
+    labels = image_set.meta["label"].astype(str)
+    return [str(c) if isinstance(c, str) and c else template.format(plane=label) for c, label in zip(own, labels)]
 
 
 # Keys of a training block that are not loop knobs but are read by the node itself.
 BASE_MODEL_KEYS = ("kind", "pretrained_path", "tiny")
-TINY_KEYS = ("architecture", "train_on", "prior", "autoencoder", "denoiser")
+TINY_KEYS = ("architecture", "train_on", "source_repeats", "prior", "autoencoder", "denoiser")
 AUTOENCODER_KEYS = ("kl_weight",)
 LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats", "fits")
 
@@ -128,10 +129,17 @@ def _capped(stage: str, history: list[dict]) -> dict[str, int]:
 BASE_TRAIN_ON = ("prior", "source", "prior+source")
 
 
-def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_on: str) -> ImageSet:
+def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_on: str,
+                         source_repeats: int = 1) -> ImageSet:
     """The images the tiny base is trained on: the broad prior corpus (default, FU-LoRA's
     structure), the source *training* split (the old default: the LoRA then has little to
-    add), or both. Never target images."""
+    add), or both. Never target images.
+
+    ``source_repeats`` (``tiny.source_repeats``, default 1): each source-train image appears
+    this many times in the corpus — kohya-ss's dataset ``num_repeats`` — so a few real images
+    are not drowned by a larger prior (same number of training steps, other proportions)."""
+    if not isinstance(source_repeats, int) or isinstance(source_repeats, bool) or source_repeats < 1:
+        raise ValueError(f"lora_training.base_model.tiny.source_repeats must be a positive integer, got {source_repeats!r}")
     if train_on not in BASE_TRAIN_ON:
         raise ValueError(f"lora_training.base_model.tiny.train_on must be one of {list(BASE_TRAIN_ON)}, got {train_on!r}")
     parts = []
@@ -145,6 +153,10 @@ def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_
         train = source_images.select(split.to_numpy() == "train") if split is not None else source_images
         if len(train) == 0:
             raise ValueError("build_base_model: the source set has no training images (split == 'train')")
+        if source_repeats > 1:  # copy k of an image is row image_id~k (ids stay unique)
+            copies = [train] + [ImageSet(train.images, train.meta.assign(image_id=train.meta["image_id"].astype(str) + f"~{k}"),
+                                         dict(train.info)) for k in range(1, source_repeats)]
+            train = ImageSet.concat(copies, info=dict(train.info))
         parts.append(train)
     if len(parts) == 1:
         return parts[0]
@@ -210,7 +222,8 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
     factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
     check_resolution(resolution, factor)
     train_on = tiny.get("train_on", "source")
-    train = base_training_corpus(source_images, prior_corpus, train_on)
+    repeats = tiny.get("source_repeats", 1)
+    train = base_training_corpus(source_images, prior_corpus, train_on, repeats)
     with torch_threads(params.get("torch_threads")) as threads:
         torch.manual_seed(seed)
         pipe = build_pipeline_from_config(config, resolution, seed)
@@ -238,6 +251,9 @@ def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: di
         "trained_on": {
             "corpus": train_on,
             "images": len(train),
+            **({"source_repeats": repeats} if repeats != 1 else {}),
+            **({"prior_caption_template": prior_corpus.info["caption_template"]}
+               if "caption_template" in prior_corpus.info else {}),
             "source_version": source_images.info.get("version"),
             "prior_corpus_version": prior_corpus.info.get("version"),
             "prior_breadth": prior_corpus.info.get("breadth"),
