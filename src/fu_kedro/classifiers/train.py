@@ -32,6 +32,15 @@ CUDA, fp16 with ``GradScaler`` and the fused AdamW on CUDA, channels-last, the
 device-resident tensors. Tested on the CPU: the default is unchanged, bad settings fail
 before training, and the autocast + ``GradScaler`` code of ``train_step`` runs (CPU bf16).
 
+Why this loop does not use ``accelerate`` (the diffusion loops do): accelerate keeps one
+mixed-precision setting and one device per *process* (``AcceleratorState``), and a second
+``Accelerator`` asking for another raises. A ``kedro run`` trains the LoRA (e.g. fp16 in
+``conf/paper``) and then the classifiers (``auto``: bf16 on an Ampere GPU) in one process,
+and the classifiers' precision is a per-run setting. Swapping in ``Accelerator`` was tried
+(same bits on the CPU, float32 and bf16) but needed accelerate's private
+``AcceleratorState._reset_state()`` around every run and dropped the CPU test of the
+``GradScaler`` branch; the explicit ``torch.autocast`` + ``GradScaler`` here is ~15 lines.
+
 Curves: each evaluation's ``train_loss``, ``train_accuracy`` (means over the steps since the
 last evaluation), ``val_loss`` and ``val_accuracy`` are a row of the returned history; the
 evaluation pipeline sends them to MLflow through the catalog (``curve_metrics``, keys
