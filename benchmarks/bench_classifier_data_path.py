@@ -143,6 +143,7 @@ def warm_up(model, batch_sizes: list[int], size: int, device: torch.device = tor
 def main() -> None:
     params = yaml.safe_load((ROOT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
     ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
+    classes = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())["classes"]  # the one class list
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--path", default="../shared/data/fetal_planes_db_sample", help="FETAL_PLANES_DB folder")
     ap.add_argument("--image-size", type=int, default=int(params["image_size"]), help="classifier input px")
@@ -157,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    size, classes, b = args.image_size, list(params["classes"]), args.batch_size
+    size, classes, b = args.image_size, list(classes), args.batch_size
     known = {k: v for k, v in params["train"].items() if k in TrainConfig.__dataclass_fields__}  # budget keys differ
     cfg = TrainConfig(**dict(known, batch_size=b, device=args.device))
     plan = device_plan(cfg)
@@ -170,7 +171,7 @@ def main() -> None:
     # read at the ingestion size (as the pipeline stores them), or at the classifier's if larger
     ing = dict(ingestion, image_size=max(int(ingestion["image_size"]), size))
     t0 = time.perf_counter()
-    image_set, _ = read_domain("fetal_planes_db", str(folder), "source", 0, ing)
+    image_set, _ = read_domain("fetal_planes_db", str(folder), "source", 0, ing, required=classes)
     t1 = time.perf_counter()
     data = prepare_tensors(image_set, classes, size, "benchmark")
     read_s, tensor_s = t1 - t0, time.perf_counter() - t1

@@ -58,6 +58,7 @@ def load_model(resolution: int):
 def main() -> None:
     conf = yaml.safe_load((ROOT / "conf/base/parameters_synthesis.yml").read_text())["synthesis"]
     template = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]["caption_template"]
+    classes = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())["classes"]  # the one class list
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, default=16, help="images per class (5 classes)")
     parser.add_argument("--batch-size", type=int, default=conf["batch_size"])
@@ -72,7 +73,7 @@ def main() -> None:
 
     pipe, adapter, what, resolution = load_model(args.resolution)
     prepare_pipeline(pipe, adapter, conf["lora_scale"], torch.device(args.device), torch.float32, False, conf["scheduler"])
-    prompts = [template.format(plane=c) for c in conf["classes"] for _ in range(args.per_class)]
+    prompts = [template.format(plane=c) for c in classes for _ in range(args.per_class)]
     seeds = [image_seed(42, i) for i in range(len(prompts))]
     settings = dict(resolution=resolution, steps=args.steps, guidance_scale=args.guidance)
     print(f"model: {what}")

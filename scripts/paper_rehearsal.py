@@ -65,7 +65,6 @@ COUNT_PARAMS = {
     "lora_training.lora.max_steps": 1,        # paper 2000: one step runs the whole loop (forward, backward, AdamW, both LoRAs)
     "lora_training.lora.loss_check_repeats": 1,  # base 4; 1 is the least: still ~1/3 of fit_lora_adapter (2 UNet calls of 5 images at 512 px)
     "lora_training.validation.per_class": 1,  # paper 4
-    "lora_training.validation.classes": "[brain]",  # paper: all five
     "lora_training.validation.steps": 1,      # paper 25
     "synthesis.images_per_class": 2,          # paper 1000; CAS holds out 1 per class, so 2 is the least
     "synthesis.batch_size": 1,                # paper 8 (GPU): 5 images at 512 px in one fp32 CPU call took > 12 GB
@@ -86,7 +85,11 @@ COUNT_PARAMS = {
 }
 # The adapter_source: file run ends with synthesis (no evaluation after it): 1 image of 1 class
 # (each 512-px image is ~70 CPU-s: a UNet pass with CFG + a VAE decode; the 5 classes run the same code).
-FILE_RUN_PARAMS = {"synthesis.images_per_class": 1, "synthesis.classes": "[brain]"}
+FILE_RUN_PARAMS = {"synthesis.images_per_class": 1, "classes": "[brain]"}
+# Per pipeline run: the lora_training run's validation grid draws one class (paper: all five). That
+# run uses the class list (the top-level `classes`) for the grid and the prior corpus only (empty in
+# the paper env: SD v1.5 is the prior); ingestion, synthesis and evaluation runs keep the five.
+PIPELINE_PARAMS = {"lora_training": {"classes": "[brain]"}}
 # The classifier's training length, whichever budget keys evaluation.train has (steps or epochs).
 TRAIN_BUDGET = {"steps": 1, "eval_every": 1, "epochs": 1, "min_steps": 0}
 # Not a count: fp16 autocast does not run on a CPU (the paper env's value is for a GPU).
@@ -358,7 +361,8 @@ def run_logged(cwd: Path, cmd: list[str], log_file: Path, env: dict | None = Non
 
 
 def kedro_run(project: Path, pipeline: str, params: dict, log_file: Path) -> dict:
-    """``kedro run --env paper --pipeline <pipeline> --params ...`` as a child process."""
+    """``kedro run --env paper --pipeline <pipeline> --params ...`` (plus ``PIPELINE_PARAMS[pipeline]``) as a child process."""
+    params = params | PIPELINE_PARAMS.get(pipeline, {})
     cli_params = ",".join(f"{k}={v}" for k, v in params.items())
     cmd = [sys.executable, "-m", "kedro", "run", "--env", "paper", "--pipeline", pipeline, "--params", cli_params]
     profile_file = Path(log_file).with_suffix(".profile.jsonl")

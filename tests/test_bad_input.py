@@ -33,6 +33,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import base_params
+
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.data_sources import readers as readers_module
 from fu_kedro.data_sources.readers import read_domain
@@ -41,6 +43,7 @@ from fu_kedro.data_sources.validation import BadImage, BadInputError, IssueLog, 
 from fu_kedro.pipelines.ingestion.nodes import split_source_by_patient
 
 FPDB_CSV = "FETAL_PLANES_DB_data.csv"
+CLASSES = base_params("classes")  # the top-level class list: the source must have each
 
 
 # --------------------------------------------------------------------------- small copies
@@ -102,11 +105,15 @@ def data(tmp_path, fetal_planes_db_sample, african_planes_dev):
     return Data()
 
 
-def _read(fmt, root, params, policy, domain="source"):
+def _read(fmt, root, params, policy, domain="source", required=None):
+    """One domain read as the ingestion nodes read it: the source must have every class of the
+    top-level ``classes`` (``required`` overrides), the target those of ``required_classes.target``."""
     params["on_bad_input"] = policy
-    if fmt == "african" and domain == "source":
-        params["required_classes"]["source"] = []  # the African set has no 'other'
-    return read_domain(fmt, str(root), domain, 0, params)
+    if required is None and domain == "source":
+        required = [] if fmt == "african" else CLASSES  # the African set has no 'other'
+    elif required is None:
+        required = params["required_classes"]["target"]
+    return read_domain(fmt, str(root), domain, 0, params, required=required)
 
 
 def _csv_rows(root: Path, fmt: str) -> tuple[Path, pd.DataFrame]:
@@ -206,14 +213,14 @@ BAD_ITEMS = [
 @pytest.mark.parametrize("fmt, build", BAD_ITEMS, ids=[f"{f}-{b.__name__[1:]}" for f, b in BAD_ITEMS])
 def test_bad_item_named_in_fail_and_quarantined_in_skip(data, params, fmt, build):
     root = data.fpdb() if fmt == "fetal_planes_db" else data.african(per_class=2)
-    params["required_classes"]["source"] = []  # 1 image per class: the bad one may be its class's only one
-    good_before, _ = _read(fmt, root, params, "fail")
+    none = []  # no required class: 1 image per class, the bad one may be its class's only one
+    good_before, _ = _read(fmt, root, params, "fail", required=none)
     named, reason, n_rows, lost = build(root, fmt)
     with pytest.raises(BadInputError) as err:
-        _read(fmt, root, params, "fail")
+        _read(fmt, root, params, "fail", required=none)
     assert named in str(err.value) and reason in str(err.value), str(err.value)
 
-    images, report = _read(fmt, root, params, "skip")
+    images, report = _read(fmt, root, params, "skip", required=none)
     assert len(report) == n_rows, report
     assert (report["file"] == named).all() and report["reason"].str.contains(reason, regex=False).any(), report
     # no good image lost: exactly the images that were fine before, minus the bad one(s)
@@ -291,11 +298,12 @@ def test_always_fatal_with_a_named_error(data, params, fmt, build, policy, monke
     monkeypatch.setattr(readers_module, "open_grayscale", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     if build is _misspelt_policy:
         policy = "skp"
+    required = CLASSES  # the top-level `classes`: the source must have each
     if build is _class_without_usable_image and fmt == "african":
-        params["required_classes"]["source"] = ["femur"]
+        required = ["femur"]
     params["on_bad_input"] = policy
     with pytest.raises(BadInputError) as err:
-        read_domain(fmt, str(root), "source", 0, params)
+        read_domain(fmt, str(root), "source", 0, params, required=required)
     assert named in str(err.value) and reason in str(err.value), str(err.value)
     assert not isinstance(err.value, KeyError)
     if build is _misspelt_policy:
@@ -342,8 +350,7 @@ def test_read_counts_exclude_folder_level_rows(data, params):
     (root / "thorax_extra").mkdir()  # an unknown, empty class folder: a folder-level row
     for f in (root / "thorax").iterdir():
         f.unlink()  # empty class folder: a folder-level row
-    params["required_classes"]["source"] = []
-    images, report = _read("folders", root, params, "skip")
+    images, report = _read("folders", root, params, "skip", required=[])
     assert len(report) == 2 and set(report["file"]) == {str(root / "thorax"), str(root / "thorax_extra")}
     assert images.info["counts"] == {"read": 8, "kept": 8, "skipped": 0, "skipped_folders": 2}
 
@@ -395,9 +402,8 @@ LEAKS = [_same_folder, _copy_elsewhere, _shared_patients, _pixel_copy_renamed_rg
 @pytest.mark.parametrize("build", LEAKS, ids=[b.__name__[1:] for b in LEAKS])
 def test_target_overlapping_source_is_always_fatal(data, params, build, policy):
     (sfmt, sroot), (tfmt, troot), reason = build(data, params)
-    params["required_classes"]["source"] = []
     params["on_bad_input"] = policy
-    source, _ = read_domain(sfmt, str(sroot), "source", 0, params)
+    source, _ = read_domain(sfmt, str(sroot), "source", 0, params, required=[])
     target, _ = read_domain(tfmt, str(troot), "target", 0, params)
     with pytest.raises(DomainLeakError) as err:
         check_domain_separation(source, target)

@@ -24,7 +24,7 @@ from fu_kedro.pipelines.evaluation import create_pipeline
 from fu_kedro.pipelines.evaluation import nodes, quality
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
+CLASSES = base_params("classes")  # the top-level class list of conf/base
 
 
 def _params(**over):
@@ -66,13 +66,13 @@ def test_target_label_outside_source_space_stops_before_training():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     tgt.meta.loc[0, "label"] = "cervix"
     with pytest.raises(ValueError, match=r"target_images: labels \['cervix'\] are outside"):
-        nodes.prepare_classifier_data(src, tgt, syn, _params())
+        nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES)
 
 
 def test_hybrid_without_synthetic_images_is_refused():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     empty = syn.select(np.zeros(len(syn), bool))
-    data = nodes.prepare_classifier_data(src, tgt, empty, _params())
+    data = nodes.prepare_classifier_data(src, tgt, empty, _params(), CLASSES)
     with pytest.raises(ValueError, match="hybrid experiment needs synthetic images"):
         nodes.plan_experiments(data, _params(), seed=0)
     assert len(nodes.plan_experiments(data, _params(training_sets=["baseline"]), seed=0)) == 2
@@ -80,7 +80,7 @@ def test_hybrid_without_synthetic_images_is_refused():
 
 def test_unknown_backbone_and_mismatched_weights_are_refused(tmp_path):
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
-    data = nodes.prepare_classifier_data(src, tgt, syn, _params())
+    data = nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES)
     with pytest.raises(ValueError, match="'resnet_18' is not a torchvision classification model"):
         nodes.plan_experiments(data, _params(backbones=["resnet_18"]), seed=0)
     path = tmp_path / "shufflenet.pth"
@@ -93,12 +93,12 @@ def test_source_without_validation_patients_is_refused():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     src.meta["split"] = "train"
     with pytest.raises(ValueError, match="no 'val' images"):
-        nodes.prepare_classifier_data(src, tgt, syn, _params())
+        nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES)
 
 
 def test_synthetic_ratio_sweep_draws_stratified_subsets():
     src, tgt, syn = _sets(n_src=8, n_tgt=2, n_syn=6)
-    data = nodes.prepare_classifier_data(src, tgt, syn, _params())
+    data = nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES)
     plan = nodes.plan_experiments(data, _params(training_sets=["baseline"], synthetic_ratios=[0.5], n_seeds=1), seed=3)
     run = [r for r in plan if r["experiment"] == "hybrid_x0.5"][0]
     assert run["n_synthetic"] == round(0.5 * len(data["source_train"]))
@@ -112,11 +112,11 @@ def test_plan_names_the_lora_fit_of_each_hybrid_replicate():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=2)
     half = len(syn) // 2
     syn.meta["replicate"] = [0] * half + [1] * (len(syn) - half)
-    off = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params()), _params(n_seeds=1), seed=0)
+    off = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES), _params(n_seeds=1), seed=0)
     assert not any("adapter_fit" in run for run in off)  # synthesis.adapter_per_replicate: false
     syn.meta["adapter_fit"] = syn.meta["replicate"]
     syn.meta["adapter_content_hash"] = np.where(syn.meta["replicate"] == 0, "fit0hash", "fit1hash")
-    plan = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params()), _params(n_seeds=1), seed=0)
+    plan = nodes.plan_experiments(nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES), _params(n_seeds=1), seed=0)
     hybrid = {run["replicate"]: (run["adapter_fit"], run["adapter_content_hash"]) for run in plan if run["replicate"] >= 0}
     assert hybrid == {0: (0, "fit0hash"), 1: (1, "fit1hash")}
     assert all("adapter_fit" not in run for run in plan if run["replicate"] < 0)  # the baseline has no adapter
@@ -182,7 +182,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
         {
             "source_images": MemoryDataset(src), "target_images": MemoryDataset(tgt),
             "synthetic_batch": MemoryDataset(syn), "params:evaluation": MemoryDataset(params),
-            "params:seed": MemoryDataset(11), "zero_shot_predictions": csv,
+            "params:seed": MemoryDataset(11), "params:classes": MemoryDataset(CLASSES), "zero_shot_predictions": csv,
             "zero_shot_metrics": JSONDataset(filepath=str(tmp_path / "zero_shot_metrics.json")),
             "synthetic_quality": JSONDataset(filepath=str(tmp_path / "synthetic_quality.json")),
             "evaluation_plan": JSONDataset(filepath=str(tmp_path / "evaluation_plan.json")),
@@ -207,7 +207,7 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     metrics = json.loads((tmp_path / "zero_shot_metrics.json").read_text())
     plan = json.loads((tmp_path / "evaluation_plan.json").read_text())
     # every figure in the JSON, intervals included, follows from the CSV (and the seed)
-    assert nodes.compute_zero_shot_metrics(pred, plan, params, 11) == metrics
+    assert nodes.compute_zero_shot_metrics(pred, plan, params, CLASSES, 11) == metrics
     target_classes = metrics["target_classes"]
     for (exp, seed), f in pred.groupby(["experiment", "seed"]):
         got = metrics["experiments"][f"{exp}/resnet18/aug"]["all_classes"]["per_seed"][str(seed)]

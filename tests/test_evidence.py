@@ -15,7 +15,7 @@ from fu_kedro.datasets import ImageSet
 from fu_kedro.metrics import hierarchical_resample, paired_seed_test, seeds_needed, variance_components
 from fu_kedro.pipelines.evaluation import nodes, quality, report
 
-from test_evaluation import _params, _sets
+from test_evaluation import CLASSES, _params, _sets
 
 
 # ----------------------------------------------------------------------------- hierarchical bootstrap
@@ -102,12 +102,12 @@ def test_training_images_slipped_into_a_batch_are_flagged_and_real_val_images_ar
     train_ids = src.meta.loc[train_mask, "image_id"].to_numpy()
     # three training images "reproduced" by the generator: resized to its resolution like its output
     slipped_idx = [0, 5, 11]
-    resized = prepare_tensors(src.select(train_mask), _params()["classes"], 32, "train").images[:, 0].numpy()
+    resized = prepare_tensors(src.select(train_mask), CLASSES, 32, "train").images[:, 0].numpy()
     images = np.concatenate([syn_small.images, resized[slipped_idx]])
     meta = pd.DataFrame({"image_id": [f"syn_{i}" for i in range(len(images))],
                          "label": list(syn_small.meta["label"]) + list(src.meta.loc[train_mask, "label"].iloc[slipped_idx])})
     batch = ImageSet(images, meta, {})
-    data = nodes.prepare_classifier_data(src, tgt, batch, _params())
+    data = nodes.prepare_classifier_data(src, tgt, batch, classes=CLASSES, params=_params())
     mem = data["memorisation_images"]
     assert mem["synthetic"].shape[-1] == mem["source_train"].shape[-1] == 32  # the generator's resolution
     check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 10, seed=0)
@@ -148,13 +148,13 @@ def test_vae_round_trips_of_training_images_are_flagged_and_real_val_images_are_
     base_model = SimpleNamespace(pipe=SimpleNamespace(vae=vae))
     train_mask = (src.meta["split"] == "train").to_numpy()
     train_ids = src.meta.loc[train_mask, "image_id"].to_numpy()
-    train32 = prepare_tensors(src.select(train_mask), _params()["classes"], 32, "train").images[:, 0].numpy()
+    train32 = prepare_tensors(src.select(train_mask), CLASSES, 32, "train").images[:, 0].numpy()
     # a batch in which the generator reproduced three training images through its decoder
     copied = [0, 5, 11]
     images = np.concatenate([fresh.images, quality.vae_project(vae, train32[copied])])
     labels = list(fresh.meta["label"]) + list(src.meta.loc[train_mask, "label"].iloc[copied])
     batch = ImageSet(images, pd.DataFrame({"image_id": [f"syn_{i}" for i in range(len(images))], "label": labels}), {})
-    data = nodes.prepare_classifier_data(src, tgt, batch, _params())
+    data = nodes.prepare_classifier_data(src, tgt, batch, classes=CLASSES, params=_params())
     mem = data["memorisation_images"]
     vae_controls = nodes.make_vae_round_trip_controls(base_model, data, _params(), 0)
     check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 20, seed=0,
@@ -186,13 +186,13 @@ def test_vae_round_trips_of_training_images_are_flagged_and_real_val_images_are_
 def test_memorisation_space_pixels_skips_the_vae_and_other_spaces_are_refused():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     params = _params(quality={**_params()["quality"], "memorisation_space": "pixels"})
-    data = nodes.prepare_classifier_data(src, tgt, syn, params)
+    data = nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=params)
     assert nodes.make_vae_round_trip_controls(None, data, params, 0) == {}  # no base model touched
     mem = data["memorisation_images"]
     check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 4, 0, vae_controls={})
     assert check["space"] == "pixels" and check["controls"]["vae_round_trips"].startswith("not run")
     with pytest.raises(ValueError, match=r"memorisation_space must be one of \['decoder', 'pixels'\], got 'latent'"):
-        nodes.prepare_classifier_data(src, tgt, syn, _params(quality={**_params()["quality"],
+        nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=_params(quality={**_params()["quality"],
                                                                       "memorisation_space": "latent"}))
 
 
@@ -219,7 +219,7 @@ class _Constant(nn.Module):
 def _gate_inputs(answer_by_seed):
     src, tgt, syn = _sets(n_src=4, n_tgt=2, n_syn=4)
     params = _params(n_seeds=len(answer_by_seed))
-    data = nodes.prepare_classifier_data(src, tgt, syn, params)
+    data = nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=params)
     plan = nodes.plan_experiments(data, params, seed=42)
     scorers = {nodes.run_key(r): TrainedClassifier(_Constant(5, answer_by_seed[r["seed"] - 42]), pd.DataFrame(), 1)
                for r in plan if r["experiment"] == "baseline"}
@@ -258,8 +258,8 @@ def test_misspelt_keys_stop_the_evaluation_naming_them():
     params = _params()
     params["train"] = {**params["train"], "step": 10}
     with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['step'\]"):
-        nodes.prepare_classifier_data(src, tgt, syn, params)
+        nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=params)
     with pytest.raises(UnknownSettingError, match=r"evaluation: unknown key\(s\) \['n_seed'\]"):
-        nodes.prepare_classifier_data(src, tgt, syn, dict(_params(), n_seed=3))
+        nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=dict(_params(), n_seed=3))
     with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['epochs', 'patience'\]"):
-        nodes.prepare_classifier_data(src, tgt, syn, _params(train={"epochs": 4, "patience": 2}))
+        nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=_params(train={"epochs": 4, "patience": 2}))

@@ -9,6 +9,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 
+from conftest import base_params
+
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.preprocess import content_box
 from fu_kedro.data_sources.readers import read_domain
@@ -37,7 +39,7 @@ class _KeptDataset(MemoryDataset):
 
 def _run(params, **top):
     top = {"seed": 3, "source_format": "phantom", "source_path": None, "target_format": "phantom",
-           "target_path": None, **top}
+           "target_path": None, "classes": base_params("classes"), **top}
     datasets = {f"params:{k}": MemoryDataset(v) for k, v in top.items()}
     datasets["params:ingestion"] = MemoryDataset(params)
     outputs = ["source_images", "target_images", "lora_subset", "quarantine_report",
@@ -118,7 +120,8 @@ def test_lora_subset_small_class_gives_all_with_warning(small_phantom_sets, inge
 
 
 def test_real_fetal_planes_db_sample(fetal_planes_db_sample, ingestion_params, caplog):
-    src, report = read_domain("fetal_planes_db", str(fetal_planes_db_sample), "source", 42, ingestion_params)
+    src, report = read_domain("fetal_planes_db", str(fetal_planes_db_sample), "source", 42, ingestion_params,
+                              required=base_params("classes"))
     assert report.empty and len(src) == 100
     assert src.meta["label"].value_counts().to_dict() == {c: 20 for c in CLASSES}
     assert set(src.meta["machine"]) == {"Voluson E6", "Voluson S10", "Aloka", "Other"}

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import base_params
+
 from fu_kedro.data_sources.readers import read_domain
 from fu_kedro.data_sources.validation import BadInputError
 
@@ -53,23 +55,28 @@ def _rows(root: Path) -> pd.DataFrame:
     return pd.read_csv(_csv(root), sep=";", dtype=str)
 
 
+CLASSES = base_params("classes")  # the top-level class list: the source must have each
+
+
 def _first_image(root: Path) -> Path:
     return root / "Images" / f"{_rows(root)['Image_name'][0]}.png"
 
 
-def _read(root, params, policy, fmt="fetal_planes_db"):
+def _read(root, params, policy, fmt="fetal_planes_db", required=CLASSES):
+    """The source read as the ingestion node reads it: ``required`` = the top-level ``classes``."""
     params["on_bad_input"] = policy
-    return read_domain(fmt, str(root), "source", 0, params)
+    return read_domain(fmt, str(root), "source", 0, params, required=required)
 
 
-def _assert_fail_names(root, params, file_part, reason_part, fmt="fetal_planes_db"):
+def _assert_fail_names(root, params, file_part, reason_part, fmt="fetal_planes_db", required=CLASSES):
     with pytest.raises(BadInputError) as err:
-        _read(root, params, "fail", fmt)
+        _read(root, params, "fail", fmt, required)
     assert str(file_part) in str(err.value) and reason_part in str(err.value), str(err.value)
 
 
-def _assert_skip_lists(root, params, file_part, reason_part, n_good, fmt="fetal_planes_db", folder=False):
-    images, report = _read(root, params, "skip", fmt)
+def _assert_skip_lists(root, params, file_part, reason_part, n_good, fmt="fetal_planes_db", folder=False,
+                       required=CLASSES):
+    images, report = _read(root, params, "skip", fmt, required)
     assert len(report) == 1, report
     assert str(file_part) in report.loc[0, "file"] and reason_part in report.loc[0, "reason"]
     assert report.loc[0, "domain"] == "source"
@@ -227,12 +234,11 @@ def test_blank_image(fpdb_copy, ingestion_params):
 
 
 def test_african_mixed_rgb_and_gray_accepted_any_csv_name(african_copy, ingestion_params):
-    ingestion_params["required_classes"]["source"] = []  # the African set has no 'other'
     first = sorted(african_copy.glob("*.png"))[0]
     Image.open(first).convert("RGB").save(first)  # make sure the copy is mixed
     n_rgb = sum(Image.open(p).mode == "RGB" for p in african_copy.glob("*.png"))
     assert 0 < n_rgb < 4 * PER_CLASS
-    images, report = _read(african_copy, ingestion_params, "fail", fmt="african")
+    images, report = _read(african_copy, ingestion_params, "fail", fmt="african", required=[])  # no 'other' there
     assert report.empty and len(images) == 4 * PER_CLASS
     assert images.info["conversions"] == {"RGB to grayscale": n_rgb}
     assert images.meta["patient_id"].str.contains("_").all()  # center-qualified patient ids
@@ -279,9 +285,9 @@ def test_folders_empty_class_folder(phantom_folders, ingestion_params):
     empty = phantom_folders / "thorax"
     for f in empty.iterdir():
         f.unlink()
-    ingestion_params["required_classes"]["source"] = []
-    _assert_fail_names(phantom_folders, ingestion_params, empty, "empty class folder", fmt="folders")
-    _assert_skip_lists(phantom_folders, ingestion_params, empty, "empty class folder", 12, fmt="folders", folder=True)
+    _assert_fail_names(phantom_folders, ingestion_params, empty, "empty class folder", fmt="folders", required=[])
+    _assert_skip_lists(phantom_folders, ingestion_params, empty, "empty class folder", 12, fmt="folders", folder=True,
+                       required=[])
 
 
 def test_folders_unknown_label_folder(phantom_folders, ingestion_params):

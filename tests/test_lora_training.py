@@ -107,7 +107,8 @@ def test_loss_check_repeats_changes_the_check_not_the_adapter(params, lora_subse
 
 
 def _prior(params, n_per_class: int = 2):
-    return make_prior_corpus(params["base_model"]["tiny"]["prior"] | {"n_per_class": n_per_class, "image_size": 64}, 3)
+    return make_prior_corpus(params["base_model"]["tiny"]["prior"] | {"n_per_class": n_per_class, "image_size": 64},
+                             base_params("classes"), 3)
 
 
 def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):

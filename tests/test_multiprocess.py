@@ -88,7 +88,7 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     source.meta["split"] = np.where(source.meta["patient_id"].isin(patients[::4]), "val", "train")
     target = generate_phantoms("target", 4, 64, seed=2)
     synthetic = generate_phantoms("source", 4, 64, seed=3)
-    data = prepare_classifier_data(source, target, synthetic, params)
+    data = prepare_classifier_data(source, target, synthetic, params, base_params("classes"))
     plan = plan_experiments(data, params, seed=42)
     trained, history = train_experiments(data, plan, params)
     predictions = predict_target(data, trained, plan)

@@ -91,7 +91,7 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
     assert lora["lora"]["train_text_encoder"] is True
     # from conf/base, kept by the soft merge
     assert lora["lora"]["unet_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert lora["validation"]["classes"] == ["abdomen", "brain", "femur", "thorax", "other"]
+    assert p["classes"] == ["abdomen", "brain", "femur", "thorax", "other"]  # the top-level class list, from conf/base
     assert "tiny" in lora["base_model"]
     ev = p["evaluation"]
     assert ev["image_size"] == 224 and ev["augmentation"] == [True, False]
@@ -104,21 +104,93 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
     assert p["seed"] == 42
 
 
-def test_the_class_list_is_the_same_in_every_env_and_an_override_changes_one_key(project_root):
-    """Every parameter that is the class list holds the same list in conf/base and every env,
-    and `--params lora_training.validation.classes=[brain]` changes that key only. (A shared
-    ``${globals:classes}`` value once leaked such an override into evaluation.classes and
-    synthesis.classes: the paper rehearsal's evaluation then saw one class.)"""
+CLASS_WORDS = {"abdomen", "brain", "femur", "thorax", "other"}
+# the nodes that take the class list, each as the input `params:classes` (issue #16: one home)
+CLASS_NODES = {"read_source_images_node", "make_prior_corpus_node", "render_validation_grid_node",
+               "plan_synthetic_batch_node", "summarize_synthetic_batch_node", "prepare_classifier_data_node",
+               "compute_zero_shot_metrics_node"}
+
+
+def _class_lists(value, where: str = ""):
+    """(dotted key, value) of every `classes` key and every list of >= 2 class words under ``value``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "classes":
+                yield path, item
+            else:
+                yield from _class_lists(item, path)
+    elif isinstance(value, list):
+        if len(value) >= 2 and all(isinstance(v, str) and v in CLASS_WORDS for v in value):
+            yield where, value
+        for i, item in enumerate(value):
+            yield from _class_lists(item, f"{where}[{i}]")
+
+
+def test_the_class_list_has_one_home_in_conf(project_root):
+    """Exactly one class list in conf/ (every env, every file): the top-level `classes` of
+    conf/base/parameters.yml. No block keeps a copy (`evaluation.classes`, `synthesis.classes`,
+    `lora_training.validation.classes`, `...prior.classes`, `ingestion.required_classes.source`)."""
+    import yaml
+
+    found = []
+    for path in sorted((project_root / "conf").rglob("*.yml")):
+        found += [(str(path.relative_to(project_root)), key) for key, _ in _class_lists(yaml.safe_load(path.read_text()) or {})]
+    assert found == [("conf/base/parameters.yml", "classes")], found
     for env in ("base", "paper", "real_cpu"):
         p = project_parameters(env)
-        classes = p["evaluation"]["classes"]
-        assert classes == ["abdomen", "brain", "femur", "thorax", "other"], env
-        assert (p["synthesis"]["classes"] == p["ingestion"]["required_classes"]["source"] == classes
-                == p["lora_training"]["validation"]["classes"] == p["lora_training"]["base_model"]["tiny"]["prior"]["classes"])
-    p = project_parameters("paper", {"lora_training": {"validation": {"classes": ["brain"]}}})
-    assert p["lora_training"]["validation"]["classes"] == ["brain"]
-    assert p["evaluation"]["classes"] == p["synthesis"]["classes"] == ["abdomen", "brain", "femur", "thorax", "other"]
-    assert project_parameters("base", {"synthesis": {"classes": ["femur"]}})["evaluation"]["classes"][0] == "abdomen"
+        assert p["classes"] == ["abdomen", "brain", "femur", "thorax", "other"], env
+        assert [key for key, _ in _class_lists(p)] == ["classes"], env
+
+
+@pytest.mark.parametrize("env", ["base", "paper", "real_cpu"])
+def test_a_runtime_classes_override_reaches_every_node_that_uses_the_class_list(project_root, env):
+    """`kedro run --params classes=[brain]` (or `--config` with a list): every node that uses the
+    class list gets the override through its `params:classes` input, and no node reads a class
+    list from any other parameter (no `classes` key in any `params:` input it takes)."""
+    from fu_kedro.pipeline_registry import register_pipelines
+
+    override = ["brain", "femur"]
+    params = project_parameters(env, {"classes": override})
+    assert params["classes"] == override
+
+    def resolve(dotted: str):
+        value = params
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
+    takers = set()
+    for node in register_pipelines()["__default__"].nodes:
+        for name in node.inputs:
+            if not name.startswith("params:"):
+                continue
+            key = name.removeprefix("params:")
+            value = resolve(key)
+            if key == "classes":
+                takers.add(node.name)
+                assert value == override, node.name
+            else:
+                assert not list(_class_lists(value)), f"{node.name} reads a class list from {name}"
+    assert takers == CLASS_NODES
+
+
+@pytest.mark.parametrize("old", ["evaluation.classes", "synthesis.classes", "lora_training.validation.classes",
+                                 "lora_training.base_model.tiny.prior.classes", "ingestion.required_classes.source"])
+def test_an_old_class_list_key_stops_the_run_saying_where_the_list_went(project_root, old):
+    """Set by an old command line or env file, an old per-block class list would be ignored
+    silently: the ParameterChecks hook stops every pipeline's run before any node, naming it."""
+    from fu_kedro.config import UnknownSettingError, check_moved_class_lists
+
+    runtime: dict = {}
+    leaf = runtime
+    *parents, last = old.split(".")
+    for part in parents:
+        leaf = leaf.setdefault(part, {})
+    leaf[last] = ["brain"]
+    with pytest.raises(UnknownSettingError, match=rf"{old} has moved to the top-level `classes` parameter"):
+        check_moved_class_lists(project_parameters("base", runtime))
+    check_moved_class_lists(project_parameters("base", {"classes": ["brain"]}))  # the new key is fine
 
 
 def test_rank_sweep_override_changes_the_rank_only(project_root):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, project_parameters
 from safetensors.torch import save_file
 
 from fu_kedro import prerequisites
@@ -32,7 +32,7 @@ def test_stand_in_datasets_pass_the_paper_checks_and_read_as_real_data(tmp_path,
     assert prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
     assert prerequisites.check_data_source("target", "african", str(african)) == []
     cfg = dict(ingestion_params, image_size=64)
-    source, _ = read_domain("fetal_planes_db", str(fpdb), "source", 0, cfg)
+    source, _ = read_domain("fetal_planes_db", str(fpdb), "source", 0, cfg, required=project_parameters("paper")["classes"])
     target, _ = read_domain("african", str(african), "target", 0, cfg)
     assert len(source) == 10 and sorted(source.meta["label"].unique()) == ["abdomen", "brain", "femur", "other", "thorax"]
     assert len(target) == 18 and target.meta["center"].nunique() == 5
@@ -136,7 +136,7 @@ def test_recorded_ran_on_reads_the_mlflow_tags_and_device_params(tmp_path):
 
 def test_counts_only_are_shrunk(tmp_path):
     """The rehearsal's overrides are counts (and batch sizes), never a resolution, rank, backbone or sampler."""
-    keys = set(rehearsal.COUNT_PARAMS) | set(rehearsal.FILE_RUN_PARAMS)
+    keys = set(rehearsal.COUNT_PARAMS) | set(rehearsal.FILE_RUN_PARAMS) | {k for p in rehearsal.PIPELINE_PARAMS.values() for k in p}
     for forbidden in ("image_size", "resolution", "rank", "alpha", "backbones", "augmentation", "clip_skip",
                       "guidance_scale", "learning_rate", "weights"):
         assert not any(k.split(".")[-1] == forbidden for k in keys), forbidden

@@ -12,6 +12,9 @@ from fu_kedro.pipelines.lora_training import create_pipeline
 from fu_kedro.pipelines.lora_training.nodes import base_training_corpus
 
 
+CLASSES = base_params("classes")  # the top-level class list
+
+
 @pytest.fixture
 def prior_params() -> dict:
     prior = base_params("lora_training")["base_model"]["tiny"]["prior"]
@@ -20,14 +23,14 @@ def prior_params() -> dict:
 
 def test_the_corpus_node_reads_no_target_parameter_or_data():
     node = next(n for n in create_pipeline().nodes if n.name == "make_prior_corpus_node")
-    assert node.inputs == ["params:lora_training.base_model.tiny.prior", "params:seed"]
+    assert node.inputs == ["params:lora_training.base_model.tiny.prior", "params:classes", "params:seed"]
     assert not any("target" in name or "ingestion" in name for name in node.inputs)
 
 
 def test_no_corpus_image_is_rendered_with_a_target_centers_style(prior_params):
     ingestion = base_params("ingestion")
     centers = ingestion["phantom"]["target"]["settings"] + DEFAULT_TARGET_CENTERS
-    corpus = make_prior_corpus(prior_params | {"n_per_class": 40}, seed=42)
+    corpus = make_prior_corpus(prior_params | {"n_per_class": 40}, CLASSES, seed=42)
     styles = corpus.meta[list(STYLE_KEYS)].to_numpy(float)
     for center in centers:
         target = np.array([float(center[k]) for k in STYLE_KEYS])
@@ -37,30 +40,32 @@ def test_no_corpus_image_is_rendered_with_a_target_centers_style(prior_params):
 
 
 def test_same_seed_same_pixels_and_breadth_sets_the_variety(prior_params):
-    a, b = make_prior_corpus(prior_params, 7), make_prior_corpus(prior_params, 7)
+    a, b = make_prior_corpus(prior_params, CLASSES, 7), make_prior_corpus(prior_params, CLASSES, 7)
     assert np.array_equal(a.images, b.images) and a.meta.equals(b.meta)
-    assert len(a) == 6 * len(prior_params["classes"])
-    narrow = make_prior_corpus(prior_params | {"breadth": 0.0}, 7)
+    assert len(a) == 6 * len(CLASSES)
+    narrow = make_prior_corpus(prior_params | {"breadth": 0.0}, CLASSES, 7)
     assert narrow.meta[list(STYLE_KEYS)].nunique().max() == 1  # one style: the ranges' midpoints
     wide_spread = a.meta[list(STYLE_KEYS)].std()
-    half = make_prior_corpus(prior_params | {"breadth": 0.5}, 7).meta[list(STYLE_KEYS)].std()
+    half = make_prior_corpus(prior_params | {"breadth": 0.5}, CLASSES, 7).meta[list(STYLE_KEYS)].std()
     assert (half < wide_spread).all()
 
 
 def test_bad_prior_settings_are_named(prior_params):
     with pytest.raises(ValueError, match="prior.styles: missing range"):
-        make_prior_corpus(prior_params | {"styles": {"gain": [0.5, 1.0]}}, 0)
+        make_prior_corpus(prior_params | {"styles": {"gain": [0.5, 1.0]}}, CLASSES, 0)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_per_clas'\]"):
-        make_prior_corpus(prior_params | {"n_per_clas": 3}, 0)
+        make_prior_corpus(prior_params | {"n_per_clas": 3}, CLASSES, 0)
+    with pytest.raises(ValueError, match=r"lora_training.base_model.tiny.prior.classes has moved to the top-level `classes`"):
+        make_prior_corpus(prior_params | {"classes": ["brain"]}, CLASSES, 0)
     with pytest.raises(ValueError, match="breadth must be in"):
-        make_prior_corpus(prior_params | {"breadth": 2}, 0)
+        make_prior_corpus(prior_params | {"breadth": 2}, CLASSES, 0)
 
 
 def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, small_phantom_sets):
     source, target = small_phantom_sets
     source = source.select(np.arange(len(source)))
     source.meta["split"] = np.where(np.arange(len(source)) % 5 == 0, "val", "train")
-    prior = make_prior_corpus(prior_params, 1)
+    prior = make_prior_corpus(prior_params, CLASSES, 1)
     assert base_training_corpus(source, prior, "prior") is prior
     only_source = base_training_corpus(source, prior, "source")
     assert set(only_source.meta["split"]) == {"train"}
@@ -70,7 +75,7 @@ def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, smal
     with pytest.raises(ValueError, match="train_on must be one of"):
         base_training_corpus(source, prior, "target")
     with pytest.raises(ValueError, match="prior corpus, but it is empty"):
-        base_training_corpus(source, make_prior_corpus(prior_params | {"n_per_class": 0}, 1), "prior")
+        base_training_corpus(source, make_prior_corpus(prior_params | {"n_per_class": 0}, CLASSES, 1), "prior")
 
 
 def test_source_repeats_and_the_priors_own_caption(prior_params, small_phantom_sets):
@@ -82,9 +87,9 @@ def test_source_repeats_and_the_priors_own_caption(prior_params, small_phantom_s
     source = source.select(np.arange(len(source)))
     source.meta["split"] = np.where(np.arange(len(source)) % 5 == 0, "val", "train")
     n_train = int((source.meta["split"] == "train").sum())
-    plain = make_prior_corpus(prior_params, 1)
+    plain = make_prior_corpus(prior_params, CLASSES, 1)
     assert "caption" not in plain.meta and "caption_template" not in plain.info
-    own = make_prior_corpus(prior_params | {"caption_template": "a phantom of fetal {plane}"}, 1)
+    own = make_prior_corpus(prior_params | {"caption_template": "a phantom of fetal {plane}"}, CLASSES, 1)
     assert np.array_equal(own.images, plain.images)  # same pixels, only the caption differs
     both = base_training_corpus(source, own, "prior+source", source_repeats=3)
     assert len(both) == len(own) + 3 * n_train

@@ -27,6 +27,7 @@ from conftest import base_params, run_kedro_session
 from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset, ImageSetShardsDataset, LoraAdapterDataset
 from fu_kedro.datasets.image_set import ImageSet
 from fu_kedro.models.base_model import BaseModel
+from fu_kedro.config import UnknownSettingError
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.datasets.image_set_shards import shard_name
 from fu_kedro.models.generation import (
@@ -49,6 +50,7 @@ from fu_kedro.pipelines.synthesis.nodes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+CLASSES = ["abdomen", "brain", "femur"]  # the top-level `classes` of these tests: 3 classes x 3 images
 
 MANIFEST_COLUMNS = {
     "image_id", "label", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "lora_scale",
@@ -105,17 +107,17 @@ def conf():
 def params(conf) -> dict:
     """conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch)."""
     p = dict(conf[0])
-    p.update(images_per_class=3, classes=["abdomen", "brain", "femur"], steps=4, batch_size=4, torch_threads=1)
+    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1)
     return p
 
 
-def plan_for(params, adapter, conf, seed=42, base=None, fits=None):
+def plan_for(params, adapter, conf, seed=42, base=None, fits=None, classes=CLASSES):
     return plan_synthetic_batch(base or random_base(), adapter, conf[1]["caption_template"], conf[1]["plane_labels"], params,
-                                seed, fits)
+                                classes, seed, fits)
 
 
-def make_batch(params, adapter, conf) -> ImageSet:
-    plan = plan_for(params, adapter, conf)
+def make_batch(params, adapter, conf, classes=CLASSES) -> ImageSet:
+    plan = plan_for(params, adapter, conf, classes=classes)
     shards = generate_synthetic_shard(random_base(), adapter, plan, params)
     return merge_synthetic_shards(shards, plan, params)
 
@@ -123,7 +125,7 @@ def make_batch(params, adapter, conf) -> ImageSet:
 @pytest.fixture(scope="module")
 def batch(conf, adapter) -> ImageSet:
     p = dict(conf[0])
-    p.update(images_per_class=3, classes=["abdomen", "brain", "femur"], steps=4, batch_size=4, torch_threads=1)
+    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1)
     torch.set_num_threads(1)
     return make_batch(p, adapter, conf)
 
@@ -224,7 +226,7 @@ def random_fits(adapter, k: int):
     return LoraAdapterFits(others, {"fits": k, "fit_of": {"content_hash": adapter.content_hash}})
 
 
-def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, params: dict, out_dir: str, classes: list[str] = CLASSES) -> None:
     """One of two gloo CPU processes, as `python -m fu_kedro.launch -n 2` would start it."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -234,8 +236,8 @@ def _worker(rank: int, world: int, port: int, params: dict, out_dir: str) -> Non
     adapter = random_adapter()
     fits = random_fits(adapter, params["replicates"]) if params.get("adapter_per_replicate") else None
     ingestion = base_params("ingestion")
-    plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params, 42,
-                                fits)
+    plan = plan_synthetic_batch(random_base(), adapter, ingestion["caption_template"], ingestion["plane_labels"], params,
+                                classes, 42, fits)
     (result,) = generate_synthetic_shard(random_base(), adapter, plan, params, fits).values()
     np.save(Path(out_dir) / f"images_{rank}.npy", result.images)
     result.meta.to_csv(Path(out_dir) / f"meta_{rank}.csv", index=False)
@@ -285,8 +287,8 @@ def test_cpu_default_is_fp32_unfused_and_fp16_on_cpu_is_refused():
 
 
 def test_preview_grid_and_metrics(batch, params):
-    fig, metrics = summarize_synthetic_batch(batch, params)
-    assert len(fig.axes) == 3 and [ax.get_ylabel().split("\n")[0] for ax in fig.axes] == params["classes"]
+    fig, metrics = summarize_synthetic_batch(batch, params, CLASSES)
+    assert len(fig.axes) == 3 and [ax.get_ylabel().split("\n")[0] for ax in fig.axes] == CLASSES
     assert metrics["images"] == {"value": 9.0, "step": 0} and metrics["images_brain"]["value"] == 3.0
     assert all(set(v) == {"value", "step"} for v in metrics.values())
 
@@ -314,9 +316,16 @@ def test_preview_grid_and_metrics(batch, params):
     ],
 )
 def test_bad_parameters_stop_before_any_image(params, adapter, conf, change, message):
+    change = dict(change)
+    classes = change.pop("classes", CLASSES)  # the top-level `classes`, checked with the synthesis block
     params.update(change)
     with pytest.raises(ValueError, match=message):
-        plan_for(params, adapter, conf)
+        plan_for(params, adapter, conf, classes=classes)
+
+
+def test_the_old_synthesis_classes_key_says_where_the_class_list_went(params, adapter, conf):
+    with pytest.raises(UnknownSettingError, match=r"synthesis.classes has moved to the top-level `classes` parameter"):
+        plan_for(dict(params, classes=["brain"]), adapter, conf)
 
 
 def test_adapter_of_another_base_model_is_refused(params, adapter, conf):
@@ -393,7 +402,8 @@ def test_write_error_in_a_shard_keeps_the_old_shard_whole(batch, tmp_path, monke
 
 # --------------------------------------------------------------------------- the Kedro run
 # Nested, not dotted: KedroSession.create(runtime_params=...) does not split "a.b" keys (the CLI's --params does)
-RUN_PARAMS = {"synthesis": {"images_per_class": 2, "classes": ["femur", "thorax"], "steps": 3, "batch_size": 4, "torch_threads": 1}}
+RUN_PARAMS = {"classes": ["femur", "thorax"],
+              "synthesis": {"images_per_class": 2, "steps": 3, "batch_size": 4, "torch_threads": 1}}
 
 
 def _seed_models(project: Path, adapter) -> tuple[str, str]:
@@ -498,10 +508,11 @@ def test_two_lora_fits_make_two_traced_replicates_and_replicate_0_is_unchanged(t
     assert fit1.metadata["lora_subset_image_ids"] == fit0.metadata["lora_subset_image_ids"]  # same subset, same base
     assert fit1.metadata["base_content_hash"] == fit0.metadata["base_content_hash"]
 
-    params.update(replicates=2, images_per_class=3, classes=["brain", "femur"])  # 6 per replicate: batch 2 of 4 mixes both
-    off = make_batch(params, fit0, conf)  # default: both replicates from fit 0
+    params.update(replicates=2, images_per_class=3)  # 2 classes: 6 per replicate: batch 2 of 4 mixes both
+    two = ["brain", "femur"]
+    off = make_batch(params, fit0, conf, classes=two)  # default: both replicates from fit 0
     on = dict(params, adapter_per_replicate=True)
-    plan = plan_for(on, fit0, conf, fits=fits)
+    plan = plan_for(on, fit0, conf, fits=fits, classes=two)
     (result,) = generate_synthetic_shard(random_base(), fit0, plan, on, fits).values()
     batch = merge_synthetic_shards({shard_name(plan["batch_key"].iloc[0], 0, 1): result}, plan, on)
     meta = batch.meta
@@ -551,15 +562,16 @@ def test_too_few_lora_fits_stop_the_plan_naming_both_parameters(two_fits, params
 
 def test_two_gloo_processes_use_each_rows_lora_fit(params, adapter, conf, tmp_path):
     """Under fu_kedro.launch each process makes its share of the rows, each row with its replicate's fit."""
-    params.update(replicates=3, images_per_class=1, classes=["brain", "femur"], adapter_per_replicate=True)
+    params.update(replicates=3, images_per_class=1, adapter_per_replicate=True)
+    two = ["brain", "femur"]
     fits = random_fits(adapter, 3)
-    plan = plan_for(params, adapter, conf, fits=fits)
+    plan = plan_for(params, adapter, conf, fits=fits, classes=two)
     (one,) = generate_synthetic_shard(random_base(), adapter, plan, params, fits).values()
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), params, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), params, str(tmp_path), two), nprocs=2, join=True)
     for rank in range(2):
         meta = pd.read_csv(tmp_path / f"meta_{rank}.csv", dtype={"image_id": str})
         assert np.array_equal(np.load(tmp_path / f"images_{rank}.npy"), one.images), f"rank {rank}"
         assert meta["process_index"].tolist() == [0, 0, 0, 1, 1, 1]  # each process spans two fits
         assert meta["adapter_fit"].tolist() == [0, 0, 1, 1, 2, 2]
-    single = make_batch(dict(params, adapter_per_replicate=False), adapter, conf).images
+    single = make_batch(dict(params, adapter_per_replicate=False), adapter, conf, classes=two).images
     assert np.array_equal(one.images[:2], single[:2]) and not np.array_equal(one.images[2:], single[2:])

@@ -59,13 +59,53 @@ class UnknownSettingError(ValueError):
     """A parameter block has a key its loop does not know (most likely a typo)."""
 
 
+# The class list's old homes: one copy per block until issue #16; now the top-level `classes`
+# parameter (conf/base/parameters.yml) that every node needing it takes as `params:classes`.
+MOVED_CLASS_LISTS = (
+    "evaluation.classes",
+    "synthesis.classes",
+    "lora_training.validation.classes",
+    "lora_training.base_model.tiny.prior.classes",
+    "ingestion.required_classes.source",
+)
+
+
+def moved_class_list_message(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    return (f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} moved to the top-level `classes` parameter "
+            "(conf/base/parameters.yml): one list for every pipeline (the source must have each class; the prior "
+            "corpus, validation grid, synthetic batch and classifiers use it). Remove the old key(s) and set "
+            "`classes` instead, e.g. `kedro run --params classes=[brain]` (several classes: README, "
+            "\"The class list\").")
+
+
+def check_moved_class_lists(params: dict[str, Any]) -> None:
+    """Raise :class:`UnknownSettingError` naming every old per-block class list still set in ``params`` (all parameters)."""
+    found = []
+    for dotted in MOVED_CLASS_LISTS:
+        node: Any = params
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            found.append(dotted)
+    if found:
+        raise UnknownSettingError(moved_class_list_message(found))
+
+
+_MISSING = object()
+
+
 def check_keys(values: dict[str, Any], allowed: Iterable[str], where: str) -> None:
     """Raise :class:`UnknownSettingError` if ``values`` has a key outside ``allowed``.
 
-    ``where`` names the block in the message, e.g. ``"lora_training.lora"``.
+    ``where`` names the block in the message, e.g. ``"lora_training.lora"``. An old home of
+    the class list (:data:`MOVED_CLASS_LISTS`) gets a message saying where it went.
     """
     allowed = sorted(set(allowed))
     unknown = sorted(set(values) - set(allowed))
+    moved = [f"{where}.{key}" for key in unknown if f"{where}.{key}" in MOVED_CLASS_LISTS]
+    if moved:
+        raise UnknownSettingError(moved_class_list_message(moved))
     if unknown:
         raise UnknownSettingError(
             f"{where}: unknown key(s) {unknown} — allowed keys are {allowed}. "
@@ -104,11 +144,14 @@ def check_lora_training(params: dict[str, Any]) -> None:
 
 
 class ParameterChecks:
-    """Kedro hook: the training blocks are checked before any node runs, so a typo stops
-    ``kedro run`` within seconds instead of after the steps before the loop that reads it."""
+    """Kedro hook: the training blocks (and, for any pipeline, the old class-list keys) are checked
+    before any node runs, so a typo stops ``kedro run`` within seconds instead of after the steps
+    before the loop that reads it."""
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        params = catalog.load("parameters")
+        check_moved_class_lists(params)  # any pipeline: an old class-list key would be ignored silently
         names = {node.name for node in pipeline.nodes}
         if names & {"build_base_model_node", "fit_lora_adapter_node"}:
-            check_lora_training(catalog.load("parameters"))
+            check_lora_training(params)

@@ -9,7 +9,7 @@ curvilinear probe; text marks, depth scales and calipers vary per image as on ev
 phantom). The LoRA is then fitted on the one-hospital source subset, as in the paper.
 
 How the target stays out: the corpus is made from ``lora_training.base_model.tiny.prior``
-alone — the ranges below, the seed and the class list. Nothing here reads the target
+alone — the ranges below, the seed — and the top-level ``classes`` list. Nothing here reads the target
 centers' settings (``ingestion.phantom.target``) or any target image, and each image's
 style is a fresh continuous draw, so no image is rendered with a target center's setting
 (``tests/test_prior_corpus.py`` checks both). The ranges are wide on purpose; that they
@@ -31,7 +31,7 @@ from fu_kedro.data_sources.phantom import CLASSES, _rng, render_phantom
 from fu_kedro.datasets import ImageSet
 
 STYLE_KEYS = ("gain", "speckle", "noise", "zoom", "sector_deg", "apex", "attenuation", "gamma")
-PRIOR_KEYS = ("n_per_class", "classes", "image_size", "breadth", "linear_probe_fraction", "styles", "caption_template")
+PRIOR_KEYS = ("n_per_class", "image_size", "breadth", "linear_probe_fraction", "styles", "caption_template")
 
 
 def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction: float, n: int,
@@ -57,17 +57,18 @@ def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction:
     return out
 
 
-def make_prior_corpus(prior: dict[str, Any], seed: int) -> ImageSet:
+def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> ImageSet:
     """The captioned-by-class phantom corpus the tiny base is trained on (``train_on: prior``).
 
     Args:
         prior: ``lora_training.base_model.tiny.prior`` — ``n_per_class`` (0 = an empty corpus,
-            e.g. for a pretrained base), ``classes``, ``image_size`` (px, then resized to the
+            e.g. for a pretrained base), ``image_size`` (px, then resized to the
             model's resolution like the source images), ``breadth``, ``linear_probe_fraction``,
             ``styles`` (range per style key), ``caption_template`` (optional: the prior's own
             caption, ``{plane}`` = class word; absent/null = the project's caption, as the
             source images get). A caption of its own tells the base which look is the
             phantoms' and which the real images', as DreamBooth-style prior preservation does.
+        classes: the top-level ``classes`` parameter (phantom classes; empty = all of them).
         seed: project seed; same seed and parameters -> same pixels.
 
     Returns:
@@ -77,7 +78,7 @@ def make_prior_corpus(prior: dict[str, Any], seed: int) -> ImageSet:
     """
     check_keys(prior, PRIOR_KEYS, "lora_training.base_model.tiny.prior")
     n_per_class = int(prior["n_per_class"])
-    classes = tuple(prior.get("classes") or CLASSES)
+    classes = tuple(classes or CLASSES)
     size = int(prior.get("image_size", 128))
     rng = _rng(seed, "prior_corpus")
     labels = np.repeat(np.array(classes), n_per_class)

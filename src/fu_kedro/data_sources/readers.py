@@ -337,7 +337,8 @@ def _check_required_classes(images: ImageSet, where: str, required: list[str], l
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
     raise BadInputError(
         f"{where}: empty class: no usable {', '.join(map(repr, missing))} image(s) in the {log.domain} data "
-        f"(ingestion.required_classes.{log.domain} = {required}); this stops the run whatever "
+        f"({'the top-level classes' if log.domain == 'source' else f'ingestion.required_classes.{log.domain}'} "
+        f"= {required}); this stops the run whatever "
         f"ingestion.on_bad_input says."
         + (f" {len(bad)} item(s) were bad:\n" + "\n".join(lines) + more if bad else "")
     )
@@ -349,8 +350,13 @@ PATIENT_NUMBERING = {"fetal_planes_db": "fetal_planes_db", "african": "african",
                      "folders": None}
 
 
-def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -> tuple[ImageSet, pd.DataFrame]:
+def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict,
+                required: list[str] | tuple[str, ...] = ()) -> tuple[ImageSet, pd.DataFrame]:
     """Read one domain in format ``fmt`` from ``path``; apply ``cfg['on_bad_input']``.
+
+    ``required``: classes the domain must have a usable image of (else an "empty class"
+    error, whatever ``on_bad_input`` says): the top-level ``classes`` for the source,
+    ``ingestion.required_classes.target`` for the target (see the ingestion nodes).
 
     Returns the preprocessed ``ImageSet`` (meta columns ``META_COLUMNS`` + format extras +
     ``pixel_hash``) and the quarantine rows (``file, reason, domain``). ``info['counts']``
@@ -380,7 +386,7 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict) -
         if len(images) == 0:
             log.enforce("fail")  # names every bad item
             raise BadInputError(f"{root}: no usable image in the {domain} data")
-        _check_required_classes(images, str(root), list(cfg["required_classes"][domain] or []), log)
+        _check_required_classes(images, str(root), list(required or []), log)
     log.enforce(policy)
     report = log.frame()
     skipped = len(report) - log.n_folder_items

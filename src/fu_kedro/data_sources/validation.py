@@ -12,8 +12,9 @@ and any other PIL mode that converts to 8-bit grayscale.
 
 Always an error, whatever the policy: structural problems that leave nothing to read (no
 CSV, a CSV with the wrong separator or missing columns or no data rows, a missing folder,
-no usable image at all), a class of ``ingestion.required_classes`` without any usable
-image, and a misspelt ``on_bad_input`` (checked before anything is read).
+no usable image at all), a required class (source: every class of the top-level
+``classes``; target: ``ingestion.required_classes.target``) without any usable image,
+and a misspelt ``on_bad_input`` (checked before anything is read).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TRAINING_SETS = ("baseline", "hybrid")
 # every key the evaluation block and its sub-blocks accept: a misspelt key stops the run
 PARAMETER_KEYS = {
-    "evaluation": ("classes", "image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
+    "evaluation": ("image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
                    "n_seeds", "weights", "torch_threads", "workers", "min_fidelity", "on_low_fidelity",
                    "train", "augment", "metrics", "quality", "report"),
     "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
@@ -110,7 +110,7 @@ def set_mlflow_tags(tags: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- data
 def prepare_classifier_data(
-    source_images: ImageSet, target_images: ImageSet, synthetic_batch: ImageSet, params: dict
+    source_images: ImageSet, target_images: ImageSet, synthetic_batch: ImageSet, params: dict, classes: list[str]
 ) -> dict[str, Any]:
     """Check the three image sets against the label space and turn them into tensors once.
 
@@ -120,8 +120,8 @@ def prepare_classifier_data(
         target_images: real target images (zero-shot test only); meta ``label``,
             ``patient_id``, ``center``.
         synthetic_batch: synthetic images; meta ``label`` = prompted class. May be empty.
-        params: ``evaluation`` parameters (``classes``, ``image_size``,
-            ``quality.memorisation_size``).
+        params: ``evaluation`` parameters (``image_size``, ``quality.memorisation_size``).
+        classes: the top-level ``classes``: the classifier's label space, in this order.
 
     Returns:
         dict with ``classes``, ``image_size``, ``source_train``, ``source_val``, ``target``,
@@ -134,7 +134,7 @@ def prepare_classifier_data(
             train/val patients, a target without patient/center columns.
     """
     check_parameters(params)
-    classes = list(params["classes"])
+    classes = list(classes)
     size = int(params["image_size"])
     splits = _check_real_sets(source_images, target_images, classes)
     source = prepare_tensors(source_images, classes, size, "source_images")
@@ -178,7 +178,7 @@ def prepare_classifier_data(
 def _check_real_sets(source_images: ImageSet, target_images: ImageSet, classes: list[str]) -> pd.Series:
     """The real sets have the columns, images and source train/val patients evaluation needs; the source splits."""
     if len(set(classes)) != len(classes) or len(classes) < 2:
-        raise ValueError(f"evaluation.classes must be >= 2 distinct class names, got {classes}")
+        raise ValueError(f"classes (the top-level parameter) must be >= 2 distinct class names, got {classes}")
     for name, images, columns in (
         ("source_images", source_images, ["label", "split", "patient_id"]),
         ("target_images", target_images, ["label", "patient_id", "center"]),
@@ -682,14 +682,15 @@ def predict_target(
 
 @in_stage_threads
 def compute_zero_shot_metrics(
-    zero_shot_predictions: pd.DataFrame, experiment_plan: list[dict], params: dict, seed: int
+    zero_shot_predictions: pd.DataFrame, experiment_plan: list[dict], params: dict, classes: list[str], seed: int
 ) -> dict:
     """Metrics of every experiment from the predictions table alone, plus what each was trained on.
 
     Args:
         zero_shot_predictions: output of ``predict_target`` (or the CSV read back).
         experiment_plan: adds #real, #synthetic and the weights to each experiment.
-        params: ``evaluation`` parameters (``classes``, ``metrics.n_bootstrap``, ``metrics.ci``).
+        params: ``evaluation`` parameters (``metrics.n_bootstrap``, ``metrics.ci``).
+        classes: the top-level ``classes`` (the label space, in order).
         seed: bootstrap seed.
 
     Returns:
@@ -698,7 +699,7 @@ def compute_zero_shot_metrics(
     """
     result = summarise_zero_shot(
         zero_shot_predictions,
-        list(params["classes"]),
+        list(classes),
         n_bootstrap=int(params["metrics"]["n_bootstrap"]),
         ci=float(params["metrics"]["ci"]),
         seed=int(seed),

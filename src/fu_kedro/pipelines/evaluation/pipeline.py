@@ -28,7 +28,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 prepare_classifier_data,
-                inputs=["source_images", "target_images", "synthetic_batch", "params:evaluation"],
+                inputs=["source_images", "target_images", "synthetic_batch", "params:evaluation", "params:classes"],
                 outputs="classifier_data",
                 name="prepare_classifier_data_node",
             ),
@@ -66,7 +66,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 compute_zero_shot_metrics,
-                inputs=["zero_shot_predictions", "evaluation_plan", "params:evaluation", "params:seed"],
+                inputs=["zero_shot_predictions", "evaluation_plan", "params:evaluation", "params:classes", "params:seed"],
                 outputs="zero_shot_metrics",
                 name="compute_zero_shot_metrics_node",
             ),

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fu_kedro.config import UnknownSettingError, check_keys, moved_class_list_message
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.readers import read_domain
 from fu_kedro.data_sources.separation import check_domain_separation
@@ -20,8 +21,17 @@ from fu_kedro.datasets import ImageSet
 logger = logging.getLogger(__name__)
 
 
+def _required_classes(ingestion: dict[str, Any]) -> dict[str, Any]:
+    """``ingestion.required_classes``; its old ``source`` list stops the run, saying where it went."""
+    required = dict(ingestion.get("required_classes") or {})
+    if "source" in required:
+        raise UnknownSettingError(moved_class_list_message(["ingestion.required_classes.source"]))
+    check_keys(required, ("target",), "ingestion.required_classes")
+    return required
+
+
 def read_source_images(source_format: str, source_path: str | None, seed: int,
-                       ingestion: dict[str, Any]) -> tuple[ImageSet, pd.DataFrame]:
+                       ingestion: dict[str, Any], classes: list[str]) -> tuple[ImageSet, pd.DataFrame]:
     """Read, validate and preprocess the source (training) domain.
 
     Args:
@@ -29,13 +39,16 @@ def read_source_images(source_format: str, source_path: str | None, seed: int,
         source_path: folder of the source data (unused for phantom).
         seed: global seed (phantom pixels).
         ingestion: the ``ingestion`` parameters.
+        classes: the top-level ``classes``: the source must have a usable image of each
+            (an "empty class" stops the run, whatever ``on_bad_input`` says).
 
     Returns:
         The source ``ImageSet`` (square uint8 images of ``image_size``; meta image_id,
         patient_id, label, domain="source", center, machine, source_file) without a split
         yet, and its quarantine rows (``file, reason, domain``).
     """
-    return read_domain(source_format, source_path, "source", seed, ingestion)
+    _required_classes(ingestion)
+    return read_domain(source_format, source_path, "source", seed, ingestion, required=list(classes))
 
 
 def read_target_images(target_format: str, target_path: str | None, seed: int,
@@ -43,9 +56,12 @@ def read_target_images(target_format: str, target_path: str | None, seed: int,
     """Read, validate and preprocess the target (zero-shot test) domain.
 
     Returns the target ``ImageSet`` with ``domain="target"`` and ``split="test"`` on
-    every row (the target is never split or trained on), and its quarantine rows.
+    every row (the target is never split or trained on), and its quarantine rows. Classes
+    it must have: ``ingestion.required_classes.target`` (default none: a target center may
+    lack a class, and the African set has no 'other').
     """
-    images, report = read_domain(target_format, target_path, "target", seed, ingestion)
+    required = _required_classes(ingestion).get("target") or []
+    images, report = read_domain(target_format, target_path, "target", seed, ingestion, required=list(required))
     images.meta["split"] = "test"
     return images, report
 

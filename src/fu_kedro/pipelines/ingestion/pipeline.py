@@ -18,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=read_source_images,
-                inputs=["params:source_format", "params:source_path", "params:seed", "params:ingestion"],
+                inputs=["params:source_format", "params:source_path", "params:seed", "params:ingestion", "params:classes"],
                 outputs=["source_images_unsplit", "source_quarantine"],
                 name="read_source_images_node",
             ),

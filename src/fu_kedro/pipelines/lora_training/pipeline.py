@@ -39,7 +39,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 make_prior_corpus,
-                inputs=["params:lora_training.base_model.tiny.prior", "params:seed"],
+                inputs=["params:lora_training.base_model.tiny.prior", "params:classes", "params:seed"],
                 outputs="prior_corpus",
                 name="make_prior_corpus_node",
             ),
@@ -74,7 +74,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "base_model",
                     "lora_adapter",
                     "params:lora_training",
-                    "params:lora_training.validation.classes",
+                    "params:classes",
                     "params:ingestion.caption_template",
                     "params:seed",
                 ],

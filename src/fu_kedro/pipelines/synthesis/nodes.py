@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from fu_kedro.config import UnknownSettingError, moved_class_list_message  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.datasets.image_set_shards import shard_name  # noqa: E402
 from fu_kedro.launch import distributed_state  # noqa: E402
@@ -76,18 +77,20 @@ def _clip_skip(params: dict[str, Any], lora_adapter: LoraAdapter) -> int:
     return int(value or 0)
 
 
-def check_parameters(params: dict[str, Any], known_classes: list[str]) -> None:
-    """Every ``synthesis`` parameter in range; one error naming each bad one.
+def check_parameters(params: dict[str, Any], classes: list[str], known_classes: list[str]) -> None:
+    """Every ``synthesis`` parameter (and the top-level ``classes``) in range; one error naming each bad one.
 
     Raises:
+        UnknownSettingError: the old ``synthesis.classes`` is set (it moved to the top-level ``classes``).
         ValueError: zero/negative counts, unknown or repeated class names, an unknown
             sampler, a shard outside ``[0, num_shards)``, a bad resolution, precision or device.
     """
+    if "classes" in params:
+        raise UnknownSettingError(moved_class_list_message(["synthesis.classes"]))
     problems = []
     n = params.get("images_per_class")
     if not _is_int(n) or n < 1:
         problems.append(f"images_per_class must be a positive integer, got {n!r}")
-    classes = params.get("classes")
     if not isinstance(classes, (list, tuple)) or not classes:
         problems.append(f"classes must be a non-empty list of class names, got {classes!r}")
     else:
@@ -202,6 +205,7 @@ def plan_synthetic_batch(
     caption_template: str,
     plane_labels: dict[str, str],
     params: dict[str, Any],
+    classes: list[str],
     seed: int,
     lora_adapter_fits: LoraAdapterFits | None = None,
 ) -> pd.DataFrame:
@@ -215,6 +219,7 @@ def plan_synthetic_batch(
         caption_template: ``ingestion.caption_template``; ``{plane}`` = the class word.
         plane_labels: ``ingestion.plane_labels``; its values are the known class names.
         params: ``synthesis`` parameters.
+        classes: the top-level ``classes``: one prompt per class (``{plane}`` = the class), class-major.
         seed: the project seed, the base seed when ``synthesis.base_seed`` is null.
         lora_adapter_fits: the ``lora_adapter_fits`` catalog entry (LoRA fits 1..K-1); used only
             with ``synthesis.adapter_per_replicate``: replicate r is then made with fit r.
@@ -235,7 +240,8 @@ def plan_synthetic_batch(
             cannot take, an adapter trained on another base model.
     """
     known = sorted(set(plane_labels.values()) | set(plane_labels))
-    check_parameters(params, known)
+    check_parameters(params, classes, known)
+    classes = list(classes)
     base = describe_base(base_model)
     adapter = _adapter_identity(lora_adapter)
     _check_adapter_fits_base(lora_adapter, adapter, base)
@@ -247,8 +253,8 @@ def plan_synthetic_batch(
     base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
     n = int(params["images_per_class"])
     replicates = int(params.get("replicates", 1))
-    per_replicate = n * len(params["classes"])
-    plan = _image_rows(params["classes"], caption_template, n, replicates, base_seed)
+    per_replicate = n * len(classes)
+    plan = _image_rows(classes, caption_template, n, replicates, base_seed)
     replicate = plan["index"] // per_replicate
     plan = plan.assign(
         negative_prompt=params.get("negative_prompt") or "",
@@ -272,7 +278,7 @@ def plan_synthetic_batch(
     plan["batch_key"] = hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest()[:16]
     log.info(
         "synthesis plan %s: %d images (%d per class: %s) at %d px, %s %d steps, guidance %g, LoRA scale %g, base seed %d",
-        plan["batch_key"].iloc[0], len(plan), n, ", ".join(params["classes"]), resolution,
+        plan["batch_key"].iloc[0], len(plan), n, ", ".join(classes), resolution,
         params["scheduler"], params["steps"], params["guidance_scale"], params["lora_scale"], base_seed,
     )
     return plan
@@ -495,7 +501,8 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
         "kind": "synthetic",
         "batch_key": key,
         "n_images": len(batch),
-        "per_class": batch.meta["label"].value_counts().reindex(params["classes"]).fillna(0).astype(int).to_dict(),
+        # the plan is class-major in the order of the top-level `classes` it was made with
+        "per_class": batch.meta["label"].value_counts().reindex(plan["label"].unique()).fillna(0).astype(int).to_dict(),
         "replicates": int(batch.meta["replicate"].nunique()) if "replicate" in batch.meta else 1,
         "replicate_base_seeds": sorted(map(int, batch.meta["base_seed"].unique())),
         "prompts": dict(zip(plan["label"], plan["prompt"])),
@@ -545,7 +552,7 @@ def preview_grid(batch: ImageSet, classes: list[str], per_class: int) -> Figure:
     return fig
 
 
-def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any]):
+def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any], classes: list[str]):
     """Preview grid per class and counts as MLflow metrics (the manifest goes to MLflow with
     ``synthetic_batch`` itself: its catalog ``metadata.mlflow``).
 
@@ -553,7 +560,7 @@ def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any])
         (figure, metrics ``{name: {"value": x, "step": 0}}``: images, images per class,
         generation seconds and images/second).
     """
-    classes = list(params["classes"])
+    classes = list(classes)
     per_class = int((params.get("preview") or {}).get("per_class", 8))
     fig = preview_grid(synthetic_batch, classes, per_class)
     labels = synthetic_batch.meta["label"].astype(str)

@@ -37,6 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:ingestion.caption_template",
                     "params:ingestion.plane_labels",
                     "params:synthesis",
+                    "params:classes",
                     "params:seed",
                     "lora_adapter_fits",
                 ],
@@ -60,7 +61,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarize_synthetic_batch,
-                inputs=["synthetic_batch", "params:synthesis"],
+                inputs=["synthetic_batch", "params:synthesis", "params:classes"],
                 outputs=["synthetic_preview_grid", "synthesis_metrics"],
                 name="summarize_synthetic_batch_node",
                 tags=[MERGE],
