@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -29,7 +30,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fu_kedro.models.pretrained import download_advice, resolve_pretrained_base
@@ -123,51 +123,25 @@ SD15_CONFIG: dict[str, Any] = {
     "scheduler": SD15_NOISE_SCHEDULE | {"clip_sample": False, "set_alpha_to_one": False},  # + DDIM-only keys
 }
 
-# Words the offline tokenizer knows as whole tokens; anything else falls back to
-# byte-level pieces (still tokenised, never an error).
-# Earlier words win when merges conflict: the plane names come first so they stay whole.
-TOKENIZER_WORDS = (
-    "abdomen brain femur thorax other fetal photo a of "
-    "an the fetus ultrasound image scan plane view standard maternal cervix "
-    "abdominal head heart stomach bone "
-    "trans-thalamic trans-cerebellum trans-ventricular low quality blurry noise text"
-).split()
+# The offline CLIP tokenizer of the tiny base: a small byte-level BPE vocabulary committed as
+# package data (vocab.json + merges.txt beside this module): all 256 bytes, each also as a
+# word end, plus whole-word tokens for the caption words (abdomen brain femur thorax other fetal
+# photo a of an the fetus ultrasound image scan plane view standard maternal cervix abdominal head
+# heart stomach bone trans-thalamic trans-cerebellum trans-ventricular low quality blurry noise
+# text), each spelt by a chain of merges. Any other word falls back to byte-level pieces (still
+# tokenised, never an error). 653 tokens; <|startoftext|> = 651, <|endoftext|> = 652 (eos, pad,
+# unk). tests/test_diffusion_tokenizer.py pins the token ids of every caption the project uses.
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 
 
-def build_offline_tokenizer(words: Iterable[str] = TOKENIZER_WORDS) -> CLIPTokenizer:
-    """A CLIP byte-level BPE tokenizer built offline: all 256 bytes plus whole-word tokens.
+def build_offline_tokenizer() -> CLIPTokenizer:
+    """The tiny base's CLIP tokenizer from the committed ``tokenizer/vocab.json`` + ``merges.txt``.
 
-    Each word gets the chain of merges that spells it left to right, so the caption words
-    become single tokens. ``model_max_length`` is 77 like CLIP's.
+    ``model_max_length`` is 77 like CLIP's. (transformers 5: the files go in as ``vocab=`` /
+    ``merges=`` paths; ``vocab_file=`` / ``merges_file=`` are silently ignored there.)
     """
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for tok in alphabet + [c + "</w>" for c in alphabet]:
-        vocab.setdefault(tok, len(vocab))
-    ranks: dict[tuple[str, str], int] = {}
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    for word in dict.fromkeys(w.lower() for w in words):
-        for piece, _ in byte_level.pre_tokenize_str(word):
-            parts = _apply_bpe(list(piece[:-1]) + [piece[-1] + "</w>"], ranks)
-            # Each new merge ranks last, so it never changes how earlier words tokenise.
-            while len(parts) > 1:
-                ranks[(parts[0], parts[1])] = len(ranks)
-                vocab.setdefault(parts[0] + parts[1], len(vocab))
-                parts = _apply_bpe(parts, ranks)
-    merges = sorted(ranks, key=ranks.__getitem__)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _apply_bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair merging as the BPE model does it: lowest-ranked adjacent pair first."""
-    while len(parts) > 1:
-        best = min(range(len(parts) - 1), key=lambda i: ranks.get((parts[i], parts[i + 1]), 1 << 30))
-        if (parts[best], parts[best + 1]) not in ranks:
-            break
-        parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2 :]
-    return parts
+    return CLIPTokenizer(vocab=str(TOKENIZER_DIR / "vocab.json"), merges=str(TOKENIZER_DIR / "merges.txt"),
+                         model_max_length=77)
 
 
 def _text_config(tokenizer: CLIPTokenizer, values: dict[str, Any]) -> CLIPTextConfig:
