@@ -198,6 +198,15 @@ def _fit_identity(adapter: LoraAdapter, fit: int) -> dict[str, Any]:
     }
 
 
+def _resolution(params: dict[str, Any], base: dict, base_model: BaseModel) -> int:
+    """``synthesis.resolution`` (null: the base model's), checked against the VAE's downsampling factor."""
+    resolution = params.get("resolution") or base.get("resolution") or base_model.pipe.vae.config.sample_size
+    factor = base_model.pipe.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
+    if int(resolution) % factor:
+        raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    return int(resolution)
+
+
 # --------------------------------------------------------------------------- nodes
 def plan_synthetic_batch(
     base_model: BaseModel,
@@ -246,10 +255,7 @@ def plan_synthetic_batch(
     adapter = _adapter_identity(lora_adapter)
     _check_adapter_fits_base(lora_adapter, adapter, base)
     per_replicate_adapters = replicate_adapters(lora_adapter, lora_adapter_fits, params)
-    resolution = params.get("resolution") or base.get("resolution") or base_model.pipe.vae.config.sample_size
-    factor = base_model.pipe.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
-    if int(resolution) % factor:
-        raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    resolution = _resolution(params, base, base_model)
     base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
     n = int(params["images_per_class"])
     replicates = int(params.get("replicates", 1))
