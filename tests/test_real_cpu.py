@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import project_parameters
+
 from fu_kedro.classifiers import build_augmentation
 from fu_kedro.classifiers.data import BatchAugmentation, UltrasoundAugmentation, build_ultrasound
 
@@ -100,12 +102,8 @@ def test_unknown_augment_key_still_stops_the_run():
 
 
 def _params(env: str) -> dict:
-    """conf/base soft-merged with conf/<env>, as Kedro loads them for ``--env <env>``."""
-    from kedro.config import OmegaConfigLoader
-
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env=env,
-                               merge_strategy={"parameters": "soft"})
-    return loader["parameters"]
+    """conf/base soft-merged with conf/<env>, as Kedro loads them for ``--env <env>`` (the conftest loader)."""
+    return project_parameters(env)
 
 
 def _real_cpu_params() -> dict:
