@@ -35,22 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-def _nested(pairs: list[str]) -> dict:
-    out: dict = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        *head, last = key.split(".")
-        node = out
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return out
 
 
 def _context(env: str, runtime_params: dict):
@@ -130,6 +117,7 @@ def main() -> None:  # long: one linear sweep (train, sample, score, record), ea
     a = ap.parse_args()
     os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
     from fu_kedro.classifiers.data import prepare_tensors
+    from fu_kedro.config import nested_params
     from fu_kedro.models.base_model import BaseModel
     from fu_kedro.models.generation import generate_images, image_seed, prepare_pipeline
     from fu_kedro.pipelines.evaluation.quality import vae_project
@@ -138,7 +126,7 @@ def main() -> None:  # long: one linear sweep (train, sample, score, record), ea
     workdir = Path(a.workdir)
     (workdir / a.name).mkdir(parents=True, exist_ok=True)
     overrides = [p for p in a.params.split(",") if p] + a.set
-    params, source, subset = _context(a.env, _nested(overrides))
+    params, source, subset = _context(a.env, nested_params(overrides))
     torch.set_num_threads(int(params["lora_training"].get("torch_threads") or 1))
     classes, size, seed = list(params["classes"]), params["evaluation"]["image_size"], params["seed"]
     split = source.meta["split"].astype(str).to_numpy()

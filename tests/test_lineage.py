@@ -22,21 +22,7 @@ import pytest
 from conftest import TINY_RUN_PARAMS, copy_project, run_kedro_session
 
 from fu_kedro import lineage as L
-
-# --params of the tiny run as the nested dict a session takes
-def _nested(pairs: list[str]) -> dict:
-    import yaml
-
-    out: dict = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
-
+from fu_kedro.config import nested_params as _nested  # --params of the tiny run as a session's nested dict
 
 TINY = [p for p in TINY_RUN_PARAMS if not p.startswith("evaluation.")] + [
     "evaluation.n_seeds=1",

@@ -70,6 +70,22 @@ MOVED_CLASS_LISTS = (
 )
 
 
+def nested_params(pairs: Iterable[str]) -> dict[str, Any]:
+    """``kedro run --params`` items (``a.b=value``, values parsed as YAML) as the nested dict a
+    ``KedroSession`` takes as ``runtime_params`` (it does not split dotted keys itself)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def moved_class_list_message(keys: Iterable[str]) -> str:
     keys = list(keys)
     return (f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} moved to the top-level `classes` parameter "
