@@ -270,6 +270,12 @@ class _ParameterFile(AbstractDataset):
     def _describe(self) -> dict[str, Any]:
         return {self.key: self._filepath}
 
+    def load(self) -> Any:
+        return None if self._filepath is None else self._open(self._filepath)
+
+    def _open(self, path: str) -> Any:  # the loaded object, its heavy part read on first use
+        raise NotImplementedError
+
     def save(self, data: Any) -> None:
         raise DatasetError(f"{type(self).__name__} is read-only: the {self.what} comes from outside the project")
 
@@ -285,10 +291,7 @@ class PretrainedBaseDataset(_ParameterFile):
     def __init__(self, model: str | None = None, metadata: dict | None = None):
         super().__init__(model, metadata)
 
-    def load(self) -> BaseModel | None:
-        if self._filepath is None:
-            return None
-        path = self._filepath
+    def _open(self, path: str) -> BaseModel:
         return BaseModel(info={"kind": "pretrained", "name": path, "model": path},
                          load=partial(load_pretrained_pipeline, path))
 
@@ -311,10 +314,8 @@ class LoraAdapterFileDataset(_ParameterFile):
     def __init__(self, file: str | None = None, metadata: dict | None = None):
         super().__init__(file, metadata)
 
-    def load(self) -> ImportedAdapter | None:
-        if self._filepath is None:
-            return None
-        return ImportedAdapter(self._filepath, partial(_read_imported, self._filepath))
+    def _open(self, path: str) -> ImportedAdapter:
+        return ImportedAdapter(path, partial(_read_imported, path))
 
     def _exists(self) -> bool:
         return self._filepath is not None and Path(self._filepath).expanduser().is_file()
