@@ -359,8 +359,10 @@ def train_classifier(
         score = -float(step) if last else sign * row[cfg.selection_metric]
         if score < best_score:
             best_score, best_step = score, step
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+            # `last`: the model as it ends is what is kept, no copy needed at each evaluation
+            best_state = None if last else copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     history = pd.DataFrame(rows)
     best = history.loc[history["step"] == best_step].iloc[0]
