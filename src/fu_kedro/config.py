@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 
 _REQUIRED = object()
+_MISSING = object()
 
 
 class ProjectConfigLoader(OmegaConfigLoader):
@@ -97,18 +98,9 @@ def moved_class_list_message(keys: Iterable[str]) -> str:
 
 def check_moved_class_lists(params: dict[str, Any]) -> None:
     """Raise :class:`UnknownSettingError` naming every old per-block class list still set in ``params`` (all parameters)."""
-    found = []
-    for dotted in MOVED_CLASS_LISTS:
-        node: Any = params
-        for part in dotted.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            found.append(dotted)
+    found = [dotted for dotted in MOVED_CLASS_LISTS if _dig(params, dotted, _MISSING) is not _MISSING]
     if found:
         raise UnknownSettingError(moved_class_list_message(found))
-
-
-_MISSING = object()
 
 
 def check_keys(values: dict[str, Any], allowed: Iterable[str], where: str) -> None:
