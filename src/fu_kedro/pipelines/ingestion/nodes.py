@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fu_kedro.config import UnknownSettingError, check_keys, moved_class_list_message
+from fu_kedro.config import check_keys
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.readers import read_domain
 from fu_kedro.data_sources.separation import check_domain_separation
@@ -22,10 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def _required_classes(ingestion: dict[str, Any]) -> dict[str, Any]:
-    """``ingestion.required_classes``; its old ``source`` list stops the run, saying where it went."""
+    """``ingestion.required_classes``; its old ``source`` list stops the run, saying where it went
+    (``check_keys`` names a moved class list as such)."""
     required = dict(ingestion.get("required_classes") or {})
-    if "source" in required:
-        raise UnknownSettingError(moved_class_list_message(["ingestion.required_classes.source"]))
     check_keys(required, ("target",), "ingestion.required_classes")
     return required
 
