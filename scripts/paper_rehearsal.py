@@ -144,7 +144,7 @@ def copy_project(dest: Path, rev: str | None = None, overlay: list[str] | tuple 
 
 PROFILE_HOOK = '''"""Per-node and per-dataset wall time, CPU time and peak RSS, as JSON lines in
 $FU_REHEARSAL_PROFILE (written by scripts/paper_rehearsal.py into its project copy only)."""
-import inspect, json, os, resource, time
+import json, os, resource, time
 
 from kedro.framework.hooks import hook_impl
 
@@ -169,30 +169,35 @@ class RehearsalProfile:
             f.write(json.dumps({"kind": kind, "name": name, "seconds": round(w1 - w0, 2), "cpu_seconds": round(c1 - c0, 2),
                                 "peak_rss_gb_so_far": round(rss, 2), "load": os.getloadavg()[0]}) + "\\n")
 
+    # One method per Kedro hook spec (kedro/framework/hooks/specs.py), taking the spec's
+    # argument names it needs: pluggy passes arguments by name.
+    @hook_impl
+    def before_node_run(self, node):
+        self._start(("node", node.name))
 
-def _hook(kind, arg, end):
-    """The Kedro hook that starts (``end`` false) or ends the timing of ``kind`` for the node or
-    dataset Kedro passes as ``arg`` (pluggy passes arguments by the names in the signature)."""
-    def hook(self, item):
-        name = getattr(item, "name", item)
-        key = (kind.removesuffix("_failed"), name)
-        if end:
-            self._end(kind, name, key)
-        else:
-            self._start(key)
-    hook.__signature__ = inspect.signature(hook).replace(parameters=[
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD)])
-    return hook_impl(hook)
+    @hook_impl
+    def after_node_run(self, node):
+        self._end("node", node.name, ("node", node.name))
 
+    @hook_impl
+    def on_node_error(self, node):
+        self._end("node_failed", node.name, ("node", node.name))
 
-for _name, _kind, _arg, _end in [
-    ("before_node_run", "node", "node", False), ("after_node_run", "node", "node", True),
-    ("on_node_error", "node_failed", "node", True),
-    ("before_dataset_loaded", "load", "dataset_name", False), ("after_dataset_loaded", "load", "dataset_name", True),
-    ("before_dataset_saved", "save", "dataset_name", False), ("after_dataset_saved", "save", "dataset_name", True),
-]:
-    setattr(RehearsalProfile, _name, _hook(_kind, _arg, _end))
+    @hook_impl
+    def before_dataset_loaded(self, dataset_name):
+        self._start(("load", dataset_name))
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name):
+        self._end("load", dataset_name, ("load", dataset_name))
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name):
+        self._start(("save", dataset_name))
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name):
+        self._end("save", dataset_name, ("save", dataset_name))
 '''
 
 

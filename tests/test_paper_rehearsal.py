@@ -100,8 +100,10 @@ def test_profile_hook_is_added_to_the_copy_only_and_records_nodes(tmp_path, monk
     manager.hook.after_node_run(node=Node(), catalog=None, inputs={}, outputs={}, is_async=False, run_id="r")
     manager.hook.before_dataset_saved(dataset_name="lora_adapter", data=None, node=Node())
     manager.hook.after_dataset_saved(dataset_name="lora_adapter", data=None, node=Node())
+    manager.hook.before_dataset_loaded(dataset_name="base_model", node=Node())
+    manager.hook.after_dataset_loaded(dataset_name="base_model", data=None, node=Node())
     items = rehearsal.read_profile(profile_file, min_cpu_seconds=0)
-    assert [(i["kind"], i["name"]) for i in items] == [("node", Node.name), ("save", "lora_adapter")]
+    assert [(i["kind"], i["name"]) for i in items] == [("node", Node.name), ("save", "lora_adapter"), ("load", "base_model")]
 
 
 def test_report_check_wants_the_what_ran_table_and_no_fixed_gpu_sentence(tmp_path):
