@@ -25,6 +25,7 @@ a quarantine report that names it. The "Why" bullets of the issue and their test
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -353,6 +354,116 @@ def test_read_counts_exclude_folder_level_rows(data, params):
     images, report = _read("folders", root, params, "skip", required=[])
     assert len(report) == 2 and set(report["file"]) == {str(root / "thorax"), str(root / "thorax_extra")}
     assert images.info["counts"] == {"read": 8, "kept": 8, "skipped": 0, "skipped_folders": 2}
+
+
+# --------------------------------------------------------------------------- entries that are no image file
+# Issue #27: each entry below used to crash the run without a file name (a non-UTF-8 name), be
+# dropped silently (folders layout) or be called "listed but missing" (CSV layouts). Each builder
+# puts one such entry where an image belongs and returns (the name as the report shows it, reason).
+def _target_of(root: Path, fmt: str) -> tuple[Path, Path | None]:
+    """Where the entry goes: (folder, the listed image it replaces: None for the folders layout)."""
+    if fmt == "folders":
+        return root / "brain", None
+    _, rows = _csv_rows(root, fmt)
+    listed = _image_of_row(root, fmt, rows, 1)
+    return listed.parent, listed
+
+
+def _non_utf8_name(root, fmt):
+    folder, _ = _target_of(root, fmt)
+    raw = os.fsencode(folder) + b"/scan_caf\xe9.png"  # a Latin-1 name from an old archive
+    shutil.copy(next(folder.glob("*.png")), raw)
+    return f"{folder}/scan_caf\\xe9.png", "file name is not valid UTF-8"
+
+
+def _replace(root, fmt, make) -> Path:
+    folder, listed = _target_of(root, fmt)
+    entry = listed or folder / "entry.png"
+    if listed:
+        listed.unlink()
+    make(entry)
+    return entry
+
+
+def _dangling_link(root, fmt):
+    entry = _replace(root, fmt, lambda e: os.symlink(e.parent / "gone.png", e))
+    return str(entry), "broken symbolic link: it points to"
+
+
+def _looping_link(root, fmt):
+    entry = _replace(root, fmt, lambda e: os.symlink(e.name, e))
+    return str(entry), "symbolic link loop"
+
+
+def _folder_named_png(root, fmt):
+    entry = _replace(root, fmt, lambda e: e.mkdir())
+    return str(entry), "a folder named like an image file"
+
+
+def _folder_link_named_png(root, fmt):
+    entry = _replace(root, fmt, lambda e: os.symlink(root.parent, e))
+    return str(entry), f"a folder (a symbolic link to {root.parent}) named like an image file"
+
+
+def _multi_frame_tiff(root, fmt):
+    folder, listed = _target_of(root, fmt)
+    entry = listed or folder / "cine.png"
+    frame = Image.open(next(p for p in folder.glob("*.png") if p != entry)).convert("L")
+    frame.save(entry, format="TIFF", save_all=True, append_images=[frame, frame])  # a 3-frame stack named .png
+    return str(entry), "multi-frame TIFF (3 frames"
+
+
+NOT_AN_IMAGE_FILE = [(f, b) for f in ("folders", "fetal_planes_db", "african")
+                     for b in (_non_utf8_name, _dangling_link, _looping_link, _folder_named_png,
+                               _folder_link_named_png, _multi_frame_tiff)]
+
+
+@pytest.mark.parametrize("fmt, build", NOT_AN_IMAGE_FILE, ids=[f"{f}-{b.__name__[1:]}" for f, b in NOT_AN_IMAGE_FILE])
+def test_entries_that_are_no_image_file_are_named_never_dropped(data, params, fmt, build, tmp_path):
+    """fail: one error naming the entry and the reason; skip: one report row for it, and the report
+    and the image set can be written (a non-UTF-8 name once crashed both, naming no file)."""
+    from fu_kedro.datasets import ImageSetDataset
+
+    root = {"folders": data.folders, "fetal_planes_db": data.fpdb, "african": lambda: data.african(per_class=2)}[fmt]()
+    named, reason = build(root, fmt)
+    with pytest.raises(BadInputError) as err:
+        _read(fmt, root, params, "fail", required=[])
+    text = str(err.value)
+    assert f"{named}: " in text and reason in text, text
+    assert "listed in" not in text or "but missing" not in text, text  # it is there: not "missing"
+    text.encode("utf-8")  # printable as it is
+    images, report = _read(fmt, root, params, "skip", required=[])
+    assert report["file"].tolist() == [named], report
+    assert reason in report.loc[0, "reason"], report
+    report.to_csv(tmp_path / "report.csv", index=False)  # what the catalog does with the quarantine report
+    ImageSetDataset(str(tmp_path / "images")).save(images)
+    assert not images.meta["source_file"].str.contains(Path(named).name, regex=False).any()
+
+
+def test_tiff_content_in_a_png_file_is_read_and_recorded(data, params):
+    """A one-frame TIFF saved as .png is read by its content, and the conversion is recorded."""
+    root = data.folders()
+    victim = sorted((root / "brain").glob("*.png"))[0]
+    Image.open(victim).save(victim, format="TIFF")
+    images, report = _read("folders", root, params, "fail")
+    assert report.empty and str(victim) in set(images.meta["source_file"])
+    assert images.info["conversions"] == {"TIFF content in a .png file, read as TIFF": 1}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode: no permission error to see")
+@pytest.mark.parametrize("what", ["file", "class_folder"])
+def test_permission_denied_is_said_not_corrupt_or_empty(data, params, what):
+    root = data.folders()
+    entry = sorted((root / "brain").glob("*.png"))[0] if what == "file" else root / "brain"
+    entry.chmod(0)
+    try:
+        with pytest.raises(BadInputError) as err:
+            _read("folders", root, params, "fail", required=[])
+    finally:
+        entry.chmod(0o755)
+    text = str(err.value)
+    assert f"{entry}: " in text and "permission denied" in text, text
+    assert "corrupt" not in text and "empty class folder" not in text, text
 
 
 # --------------------------------------------------------------------------- domain separation

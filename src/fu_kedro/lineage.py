@@ -62,7 +62,8 @@ def list_files(root: Path) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _IGNORED)
-        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and f not in _IGNORED]
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and f not in _IGNORED
+                  and os.path.isfile(os.path.join(dirpath, f))]  # not a broken or looping link (the readers name those)
     return files
 
 
@@ -100,7 +101,9 @@ def raw_files_entry(domain: str, fmt: str | None, path: str | None, extra: dict 
     for f in files:
         listed.append({"path": f.relative_to(root).as_posix() if f != root else f.name, "size": f.stat().st_size,
                        "sha256": sha256_file(f) if total <= limit else None})
-    digest = hashlib.sha256("".join(f"{x['path']}\0{x['sha256']}\n" for x in listed).encode()).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes (the readers name it as bad input)
+    text = "".join(f"{x['path']}\0{x['sha256']}\n" for x in listed)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
     entry.update(path=root.as_posix(), n_files=len(listed), bytes=total,
                  digest=digest if total <= limit else None, files=listed)
     return entry

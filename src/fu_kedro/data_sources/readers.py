@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,18 @@ from fu_kedro.datasets import ImageSet
 
 from .phantom import CLASSES, generate_phantoms
 from .preprocess import preprocess_image
-from .validation import IMAGE_SUFFIXES, BadImage, BadInputError, IssueLog, check_policy, open_grayscale
+from .validation import (
+    IMAGE_SUFFIXES,
+    NOT_UTF8,
+    BadImage,
+    BadInputError,
+    IssueLog,
+    check_policy,
+    file_problem,
+    is_utf8_name,
+    open_grayscale,
+    shown_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +103,42 @@ def _require_layout(fmt: str, root: Path) -> None:
         raise BadInputError(f"{problem}: the {fmt} layout needs {LAYOUTS[fmt].format(root=root)}")
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (recursively) with no hidden part in its path below ``folder``."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(is_hidden(part) for part in p.relative_to(folder).parts))
+def _folder_entries(folder: Path, log: IssueLog) -> list[os.DirEntry] | None:
+    """The entries of ``folder`` (sorted by name), or None after logging why it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        log.add(folder, "folder cannot be read: permission denied (its images cannot be listed)", folder=True)
+    except OSError as exc:
+        log.add(folder, f"folder cannot be read: {exc.strerror or exc}", folder=True)
+    return None
+
+
+def _visible_files(folder: Path, log: IssueLog) -> list[Path]:
+    """Every readable file under ``folder`` (recursively; hidden names skipped). Nothing else is
+    dropped silently: a name that is not UTF-8, a broken or looping symbolic link, a folder named
+    like an image, a symbolic link to a folder (not followed) or an unreadable folder is logged
+    with its reason."""
+    entries = _folder_entries(folder, log)
+    out: list[Path] = []
+    for e in entries or []:
+        p = Path(e.path)
+        if is_hidden(e.name):
+            continue
+        is_dir = os.path.isdir(p)  # follows links; False for a broken or looping one
+        named_like_image = p.suffix.lower() in IMAGE_SUFFIXES
+        if not is_utf8_name(e.name):
+            log.add(p, NOT_UTF8, folder=is_dir)
+        elif is_dir and not named_like_image and not e.is_symlink():
+            out += _visible_files(p, log)
+        elif is_dir and not named_like_image:
+            log.add(p, f"symbolic link to a folder ({shown_path(os.readlink(p))}): not followed, not read", folder=True)
+        elif problem := file_problem(p):
+            log.add(p, problem, folder=is_dir)
+        else:
+            out.append(p)
+    return out
 
 
 def _read_csv(path: Path, sep: str, required: list[str]) -> pd.DataFrame:
@@ -194,9 +238,11 @@ def _quarantine_duplicates(df: pd.DataFrame, log: IssueLog, where: str, csv: Pat
 
 def _quarantine_unlisted(folder: Path, listed: set[str], log: IssueLog, ignore: set[Path] = frozenset()) -> None:
     for p in sorted(folder.iterdir()):
-        if is_hidden(p.name) or p in ignore:
+        if is_hidden(p.name) or p in ignore or str(p) in listed:  # a listed entry: _check_missing's
             continue
-        if p.is_dir():
+        if not is_utf8_name(p):
+            log.add(p, NOT_UTF8 + " (not listed in the CSV either: a CSV is UTF-8 text)", folder=p.is_dir())
+        elif p.is_dir():
             log.add(p, "sub-folder inside the image folder: not part of the layout, not read", folder=True)
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
             log.add(p, f"not an image file ({p.suffix or 'no extension'}) in the image folder")
@@ -205,10 +251,19 @@ def _quarantine_unlisted(folder: Path, listed: set[str], log: IssueLog, ignore: 
 
 
 def _check_missing(df: pd.DataFrame, csv: Path, log: IssueLog) -> pd.DataFrame:
-    exists = np.array([Path(f).is_file() for f in df["file"]], dtype=bool)
-    for _, row in df.loc[~exists].iterrows():
-        log.add(row["file"], f"listed in {csv.name} but missing ({_where(row, csv)})")
-    return df.loc[exists]
+    """Rows whose file is missing, or is there but cannot be read as an image file
+    (:func:`file_problem`: a folder, a broken or looping link, no read permission), each with its reason."""
+    ok = []
+    for _, row in df.iterrows():
+        if not os.path.lexists(row["file"]):
+            log.add(row["file"], f"listed in {csv.name} but missing ({_where(row, csv)})")
+            ok.append(False)
+            continue
+        problem = file_problem(Path(row["file"]))
+        if problem:
+            log.add(row["file"], f"listed in {csv.name} ({_where(row, csv)}), but {problem}")
+        ok.append(problem is None)
+    return df.loc[np.array(ok, dtype=bool)]
 
 
 def scan_fetal_planes_db(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
@@ -258,14 +313,19 @@ def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
     subdirs = _class_folders(path)
     excluded = {p.strip().lower() for p in cfg.get("exclude_planes") or []}
     rows = []
-    for p in sorted(q for q in path.iterdir() if _is_listable(q)):
-        log.add(p, "file outside any class folder")
+    for p in sorted(q for q in path.iterdir() if not is_hidden(q.name) and q not in subdirs):
+        problem = file_problem(p)
+        log.add(p, "file outside any class folder" + (f" ({problem})" if problem else ""))
     for d in subdirs:
+        if not is_utf8_name(d.name):
+            log.add(d, f"class folder: {NOT_UTF8}", folder=True)
+            continue
         if d.name.strip().lower() in excluded:
             logger.info("%s: folder %s left out (ingestion.exclude_planes)", log.domain, d)
             continue
         label = plane_to_label(d.name, cfg["plane_labels"])
-        files = _visible_files(d)
+        n_logged = len(log.issues)
+        files = _visible_files(d, log)
         if label is None:
             for f in files:
                 log.add(f, f"unknown plane label {d.name!r} (class folder name not in ingestion.plane_labels)")
@@ -277,7 +337,7 @@ def scan_folders(path: Path, cfg: dict, log: IssueLog) -> pd.DataFrame:
         for f in files:
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 log.add(f, f"not an image file ({f.suffix or 'no extension'})")
-        if not images:
+        if not images and len(log.issues) == n_logged:  # not when its entries are already named
             log.add(d, "empty class folder: no images", folder=True)
         for f in images:
             stem = "_".join(f.relative_to(d).with_suffix("").parts)
@@ -377,6 +437,8 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict,
         if not path:
             raise BadInputError(f"{domain}_format={fmt} needs {domain}_path (a folder); got {path!r}")
         root = Path(path).expanduser().resolve()
+        if not is_utf8_name(root):
+            raise BadInputError(f"{shown_path(root)}: {domain}_path: {NOT_UTF8}")
         if not root.is_dir():
             raise BadInputError(f"{root}: {domain}_path is not a folder")
         manifest = SCANNERS[fmt](root, cfg, log)

@@ -4,11 +4,18 @@ Bad (skipped under ``skip``, named in the error under ``fail``): corrupt or trun
 files (PNG chunk checksums are verified before decoding), files that are not images,
 files listed in a CSV but missing, image files present but not listed, unknown plane
 labels, duplicate image names, CSV rows with a blank patient number or centre or an image
-name that leaves the dataset folder, empty class folders, absurd sizes, blank images.
+name that leaves the dataset folder, empty or unreadable class folders, absurd sizes, blank
+images, multi-frame files (a TIFF stack or an animated PNG/GIF: a clip, not one image), and
+entries that cannot be read as image files (:func:`file_problem`: a file name that is not
+valid UTF-8, a broken or looping symbolic link, a folder named like an image, a file without
+read permission). A file name that is not UTF-8 is shown with its undecodable bytes as
+``\\xNN`` (:func:`shown_path`), so the report, the log and the error can all hold it.
 
 Converted with a logged note (never rejected): RGB (the African set is mixed grayscale/
 RGB), RGBA/LA (composited on black), palette, 16-bit (scaled by the image's own maximum)
-and any other PIL mode that converts to 8-bit grayscale.
+and any other PIL mode that converts to 8-bit grayscale; an image whose content is of another
+format than its extension says (a TIFF or JPEG saved as ``.png``) is read by its content, with
+a note.
 
 Always an error, whatever the policy: structural problems that leave nothing to read (no
 CSV, a CSV with the wrong separator or missing columns or no data rows, a missing folder,
@@ -18,7 +25,10 @@ and a misspelt ``on_bad_input`` (checked before anything is read).
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +59,65 @@ class BadImage(Exception):
     """One image file that cannot be used (the message is the reason)."""
 
 
+def shown_text(text: str) -> str:
+    """``text`` (a path or a message holding one) as text that any log, CSV or JSON can hold:
+    bytes of a file name that are not UTF-8 (Python keeps them as lone surrogates) become ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def shown_path(path) -> str:
+    """A path as :func:`shown_text` shows it (the bytes of ``os.fsencode(path)``, undecodable ones as ``\\xNN``)."""
+    return shown_text(os.fspath(path))
+
+
+def is_utf8_name(path) -> bool:
+    """Whether every byte of ``path`` decodes as UTF-8 (the CSVs, the report and MLflow need text)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+NOT_UTF8 = "the file name is not valid UTF-8 (its undecodable bytes are shown as \\xNN); rename it to UTF-8 text"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None (a readable regular file, or a link
+    to one; a path that does not exist at all is the caller's "missing").
+
+    The reasons: a name that is not UTF-8, a broken symbolic link (names its target), a symbolic
+    link loop, a folder (or a link to one) named like an image, something that is not a regular
+    file (a pipe, a device), no permission to read it or to enter a folder above it.
+    """
+    if not is_utf8_name(path):
+        return NOT_UTF8
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link: it points to {shown_path(os.readlink(path))}, which does not exist"
+        return None
+    except PermissionError:
+        return "cannot be read: permission denied (on the file or a folder above it)"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop: the link leads (through links) back to itself"
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        link = f" (a symbolic link to {shown_path(os.readlink(path))})" if os.path.islink(path) else ""
+        return f"a folder{link} named like an image file, not an image"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket or device), not an image"
+    if not os.access(path, os.R_OK):
+        return "cannot be read: permission denied"
+    return None
+
+
 @dataclass
 class IssueLog:
     """Bad items of one domain (file + reason) and notes on converted images.
@@ -63,7 +132,7 @@ class IssueLog:
     n_folder_items: int = 0
 
     def add(self, file, reason: str, folder: bool = False) -> None:
-        self.issues.append({"file": str(file), "reason": reason, "domain": self.domain})
+        self.issues.append({"file": shown_path(file), "reason": shown_text(reason), "domain": self.domain})
         self.n_folder_items += int(folder)
 
     def note_conversion(self, what: str) -> None:
@@ -94,19 +163,27 @@ class IssueLog:
 def open_grayscale(path: Path, limits: dict, log: IssueLog) -> np.ndarray:
     """Decode ``path`` fully and return it as 8-bit grayscale ``(H, W)``.
 
-    Raises ``BadImage`` with the reason for undecodable, corrupt (failed integrity check),
-    truncated, absurdly sized or blank images; records a conversion note for
-    non-8-bit-grayscale modes.
+    Raises ``BadImage`` with the reason for unreadable (:func:`file_problem`), undecodable,
+    corrupt (failed integrity check), truncated, multi-frame, absurdly sized or blank images;
+    records a conversion note for non-8-bit-grayscale modes and for content of another format
+    than the extension says.
     """
+    problem = file_problem(path)
+    if problem:
+        raise BadImage(problem)
     try:
         with Image.open(path) as im:
             w, h = im.size
             _check_size(w, h, limits)
+            _check_single_frame(im)
+            _note_format(path, im, log)
             # PIL's decoder does not check PNG chunk CRCs, so a flipped byte inside IDAT can
             # decode to silently different pixels; verify() checks every chunk's CRC first.
             im.verify()
     except BadImage:
         raise
+    except PermissionError:
+        raise BadImage("cannot be read: permission denied") from None
     except UnidentifiedImageError:
         raise BadImage("not a decodable image (PIL cannot identify it)") from None
     except Image.DecompressionBombError as exc:
@@ -122,6 +199,23 @@ def open_grayscale(path: Path, limits: dict, log: IssueLog) -> np.ndarray:
     if int(arr.max()) - int(arr.min()) < int(limits.get("min_dynamic_range", 8)):
         raise BadImage(f"blank image: grey levels {arr.min()}..{arr.max()}, no ultrasound content")
     return arr
+
+
+# what PIL calls the formats of IMAGE_SUFFIXES
+SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _check_single_frame(im: Image.Image) -> None:
+    n = int(getattr(im, "n_frames", 1) or 1)
+    if n > 1:
+        raise BadImage(f"multi-frame {im.format} ({n} frames: a clip or stack, not one image); "
+                       "export the frame to use as its own file")
+
+
+def _note_format(path: Path, im: Image.Image, log: IssueLog) -> None:
+    expected = SUFFIX_FORMATS.get(Path(path).suffix.lower())
+    if expected and im.format and im.format != expected:
+        log.note_conversion(f"{im.format} content in a {Path(path).suffix.lower()} file, read as {im.format}")
 
 
 def _check_size(w: int, h: int, limits: dict) -> None:
