@@ -111,12 +111,38 @@ def test_lora_subset_small_class_gives_all_with_warning(small_phantom_sets, inge
     ingestion_params["caption_template"] = "fetal ultrasound, {plane} plane"
     n_train = split.meta[split.meta["split"] == "train"]["label"].value_counts()
     with caplog.at_level(logging.WARNING):
-        lora = draw_lora_subset(split, 1, ingestion_params)  # 20 wanted, at most 12 exist
+        lora = draw_lora_subset(split, 1, ingestion_params, CLASSES)  # 20 wanted, at most 12 exist
     assert lora.meta["label"].value_counts().to_dict() == n_train.to_dict()
     for c in CLASSES:
         assert f"class '{c}' has only {n_train[c]} source train image(s)" in caplog.text
     assert lora.meta.loc[0, "caption"] == f"fetal ultrasound, {lora.meta.loc[0, 'label']} plane"
-    assert draw_lora_subset(split, 1, ingestion_params).meta["image_id"].equals(lora.meta["image_id"])
+    assert draw_lora_subset(split, 1, ingestion_params, CLASSES).meta["image_id"].equals(lora.meta["image_id"])
+
+
+def test_lora_subset_covers_the_top_level_classes_only(small_phantom_sets, ingestion_params):
+    """Issue #27: ``classes=[brain]`` narrows the LoRA subset (it drew all five labels)."""
+    src, _ = small_phantom_sets
+    split = split_source_by_patient(src, 1, ingestion_params)
+    ingestion_params["lora_per_class"] = 3
+    lora = draw_lora_subset(split, 1, ingestion_params, ["brain"])
+    assert lora.meta["label"].tolist() == ["brain"] * 3 and lora.info["classes"] == ["brain"]
+    two = draw_lora_subset(split, 1, ingestion_params, ["femur", "brain"])
+    assert two.meta["label"].value_counts().to_dict() == {"femur": 3, "brain": 3}
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, "20", None])
+def test_lora_per_class_must_be_a_positive_whole_number(small_phantom_sets, ingestion_params, value):
+    """``ingestion.lora_per_class=0`` published an empty subset without a word: now an error naming the
+    key, before any image is read (read_source_images) and in the draw itself."""
+    from fu_kedro.pipelines.ingestion.nodes import read_source_images
+
+    src, _ = small_phantom_sets
+    split = split_source_by_patient(src, 1, ingestion_params)
+    ingestion_params["lora_per_class"] = value
+    with pytest.raises(ValueError, match=r"ingestion\.lora_per_class must be a whole number >= 1.*got"):
+        draw_lora_subset(split, 1, ingestion_params, CLASSES)
+    with pytest.raises(ValueError, match=r"ingestion\.lora_per_class"):
+        read_source_images("folders", "/nonexistent/never/read", 1, ingestion_params, CLASSES)
 
 
 def test_real_fetal_planes_db_sample(fetal_planes_db_sample, ingestion_params, caplog):
@@ -132,7 +158,7 @@ def test_real_fetal_planes_db_sample(fetal_planes_db_sample, ingestion_params, c
     val = split.meta[split.meta["split"] == "val"]
     assert not set(train["patient_id"]) & set(val["patient_id"])
     with caplog.at_level(logging.WARNING):
-        lora = draw_lora_subset(split, 42, ingestion_params)
+        lora = draw_lora_subset(split, 42, ingestion_params, CLASSES)
     counts = train["label"].value_counts()
     short = [c for c in CLASSES if counts[c] < 20]
     assert short  # 100 images, 20% held out: some class is short of 20

@@ -29,6 +29,16 @@ def _required_classes(ingestion: dict[str, Any]) -> dict[str, Any]:
     return required
 
 
+def lora_per_class(ingestion: dict[str, Any]) -> int:
+    """``ingestion.lora_per_class``: a positive whole number (0 would publish an empty LoRA subset
+    and train the adapter on nothing); checked before any image is read, and again by the draw."""
+    value = ingestion.get("lora_per_class")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ingestion.lora_per_class must be a whole number >= 1 (images per class in the LoRA "
+                         f"subset; the paper: 20), got {value!r}")
+    return value
+
+
 def read_source_images(source_format: str, source_path: str | None, seed: int,
                        ingestion: dict[str, Any], classes: list[str]) -> tuple[ImageSet, pd.DataFrame]:
     """Read, validate and preprocess the source (training) domain.
@@ -47,6 +57,7 @@ def read_source_images(source_format: str, source_path: str | None, seed: int,
         yet, and its quarantine rows (``file, reason, domain``).
     """
     _required_classes(ingestion)
+    lora_per_class(ingestion)
     return read_domain(source_format, source_path, "source", seed, ingestion, required=list(classes))
 
 
@@ -121,20 +132,22 @@ def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, An
     return out
 
 
-def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, Any]) -> ImageSet:
+def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, Any],
+                     classes: list[str]) -> ImageSet:
     """Seeded, class-balanced LoRA training subset drawn from the source *train* side only.
 
-    Takes ``ingestion.lora_per_class`` images per class (a class with fewer train images
-    gives all it has, with a warning naming the class and the counts) and adds ``caption``
-    from ``ingestion.caption_template`` (``{plane}`` = the label word).
+    Takes ``ingestion.lora_per_class`` images of each class of the top-level ``classes`` (a
+    class with fewer train images gives all it has, with a warning naming the class and the
+    counts; images of other labels are not drawn) and adds ``caption`` from
+    ``ingestion.caption_template`` (``{plane}`` = the label word).
     """
-    per_class = int(ingestion["lora_per_class"])
+    per_class = lora_per_class(ingestion)
     template = str(ingestion["caption_template"])
     rng = np.random.default_rng([int(seed), 2])
     train = np.flatnonzero(source_images.meta["split"].to_numpy() == "train")
     labels = source_images.meta["label"].to_numpy()
     chosen = []
-    for c in CLASSES:
+    for c in classes:
         pool = train[labels[train] == c]
         if len(pool) < per_class:
             logger.warning("lora_subset: class %r has only %d source train image(s), fewer than "
@@ -142,7 +155,8 @@ def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, An
         chosen.extend(sorted(rng.choice(pool, size=min(per_class, len(pool)), replace=False)))
     subset = source_images.select(np.array(chosen, dtype=int))
     subset.meta["caption"] = [template.format(plane=p) for p in subset.meta["label"]]
-    subset.info.update({"lora_per_class": per_class, "caption_template": template, "seed": int(seed)})
+    subset.info.update({"lora_per_class": per_class, "caption_template": template, "seed": int(seed),
+                        "classes": list(classes)})
     return subset
 
 

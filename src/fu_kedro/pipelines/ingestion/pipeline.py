@@ -42,7 +42,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=draw_lora_subset,
-                inputs=["source_images", "params:seed", "params:ingestion"],
+                inputs=["source_images", "params:seed", "params:ingestion", "params:classes"],
                 outputs="lora_subset",
                 name="draw_lora_subset_node",
             ),
