@@ -517,7 +517,7 @@ def test_target_overlapping_source_is_always_fatal(data, params, build, policy):
     source, _ = read_domain(sfmt, str(sroot), "source", 0, params, required=[])
     target, _ = read_domain(tfmt, str(troot), "target", 0, params)
     with pytest.raises(DomainLeakError) as err:
-        check_domain_separation(source, target)
+        check_domain_separation(source, target, params["near_duplicate_max_distance"])
     text = str(err.value)
     assert reason in text and "domain separation" in text, text
     assert str(sroot) in text  # names where it came from
@@ -526,9 +526,73 @@ def test_target_overlapping_source_is_always_fatal(data, params, build, policy):
 def test_disjoint_real_domains_pass(data, params):
     source, _ = _read("fetal_planes_db", data.fpdb(), params, "fail")
     target, _ = _read("african", data.african(), params, "fail", domain="target")
-    check_domain_separation(source, target)
+    check_domain_separation(source, target, params["near_duplicate_max_distance"])
     src, tgt = generate_phantoms("source", 4, 32, seed=1), generate_phantoms("target", 4, 32, seed=1)
-    check_domain_separation(src, tgt)
+    check_domain_separation(src, tgt, params["near_duplicate_max_distance"])
+
+
+def _one_pixel_changed(img: np.ndarray) -> np.ndarray:
+    out = img.copy()
+    y, x = out.shape[0] // 2, out.shape[1] // 2
+    out[y, x] = 255 - out[y, x]
+    return out
+
+
+NEAR_DUPLICATES = {
+    "one_pixel": _one_pixel_changed,
+    "flipped_left_right": lambda a: a[:, ::-1],
+    "upside_down": lambda a: a[::-1, :],
+    "jpeg_q75": None,  # saved as JPEG (quality 75) under a .png name's stem
+}
+
+
+@pytest.mark.parametrize("edit", list(NEAR_DUPLICATES))
+def test_near_duplicate_source_images_in_the_target_are_a_leak(data, params, edit, tmp_path):
+    """Issue #27: three real source images with one pixel changed (or flipped, or re-saved as JPEG)
+    put into a real target folder passed the exact-pixel check and were published as the target."""
+    sroot = data.fpdb()
+    troot = data.african(per_class=2)
+    rows = pd.read_csv(troot / "African_train.csv", dtype=str)
+    src_files = sorted((sroot / "Images").glob("*.png"))[:3]
+    for k, f in enumerate(src_files):
+        img = np.asarray(Image.open(f).convert("L"))
+        name = f"leak{k}"
+        if NEAR_DUPLICATES[edit] is None:
+            Image.fromarray(img).save(troot / f"{name}.png", format="JPEG", quality=75)
+        else:
+            Image.fromarray(np.ascontiguousarray(NEAR_DUPLICATES[edit](img))).save(troot / f"{name}.png")
+        rows = pd.concat([rows, rows.iloc[[k]].assign(Image_name=name, Patient_num=f"leak{k}")], ignore_index=True)
+    rows.to_csv(troot / "African_train.csv", index=False)
+    source, _ = _read("fetal_planes_db", sroot, params, "fail")
+    target, _ = _read("african", troot, params, "fail", domain="target")
+    with pytest.raises(DomainLeakError) as err:
+        check_domain_separation(source, target, params["near_duplicate_max_distance"])
+    text = str(err.value)
+    assert "3 target image(s) nearly identical to a source image" in text, text
+    assert "same decoded pixels" not in text or edit == "jpeg_q75", text
+    for f in src_files:
+        assert str(f) in text or "..." in text
+    assert f"{troot}/leak0.png" in text and "near_duplicate_max_distance" in text, text
+    check_domain_separation(source, target, None)  # null turns the near-duplicate check off (a WARNING says so)
+
+
+@pytest.mark.slow
+def test_near_duplicate_threshold_has_no_false_positive_on_real_pairs(fetal_planes_db_sample, african_planes_dev,
+                                                                      ingestion_params):
+    """The calibration docs/ingestion.md reports: every one of the 100 x 217 real source-vs-target
+    pairs (shared FETAL_PLANES_DB sample vs african_planes_dev, 128 px as ingested) is further apart
+    than the threshold, by a wide margin; and edited copies of source images fall within it."""
+    from fu_kedro.data_sources.separation import nearest_source, perceptual_hashes
+
+    limit = ingestion_params["near_duplicate_max_distance"]
+    src, _ = read_domain("fetal_planes_db", str(fetal_planes_db_sample), "source", 42, ingestion_params)
+    tgt, _ = read_domain("african", str(african_planes_dev), "target", 42, ingestion_params)
+    best, _ = nearest_source(perceptual_hashes(src.images, flips=True), perceptual_hashes(tgt.images))
+    assert len(best) == 217 and best.min() > 2 * limit, sorted(best)[:5]
+    edited = np.stack([_one_pixel_changed(src.images[i]) for i in range(20)]
+                      + [src.images[i][:, ::-1] for i in range(20, 40)])
+    near, which = nearest_source(perceptual_hashes(src.images, flips=True), perceptual_hashes(edited))
+    assert near.max() <= limit and (which == np.arange(40)).all(), near
 
 
 # --------------------------------------------------------------------------- split stability

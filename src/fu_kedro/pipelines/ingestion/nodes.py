@@ -76,12 +76,14 @@ def read_target_images(target_format: str, target_path: str | None, seed: int,
     return images, report
 
 
-def check_source_target_separation(source_images: ImageSet, target_images: ImageSet) -> ImageSet:
+def check_source_target_separation(source_images: ImageSet, target_images: ImageSet,
+                                   ingestion: dict[str, Any]) -> ImageSet:
     """Stop if the target overlaps the source: same folder, a shared file, identical decoded
-    pixels, or a shared patient id under the same patient numbering (always fatal; the error
-    names a few examples and the count). Returns the source set unchanged, so the split waits
-    for this check."""
-    check_domain_separation(source_images, target_images)
+    pixels, a near-duplicate picture (perceptual hash within
+    ``ingestion.near_duplicate_max_distance`` bits, flips included), or a shared patient id under
+    the same patient numbering (always fatal; the error names a few examples and the count).
+    Returns the source set unchanged, so the split waits for this check."""
+    check_domain_separation(source_images, target_images, ingestion["near_duplicate_max_distance"])
     return source_images
 
 

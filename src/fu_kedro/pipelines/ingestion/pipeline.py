@@ -30,7 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=check_source_target_separation,
-                inputs=["source_images_unsplit", "target_images"],
+                inputs=["source_images_unsplit", "target_images", "params:ingestion"],
                 outputs="source_images_separated",
                 name="check_source_target_separation_node",
             ),
