@@ -106,7 +106,7 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
 
 CLASS_WORDS = {"abdomen", "brain", "femur", "thorax", "other"}
 # the nodes that take the class list, each as the input `params:classes` (issue #16: one home)
-CLASS_NODES = {"read_source_images_node", "make_prior_corpus_node", "render_validation_grid_node",
+CLASS_NODES = {"read_source_images_node", "draw_lora_subset_node", "make_prior_corpus_node", "render_validation_grid_node",
                "plan_synthetic_batch_node", "summarize_synthetic_batch_node", "prepare_classifier_data_node",
                "compute_zero_shot_metrics_node"}
 
