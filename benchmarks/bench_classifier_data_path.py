@@ -140,7 +140,7 @@ def warm_up(model, batch_sizes: list[int], size: int, device: torch.device = tor
         model.zero_grad(set_to_none=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     params = yaml.safe_load((ROOT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
     ingestion = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
     classes = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())["classes"]  # the one class list
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu",
                     help="cpu | cuda | auto: the model step on this device with evaluation's autocast and memory format "
                          "(fu_kedro.classifiers.train.device_plan: channels-last and bf16/fp16 autocast on CUDA)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     size, classes, b = args.image_size, list(classes), args.batch_size

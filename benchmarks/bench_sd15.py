@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from kedro.config import OmegaConfigLoader
 
-from fu_kedro.models.diffusion import SD15_CONFIG, build_pipeline_from_config
+from fu_kedro.models.diffusion import SD15_CONFIG, TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.models.lora import attach_lora
 from fu_kedro.models.training import LoopConfig, encode_prompts, tokenize, train_denoiser
 
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gradient-checkpointing", choices=["config", "on", "off"], default="config",
                     help="override the paper env's lora.gradient_checkpointing (e.g. 'on' to fit CPU RAM)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--architecture", choices=["sd15", "tiny"], default="sd15",
+                    help="tiny: the project's tiny base architecture instead (the test suite's smoke run; figures meaningless)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--resolution must be a multiple of 8")
 
     t0 = time.perf_counter()
-    pipe = build_pipeline_from_config(SD15_CONFIG, res, seed=0)
+    pipe = build_pipeline_from_config(SD15_CONFIG if args.architecture == "sd15" else TINY_CONFIG, res, seed=0)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     build_s = time.perf_counter() - t0
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_text_encoder=bool(lora["train_text_encoder"]), seed=0)
     trainable = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad) / 1e6
     n = 4
-    latents = torch.randn(n, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(n, 4, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor, generator=torch.Generator().manual_seed(0))
     ids = tokenize(pipe, [f"a photo of fetal {c}" for c in ("abdomen", "brain", "femur", "thorax")][:n])
     cfg = LoopConfig(**{k: v for k, v in lora.items() if k in LoopConfig.__dataclass_fields__}
                      | {"max_steps": train_steps + 1, "max_minutes": 10**6, "batch_size": 1, "seed": 0, "log_every": 1})
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "images_per_s": round(n_images / synth_s, 5), "seconds_per_image": round(synth_s / n_images, 1),
                       "peak_memory_gb": round(synth_mem, 2)},
     }
-    print(f"SD v1.5 architecture (random weights) on {result['machine']} [{device}], {res} px, torch {torch.__version__}")
+    print(f"{'SD v1.5' if args.architecture == 'sd15' else 'tiny base'} architecture (random weights) on {result['machine']} [{device}], {res} px, torch {torch.__version__}")
     print(f"  parameters: UNet {counts['unet']:.1f} M, text encoder {counts['text_encoder']:.1f} M, VAE {counts['vae']:.1f} M")
     r = result["lora"]
     print(f"  LoRA training (rank {rank}, alpha {r['alpha']:g}, TE LoRA {r['text_encoder']}, clip_skip {r['clip_skip']}, "

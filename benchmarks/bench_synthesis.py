@@ -2,9 +2,10 @@
 
     nice -n 19 python benchmarks/bench_synthesis.py [--per-class 16] [--batch-size 16] [--steps 20]
 
-The model is the latest trained tiny base + LoRA adapter in the catalog
-(data/06_models/base_model, data/06_models/lora_adapter.safetensors) when there is one,
-else a random tiny model with a random adapter (said in the output). Both methods run on
+The model is the catalog's latest base + LoRA adapter (data/06_models/base_model,
+data/06_models/lora_adapter.safetensors: what ``synthesis`` would use) when there is one, else
+the shipped base (models/tiny-phantom-sd) with a random adapter; ``--model random``: a random
+tiny model with a random adapter (said in the output). Both methods run on
 the same pipeline object (adapter loaded as peft layers, fp32, CPU unless --device), at the
 same resolution, sampler and steps, with the same per-image seeds:
 
@@ -29,33 +30,49 @@ from kedro.io.core import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+SHIPPED_BASE = "models/tiny-phantom-sd"
 
 from fu_kedro.datasets import DiffusionModelDataset, LoraAdapterDataset  # noqa: E402
-from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config  # noqa: E402
+from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, load_pretrained_pipeline  # noqa: E402
 from fu_kedro.models.generation import generate_images, image_seed, prepare_pipeline, to_gray_uint8  # noqa: E402
 from fu_kedro.models.lora import attach_lora, export_lora  # noqa: E402
 
 
-def load_model(resolution: int):
-    """The catalog's latest tiny base + adapter, else a random tiny model with a random adapter."""
-    base_dir, adapter_dir = ROOT / "data/06_models/base_model", ROOT / "data/06_models/lora_adapter.safetensors"
-    if base_dir.is_dir() and any(base_dir.iterdir()) and adapter_dir.is_dir() and any(adapter_dir.iterdir()):
-        base = DiffusionModelDataset(str(base_dir), version=Version(None, None)).load()
-        adapter = LoraAdapterDataset(str(adapter_dir), version=Version(None, None)).load()
-        what = f"trained tiny base {base.fu_base_info.get('catalog_version')} + adapter {adapter.metadata.get('catalog_version')}"
-        return base, adapter, what, int(base.fu_base_info.get("resolution") or resolution)
-    base = build_pipeline_from_config(TINY_CONFIG, resolution, seed=0)
-    attach_lora(base, rank=8, alpha=8, seed=0)
+def _random_adapter(pipe):
+    """A random LoRA (non-zero up weights) for ``pipe``, exported, then taken off the pipe again."""
+    attach_lora(pipe, rank=8, alpha=8, seed=0)
     with torch.no_grad():
-        for name, p in base.unet.named_parameters():
+        for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    adapter = export_lora(base, 8, 8, {})
-    base.unet.delete_adapters("default")
-    return base, adapter, "random tiny model + random adapter (no trained model in the catalog)", resolution
+    adapter = export_lora(pipe, 8, 8, {})
+    pipe.unet.delete_adapters("default")
+    return adapter
 
 
-def main() -> None:
+def load_model(resolution: int, which: str = "catalog"):
+    """(pipeline, adapter, what it is, resolution).
+
+    ``catalog``: the catalog's latest base + adapter (what ``synthesis`` would use), else the
+    shipped base (``models/tiny-phantom-sd``) with a random adapter. ``random``: a random tiny
+    model with a random adapter (no file read).
+    """
+    base_dir, adapter_dir = ROOT / "data/06_models/base_model", ROOT / "data/06_models/lora_adapter.safetensors"
+    if which == "catalog" and base_dir.is_dir() and any(base_dir.iterdir()) and adapter_dir.is_dir() and any(adapter_dir.iterdir()):
+        base = DiffusionModelDataset(str(base_dir), version=Version(None, None)).load()
+        adapter = LoraAdapterDataset(str(adapter_dir), version=Version(None, None)).load()
+        what = (f"catalog base {base.info.get('catalog_version')} ({base.info.get('name')}) "
+                f"+ adapter {adapter.metadata.get('catalog_version')}")
+        return base.pipe, adapter, what, int(base.info.get("resolution") or resolution)
+    if which == "catalog" and (ROOT / SHIPPED_BASE / "model_index.json").is_file():
+        pipe = load_pretrained_pipeline(str(ROOT / SHIPPED_BASE))
+        return pipe, _random_adapter(pipe), f"shipped base {SHIPPED_BASE} + random adapter (no adapter in the catalog)", \
+            int(pipe.vae.config.sample_size)
+    pipe = build_pipeline_from_config(TINY_CONFIG, resolution, seed=0)
+    return pipe, _random_adapter(pipe), "random tiny model + random adapter", resolution
+
+
+def main(argv: list[str] | None = None) -> dict:
     conf = yaml.safe_load((ROOT / "conf/base/parameters_synthesis.yml").read_text())["synthesis"]
     template = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]["caption_template"]
     classes = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())["classes"]  # the one class list
@@ -67,11 +84,13 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32, help="used only for the random model")
     parser.add_argument("--threads", type=int, default=conf["torch_threads"], help="torch threads (default: synthesis.torch_threads)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--model", choices=["catalog", "random"], default="catalog",
+                        help="catalog: the latest base + adapter, else the shipped base + a random adapter; random: no file read")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    pipe, adapter, what, resolution = load_model(args.resolution)
+    pipe, adapter, what, resolution = load_model(args.resolution, args.model)
     prepare_pipeline(pipe, adapter, conf["lora_scale"], torch.device(args.device), torch.float32, False, conf["scheduler"])
     prompts = [template.format(plane=c) for c in classes for _ in range(args.per_class)]
     seeds = [image_seed(42, i) for i in range(len(prompts))]
@@ -104,6 +123,8 @@ def main() -> None:
     print(f"ratio: {rate_batched / rate_loop:.2f}x (target >= 3x)")
     print(f"same images: max |pixel difference| {diff.max()}, pixels differing {(diff > 0).mean():.4%} "
           "(different call shapes: last-bit float differences, see docs/synthesis.md)")
+    return {"model": what, "images": len(prompts), "generator_images_per_s": rate_batched, "loop_images_per_s": rate_loop,
+            "ratio": rate_batched / rate_loop, "max_pixel_difference": int(diff.max())}
 
 
 if __name__ == "__main__":
