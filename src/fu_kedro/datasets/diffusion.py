@@ -58,6 +58,7 @@ from kedro.io.core import (
     get_filepath_str,
     get_protocol_and_path,
 )
+from kedro_datasets._typing import ImagePreview, JSONPreview
 
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.lineage import sha256_file
@@ -67,7 +68,6 @@ from fu_kedro.models.lora import (
     LoraAdapter,
     LoraAdapterFits,
     read_adapter_file,
-    read_adapter_metadata,
     save_adapter_file,
 )
 from fu_kedro.models.pretrained import resolve_pretrained_base
@@ -114,16 +114,6 @@ class _LocalVersioned(AbstractVersionedDataset):
         except DatasetError:
             return False
 
-    def preview(self):
-        """kedro-viz: the saved version's reference (base model) or metadata (adapter), as JSON."""
-        from fu_kedro.datasets.previews import json_preview
-
-        path = self._load_path()
-        if (path / FITS_INDEX).is_file():
-            return json_preview(json.loads((path / FITS_INDEX).read_text()), drop=("made_from",))
-        if (path / "reference.json").is_file():
-            return json_preview(json.loads((path / "reference.json").read_text()), drop=("made_from",))
-        return json_preview(read_adapter_metadata(path), drop=("made_from",))
 
 
 def _load_pipe(folder: Path, reference: dict[str, Any]):
@@ -162,6 +152,17 @@ class DiffusionModelDataset(_LocalVersioned):
         return BaseModel(info=reference | {"catalog_version": _version_of(folder)},
                          load=partial(_load_pipe, folder, reference))
 
+    def preview(self, steps: int = 20, guidance_scale: float = 5.0, seed: int = 0,
+                caption_template: str = "a photo of fetal {plane}") -> ImagePreview:
+        """kedro-viz: the saved version's configuration and one sample per class (tiny base:
+        generated from its weights with fixed seeds; a pretrained base is not loaded)."""
+        from fu_kedro.datasets.previews import base_model_card
+
+        folder = self._load_path()
+        reference = json.loads((folder / "reference.json").read_text())
+        return base_model_card(folder, partial(_load_pipe, folder, reference), steps, guidance_scale, seed,
+                               caption_template)
+
     def save(self, data: BaseModel) -> None:
         reference = dict(data.info)
         if "kind" not in reference:
@@ -192,6 +193,14 @@ class LoraAdapterDataset(_LocalVersioned):
         if published_path(path) != path:
             adapter.metadata["published_file"] = str(published_path(path))  # where it is once the run ends
         return adapter
+
+    def preview(self, base_filepath: str | None = None, steps: int = 20, guidance_scale: float = 5.0,
+                seed: int = 0) -> ImagePreview:
+        """kedro-viz: the saved adapter's configuration and one sample per class from the base it
+        was trained on (``base_filepath``: the base model's catalog folder) with the adapter."""
+        from fu_kedro.datasets.previews import adapter_card
+
+        return adapter_card(self._load_path(), base_filepath, steps, guidance_scale, seed)
 
     def save(self, data: LoraAdapter) -> None:
         path = self._save_path()
@@ -237,6 +246,12 @@ class LoraAdapterFitsDataset(_LocalVersioned):
             raise DatasetError(f"{folder}: {FITS_INDEX} lists {info['fits']} fits but {absent} are missing")
         return LoraAdapterFits([partial(_read_fit, f, version) for f in files], info | {"catalog_version": version})
 
+    def preview(self) -> JSONPreview:
+        """kedro-viz: ``fits.json`` of the saved version (K and a summary per fit)."""
+        from fu_kedro.datasets.previews import json_preview
+
+        return json_preview(json.loads((self._load_path() / FITS_INDEX).read_text()), drop=("made_from",))
+
     def save(self, data: LoraAdapterFits) -> None:
         folder = self._save_path()
         tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -275,6 +290,13 @@ class _ParameterFile(AbstractDataset):
 
     def _open(self, path: str) -> Any:  # the loaded object, its heavy part read on first use
         raise NotImplementedError
+
+    def preview(self) -> JSONPreview:
+        """kedro-viz: the parameter's path, and whether it is there (nothing is read)."""
+        from fu_kedro.datasets.previews import json_preview
+
+        found = self._filepath is not None and self._exists()
+        return json_preview({self.key: self._filepath, "set": self._filepath is not None, "found": found})
 
     def save(self, data: Any) -> None:
         raise DatasetError(f"{type(self).__name__} is read-only: the {self.what} comes from outside the project")

@@ -36,6 +36,7 @@ from kedro.io.core import (
     get_filepath_str,
     get_protocol_and_path,
 )
+from kedro_datasets._typing import ImagePreview
 from PIL import Image
 
 from fu_kedro.lineage import to_jsonable
@@ -160,7 +161,7 @@ class ImageSetDataset(AbstractVersionedDataset[ImageSet, ImageSet]):
             return False
         return self._fs.exists(path)
 
-    def preview(self, per_class: int = 6, size: int = 64):
+    def preview(self, per_class: int = 6, size: int = 64) -> ImagePreview:
         """kedro-viz: the first images of each class of the latest (or pinned) version."""
         from fu_kedro.datasets.previews import image_grid_preview
 
