@@ -213,6 +213,32 @@ class Step:
     detail: str = ""
     children: list["Step"] = field(default_factory=list)
     repeated: bool = False
+    params: dict = field(default_factory=dict)  # the parameters the node that made it read
+
+
+PARAM_LINE = 150  # characters of one printed parameter line (longer ones wrap)
+
+
+def params_text(params: dict, shown: set | None = None) -> str:
+    """``seed=42, lora_training.lora.rank=8, ...``: every leaf of a node's parameters (long lists
+    counted); with ``shown`` (the ``key=value`` printed so far in a tree), only the new ones."""
+    def leaves(value: Any, key: str):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                yield from leaves(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (list, tuple)) and len(value) > 6:
+            yield f"{key}=[{len(value)} items]"
+        else:
+            text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+            yield f"{key}={text if len(text) <= 60 else text[:57] + '...'}"
+
+    items = list(leaves(params or {}, ""))
+    if shown is None:
+        return ", ".join(items)
+    new = [i for i in items if i not in shown]
+    shown.update(items)
+    same = len(items) - len(new)
+    return ", ".join(new) + (f" (+{same} as above)" if new and same else "" if new else f"as above ({same} keys)")
 
 
 def _run_text(run: dict | None, names: dict[str, str]) -> str:
@@ -246,7 +272,7 @@ def _entry_step(entry: dict, project: Path | None, seen: set, names: dict[str, s
         if key in seen:
             return Step(label, "(shown above)", repeated=True)
         seen.add(key)
-        step = Step(label, f"{entry.get('node')}, {_run_text(run, names)}")
+        step = Step(label, f"{entry.get('node')}, {_run_text(run, names)}", params=entry.get("params") or {})
         step.children = [_entry_step(e, project, seen, names, run) for e in entry.get("inputs", [])]
         return step
     if kind == "file":
@@ -263,6 +289,10 @@ def version_step(dataset: str, version: str | None, path: Path | None, project: 
     names = {} if names is None else names
     label = f"{dataset}@{version}"
     record = read_sidecar(path) if path else None
+    if record is None and path is not None and version:  # saved earlier in the run that is reading it
+        from fu_kedro.datasets.staging import staged_paths
+
+        record = next((r for r in map(read_sidecar, staged_paths(path, version)) if r), None)
     if (dataset, version) in seen:
         return Step(label, "(shown above)", repeated=True)
     seen.add((dataset, version))
@@ -274,23 +304,35 @@ def version_step(dataset: str, version: str | None, path: Path | None, project: 
     run = record.get("run") or {}
     sha = record.get("sha256")
     detail = f"{record.get('node')}, {_run_text(run, names)}" + (f", sha256:{sha[:16]}" if sha else "")
-    step = Step(label, detail)
+    step = Step(label, detail, params=record.get("params") or {})
     step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
     return step
 
 
-def render_text(step: Step, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+def render_text(step: Step, prefix: str = "", last: bool = True, root: bool = True,
+                shown: set | None = None) -> list[str]:
+    """The tree as text lines; each node's parameters under it, a ``key=value`` printed once per tree."""
+    shown = set() if shown is None else shown
     lines = [step.label + (f"  [{step.detail}]" if step.detail else "")] if root else [
         prefix + ("└── " if last else "├── ") + step.label + (f"  [{step.detail}]" if step.detail else "")]
     child_prefix = "" if root else prefix + ("    " if last else "│   ")
+    if step.params:  # under the label, beside the tree's line down to the children
+        import textwrap
+
+        lead = child_prefix + ("│ " if step.children else "  ")
+        lines += [lead + ("params: " if i == 0 else "        ") + part for i, part in
+                  enumerate(textwrap.wrap(params_text(step.params, shown), PARAM_LINE, break_on_hyphens=False))]
     for i, child in enumerate(step.children):
-        lines += render_text(child, child_prefix, i == len(step.children) - 1, root=False)
+        lines += render_text(child, child_prefix, i == len(step.children) - 1, root=False, shown=shown)
     return lines
 
 
 def _render_html(step: Step) -> str:
     label = html.escape(step.label)
     detail = f' <span class="lineage-detail">{html.escape(step.detail)}</span>' if step.detail else ""
+    if step.params:
+        detail += f'<br><span class="lineage-detail">params: {html.escape(params_text(step.params))}</span>'
+
     children = "".join(f"<li>{_render_html(c)}</li>" for c in step.children)
     return f"<code>{label}</code>{detail}" + (f"<ul>{children}</ul>" if children else "")
 
@@ -300,7 +342,8 @@ def record_step(record: dict, project: Path | None = None, names: dict[str, str]
     names = {} if names is None else names
     dataset, version = record.get("dataset", "?"), record.get("version")
     run = record.get("run") or {}
-    step = Step(f"{dataset}@{version}", f"{record.get('node')}, {_run_text(run, names)}")
+    step = Step(f"{dataset}@{version}", f"{record.get('node')}, {_run_text(run, names)}",
+                params=record.get("params") or {})
     seen = {(dataset, version)}
     step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
     return step

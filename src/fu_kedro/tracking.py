@@ -12,7 +12,9 @@ record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
   path, digest, catalog version), tags ``input.<dataset>.version`` / ``input.<dataset>.run_id``
   (the run that saved that version) and ``output.<dataset>.version``; a run description
   linking the upstream runs;
-* a run name that says what ran: pipelines, env and key parameters;
+* a run name that leads with what differs from conf/base (``default``, ``pipeline ingestion |
+  lora.max_steps=20``; tags ``fu.differs.<key>``) and ``summary.png`` at the artifact root
+  (:mod:`fu_kedro.mlflow_ui`);
 * catalog entries with ``metadata: {mlflow: {artifact_path: ...}}`` logged as artifacts right
   after they are saved (the file of the saved version; ``files:`` picks and renames files of
   a folder) — one output per node, no ``*_mlflow`` copies;
@@ -49,26 +51,6 @@ from fu_kedro.launch import is_main_process
 
 log = logging.getLogger(__name__)
 
-# Parameters named in run names, per pipeline: (label, dotted parameter path)
-RUN_NAME_PARAMS = {
-    "ingestion": [("source", "source_format"), ("target", "target_format")],
-    "lora_training": [("base", "lora_training.base_model.kind"), ("rank", "lora_training.lora.rank"),
-                      ("lora steps", "lora_training.lora.max_steps")],
-    "synthesis": [("per class", "synthesis.images_per_class"), ("steps", "synthesis.steps"),
-                  ("cfg", "synthesis.guidance_scale")],
-    "evaluation": [("backbones", "evaluation.backbones"), ("seeds", "evaluation.n_seeds")],
-}
-
-
-def _dig(params: dict, dotted: str) -> Any:
-    value: Any = params
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -80,27 +62,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_name(pipelines: list[str], env: str | None, params: dict, runtime_params: dict | None) -> str:
-    """``lora_training [local] rank 8, lora steps 200 | lora_training.lora.rank=4``: the pipelines,
-    the env, the key parameters of those pipelines and the ``--params`` overrides (up to 3, else their count)."""
-    from fu_kedro.pipeline_registry import PIPELINE_ORDER
+def run_name(pipelines: list[str], env: str | None, params: dict, project: Path | None) -> tuple[str, dict]:
+    """The MLflow run name, leading with what differs from conf/base (``default``, ``pipeline
+    ingestion | lora.max_steps=20``; :func:`fu_kedro.mlflow_ui.run_name`), and those differences."""
+    from fu_kedro import mlflow_ui
 
-    names = [p for p in pipelines if p != "__default__"] or list(PIPELINE_ORDER)
-    label = "all" if set(PIPELINE_ORDER) <= set(names) else "+".join(names)
-    key = []
-    for p in names:
-        for text, dotted in RUN_NAME_PARAMS.get(p, []):
-            value = _dig(params, dotted)
-            if value is not None:
-                value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-                key.append(f"{text} {value}")
-    name = f"{label} [{env or 'local'}]" + (f" {', '.join(key)}" if key else "")
-    overrides = _flatten(runtime_params or {})
-    if 0 < len(overrides) <= 3:
-        name += " | " + ", ".join(f"{k}={v}" for k, v in overrides.items())
-    elif overrides:  # all of them are tags fu.override.<key>
-        name += f" | {len(overrides)} --params overrides"
-    return name[:250]
+    try:
+        diffs = mlflow_ui.differences(params, mlflow_ui.base_parameters(project or Path.cwd()))
+    except Exception as exc:  # noqa: BLE001 - a name must never stop a run
+        log.warning("MLflow: could not compare the parameters with conf/base: %s", exc)
+        diffs = {}
+    return mlflow_ui.run_name(pipelines, env, diffs), diffs
 
 
 def _pipelines_with_nodes(pipeline) -> list[str]:
@@ -223,9 +195,11 @@ class LineageHooks:
             "runtime_params": run_params.get("runtime_params") or {},
             "mlflow_run_id": active.info.run_id if active else None,
             "mlflow_experiment_id": active.info.experiment_id if active else None,
-            "mlflow_run_name": run_name(ran, run_params.get("env"), params,
-                                        run_params.get("runtime_params")) if active else None,
+            "mlflow_run_name": None,
         }
+        if active:
+            STATE.run["mlflow_run_name"], STATE.run["differs_from_base"] = run_name(
+                ran, run_params.get("env"), params, STATE.project)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:
@@ -315,7 +289,7 @@ class LineageHooks:
         return {
             "schema": L.SCHEMA, "dataset": name, "version": version,
             "path": L.rel_path(path, STATE.project) if path else None,
-            "node": node.name, "run": {k: v for k, v in STATE.run.items() if k != "runtime_params"},
+            "node": node.name, "run": {k: v for k, v in STATE.run.items() if k not in ("runtime_params", "differs_from_base")},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "params": made["params"], "inputs": made["inputs"],
             "upstream": L.flatten_upstream(made["inputs"], STATE.project, cache=STATE.sidecars),
@@ -415,6 +389,8 @@ class MlflowRunExtras:
                     "fu.pipelines": ",".join(STATE.run["pipelines"]), "fu.env": str(STATE.run.get("env"))}
             for name, value in _flatten(STATE.run.get("runtime_params") or {}).items():
                 tags[f"fu.override.{name}"[:250]] = str(value)[:5000]
+            for name, value in (STATE.run.get("differs_from_base") or {}).items():
+                tags[f"fu.differs.{name}"[:250]] = str(value)[:5000]
             for name, value in tags.items():
                 client.set_tag(run_id, name, value)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a run
@@ -518,6 +494,13 @@ class MlflowRunExtras:
             _describe_run(run_id)
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow: could not describe the run: %s", exc)
+        try:  # summary.png at the artifact root: the one figure MLflow's compare view puts side by side
+            from fu_kedro.mlflow_ui import log_summary
+
+            log_summary(_mlflow_client(), run_id, STATE.run.get("mlflow_run_name") or "", STATE.outputs,
+                        STATE.run.get("differs_from_base") or {})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow: could not log summary.png: %s", exc)
 
 
 def _dataset_source(source: str | dict):

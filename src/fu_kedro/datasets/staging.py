@@ -25,6 +25,7 @@ own atomic writes) are written in place as before.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -151,3 +152,15 @@ def published_path(path: str | Path) -> Path:
     if i + 1 >= len(parts):
         return p
     return Path(*parts[:i], *parts[i + 2:])
+
+
+def staged_paths(path: str | Path, version: str) -> list[Path]:
+    """Where a published path ``<parent>/<name>/<version>/<file>`` is while the run saving it is
+    still going (``<parent>/.staging/<version>-<host>-<pid>/<name>/<version>/<file>``): a report
+    made in the same run reads its inputs' lineage there."""
+    p = Path(path)
+    if len(p.parts) < 3 or p.parent.name != version:
+        return []
+    root = p.parent.parent
+    return sorted((root.parent / STAGING).glob(f"{glob.escape(version)}-*/{glob.escape(root.name)}/"
+                                               f"{glob.escape(version)}/{glob.escape(p.name)}"))

@@ -207,7 +207,11 @@ def figure_to_data_uri(fig: Figure) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", na_rep="n/a")
+    """A table in a box that scrolls sideways when the table is wider than the page: the page
+    itself stays within its 1,200 px column (``scripts/journey.py`` checks it in a 1,400 px window)."""
+    table = df.to_html(index=False, border=0, classes="t", na_rep="n/a")
+    return f'<div style="overflow-x:auto;max-width:100%">{table}</div>'
+
 
 
 def render_html(sections: list[tuple[str, str]], title: str, banner: str = "") -> str:
@@ -403,8 +407,14 @@ def quality_html(q: dict) -> str:
     return (
         f"<p>n_images = {q.get('n_images')} ({q.get('n_replicates', 1)} replicate(s)). Feature space: "
         f"{html.escape(str(q.get('feature_space', 'n/a')))}. {html.escape(str(ref.get('note', '')))}.</p>"
-        + _table(rows) + (_table(per_class) if len(per_class) else "")
+        + _table(rows) + (_table(_classes_as_columns(per_class)) if len(per_class) else "")
     )
+
+
+def _classes_as_columns(per_class: pd.DataFrame) -> pd.DataFrame:
+    """One row per measure, one column per class (a class has a dozen measures: as columns they
+    made the page 2,385 px wide)."""
+    return per_class.set_index("class").T.rename_axis("measure").reset_index()
 
 
 def ran_on_table(history: pd.DataFrame, synthetic) -> pd.DataFrame:

@@ -1,0 +1,204 @@
+"""What a researcher sees of the runs in the MLflow UI (used by :mod:`fu_kedro.tracking`).
+
+- **Run names** that lead with what differs from ``conf/base``: ``default`` for a plain
+  ``kedro run``; ``pipeline ingestion | lora.max_steps=20`` for ``kedro run --pipeline ingestion
+  --params lora_training.lora.max_steps=20`` (the block name of a pipeline's parameters is left
+  out of the name; the full keys are the run's ``fu.differs.<key>`` tags). An env's changes
+  count too (``env paper | lora.rank=128, ...``).
+- **summary.png** at the root of every run's artifacts: the run's headline metrics (and the
+  pipelines, outputs and differences in its title), so MLflow's compare view, which shows only
+  the artifacts the runs have in common at one level, always has one figure to put side by side.
+- **The experiment**: tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI
+  then opens the runs table, not the GenAI overview), also when it was made before the tag was
+  configured; and its artifact location must be inside this project. A SQLite store keeps the
+  *absolute* location of an experiment, so a project folder copied elsewhere would keep writing
+  into the old folder's ``mlartifacts/``: the run stops first, naming the two fixes
+  (:class:`ArtifactsOutsideProject`).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from kedro.framework.hooks import hook_impl
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PIPELINE_BLOCKS = ("ingestion", "lora_training", "synthesis", "evaluation")
+NAME_DIFFS = 4  # differences spelled out in a run name; the rest are counted (all are tags)
+
+
+# --------------------------------------------------------------------------- run names
+def base_parameters(project: Path) -> dict:
+    """The parameters of ``conf/base`` alone (no env, no ``--params``), as the project's loader reads them."""
+    from kedro.framework.project import settings
+
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(Path(project) / settings.CONF_SOURCE), env="base",
+                                          **settings.CONFIG_LOADER_ARGS)
+    return dict(loader["parameters"])
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(params: dict, base: dict) -> dict[str, Any]:
+    """Dotted key -> value, for every parameter whose value is not conf/base's (added ones too)."""
+    now, before = _flatten(params or {}), _flatten(base or {})
+    return {k: v for k, v in now.items() if k not in before or before[k] != v}
+
+
+def _short_key(key: str) -> str:
+    head, _, rest = key.partition(".")
+    return rest if head in PIPELINE_BLOCKS and rest else key
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def run_name(pipelines: list[str], env: str | None, diffs: dict[str, Any]) -> str:
+    """``default``, or what differs: ``pipeline <names>``, ``env <env>``, then ``key=value`` of the
+    changed parameters (up to ``NAME_DIFFS``, then ``+N more``), joined by `` | ``."""
+    from fu_kedro.pipeline_registry import PIPELINE_ORDER
+
+    names = [p for p in pipelines if p != "__default__"] or list(PIPELINE_ORDER)
+    parts = []
+    if not set(PIPELINE_ORDER) <= set(names):
+        parts.append("pipeline " + "+".join(names))
+    if env and env not in ("local", "base"):
+        parts.append(f"env {env}")
+    if diffs:
+        shown = [f"{_short_key(k)}={_value(v)}" for k, v in list(diffs.items())[:NAME_DIFFS]]
+        more = len(diffs) - len(shown)
+        parts.append(", ".join(shown) + (f" +{more} more" if more else ""))
+    return (" | ".join(parts) or "default")[:250]
+
+
+# --------------------------------------------------------------------------- the experiment
+class ArtifactsOutsideProject(RuntimeError):
+    """The MLflow experiment would store this project's artifacts in another folder."""
+
+
+def _local_path(location: str) -> Path | None:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and location[1:3] in (":\\", ":/")):  # a plain path
+        return Path(location)
+    return None  # a server, a bucket: not a folder of this machine
+
+
+def check_experiment(client, experiment_id: str, project: Path, tracking_uri: str) -> None:
+    """Tag the experiment for MLflow's runs table; stop when its artifacts would land outside ``project``."""
+    exp = client.get_experiment(experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    folder = _local_path(exp.artifact_location or "")
+    project = Path(project).resolve()
+    if folder is None or folder.resolve().is_relative_to(project):
+        return
+    raise ArtifactsOutsideProject(
+        f"MLflow experiment '{exp.name}' of {tracking_uri} stores its artifacts in {folder}, outside this "
+        f"project ({project}): the store was copied from another folder, and an experiment keeps the "
+        "absolute artifact location it was created with. Nothing was run. Fix: either start this copy's "
+        f"own store (move {tracking_uri.removeprefix('sqlite:///')} away, e.g. to mlflow.db.old: its runs "
+        "stay readable with `mlflow ui --backend-store-uri sqlite:///mlflow.db.old`), or give this copy "
+        "a new experiment (conf/local/mlflow.yml: copy conf/base's `tracking:` block and change "
+        "`experiment.name`); either way the next run creates it with this project's mlartifacts/.")
+
+
+# --------------------------------------------------------------------------- summary.png
+def _headline(metrics: dict[str, float]) -> list[tuple[str, float, tuple[float, float] | None]]:
+    """Top-level metrics (no ``.``/``/`` in the key), their ``_ci_low``/``_ci_high`` as an interval."""
+    rows = []
+    for key in sorted(metrics):
+        if "." in key or "/" in key or key.endswith(("_ci_low", "_ci_high")):
+            continue
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        rows.append((key, metrics[key], (low, high) if low is not None and high is not None else None))
+    return rows
+
+
+def summary_figure(name: str, metrics: dict[str, float], outputs: dict[str, str], diffs: dict[str, Any]):
+    """A matplotlib figure: the run name, its headline metrics as bars (interval whiskers), and
+    what it saved; a run without headline metrics lists its first metrics as text."""
+    from matplotlib.figure import Figure
+
+    rows = _headline(metrics)
+    fig = Figure(figsize=(7.5, 0.45 * max(len(rows), 4) + 1.6), dpi=100)
+    ax = fig.add_axes((0.38, 0.22, 0.58, 0.62))
+    fig.suptitle(name, fontsize=11, x=0.02, ha="left")
+    changed = ", ".join(f"{k}={_value(v)}" for k, v in list(diffs.items())[:6]) or "none (conf/base)"
+    fig.text(0.02, 0.90, f"differs from conf/base: {changed}"[:130], fontsize=7, color="#444")
+    if rows:
+        y = list(range(len(rows)))[::-1]
+        values = [v for _, v, _ in rows]
+        ax.barh(y, values, color=["#4c72b0" if ci is None else "#dd8452" for _, _, ci in rows])
+        for yi, (_, v, ci) in zip(y, rows):
+            if ci:
+                ax.plot(ci, [yi, yi], color="black", lw=1.5)
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_yticks(y, [k for k, _, _ in rows], fontsize=8)
+        ax.axvline(0, color="#888", lw=0.8)
+        ax.set_title("headline metrics (bars; whiskers: interval)", fontsize=9)
+    else:
+        ax.axis("off")
+        first = [f"{k} = {metrics[k]:.4g}" for k in sorted(metrics)[:14]]
+        ax.text(0, 1, "\n".join(first) or "no metrics logged", va="top", fontsize=8, family="monospace",
+                transform=ax.transAxes)
+        ax.set_title("metrics (no headline metrics in this run)", fontsize=9)
+    saved = ", ".join(sorted(outputs)) or "nothing versioned"
+    fig.text(0.02, 0.04, f"saved: {saved}"[:150], fontsize=7, color="#444", wrap=True)
+    return fig
+
+
+def log_summary(client, run_id: str, name: str, outputs: dict[str, str], diffs: dict[str, Any]) -> None:
+    """Draw :func:`summary_figure` from the run's logged metrics and log it as ``summary.png`` (root)."""
+    metrics = dict(client.get_run(run_id).data.metrics)
+    fig = summary_figure(name, metrics, outputs, diffs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "summary.png"
+        fig.savefig(path)
+        client.log_artifact(run_id, str(path))
+
+
+class ExperimentChecks:
+    """Kedro hook: before kedro-mlflow starts the run (``tryfirst``), :func:`check_experiment` on
+    the experiment kedro-mlflow set up for this session (main process only)."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from fu_kedro.launch import is_main_process
+
+        if not is_main_process():
+            return
+        active = mlflow.active_run()
+        try:
+            experiment_id = active.info.experiment_id if active else mlflow.tracking.fluent._get_experiment_id()
+        except Exception as exc:  # noqa: BLE001 - no MLflow experiment: nothing to check
+            log.debug("MLflow: no experiment to check: %s", exc)
+            return
+        if experiment_id is None:
+            return
+        uri = mlflow.get_tracking_uri()
+        try:
+            check_experiment(MlflowClient(uri), experiment_id, Path(run_params.get("project_path") or Path.cwd()), uri)
+        except ArtifactsOutsideProject:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unreadable store is kedro-mlflow's to report
+            log.warning("MLflow: could not check the experiment: %s", exc)
