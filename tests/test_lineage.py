@@ -116,8 +116,9 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
 
     # MLflow: the evaluation run names the run that made its (pinned) batch, and logged its inputs
     client, runs = _runs(project)
-    assert [r.info.run_name.split(" ")[0] for r in runs] == [
-        "ingestion", "lora_training", "synthesis", "synthesis", "evaluation"]
+    assert [r.info.run_name.split(" | ")[0] for r in runs] == [
+        "pipeline ingestion", "pipeline lora_training", "pipeline synthesis", "pipeline synthesis",
+        "pipeline evaluation"]  # then what differs from conf/base (fu_kedro.mlflow_ui.run_name)
     first_synthesis, evaluation = runs[2], runs[-1]
     assert evaluation.data.tags["input.synthetic_batch.version"] == pinned
     assert evaluation.data.tags["input.synthetic_batch.run_id"] == first_synthesis.info.run_id
@@ -126,7 +127,7 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
     assert {"source_images", "target_images", "synthetic_batch"} <= set(logged)
     tags = {t.key: t.value for t in logged["synthetic_batch"].tags}
     assert tags["catalog_version"] == pinned and logged["synthetic_batch"].dataset.digest
-    assert "fu_kedro" not in evaluation.info.run_name and "[local]" in evaluation.info.run_name
+    assert "fu_kedro" not in evaluation.info.run_name and "source_format=fetal_planes_db" in evaluation.info.run_name
     # a run is found from any version: search by tag
     found = client.search_runs([evaluation.info.experiment_id],
                                filter_string=f"tags.`output.synthetic_batch.version` = '{pinned}'")
@@ -143,6 +144,9 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
                      "raw target data: african", f"MLflow run {first_synthesis.info.run_id}"):
         assert expected in text, f"{expected!r} not in:\n{text}"
     assert f"synthetic_batch@{batches[1]}" not in text
+    # nothing but the tree on stdout (the logs go to stderr: conf/logging.yml), the parameters each node read in it
+    assert text.splitlines()[0].startswith(f"zero_shot_metrics@{version}  [compute_zero_shot_metrics_node"), text[:500]
+    assert "params: " in text and "lora_training.lora.rank=" in text and "evaluation.n_seeds=1" in text
     # the same chain as HTML, for the report
     html = L.chain_html(metrics, project)
     assert f"synthetic_batch@{pinned}" in html and "raw source data" in html
@@ -179,7 +183,8 @@ def _running_run(db: Path) -> str | None:
             rows = con.execute("SELECT run_uuid, name FROM runs WHERE status = 'RUNNING'").fetchall()
     except sqlite3.Error:
         return None  # the store is being created
-    return next((rid for rid, name in rows if "[local]" in (name or "")), None)
+    # kedro-mlflow names it "ingestion"; the lineage hook "pipeline ingestion | ..." (mlflow_ui.run_name)
+    return next((rid for rid, name in rows if (name or "").startswith("pipeline ")), None)
 
 
 @pytest.mark.slow  # a `kedro run` subprocess each: 1-3 min on 2 busy cores

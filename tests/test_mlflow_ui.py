@@ -23,7 +23,11 @@ def test_a_plain_run_is_named_default_and_a_changed_one_by_its_changes():
     changed = project_parameters("base", {"lora_training": {"lora": {"max_steps": 20}}})
     diffs = mlflow_ui.differences(changed, base)
     assert diffs == {"lora_training.lora.max_steps": 20}
-    assert mlflow_ui.run_name(["ingestion"], "local", diffs) == "pipeline ingestion | lora.max_steps=20"
+    assert mlflow_ui.run_name(["lora_training"], "local", diffs) == "pipeline lora_training | lora.max_steps=20"
+    assert mlflow_ui.run_name(["__default__"], None, diffs) == "lora.max_steps=20"
+    # another pipeline's parameter: after the ones of the pipelines that ran, with its block name
+    diffs = {"synthesis.steps": 2, "evaluation.train.steps": 4, "seed": 1}
+    assert mlflow_ui.run_name(["evaluation"], None, diffs) == "pipeline evaluation | seed=1, train.steps=4, synthesis.steps=2"
     many = {f"evaluation.k{i}": i for i in range(6)}
     assert mlflow_ui.run_name(["__default__"], "paper", many) == "env paper | k0=0, k1=1, k2=2, k3=3 +2 more"
 

@@ -48,6 +48,10 @@ def test_notebook_runs_on_a_tiny_run_of_all_pipelines(project_copy):
     (project_copy / "notebooks").mkdir()
     shutil.copy(NOTEBOOK, project_copy / "notebooks" / NOTEBOOK.name)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # the pin cell, as a reader uses it: the one saved synthetic batch, named by its version
+    pinned = sorted(p.name for p in (project_copy / "data/07_model_output/synthetic_batch").iterdir())[-1]
+    pin_cell = next(c for c in notebook.cells if c.cell_type == "code" and c.source.count("PIN = {}") == 1)
+    pin_cell.source = pin_cell.source.replace("PIN = {}", f"PIN = {{'synthetic_batch': '{pinned}'}}")
     # raises CellExecutionError, with the cell and its traceback, if any cell fails
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(project_copy / "notebooks")}}).execute()
@@ -58,6 +62,7 @@ def test_notebook_runs_on_a_tiny_run_of_all_pipelines(project_copy):
     assert "never saved" not in printed and "nothing saved yet" not in printed
     assert any("image/png" in _outputs(cell)[1] for cell in code)  # the grid of synthetic images
     assert "abdomen_00000" in printed  # the manifest
+    assert f"synthetic_batch: pinned version {pinned}" in printed
     assert "generated with this adapter: True; with this base model: True" in printed  # the lineage
     assert "baseline/resnet18/aug" in printed and "hybrid/resnet18/aug" in printed  # zero-shot metrics
     assert "cas_accuracy" in printed  # synthetic quality

@@ -1,10 +1,10 @@
 """What a researcher sees of the runs in the MLflow UI (used by :mod:`fu_kedro.tracking`).
 
 - **Run names** that lead with what differs from ``conf/base``: ``default`` for a plain
-  ``kedro run``; ``pipeline ingestion | lora.max_steps=20`` for ``kedro run --pipeline ingestion
-  --params lora_training.lora.max_steps=20`` (the block name of a pipeline's parameters is left
-  out of the name; the full keys are the run's ``fu.differs.<key>`` tags). An env's changes
-  count too (``env paper | lora.rank=128, ...``).
+  ``kedro run``; ``pipeline lora_training | lora.max_steps=20`` for ``kedro run --pipeline
+  lora_training --params lora_training.lora.max_steps=20`` (the block name of a pipeline that ran
+  is left out; the full keys are the run's ``fu.differs.<key>`` tags). An env's changes count too
+  (``env paper | lora.rank=128, ...``).
 - **summary.png** at the root of every run's artifacts: the run's headline metrics (and the
   pipelines, outputs and differences in its title), so MLflow's compare view, which shows only
   the artifacts the runs have in common at one level, always has one figure to put side by side.
@@ -57,9 +57,19 @@ def differences(params: dict, base: dict) -> dict[str, Any]:
     return {k: v for k, v in now.items() if k not in before or before[k] != v}
 
 
-def _short_key(key: str) -> str:
+def _short_key(key: str, ran: list[str]) -> str:
     head, _, rest = key.partition(".")
-    return rest if head in PIPELINE_BLOCKS and rest else key
+    return rest if head in ran and rest else key
+
+
+def _ordered(diffs: dict[str, Any], ran: list[str]) -> list[tuple[str, Any]]:
+    """The changes that concern the pipelines that ran first (top-level keys, then their blocks),
+    the other pipelines' blocks after them."""
+    def rank(key: str) -> int:
+        head = key.partition(".")[0]
+        return 0 if head not in PIPELINE_BLOCKS else 1 if head in ran else 2
+
+    return sorted(diffs.items(), key=lambda kv: rank(kv[0]))
 
 
 def _value(value: Any) -> str:
@@ -70,7 +80,9 @@ def _value(value: Any) -> str:
 
 def run_name(pipelines: list[str], env: str | None, diffs: dict[str, Any]) -> str:
     """``default``, or what differs: ``pipeline <names>``, ``env <env>``, then ``key=value`` of the
-    changed parameters (up to ``NAME_DIFFS``, then ``+N more``), joined by `` | ``."""
+    changed parameters (up to ``NAME_DIFFS``, then ``+N more``), joined by `` | ``. Those of the
+    pipelines that ran come first, without their block name (``lora.max_steps=20`` in a
+    ``lora_training`` run; ``lora_training.lora.max_steps=20`` in an ``ingestion`` run)."""
     from fu_kedro.pipeline_registry import PIPELINE_ORDER
 
     names = [p for p in pipelines if p != "__default__"] or list(PIPELINE_ORDER)
@@ -80,7 +92,7 @@ def run_name(pipelines: list[str], env: str | None, diffs: dict[str, Any]) -> st
     if env and env not in ("local", "base"):
         parts.append(f"env {env}")
     if diffs:
-        shown = [f"{_short_key(k)}={_value(v)}" for k, v in list(diffs.items())[:NAME_DIFFS]]
+        shown = [f"{_short_key(k, names)}={_value(v)}" for k, v in _ordered(diffs, names)[:NAME_DIFFS]]
         more = len(diffs) - len(shown)
         parts.append(", ".join(shown) + (f" +{more} more" if more else ""))
     return (" | ".join(parts) or "default")[:250]
