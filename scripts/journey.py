@@ -7,8 +7,9 @@
    at once with datasets hidden, so that the labels can be read (``?types=nodes`` ->
    ``kedro_viz.png``), then each pipeline with its datasets (``?pid=<pipeline>`` ->
    ``kedro_viz_<pipeline>.png``).
-   The API must list the layers raw -> primary -> model_input -> models -> model_output ->
-   reporting with every dataset in one, and no ``*_mlflow`` copy; the synthesis pipeline is
+   The API must list the layers 01_raw -> 02_intermediate -> 03_primary -> 05_model_input ->
+   06_models -> 07_model_output -> 08_reporting (named after the data/ folders) with every
+   dataset in one, each pipeline's view in that order too, and no ``*_mlflow`` copy; the synthesis pipeline is
    opened with ``synthetic_preview_grid`` selected and its side panel must show the saved
    grid as an image -> ``kedro_viz_preview.png`` (the dataset must have a saved version).
 2. ``mlflow ui`` on the project's tracking store (the ``server.mlflow_tracking_uri`` of
@@ -594,7 +595,8 @@ def check_viz(report: Report, context, base: str, pipelines: list[str], out: Pat
     page.close()
 
 
-LAYERS = ["raw", "primary", "model_input", "models", "model_output", "reporting"]
+LAYERS = ["01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output",
+          "08_reporting"]
 PREVIEW_DATASET, PREVIEW_PIPELINE = "synthetic_preview_grid", "synthesis"
 
 
@@ -608,6 +610,10 @@ def check_viz_layers(report: Report, base: str) -> None:
     report.add("viz: layers", layers == LAYERS and not without,
                f"{' -> '.join(layers) or 'none'}; {len(data)} datasets"
                + (f"; without a layer: {', '.join(without)}" if without else ", each in a layer"))
+    views = {pid: get_json(f"{base}/api/pipelines/{pid}").get("layers") or [] for pid in PIPELINES}
+    report.add("viz: each pipeline's layers in data-flow order",
+               all(v and v == [x for x in LAYERS if x in v] for v in views.values()),
+               "; ".join(f"{pid}: {' -> '.join(v) or 'none'}" for pid, v in views.items()))
     report.add("viz: no *_mlflow copies", not copies, f"{len(data)} datasets" + (f"; copies: {copies}" if copies else ""))
 
 
