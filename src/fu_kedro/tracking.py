@@ -48,6 +48,7 @@ from kedro.framework.hooks import hook_impl
 from fu_kedro import lineage as L
 from fu_kedro.datasets.versions import load_version, save_version, versioned_path
 from fu_kedro.launch import is_main_process
+from fu_kedro.software import log_to_mlflow, software_record
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class _State:
         self.logged_inputs: set[str] = set()
         self.upstream_runs: dict[str, tuple[str, str | None]] = {}  # dataset -> (run id, version)
         self.outputs: dict[str, str] = {}
+        self.software: dict[str, Any] = {}  # fu_kedro.software.software_record(), once per run
 
 
 STATE = _State()
@@ -173,10 +175,12 @@ class LineageHooks:
             STATE.reset()
             return
         self.mlflow.before_pipeline_run()
+        _log_software()
 
     def _start(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         STATE.catalog = catalog
         STATE.project = Path(run_params.get("project_path") or Path.cwd())
+        STATE.software = software_record()
         import mlflow
 
         active = mlflow.active_run()
@@ -330,7 +334,9 @@ class LineageHooks:
         if record is None or path is None or not path.exists():
             return
         record["sha256"] = L.content_hash(path)
-        L.write_sidecar(path, record)  # beside the data: moves with the version folder when published
+        # beside the data: moves with the version folder when published; the software only
+        # here, not in the records embedded in outputs and upstream chains
+        L.write_sidecar(path, {**record, "software": STATE.software})
         STATE.sidecars[str(_published(path).resolve())] = record
         STATE.outputs[dataset_name] = version
 
@@ -501,6 +507,17 @@ class MlflowRunExtras:
                         STATE.run.get("differs_from_base") or {})
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow: could not log summary.png: %s", exc)
+
+
+def _log_software() -> None:
+    """The run's software (``fu_kedro.software``) on its MLflow run: tags and ``software.json``."""
+    run_id = STATE.run.get("mlflow_run_id")
+    if not run_id or not STATE.software:
+        return
+    try:
+        log_to_mlflow(_mlflow_client(), run_id, STATE.software)
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop a run
+        log.warning("MLflow: could not record the software: %s", exc)
 
 
 def _dataset_source(source: str | dict):
