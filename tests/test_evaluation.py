@@ -16,6 +16,7 @@ from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from conftest import base_params
 
+from fu_kedro.config import UnknownSettingError
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
 from fu_kedro.models.base_model import BaseModel
@@ -73,9 +74,10 @@ def test_hybrid_without_synthetic_images_is_refused():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     empty = syn.select(np.zeros(len(syn), bool))
     data = nodes.prepare_classifier_data(src, tgt, empty, _params(), CLASSES)
-    with pytest.raises(ValueError, match="hybrid experiment needs synthetic images"):
+    with pytest.raises(ValueError, match=r"arms \['ES_SYN', 'HB'\] need synthetic images"):
         nodes.plan_experiments(data, _params(), seed=0)
-    assert len(nodes.plan_experiments(data, _params(training_sets=["baseline"]), seed=0)) == 2
+    real_only = _params(arms={"ES": {"real": "all", "synthetic": "none"}}, comparisons=[])
+    assert len(nodes.plan_experiments(data, real_only, seed=0)) == 2
 
 
 def test_unknown_backbone_and_mismatched_weights_are_refused(tmp_path):
@@ -99,13 +101,20 @@ def test_source_without_validation_patients_is_refused():
 def test_synthetic_ratio_sweep_draws_stratified_subsets():
     src, tgt, syn = _sets(n_src=8, n_tgt=2, n_syn=6)
     data = nodes.prepare_classifier_data(src, tgt, syn, _params(), CLASSES)
-    plan = nodes.plan_experiments(data, _params(training_sets=["baseline"], synthetic_ratios=[0.5], n_seeds=1), seed=3)
-    run = [r for r in plan if r["experiment"] == "hybrid_x0.5"][0]
+    ratio = {"ES": {"real": "all", "synthetic": "none"}, "ES_half": {"real": "all", "synthetic": {"ratio": 0.5}}}
+    params = _params(arms=ratio, comparisons=None, n_seeds=1)
+    plan = nodes.plan_experiments(data, params, seed=3)
+    run = [r for r in plan if r["experiment"] == "ES_half"][0]
     assert run["n_synthetic"] == round(0.5 * len(data["source_train"]))
-    train = nodes.training_set(data, run)
+    train = nodes.training_set(data, run, params)
     assert len(train) == run["n_real"] + run["n_synthetic"]
-    with pytest.raises(ValueError, match="synthetic ratio 5"):
-        nodes.plan_experiments(data, _params(synthetic_ratios=[5]), seed=0)
+    counts = train.meta.iloc[run["n_real"]:]["label"].value_counts()
+    assert counts.max() - counts.min() <= 1  # synthetic_class_mix: uniform
+    with pytest.raises(ValueError, match=r"ES_x5.synthetic \(5 x the arm's real images, uniform class mix\) needs"):
+        nodes.plan_experiments(data, _params(arms={**ratio, "ES_x5": {"real": "all", "synthetic": {"ratio": 5}}},
+                                             comparisons=None), seed=0)
+    with pytest.raises(UnknownSettingError, match="the training sets are now arms in evaluation.arms"):
+        nodes.prepare_classifier_data(src, tgt, syn, _params(training_sets=["baseline"]), CLASSES)
 
 
 def test_plan_names_the_lora_fit_of_each_hybrid_replicate():
@@ -200,9 +209,9 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
     # contract columns first, in order; added columns after them
     assert list(pred.columns)[: len(expected_cols)] == expected_cols
     assert list(pred.columns)[len(expected_cols):] == ["replicate"]
-    assert set(pred["experiment"]) == {"baseline", "hybrid"}
-    assert len(pred) == 2 * 2 * len(tgt)
-    assert set(pred.loc[pred["experiment"] == "baseline", "replicate"]) == {-1}
+    assert set(pred["experiment"]) == {"ES", "BAL", "ES_SYN", "HB"}  # conf/base's four arms
+    assert len(pred) == 4 * 2 * len(tgt)
+    assert set(pred.loc[pred["experiment"].isin(["ES", "BAL"]), "replicate"]) == {-1}
 
     metrics = json.loads((tmp_path / "zero_shot_metrics.json").read_text())
     plan = json.loads((tmp_path / "evaluation_plan.json").read_text())
@@ -216,14 +225,25 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
             f1_score(f["label"], f["prediction"], labels=target_classes, average="macro", zero_division=0))
         argmax = f[[f"prob_{c}" for c in CLASSES]].to_numpy().argmax(1)
         assert (np.asarray(CLASSES)[argmax] == f["prediction"].to_numpy()).all()
-    diff = metrics["differences"]["hybrid/resnet18/aug - baseline/resnet18/aug"]["all_classes"]["accuracy"]
+    assert list(metrics["differences"]) == [f"{a}/resnet18/aug - {b}/resnet18/aug"
+                                            for a, b in (("HB", "ES"), ("BAL", "ES"), ("HB", "BAL"), ("ES_SYN", "ES"))]
+    diff = metrics["differences"]["HB/resnet18/aug - ES/resnet18/aug"]["all_classes"]["accuracy"]
     assert set(diff) >= {"mean", "ci", "per_seed", "paired_test", "variance_components", "ci_test_patients_only"}
-    assert metrics["experiments"]["baseline/resnet18/aug"]["n_seeds"] == 2
+    # the decomposition holds exactly for the means: HB - ES = (BAL - ES) + (HB - BAL)
+    d = {k.split(" - ")[0].split("/")[0] + "-" + k.split(" - ")[1].split("/")[0]: v["all_classes"]["accuracy"]["mean"]
+         for k, v in metrics["differences"].items()}
+    assert d["HB-ES"] == pytest.approx(d["BAL-ES"] + d["HB-BAL"])
+    centers = metrics["differences"]["HB/resnet18/aug - ES/resnet18/aug"]["per_center"]
+    assert set(centers) == set(tgt.meta["center"]) and all(len(c["accuracy"]["ci"]) == 2 for c in centers.values())
+    assert metrics["experiments"]["ES/resnet18/aug"]["n_seeds"] == 2
     assert set(metrics["reference"]) == {"majority", "uniform"}
     assert "this one synthetic batch" in metrics["bootstrap"]["conditional_on"]  # one replicate
     # every arm had the same schedule, recorded in the plan
     assert {r["steps"] for r in plan} == {6}
-    assert all(r["batch_size"] == min(32, r["n_real"] + r["n_synthetic"]) for r in plan)  # a set smaller than a batch is one batch
+    # fixed_real: up to real_per_batch real images a step in every arm, + synthetic_per_batch in synthetic arms
+    batching = params["batching"]
+    assert all(r["batch_size"] == min(batching["real_per_batch"], r["n_real"])
+               + (min(batching["synthetic_per_batch"], r["n_synthetic"]) if r["n_synthetic"] else 0) for r in plan)
     assert all(r["torch_threads"] == params["torch_threads"] for r in plan)
 
     quality_json = json.loads((tmp_path / "synthetic_quality.json").read_text())
@@ -238,6 +258,8 @@ def test_pipeline_writes_contract_files_and_metrics_recompute_from_csv(tmp_path)
 
     report = outputs["evaluation_report"].load()
     assert "Zero-shot comparison" in report and "data:image/png;base64," in report
+    assert report.index("The decomposition") < report.index("The question and the answer")
+    assert "HB − ES = (BAL − ES) + (HB − BAL)" in report and "ES+SYN − ES" in report
     assert "nothing ran on a GPU" not in report and "What ran where" in report
     # the gate: the banner is there exactly when fidelity is below the threshold (the report's own numbers)
     assert ("id='low-fidelity'" in report) == (quality_json["fidelity"] < params["min_fidelity"])

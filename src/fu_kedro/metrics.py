@@ -306,6 +306,7 @@ def summarise_zero_shot(
     seed: int,
     baseline: str = "baseline",
     replicate_fits: bool = False,
+    comparisons: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """All zero-shot metrics of every experiment, with intervals and differences to the baseline.
 
@@ -317,7 +318,10 @@ def summarise_zero_shot(
         n_bootstrap: bootstrap resamples (0 = no intervals).
         ci: interval coverage, e.g. 0.95.
         seed: seed of the bootstrap resampling.
-        baseline: training-set name every other training set is compared with.
+        baseline: without ``comparisons``: the arm every other arm is compared with.
+        comparisons: ``[(arm, minus arm), ...]``: the differences to compute, for every
+            backbone and augmentation both arms have (any arm minus any arm; see
+            :func:`compare_arms`).
         replicate_fits: the synthetic replicates come from independent LoRA fits
             (``synthesis.adapter_per_replicate``), not only independent sampling seeds of one
             adapter: ``bootstrap.conditional_on`` says the interval covers the fits too.
@@ -354,12 +358,112 @@ def summarise_zero_shot(
                                         boot_idx, n_bootstrap, alpha, seed)
         cubes.update({(key, m): c for m, c in cube.items()})
         result["experiments"][key] = entry
-    for key, entry in result["experiments"].items():
-        base_key = experiment_key(baseline, entry["backbone"], entry["augmentation"])
-        if entry["experiment"] != baseline and base_key in result["experiments"]:
-            diff = _difference(key, base_key, result["experiments"], cubes, n_bootstrap, alpha, seed)
-            result["differences"][f"{key} - {base_key}"] = diff
+    if comparisons is None:
+        comparisons = [(e["experiment"], baseline) for e in result["experiments"].values() if e["experiment"] != baseline]
+        comparisons = list(dict.fromkeys(comparisons))
+    for arm, minus in comparisons:
+        for key, entry in list(result["experiments"].items()):
+            base_key = experiment_key(minus, entry["backbone"], entry["augmentation"])
+            if entry["experiment"] == arm and base_key in result["experiments"]:
+                diff = compare_arms(key, base_key, result["experiments"], cubes, n_bootstrap, alpha, seed)
+                diff["comparison"] = [arm, minus]
+                diff["per_center"] = center_differences(runs[key], runs[base_key], classes, target_classes,
+                                                        n_bootstrap, alpha, seed)
+                result["differences"][f"{key} - {base_key}"] = diff
     return result
+
+
+def compare_arms(key: str, base_key: str, experiments: dict, cubes: dict, n_bootstrap: int, alpha: float,
+                 seed: int) -> dict[str, Any]:
+    """``key`` minus ``base_key`` (same backbone and augmentation), paired by seed, whatever synthetic
+    images either has.
+
+    A real-only ``base_key`` (no replicates) pairs with every replicate of ``key``
+    (:func:`_difference` as it is). Two arms with the same synthetic replicates pair by
+    (replicate, seed): their difference cube ``A - B`` goes through the same resampling against
+    a zero arm. A real-only ``key`` minus an arm with replicates is the negated reverse.
+    """
+    reps_a, reps_b = experiments[key]["replicates"], experiments[base_key]["replicates"]
+    if not reps_b:
+        return _difference(key, base_key, experiments, cubes, n_bootstrap, alpha, seed)
+    if not reps_a:
+        return _negated(compare_arms(base_key, key, experiments, cubes, n_bootstrap, alpha, seed), key, base_key)
+    if reps_a != reps_b:
+        raise ValueError(f"{key} - {base_key}: the arms have different synthetic replicates ({reps_a} vs {reps_b}); "
+                         "two arms with synthetic images are paired by replicate and seed")
+    paired = {}
+    for (k, m), cube in cubes.items():
+        if k == key and (base_key, m) in cubes:
+            paired[(key, m)] = cube - cubes[(base_key, m)]
+            paired[(base_key, m)] = np.zeros((cube.shape[0], 1, cube.shape[2]))
+    diff = _difference(key, base_key, experiments, paired, n_bootstrap, alpha, seed)
+    diff["paired_by"] = "replicate and seed"
+    return diff
+
+
+def _negated(diff: dict[str, Any], key: str, base_key: str) -> dict[str, Any]:
+    """``B - A`` from ``A - B``: means, per-seed values and intervals change sign; spreads stay."""
+    def flip(d):
+        out = dict(d, mean=-d["mean"], per_seed={s: -v for s, v in d["per_seed"].items()})
+        for name in ("ci", "ci_test_patients_only"):
+            if name in d:
+                out[name] = [-d[name][1], -d[name][0]]
+        if "paired_test" in d:
+            out["paired_test"] = paired_seed_test(out["per_seed"])
+        return out
+
+    return {**diff, "experiment": key, "baseline": base_key,
+            **{p: {m: flip(v) for m, v in diff[p].items()} for p in PROTOCOLS}}
+
+
+def center_differences(runs_a: list, runs_b: list, classes: list[str], target_classes: list[str], n_bootstrap: int,
+                       alpha: float, seed: int) -> dict[str, Any]:
+    """Per target center: accuracy of arm A minus arm B (paper protocol), paired as :func:`compare_arms`,
+    with a hierarchical bootstrap interval over replicates, seeds and the center's patients."""
+    del target_classes  # accuracy under the paper protocol: argmax over all source classes
+    out: dict[str, Any] = {}
+    frame = runs_a[0][2]
+    centers = frame["center"].astype(str).to_numpy()
+    patients = patient_keys(frame)
+
+    def cube(runs):  # (images, K, S) correct, in (replicate, seed) order
+        reps = sorted({r for r, _, _ in runs})
+        seeds = sorted({s for _, s, _ in runs})
+        cell = {(r, s): (f["prediction"].astype(str) == f["label"].astype(str)).to_numpy(float) for r, s, f in runs}
+        return np.stack([np.stack([cell[(r, s)] for s in seeds], axis=1) for r in reps], axis=1), reps, seeds
+
+    a, reps_a, seeds_a = cube(runs_a)
+    b, reps_b, seeds_b = cube(runs_b)
+    if seeds_a != seeds_b or (reps_a != reps_b and -1 not in reps_a + reps_b):
+        return out
+    rng = np.random.default_rng([seed, 3])
+    for center in sorted(set(centers)):
+        sel = centers == center
+        pats, inverse = np.unique(patients[sel], return_inverse=True)
+        n_img = np.bincount(inverse, minlength=len(pats)).astype(float)
+        sums_a = np.stack([np.bincount(inverse, weights=col, minlength=len(pats))
+                           for col in a[sel].reshape(sel.sum(), -1).T], axis=1).reshape(len(pats), *a.shape[1:])
+        sums_b = np.stack([np.bincount(inverse, weights=col, minlength=len(pats))
+                           for col in b[sel].reshape(sel.sum(), -1).T], axis=1).reshape(len(pats), *b.shape[1:])
+        acc_a, acc_b = sums_a.sum(0) / n_img.sum(), sums_b.sum(0) / n_img.sum()  # (K, S)
+        diff_ks = acc_a - acc_b  # broadcasts a real-only arm (K = 1) over the other's replicates
+        entry: dict[str, Any] = {"n_images": int(sel.sum()), "n_patients": int(len(pats)),
+                                 "accuracy": {"mean": float(diff_ks.mean()),
+                                              "per_seed": {str(s): float(v) for s, v in zip(seeds_a, diff_ks.mean(0))}}}
+        if n_bootstrap:
+            w = rng.multinomial(len(pats), np.full(len(pats), 1.0 / len(pats)), size=n_bootstrap).astype(float)
+            denom = (w @ n_img)[:, None, None]
+            ca = np.einsum("bp,pks->bks", w, sums_a) / denom
+            cb = np.einsum("bp,pks->bks", w, sums_b) / denom
+            if reps_b == [-1]:
+                values = hierarchical_resample(ca, cb[:, 0, :], n_bootstrap, rng)
+            elif reps_a == [-1]:  # A real-only, B with replicates: the reverse, negated
+                values = -hierarchical_resample(cb, ca[:, 0, :], n_bootstrap, rng)
+            else:  # the same replicates: paired by (replicate, seed)
+                values = hierarchical_resample(ca - cb, None, n_bootstrap, rng)
+            entry["accuracy"]["ci"] = _interval(values, alpha)
+        out[center] = entry
+    return out
 
 
 def _experiment_names(pred: pd.DataFrame) -> list[tuple[tuple, str]]:

@@ -30,6 +30,7 @@ import torch
 
 from .backbones import build_classifier
 from .data import TensorSet
+from .sampling import Batching
 from .train import TrainConfig, TrainedClassifier, train_classifier
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class ClassifierJob:
     cfg: TrainConfig
     augmentation: dict | None
     threads: int | None        # torch intra-op threads (None: as set)
+    synthetic: TensorSet | None = None    # synthetic images beside ``train`` (the real ones)
+    batching: Batching | None = None      # where each step's images come from (None: pooled)
+    calibration: TensorSet | None = None  # batch-norm calibration images (None: train)
 
 
 def fit(job: ClassifierJob) -> tuple[TrainedClassifier, str]:
@@ -60,7 +64,8 @@ def fit(job: ClassifierJob) -> tuple[TrainedClassifier, str]:
         torch.manual_seed(job.seed)  # head and random-init weights depend on the seed
         model, weights = build_classifier(job.backbone, job.n_classes, job.image_size, job.weights_file)
         result = train_classifier(model, job.train, job.val, job.cfg, seed=job.seed,
-                                  augmentation=job.augmentation, run_name=job.name)
+                                  augmentation=job.augmentation, run_name=job.name, synthetic=job.synthetic,
+                                  batching=job.batching, calibration=job.calibration)
     return result, weights
 
 

@@ -64,6 +64,8 @@ from tqdm.auto import tqdm
 from fu_kedro.devices import resolve_device
 
 from .data import BatchAugmentation, TensorSet, build_augmentation, to_model_input
+from .sampling import Batching, BatchStream
+from .sampling import index_stream as batch_indices  # noqa: F401 (its old home)
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +206,6 @@ def training_batches(
         yield to_model_input(batch).contiguous(memory_format=memory_format), train.labels[idx]
 
 
-def batch_indices(n: int, batch_size: int, order: torch.Generator):
-    """Endless stream of index batches: reshuffled passes over ``n`` images, each cut into full
-    batches of ``batch_size`` (the incomplete rest of a pass is dropped; a set smaller than one
-    batch is one batch). One item = one optimiser step, so the step count alone fixes the schedule."""
-    while True:
-        perm = torch.randperm(n, generator=order)
-        if n < batch_size:
-            yield perm
-            continue
-        yield from perm[: n - n % batch_size].split(batch_size)
-
-
 def train_step(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
@@ -268,6 +258,9 @@ def train_classifier(
     seed: int,
     augmentation: dict | None = None,
     run_name: str = "classifier",
+    synthetic: TensorSet | None = None,
+    batching: Batching | None = None,
+    calibration: TensorSet | None = None,
 ) -> TrainedClassifier:
     """Train ``model`` for ``cfg.steps`` optimiser steps on ``train``, keep the best evaluation on ``val``.
 
@@ -281,12 +274,18 @@ def train_classifier(
             weights on the same device.
         augmentation: augmentation knobs (see ``build_augmentation``) or ``None`` for none.
         run_name: prefix of the MLflow metric keys and the progress bar label.
+        synthetic: synthetic training tensors beside the real ``train`` ones (``None``: none).
+        batching: where each step's images come from (``fu_kedro.classifiers.sampling``;
+            ``None``: ``pooled``, all images shuffled together as one set).
+        calibration: images the batch-norm statistics are re-estimated on (``None``: ``train``).
 
     Returns:
         ``TrainedClassifier`` in eval mode holding the weights of the best evaluation, on the
         training device; ``history`` has one row per evaluation (step, epoch = images drawn /
         training-set size, lr, train_loss and train_accuracy since the previous evaluation,
-        val_loss, val_accuracy); ``info`` records the schedule and what the run ran on.
+        val_loss, val_accuracy, and the cumulative draws: real_draws, synthetic_draws,
+        real_draws_min/max over the real images); ``info`` records the schedule, what the run
+        ran on and ``real_draw_counts`` (real image id -> times drawn).
     """
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{run_name}: empty training ({len(train)}) or validation ({len(val)}) set")
@@ -296,11 +295,13 @@ def train_classifier(
     model.to(plan.device, memory_format=plan.memory_format)
     # the whole uint8 set goes to the device once; batches are made there (a no-op on the CPU)
     train = TensorSet(train.images.to(plan.device), train.labels.to(plan.device), train.meta)
+    if synthetic is not None and len(synthetic):
+        synthetic = TensorSet(synthetic.images.to(plan.device), synthetic.labels.to(plan.device), synthetic.meta)
+    cal_set = train if calibration is None else calibration
     scaler = torch.amp.GradScaler(plan.device.type) if plan.grad_scaling else None
     torch.manual_seed(seed)
-    order = torch.Generator().manual_seed(seed)
-    augment_rng = torch.Generator().manual_seed(seed + 1)
     aug = build_augmentation(augmentation) if augmentation else None
+    stream = BatchStream(train, synthetic, batching or Batching(), cfg.batch_size, seed, aug, plan.memory_format)
     optimiser = make_optimiser(model, cfg)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.steps)
@@ -310,18 +311,15 @@ def train_classifier(
     last = cfg.selection_metric == "last"
     best_score, best_step, best_state = np.inf, 0, None
     rows = []
-    calibration_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).to(plan.device)
-    batches = batch_indices(len(train), cfg.batch_size, order)
-    batch_size = min(cfg.batch_size, len(train))
+    calibration_idx = torch.randperm(len(cal_set), generator=torch.Generator().manual_seed(seed)).to(plan.device)
+    cal_images = cal_set.images.to(plan.device)
+    batch_size = stream.batch_size
+    n_images = len(train) + (0 if synthetic is None else len(synthetic))
     # kept on the device and read once per evaluation: no wait for the GPU after every step
     losses, correct, seen = [], 0, 0
     model.train()
     for step in tqdm(range(1, cfg.steps + 1), desc=run_name, unit="step", leave=False):
-        idx = next(batches).to(plan.device)
-        x = train.images[idx]
-        if aug is not None:
-            x = aug(x, augment_rng)
-        x, y = to_model_input(x).contiguous(memory_format=plan.memory_format), train.labels[idx]
+        x, y = next(stream)
         loss, logits = train_step(model, optimiser, x, y, plan.amp_dtype, scaler)
         lr = optimiser.param_groups[0]["lr"]
         if schedule is not None:
@@ -340,19 +338,20 @@ def train_classifier(
             # the data when validation starts: eval-mode outputs then collapse to one class.
             # Re-estimating them on un-augmented training images fixes that at the cost of one
             # forward pass over at most this many images.
-            n_cal = min(cfg.bn_recalibration_images, len(train))
-            cal = to_model_input(train.images[calibration_idx[:n_cal]]).contiguous(memory_format=plan.memory_format)
+            n_cal = min(cfg.bn_recalibration_images, len(cal_set))
+            cal = to_model_input(cal_images[calibration_idx[:n_cal]]).contiguous(memory_format=plan.memory_format)
             update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], model)
         val_loss, val_acc = _evaluate(model, val, cfg.eval_batch_size)
         model.train()
         row = {
             "step": step,
-            "epoch": step * batch_size / len(train),
+            "epoch": step * batch_size / n_images,
             "lr": float(lr),
             "train_loss": float(batch_losses.mean()),
             "train_accuracy": int(correct) / seen,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
+            **stream.draws(),
         }
         rows.append(row)
         losses, correct, seen = [], 0, 0
@@ -368,15 +367,18 @@ def train_classifier(
     best = history.loc[history["step"] == best_step].iloc[0]
     log.info(
         "%s: %d steps (%.1f passes over %d images), best at step %d (val_loss %.3f, val_accuracy %.3f)",
-        run_name, cfg.steps, cfg.steps * batch_size / len(train), len(train), best_step,
+        run_name, cfg.steps, cfg.steps * batch_size / n_images, n_images, best_step,
         best["val_loss"], best["val_accuracy"],
     )
     return TrainedClassifier(
         model, history, best_step,
         {
-            "seed": seed, "n_train": len(train), "n_val": len(val), "steps": cfg.steps,
-            "batch_size": batch_size, "passes_over_training_set": cfg.steps * batch_size / len(train),
+            "seed": seed, "n_train": n_images, "n_val": len(val), "steps": cfg.steps,
+            "batch_size": batch_size, "passes_over_training_set": cfg.steps * batch_size / n_images,
             "best_step": best_step, **ran_on(plan, cfg),
+            "batching": (batching or Batching()).rule, "real_per_step": stream.draws()["real_draws"] / cfg.steps,
+            "real_draw_counts": dict(zip(train.meta["image_id"].astype(str), stream.real_draws.tolist()))
+            if "image_id" in train.meta else stream.real_draws.tolist(),
         },
     )
 

@@ -264,6 +264,7 @@ def generate_phantoms(
     settings: list[dict[str, Any]] | None = None,
     images_per_patient: tuple[int, int] = (3, 6),
     classes: tuple[str, ...] | None = None,
+    class_proportions: dict[str, float] | None = None,
 ) -> ImageSet:
     """Generate a labelled phantom set of one acquisition domain.
 
@@ -279,6 +280,10 @@ def generate_phantoms(
         images_per_patient: (min, max) images per source patient; target patients have
             one image per class, like the African set.
         classes: classes to draw; default all five for source, four (no ``other``) for target.
+        class_proportions: source only: class -> weight (normalised); the domain then has
+            ``n_per_class x len(classes)`` images split in these shares (largest remainder),
+            e.g. FETAL_PLANES_DB's training split (Other 42 %, brain 26 %, thorax 17 %,
+            femur 8 %, abdomen 6 %). ``None``: ``n_per_class`` of each class.
 
     Returns:
         ``ImageSet`` with meta columns image_id, patient_id, label, domain, center,
@@ -292,7 +297,8 @@ def generate_phantoms(
     if domain == "source":
         settings = settings or DEFAULT_SOURCE_MACHINES
         classes = tuple(classes or CLASSES)
-        rows = _source_rows(rng, classes, n_per_class, settings, images_per_patient)
+        counts = class_counts(classes, n_per_class, class_proportions)
+        rows = _source_rows(rng, classes, counts, settings, images_per_patient)
     else:
         settings = settings or DEFAULT_TARGET_CENTERS
         classes = tuple(classes or TARGET_CLASSES)
@@ -307,13 +313,31 @@ def generate_phantoms(
     meta["domain"] = domain
     meta["source_file"] = "phantom"
     info = {"format": "phantom", "domain": domain, "seed": int(seed), "n_per_class": int(n_per_class),
+            **({"class_proportions": dict(class_proportions)} if class_proportions and domain == "source" else {}),
             "image_size": int(image_size), "settings": settings}
     return ImageSet(images, meta[["image_id", "patient_id", "label", "domain", "center", "machine",
                                   "source_file"]], info)
 
 
-def _source_rows(rng, classes, n_per_class, machines, images_per_patient):
-    labels = np.repeat(np.array(classes), n_per_class)
+def class_counts(classes: tuple[str, ...], n_per_class: int, proportions: dict[str, float] | None) -> list[int]:
+    """Images per class: ``n_per_class`` each, or ``n_per_class x len(classes)`` split by ``proportions``."""
+    if not proportions:
+        return [int(n_per_class)] * len(classes)
+    missing = sorted(set(classes) - set(proportions))
+    extra = sorted(set(proportions) - set(classes))
+    weights = np.array([float(proportions.get(c, 0)) for c in classes])
+    if missing or extra or (weights <= 0).any():
+        raise ValueError(f"phantom class_proportions must give a weight > 0 to each of {list(classes)} and nothing "
+                         f"else; missing {missing}, unknown {extra}")
+    total = int(n_per_class) * len(classes)
+    raw = weights / weights.sum() * total
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]] += 1
+    return counts.tolist()
+
+
+def _source_rows(rng, classes, counts, machines, images_per_patient):
+    labels = np.repeat(np.array(classes), counts)
     rng.shuffle(labels)
     lo, hi = images_per_patient
     rows, i, p = [], 0, 0

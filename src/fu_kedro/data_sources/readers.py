@@ -431,7 +431,8 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict,
         ph = cfg["phantom"][domain]
         images = generate_phantoms(domain, int(ph["n_per_class"]), int(cfg["image_size"]), int(seed),
                                    settings=ph.get("settings"),
-                                   images_per_patient=tuple(ph.get("images_per_patient", (3, 6))))
+                                   images_per_patient=tuple(ph.get("images_per_patient", (3, 6))),
+                                   class_proportions=ph.get("class_proportions"))
         images.meta["pixel_hash"] = [pixel_hash(img) for img in images.images]
     else:
         if not path:

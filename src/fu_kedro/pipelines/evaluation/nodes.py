@@ -30,6 +30,7 @@ from fu_kedro.classifiers import (
     prepare_tensors,
 )
 from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
+from fu_kedro.classifiers.sampling import batching as sampling_rule
 from fu_kedro.classifiers.train import curve_metrics, train_config
 from fu_kedro.config import check_keys
 from fu_kedro.datasets import ImageSet
@@ -39,14 +40,14 @@ from fu_kedro.lineage import to_jsonable
 from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
 from fu_kedro.models.generation import cpu_threads
 
+from . import arms as arm_defs
 from . import quality
 
 log = logging.getLogger(__name__)
 
-TRAINING_SETS = ("baseline", "hybrid")
 # every key the evaluation block and its sub-blocks accept: a misspelt key stops the run
 PARAMETER_KEYS = {
-    "evaluation": ("image_size", "training_sets", "synthetic_ratios", "backbones", "augmentation",
+    "evaluation": ("image_size", "arms", "comparisons", "synthetic_class_mix", "batching", "backbones", "augmentation",
                    "n_seeds", "weights", "torch_threads", "workers", "min_fidelity", "on_low_fidelity",
                    "train", "augment", "metrics", "quality", "report"),
     "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
@@ -54,19 +55,22 @@ PARAMETER_KEYS = {
     "evaluation.metrics": ("n_bootstrap", "ci"),
     "evaluation.quality": ("cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
                            "memorisation_controls", "memorisation_space", "tsne_perplexity", "max_points_per_class"),
-    "evaluation.report": ("samples_per_class",),
+    "evaluation.report": ("samples_per_class", "paper_table"),
 }
 ON_LOW_FIDELITY = ("warn", "fail")
 MEMORISATION_SPACES = ("decoder", "pixels")  # quality.memorisation_space (absent: decoder)
 
 
 def check_parameters(params: dict) -> None:
-    """Unknown keys anywhere in ``evaluation`` (``train`` included) and bad gate settings stop the run."""
+    """Unknown keys anywhere in ``evaluation`` (``train`` included), bad arms and bad gate settings stop the run."""
+    arm_defs.parse_comparisons(params, arm_defs.parse_arms(params))
+    sampling_rule(params.get("batching"))
     check_keys(params, PARAMETER_KEYS["evaluation"], "evaluation")
     for block, allowed in PARAMETER_KEYS.items():
         if block != "evaluation":
             check_keys(params.get(block.split(".")[1]) or {}, allowed, block)
     train_config(params.get("train"))
+    read_paper_table((params.get("report") or {}).get("paper_table"))  # a missing file stops the run now, not at the report
     if params.get("on_low_fidelity", "warn") not in ON_LOW_FIDELITY:
         raise ValueError(f"evaluation.on_low_fidelity must be one of {list(ON_LOW_FIDELITY)}, "
                          f"got {params.get('on_low_fidelity')!r}")
@@ -222,34 +226,42 @@ def _memorisation_images(source_images: ImageSet, splits: pd.Series, synthetic_b
 
 
 # --------------------------------------------------------------------------- plan
-def _ratio_name(ratio: float) -> str:
-    return f"hybrid_x{ratio:g}"
-
-
 def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dict]:
     """Expand the experiment grid and check it before anything trains.
 
     Args:
         classifier_data: output of ``prepare_classifier_data``.
-        params: ``evaluation`` parameters: ``training_sets``, ``synthetic_ratios``,
+        params: ``evaluation`` parameters: ``arms`` (name -> real and synthetic images, see
+            ``arms.py``), ``comparisons``, ``synthetic_class_mix``, ``batching``,
             ``backbones``, ``augmentation``, ``n_seeds``, ``weights`` (backbone -> file).
-        seed: the project seed; run seeds are ``seed, seed + 1, ...``.
+        seed: the project seed; run seeds are ``seed, seed + 1, ...``; it also draws the
+            balanced real subsets (one subset for every classifier seed).
 
     Returns:
-        One dict per run: experiment (training-set name), backbone, augmentation, seed,
-        replicate (the synthetic-batch replicate it trains with; -1 = none), weights
-        (``"ImageNet weights from <file>"`` or ``"random init"``), weights_file, n_real,
-        n_synthetic, synthetic_ratio, and the schedule every arm shares (steps, batch_size,
-        eval_every, learning_rate, lr_schedule) with the passes over its training set that
-        this makes, and the torch thread count.
+        One dict per run: experiment (arm name), arm_label, real_rule, synthetic_rule,
+        backbone, augmentation, seed, replicate (the synthetic-batch replicate it trains with;
+        -1 = none), weights (``"ImageNet weights from <file>"`` or ``"random init"``),
+        weights_file, n_real, n_real_patients, real_per_class, real_ids (a hash of the real
+        image ids), n_synthetic, synthetic_per_class, synthetic_class_mix, synthetic_ratio,
+        arm_seed, and the schedule every arm shares (steps, batching rule, real_per_step,
+        synthetic_per_step, batch_size, eval_every, learning_rate, lr_schedule) with the
+        draws of each real image it makes, and the torch thread count.
 
     Raises:
-        ValueError: unknown training set, a hybrid set with no synthetic images, a ratio
-            needing more synthetic images than there are, a backbone torchvision lacks, a
-            weights file that does not fit its backbone.
+        ValueError: a bad arm or comparison, a synthetic arm with no synthetic images, a
+            synthetic quota larger than a replicate has, a balanced subset larger than the
+            smallest class, a CSV naming no source-train image, a backbone torchvision lacks,
+            a weights file that does not fit its backbone.
     """
-    n_real = len(classifier_data["source_train"])
-    arms = _training_arms(params, n_real, classifier_data["info"]["n_synthetic"])
+    arms = arm_defs.parse_arms(params)
+    arm_defs.parse_comparisons(params, arms)  # checked now, used by the metrics
+    rule = sampling_rule(params.get("batching"))
+    mix = params.get("synthetic_class_mix", "uniform")
+    n_syn = classifier_data["info"]["n_synthetic"]
+    if any(a.has_synthetic for a in arms) and n_syn == 0:
+        raise ValueError(
+            f"arms {[a.name for a in arms if a.has_synthetic]} need synthetic images, but synthetic_batch has none; "
+            "run the synthesis pipeline first or keep only arms with synthetic: none in evaluation.arms")
     backbones = list(params["backbones"])
     weights_files = dict(params.get("weights") or {})
     descriptions = _check_backbones(backbones, weights_files, classifier_data)
@@ -258,29 +270,58 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
         raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
     augmentations = [bool(a) for a in params["augmentation"]]
     cfg = train_config(params["train"])
-    replicates, per_replicate = _synthetic_replicates(classifier_data, [r for _, r in arms if r is not None], n_real)
     plan = []
-    for experiment, ratio in arms:
-        # the baseline trains once per seed; every synthetic arm once per replicate x seed
-        arm_replicates = [-1] if experiment == "baseline" else replicates
+    for arm in arms:
+        real = _arm_real(classifier_data, arm, int(seed))
+        quotas = _arm_quotas(classifier_data, arm, real["n_real"], mix)
         for backbone in backbones:
             for aug in augmentations:
-                for rep in arm_replicates:
-                    n_s = 0 if rep < 0 else (per_replicate[rep] if ratio is None else int(round(ratio * n_real)))
+                for rep, quota in quotas.items():  # a real-only arm: once per seed; else once per replicate x seed
                     config = {
-                        "experiment": experiment, "backbone": backbone, "augmentation": aug, "replicate": rep,
-                        "weights": descriptions[backbone], "weights_file": weights_files.get(backbone),
-                        "n_real": n_real, "n_synthetic": n_s, "synthetic_ratio": ratio,
+                        "experiment": arm.name, **arm.spec(), "backbone": backbone, "augmentation": aug,
+                        "replicate": rep, "weights": descriptions[backbone], "weights_file": weights_files.get(backbone),
+                        **real, "n_synthetic": int(sum(quota.values())),
+                        "synthetic_per_class": {classifier_data["classes"][c]: n for c, n in quota.items()},
+                        "synthetic_class_mix": mix if arm.has_synthetic else None,
+                        "synthetic_ratio": arm.synthetic_value if arm.synthetic == "ratio" else None,
+                        "arm_seed": int(seed),
                     }
-                    plan.extend(_seeded_runs(config, cfg, int(seed), n_seeds, params.get("torch_threads")))
+                    plan.extend(_seeded_runs(config, cfg, rule, int(seed), n_seeds, params.get("torch_threads")))
     fits = _replicate_fits(classifier_data)
     if fits:  # synthesis.adapter_per_replicate: the LoRA fit each synthetic arm's replicate was made with
         for run in plan:
             if run["replicate"] >= 0:
                 run["adapter_fit"], run["adapter_content_hash"] = fits[run["replicate"]]
-    log.info("evaluation plan: %d classifier runs of %d optimiser steps each (batch %d), %d synthetic replicate(s)",
-             len(plan), cfg.steps, cfg.batch_size, len(replicates))
+    log.info("evaluation plan: %d classifier runs of %d optimiser steps each (%s batches), arms %s",
+             len(plan), cfg.steps, rule.rule, ", ".join(f"{a.name} ({a.describe_real()}; synthetic "
+                                                        f"{a.describe_synthetic()})" for a in arms))
     return plan
+
+
+def _arm_real(classifier_data: dict, arm, seed: int) -> dict[str, Any]:
+    """What the plan records about an arm's real images (counts, patients, a hash of the ids)."""
+    train = classifier_data["source_train"]
+    pos, found = arm_defs.real_positions(arm, train, seed, classifier_data["source_val"])
+    meta = train.meta.iloc[pos]
+    labels = np.asarray(classifier_data["classes"], dtype=object)[train.labels.numpy()[pos]]
+    per_class = {c: int((labels == c).sum()) for c in classifier_data["classes"]}
+    return {"n_real": int(len(pos)), "n_real_patients": int(meta["patient_id"].nunique()), "real_per_class": per_class,
+            "real_ids": arm_defs.ids_digest(meta["image_id"]), **({"real_found": found} if found else {})}
+
+
+def _arm_quotas(classifier_data: dict, arm, n_real: int, mix: str) -> dict[int, dict[int, int]]:
+    """replicate -> class index -> synthetic images the arm takes from it (``{-1: {}}`` for a real-only arm)."""
+    if not arm.has_synthetic:
+        return {-1: {}}
+    synthetic = classifier_data["synthetic"]
+    train_labels = classifier_data["source_train"].labels.numpy()
+    classes, counts = np.unique(train_labels, return_counts=True)
+    prior = {int(c): k / counts.sum() for c, k in zip(classes, counts)}
+    out = {}
+    for rep in classifier_data["info"].get("synthetic_replicates") or [0]:
+        labels = synthetic.labels.numpy()[(synthetic.meta["replicate"] == rep).to_numpy()]
+        out[int(rep)] = arm_defs.synthetic_quota(arm, n_real, labels, prior, mix)
+    return out
 
 
 def _replicate_fits(classifier_data: dict) -> dict[int, tuple[int, str]]:
@@ -293,60 +334,11 @@ def _replicate_fits(classifier_data: dict) -> dict[int, tuple[int, str]]:
     return {int(r): (int(row["adapter_fit"]), str(row["adapter_content_hash"])) for r, row in first.iterrows()}
 
 
-def _training_arms(params: dict, n_real: int, n_syn: int) -> list[tuple[str, float | None]]:
-    """The training sets to compare, checked: ``(name, synthetic:real ratio or None)`` for each of
-    ``evaluation.training_sets``, then one ``hybrid_x<r>`` per ``synthetic_ratios`` entry."""
-    sets = list(params["training_sets"])
-    unknown = [s for s in sets if s not in TRAINING_SETS]
-    if unknown:
-        raise ValueError(f"evaluation.training_sets {unknown} unknown; choose from {list(TRAINING_SETS)}")
-    ratios = [float(r) for r in (params.get("synthetic_ratios") or [])]
-    if ("hybrid" in sets or ratios) and n_syn == 0:
-        raise ValueError(
-            "a hybrid experiment needs synthetic images, but synthetic_batch has none; run the synthesis "
-            "pipeline first or set evaluation.training_sets: [baseline] and synthetic_ratios: []"
-        )
-    for r in ratios:
-        if r <= 0:
-            raise ValueError(
-                f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images ({n_real} real train images); "
-                f"the synthetic batch has {n_syn} and ratios must be > 0"
-            )
-    return [(s, None) for s in sets] + [(_ratio_name(r), r) for r in ratios]
-
-
-def _synthetic_replicates(classifier_data: dict, ratios: list[float], n_real: int) -> tuple[list[int], dict[int, int]]:
-    """The synthetic batch's replicates and how many images each has; a ratio needing more
-    synthetic images than the smallest replicate has stops the run."""
-    synthetic = classifier_data["synthetic"]
-    replicates = classifier_data["info"].get("synthetic_replicates") or [0]
-    per_replicate = (
-        {r: int((synthetic.meta["replicate"] == r).sum()) for r in replicates} if synthetic is not None else {}
-    )
-    if ratios:
-        smallest = min(per_replicate.values())
-        for r in ratios:
-            if round(r * n_real) > smallest:
-                raise ValueError(f"synthetic ratio {r:g} needs {round(r * n_real)} synthetic images per replicate; the "
-                                 f"smallest replicate of the batch has {smallest}")
-    return replicates, per_replicate
-
-
-def _seeded_runs(run: dict, cfg: TrainConfig, seed: int, n_seeds: int, threads: int | None) -> list[dict]:
+def _seeded_runs(run: dict, cfg: TrainConfig, rule, seed: int, n_seeds: int, threads: int | None) -> list[dict]:
     """One plan row per classifier seed (``seed, seed + 1, ...``) of one configuration, with the
     schedule every arm shares."""
-    batch = min(cfg.batch_size, run["n_real"] + run["n_synthetic"])
-    schedule = _shared_schedule(cfg, batch, run["n_real"] + run["n_synthetic"])
-    return [
-        {
-            "experiment": run["experiment"], "backbone": run["backbone"], "augmentation": run["augmentation"],
-            "seed": seed + i, "replicate": run["replicate"],
-            "weights": run["weights"], "weights_file": run["weights_file"],
-            "n_real": run["n_real"], "n_synthetic": run["n_synthetic"], "synthetic_ratio": run["synthetic_ratio"],
-            **schedule, "torch_threads": threads,
-        }
-        for i in range(n_seeds)
-    ]
+    schedule = _shared_schedule(cfg, rule, run["n_real"], run["n_synthetic"])
+    return [{**run, "seed": seed + i, **schedule, "torch_threads": threads} for i in range(n_seeds)]
 
 
 def _check_backbones(backbones: list[str], weights_files: dict, classifier_data: dict) -> dict[str, str]:
@@ -364,16 +356,28 @@ def _check_backbones(backbones: list[str], weights_files: dict, classifier_data:
     return descriptions
 
 
-def _shared_schedule(cfg: TrainConfig, batch: int, n_images: int) -> dict[str, Any]:
-    """The schedule, equal for every arm: same steps, batch, lr, evaluations (and the passes it makes)."""
+def _shared_schedule(cfg: TrainConfig, rule, n_real: int, n_synthetic: int) -> dict[str, Any]:
+    """The schedule, equal for every arm: same steps, lr, evaluations, real images per step
+    (``fixed_real``) or images per step (``pooled``), and the draws of each real image this makes."""
+    real, syn = rule.sizes(cfg.batch_size, n_real, n_synthetic)
+    held = ("optimiser steps, real images per step (one real-image stream, seeded alike in every arm), "
+            "learning-rate schedule, evaluations, batch-norm calibration images" if rule.rule == "fixed_real" else
+            "optimiser steps, batch size (real and synthetic images shuffled together), learning-rate schedule, "
+            "evaluations, batch-norm calibration images")
+    batch = real + syn
+    real_draws = cfg.steps * (real if rule.rule == "fixed_real" else batch * n_real / (n_real + n_synthetic))
     return {
         "steps": cfg.steps,
+        "batching": rule.rule,
+        "real_per_step": real if rule.rule == "fixed_real" else None,
+        "synthetic_per_step": syn if rule.rule == "fixed_real" else None,
         "batch_size": batch,
         "eval_every": cfg.eval_every,
         "learning_rate": cfg.learning_rate,
         "lr_schedule": cfg.lr_schedule,
-        "held_equal": "optimiser steps, batch size, learning-rate schedule, evaluations",
-        "passes_over_training_set": round(cfg.steps * batch / n_images, 3),
+        "held_equal": held,
+        "passes_over_training_set": round(cfg.steps * batch / (n_real + n_synthetic), 3),
+        "draws_per_real_image": round(real_draws / n_real, 3),
     }
 
 
@@ -385,39 +389,48 @@ def run_key(run: dict) -> str:
 
 
 # --------------------------------------------------------------------------- training
-def _synthetic_subset(synthetic: TensorSet, n: int, seed: int) -> TensorSet:
-    """``n`` synthetic images drawn class-stratified (proportional to the batch) with ``seed``."""
-    if n >= len(synthetic):
-        return synthetic
-    rng = np.random.default_rng(seed)
-    labels = synthetic.labels.numpy()
-    picked = []
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts / counts.sum() * n).astype(int)
-    quota[np.argsort(-(counts / counts.sum() * n - quota))[: n - quota.sum()]] += 1
-    for c, q in zip(classes, quota):
-        picked.append(rng.choice(np.flatnonzero(labels == c), q, replace=False))
-    return synthetic.subset(np.sort(np.concatenate(picked)))
+def arm_images(classifier_data: dict, run: dict, params: dict) -> tuple[TensorSet, TensorSet | None]:
+    """The images a planned run trains on: (its arm's real images, its synthetic images or ``None``).
 
-
-def training_set(classifier_data: dict, run: dict) -> TensorSet:
-    """The images a planned run trains on: real source train, plus synthetic images for hybrids."""
-    real = classifier_data["source_train"]
-    if run["n_synthetic"] == 0:
-        return real
+    The real images follow the arm's rule with the plan's ``arm_seed``; the synthetic ones are
+    the first ``synthetic_per_class`` images of one order per class seeded by the classifier
+    seed, from the run's replicate (so two arms asking for the same numbers get the same images).
+    """
+    arm = {a.name: a for a in arm_defs.parse_arms(params)}[run["experiment"]]
+    train = classifier_data["source_train"]
+    real = train.subset(arm_defs.real_positions(arm, train, int(run["arm_seed"]))[0])
+    if int(run["n_synthetic"]) == 0:
+        return real, None
     synthetic = classifier_data["synthetic"]
     replicate = synthetic.subset((synthetic.meta["replicate"] == int(run.get("replicate", 0))).to_numpy())
-    syn = _synthetic_subset(replicate, run["n_synthetic"], run["seed"])
-    return TensorSet.concat([real, syn])
+    index = {c: i for i, c in enumerate(classifier_data["classes"])}
+    quota = {index[c]: int(n) for c, n in run["synthetic_per_class"].items()}
+    return real, replicate.subset(arm_defs.synthetic_positions(replicate, quota, int(run["seed"])))
 
 
-def _job(name: str, run: dict, train, val, classifier_data: dict, cfg, params: dict) -> ClassifierJob:
+def training_set(classifier_data: dict, run: dict, params: dict) -> TensorSet:
+    """A planned run's real and synthetic images as one set (real first)."""
+    real, synthetic = arm_images(classifier_data, run, params)
+    return real if synthetic is None else TensorSet.concat([real, synthetic])
+
+
+def calibration_images(classifier_data: dict, experiment_plan: list[dict], params: dict) -> TensorSet:
+    """The real images batch-norm statistics are re-estimated on: those every planned arm trains on."""
+    names = list(dict.fromkeys(run["experiment"] for run in experiment_plan))
+    arms = [a for a in arm_defs.parse_arms(params) if a.name in names]
+    train = classifier_data["source_train"]
+    return train.subset(arm_defs.calibration_pool(arms, train, int(experiment_plan[0]["arm_seed"])))
+
+
+def _job(name: str, run: dict, train, val, classifier_data: dict, cfg, params: dict, synthetic=None,
+         calibration=None, batching=None) -> ClassifierJob:
     """One planned run as a :class:`ClassifierJob` (what its weights depend on)."""
     return ClassifierJob(
         name=name, backbone=run["backbone"], n_classes=len(classifier_data["classes"]),
         image_size=classifier_data["image_size"], weights_file=run["weights_file"], seed=int(run["seed"]),
         train=train, val=val, cfg=cfg, augmentation=params["augment"] if run["augmentation"] else None,
-        threads=params.get("torch_threads"),
+        threads=params.get("torch_threads"), synthetic=synthetic,
+        batching=batching, calibration=calibration,
     )
 
 
@@ -460,11 +473,13 @@ def train_experiments(
     mine = list(range(len(chosen)))[state.process_index :: state.num_processes]
     trained, histories = {}, []
     jobs = []
+    calibration = calibration_images(classifier_data, experiment_plan, params) if cfg.bn_recalibration_images else None
     for i in mine:
         run = chosen[i]
         log.info("classifier %d/%d (%s arms): %s (%s)", i + 1, len(chosen), arms, run_key(run), run["weights"])
-        jobs.append(_job(curve_run_name(run_key(run)), run, training_set(classifier_data, run),
-                         classifier_data["source_val"], classifier_data, cfg, params))
+        real, synthetic = arm_images(classifier_data, run, params)
+        jobs.append(_job(curve_run_name(run_key(run)), run, real, classifier_data["source_val"], classifier_data,
+                         cfg, params, synthetic, calibration, sampling_rule(params.get("batching"))))
     with stage_threads(params):
         fitted = fit_all(jobs, _workers(params, cfg, state))
     for i, (result, _) in zip(mine, fitted):
@@ -476,8 +491,9 @@ def train_experiments(
         hist.insert(0, "run", key)
         for col in ("experiment", "backbone", "augmentation", "seed", "replicate"):
             hist[col] = run.get(col, -1)
-        for col in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps"):
+        for col in ("device", "autocast", "memory_format", "torch_threads", "batch_size", "steps", "batching"):
             hist[col] = result.info[col]  # what this run actually ran on
+        hist["real_ids"] = run["real_ids"]
         hist["best_step"] = result.best_step
         hist["best_epoch"] = float(hist.loc[hist["step"] == result.best_step, "epoch"].iloc[0])
         histories.append(hist)
@@ -596,9 +612,9 @@ def check_synthetic_fidelity(
     if synthetic is None:
         gate.update(status="no synthetic batch", fidelity=None)
         return gate
-    scorers = _first_config_runs(experiment_plan, "baseline")
+    scorers = _first_config_runs(experiment_plan, _reference_arm(experiment_plan))
     if not scorers:
-        raise ValueError("the fidelity gate needs baseline runs (evaluation.training_sets must include baseline)")
+        raise ValueError("the fidelity gate needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
     models = [baseline_classifiers[run_key(r)].model for r in scorers]
     val = classifier_data["source_val"]
     n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
@@ -704,12 +720,26 @@ def compute_zero_shot_metrics(
         ci=float(params["metrics"]["ci"]),
         seed=int(seed),
         replicate_fits=len({run["adapter_content_hash"] for run in experiment_plan if "adapter_content_hash" in run}) > 1,
+        comparisons=arm_defs.parse_comparisons(params, arm_defs.parse_arms(params)),
     )
     for run in experiment_plan:
         entry = result["experiments"].get(experiment_key(run["experiment"], run["backbone"], run["augmentation"]))
         if entry is not None:
-            entry.update({k: run[k] for k in ("n_real", "n_synthetic", "weights", "synthetic_ratio")})
+            entry.update({k: run.get(k) for k in PLAN_FIELDS_IN_METRICS})
+    result["arms"] = {
+        "batching": sampling_rule(params.get("batching")).rule,
+        "synthetic_class_mix": params.get("synthetic_class_mix", "uniform"),
+        "order": list(dict.fromkeys(run["experiment"] for run in experiment_plan)),
+        "comparisons": [list(c) for c in arm_defs.parse_comparisons(params, arm_defs.parse_arms(params))],
+    }
     return to_jsonable(result, finite=True)
+
+
+# what each experiment's metrics entry carries from the plan (what its arm trained on)
+PLAN_FIELDS_IN_METRICS = ("n_real", "n_real_patients", "real_per_class", "real_found", "n_synthetic",
+                          "synthetic_per_class", "synthetic_class_mix", "weights", "synthetic_ratio", "arm_label",
+                          "real_rule", "synthetic_rule", "batching", "real_per_step", "synthetic_per_step",
+                          "draws_per_real_image")
 
 
 def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
@@ -728,7 +758,13 @@ def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- synthetic quality
-def _first_config_runs(experiment_plan: list[dict], experiment: str) -> list[dict]:
+def _reference_arm(experiment_plan: list[dict]) -> str | None:
+    """The real-only arm whose classifiers score the synthetic batch (fidelity gate, CAS schedule,
+    feature space): the first arm of ``evaluation.arms`` without synthetic images."""
+    return next((r["experiment"] for r in experiment_plan if int(r["n_synthetic"]) == 0), None)
+
+
+def _first_config_runs(experiment_plan: list[dict], experiment: str | None) -> list[dict]:
     first = experiment_plan[0]
     return [
         r for r in experiment_plan
@@ -754,7 +790,7 @@ def train_cas_classifier(
     synthetic = classifier_data["synthetic"]
     if synthetic is None:
         return None
-    runs = _first_config_runs(experiment_plan, "baseline") or [experiment_plan[0]]
+    runs = _first_config_runs(experiment_plan, _reference_arm(experiment_plan)) or [experiment_plan[0]]
     labels = synthetic.labels.numpy()
     frac = float(params["quality"]["cas_holdout_fraction"])
     cfg = train_config(params["train"])
@@ -828,9 +864,9 @@ def assess_synthetic_quality(
     if synthetic is None:
         empty = pd.DataFrame(columns=["class", "kind", "x", "y"])
         return {"n_images": 0, "fidelity": None, "cas_accuracy": None, "note": "synthetic batch is empty"}, empty
-    baselines = _first_config_runs(experiment_plan, "baseline")
+    baselines = _first_config_runs(experiment_plan, _reference_arm(experiment_plan))
     if not baselines:
-        raise ValueError("synthetic quality needs baseline runs (evaluation.training_sets must include baseline)")
+        raise ValueError("synthetic quality needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
     gate = fidelity_gate or check_synthetic_fidelity(
         classifier_data, trained_classifiers, experiment_plan, dict(params, on_low_fidelity="warn"), seed)
     base_models = [trained_classifiers[run_key(r)].model for r in baselines]
@@ -918,4 +954,27 @@ def build_report(
 
     return report.evaluation_report(classifier_data, experiment_plan, training_history, zero_shot_metrics,
                                     synthetic_quality, synthetic_embedding,
-                                    int(params["report"]["samples_per_class"]), seed)
+                                    int(params["report"]["samples_per_class"]), seed,
+                                    read_paper_table(params["report"].get("paper_table")))
+
+
+def read_paper_table(path: str | None) -> pd.DataFrame | None:
+    """The FU-LoRA authors' result table (``evaluation.report.paper_table``; ``None``: not shown)."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluation.report.paper_table: {path} does not exist (the FU-LoRA authors' "
+                                "paper_table_overall_performance.csv; null leaves the paper's rows out)")
+    table = pd.read_csv(path, encoding="utf-8-sig")
+    missing = [c for c in report_columns() if c not in table.columns]
+    if missing:
+        raise ValueError(f"evaluation.report.paper_table: {path} lacks columns {missing}")
+    return table
+
+
+def report_columns() -> list[str]:
+    from .report import PAPER_COLUMNS
+
+    return PAPER_COLUMNS

@@ -16,7 +16,15 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from fu_kedro.lineage import chain_html  # noqa: E402
 
-DATA_NAMES = {"baseline": "Real", "hybrid": "Real + synthetic"}
+# the paper's backbone names (paper_table_overall_performance.csv) for ours
+PAPER_MODEL_NAMES = {"resnet18": "ResNet18", "densenet169": "DenseNet169", "mobilenet_v2": "MobileNet v2",
+                     "efficientnet_b0": "EfficientNet b0", "vit_b_16": "ViT b16"}
+PAPER_COLUMNS = ["Data", "Model", "# ES", "# Synthetic", "# Patients", "ACC", "Recall", "Precision", "F-score", "AUC"]
+
+
+def arm_label(entry: dict) -> str:
+    """An experiment's arm as the report names it (its ``label`` in evaluation.arms, else its name)."""
+    return str(entry.get("arm_label") or entry["experiment"])
 
 
 def _pct(entry: dict, protocol: str, metric: str) -> str:
@@ -39,10 +47,9 @@ def comparison_table(metrics: dict, protocol: str) -> pd.DataFrame:
     """
     rows = []
     for key, e in metrics["experiments"].items():
-        data = DATA_NAMES.get(e["experiment"], e["experiment"].replace("hybrid_x", "Real + synthetic x"))
         rows.append(
             {
-                "Data": data,
+                "Data": arm_label(e),
                 "Model": f"{e['backbone']} ({'DA' if e['augmentation'] else 'no DA'})",
                 "#real": e.get("n_real"),
                 "#synthetic": e.get("n_synthetic"),
@@ -87,6 +94,123 @@ def per_center_table(metrics: dict) -> pd.DataFrame:
                     "F-score": f"{100 * v['mean']['f1_macro']:.1f} ± {100 * v['sd']['f1_macro']:.1f}",
                 }
             )
+    return pd.DataFrame(rows)
+
+
+def _delta(v: dict | None) -> str:
+    if not v or v.get("mean") is None:
+        return "n/a"
+    ci = v.get("ci")
+    return f"{100 * v['mean']:+.2f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci and ci[0] is not None else "")
+
+
+def _configs(metrics: dict) -> list[tuple[str, bool]]:
+    return list(dict.fromkeys((e["backbone"], e["augmentation"]) for e in metrics["experiments"].values()))
+
+
+def _arm_entries(metrics: dict, backbone: str, aug: bool) -> list[tuple[str, dict]]:
+    order = (metrics.get("arms") or {}).get("order") or [e["experiment"] for e in metrics["experiments"].values()]
+    by_arm = {e["experiment"]: (k, e) for k, e in metrics["experiments"].items()
+              if e["backbone"] == backbone and e["augmentation"] == aug}
+    return [by_arm[a] for a in order if a in by_arm]
+
+
+def decomposition_tables(metrics: dict, backbone: str, aug: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per arm: what it trained on and its zero-shot scores; one row per comparison:
+    the paired differences with their intervals), for one backbone and augmentation."""
+    arms = []
+    for _, e in _arm_entries(metrics, backbone, aug):
+        per_class = e.get("real_per_class") or {}
+        arms.append({
+            "arm": arm_label(e), "real images": e.get("real_rule"), "#real": e.get("n_real"),
+            "real per class": ", ".join(f"{c} {n}" for c, n in per_class.items()),
+            "#patients": e.get("n_real_patients"), "synthetic": e.get("synthetic_rule"), "#synthetic": e.get("n_synthetic"),
+            "ACC": _pct(e, "all_classes", "accuracy"), "F-score": _pct(e, "all_classes", "f1_macro"),
+            "AUC": _pct(e, "all_classes", "roc_auc_macro"), "seeds": len(e["seeds"]),
+            "replicates": len(e.get("replicates") or []) or "-",
+        })
+    diffs = []
+    for d in metrics["differences"].values():
+        a, b = metrics["experiments"][d["experiment"]], metrics["experiments"][d["baseline"]]
+        if (a["backbone"], a["augmentation"]) != (backbone, aug):
+            continue
+        acc = d["all_classes"]["accuracy"]
+        diffs.append({
+            "difference": f"{arm_label(a)} − {arm_label(b)}",
+            "Δ ACC [interval]": _delta(acc), "Δ F-score": _delta(d["all_classes"].get("f1_macro")),
+            "Δ AUC": _delta(d["all_classes"].get("roc_auc_macro")),
+            "paired by": d.get("paired_by", "seed"),
+            "per seed (ACC)": ", ".join(_pts(v) for v in acc.get("per_seed", {}).values()),
+        })
+    return pd.DataFrame(arms), pd.DataFrame(diffs)
+
+
+def decomposition_identities(metrics: dict, backbone: str, aug: bool) -> list[str]:
+    """Each ``X − Z = (Y − Z) + (X − Y)`` the comparisons allow, with the three accuracy differences (points)."""
+    acc = {}
+    for d in metrics["differences"].values():
+        a, b = metrics["experiments"][d["experiment"]], metrics["experiments"][d["baseline"]]
+        if (a["backbone"], a["augmentation"]) == (backbone, aug):
+            acc[(a["experiment"], b["experiment"])] = (d["all_classes"]["accuracy"]["mean"], arm_label(a), arm_label(b))
+    out = []
+    for (x, z), (total, lx, lz) in acc.items():
+        for (y, z2), (first, ly, _) in acc.items():
+            if z2 == z and y != x and (x, y) in acc:
+                out.append(f"{lx} − {lz} = ({ly} − {lz}) + ({lx} − {ly}): {_pts(total)} = {_pts(first)} + "
+                           f"({_pts(acc[(x, y)][0])}) points")
+    return out
+
+
+def decomposition_html(metrics: dict) -> str:
+    """The report's lead: per configuration the arms, then their differences with intervals, and what
+    the arms held equal (batching rule, synthetic class mix)."""
+    info = metrics.get("arms") or {}
+    out = [
+        "<p>Each arm names its real and its synthetic images; everything else is the same in every arm: "
+        f"the schedule, the batching rule <b>{html.escape(str(info.get('batching', 'n/a')))}</b> "
+        "(fixed_real: the same number of real images every step, from one real-image stream seeded alike in every "
+        "arm, so arms with the same real images draw each one equally often with the same augmentation; pooled: "
+        "the paper's recipe, all images shuffled together), the batch-norm calibration images (real images every "
+        "arm has) and the seeds. Synthetic class mix: "
+        f"<b>{html.escape(str(info.get('synthetic_class_mix', 'n/a')))}</b>. Differences are in points, paired by "
+        "classifier seed (an arm without synthetic images pairs with every replicate), with the hierarchical "
+        "bootstrap interval.</p>"]
+    for backbone, aug in _configs(metrics):
+        arms, diffs = decomposition_tables(metrics, backbone, aug)
+        out.append(f"<h3>{html.escape(backbone)} ({'DA' if aug else 'no DA'})</h3>" + _table(arms) + _table(diffs))
+        out.extend(f"<p class='note'>{html.escape(line)}</p>" for line in decomposition_identities(metrics, backbone, aug))
+    return "".join(out)
+
+
+def per_center_differences_table(metrics: dict) -> pd.DataFrame:
+    """Per comparison and target center: the paired accuracy difference (points) with its interval."""
+    rows = []
+    for d in metrics["differences"].values():
+        a, b = metrics["experiments"][d["experiment"]], metrics["experiments"][d["baseline"]]
+        for center, v in (d.get("per_center") or {}).items():
+            rows.append({"difference": f"{arm_label(a)} − {arm_label(b)}",
+                         "model": f"{a['backbone']} ({'DA' if a['augmentation'] else 'no DA'})", "center": center,
+                         "patients": v["n_patients"], "images": v["n_images"], "Δ ACC [interval]": _delta(v["accuracy"])})
+    return pd.DataFrame(rows)
+
+
+def paper_layout_table(metrics: dict, paper: pd.DataFrame | None) -> pd.DataFrame:
+    """Our arms in the paper's table layout (Data, Model, # ES, # Synthetic, # Patients, ACC, Recall,
+    Precision, F-score, AUC; percent, seed means; AUC from one-hot predictions as the paper's
+    notebook), each of the paper's rows for the same Data and Model beside it."""
+    rows = []
+    for e in metrics["experiments"].values():
+        mean = e["all_classes"]["mean"]
+        data = arm_label(e) + ("+DA" if e["augmentation"] else "")
+        model = PAPER_MODEL_NAMES.get(e["backbone"], e["backbone"])
+        rows.append({"source": "ours", "Data": data, "Model": model, "# ES": e.get("n_real"),
+                     "# Synthetic": e.get("n_synthetic"), "# Patients": e.get("n_real_patients"),
+                     **{c: None if mean.get(m) is None else round(100 * mean[m], 2) for c, m in (
+                         ("ACC", "accuracy"), ("Recall", "recall_macro"), ("Precision", "precision_macro"),
+                         ("F-score", "f1_macro"), ("AUC", "auc_hard_label"))}})
+        if paper is not None:
+            for _, row in paper[(paper["Data"] == data) & (paper["Model"] == model)].iterrows():
+                rows.append({"source": "paper", **{c: row[c] for c in PAPER_COLUMNS}})
     return pd.DataFrame(rows)
 
 
@@ -508,7 +632,7 @@ def _interval_note(m: dict) -> str:
 
 def evaluation_report(classifier_data: dict, experiment_plan: list[dict], training_history: pd.DataFrame,
                       zero_shot_metrics: dict, synthetic_quality: dict, synthetic_embedding: pd.DataFrame,
-                      samples_per_class: int, seed: int):
+                      samples_per_class: int, seed: int, paper_table: pd.DataFrame | None = None):
     """The evaluation report (one self-contained HTML page) and its figures (see ``nodes.build_report``)."""
     figs = report_figures(classifier_data, training_history, zero_shot_metrics, synthetic_embedding,
                           samples_per_class, seed)
@@ -517,18 +641,26 @@ def evaluation_report(classifier_data: dict, experiment_plan: list[dict], traini
     best = training_history.groupby("run", sort=False)[["best_step", "best_epoch"]].first().reset_index()
     q, m = synthetic_quality, zero_shot_metrics
     sections = [
+        ("The decomposition: the arms and their differences (target, paper protocol)", decomposition_html(m)),
         ("The question and the answer", headline_html(m, q)),
         ("Chance and reference rows (target, paper protocol)", _table(reference_table(m))),
         ("Zero-shot comparison (paper protocol: argmax over all source classes, 'other' is an error)",
          _table(comparison_table(m, "all_classes")) + _interval_note(m)),
         ("Zero-shot comparison restricted to the target's classes", _table(comparison_table(m, "target_classes"))),
+        *([("Our arms beside the paper's table (FU-LoRA, paper_table_overall_performance.csv)",
+            _table(paper_layout_table(m, paper_table)) + "<p class='note'>Percent; ours are means over seeds (and "
+            "replicates) on this run's target; AUC here is from one-hot predictions as in the paper's notebook. "
+            "The paper's rows are as published (its own test split and training).</p>")]
+          if paper_table is not None else []),
         ("Differences to the baseline (percentage points, paired by seed)",
          _table(differences_table(m)) + _table(paired_seed_table(m))),
         ("Per-class recall (mean over classifiers, paper protocol)", _table(per_class_recall_table(m))),
         ("Synthetic data quality", quality_html(q) + img["embedding"]),
         ("Source-validation curves (checkpoint selection; same schedule for every arm)",
          img["curves"] + _table(schedule) + _table(best)),
-        ("Per target center", img["per_center"] + _table(per_center_table(m))),
+        ("Per target center", img["per_center"] + _table(per_center_table(m))
+         + "<p>Paired differences per center (accuracy, points; the interval resamples replicates, seeds and "
+           "the center's patients):</p>" + _table(per_center_differences_table(m))),
         ("Confusion matrices", img["confusion"]),
         ("Data and weights", _table(data_table(classifier_data["info"])) + _table(weights)
          + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
