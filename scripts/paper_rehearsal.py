@@ -13,12 +13,14 @@ of the project, after putting stand-ins where the downloads go:
   ``save_pretrained`` in diffusers layout (fp16 safetensors, as the hub's fp16 files);
 * ``data/01_raw/FETAL_PLANES_DB/`` and ``data/01_raw/african_planes/``: a few real images per
   class from ``../shared/data`` in the two datasets' own layouts (CSV + PNGs);
-* ``models/torchvision/<backbone>.pth``: random-weight state dicts of the five backbones.
+* ``models/torchvision/<backbone>.pth``: random-weight state dicts of the five backbones;
+* ``data/01_raw/fu_lora_splits/``: the authors' HB list (``spain_train_1150_balanced.csv``; half
+  of the FETAL_PLANES_DB stand-ins are on it) and their result table, from ``../shared/data``.
 
 Then, each as its own ``kedro run --env paper --pipeline <name>`` process (as the docs tell
 a user): ``ingestion`` (512 px) -> ``lora_training`` (rank 128, text-encoder LoRA, clip skip
 as configured, 512 px) -> ``synthesis`` (512 px) -> ``evaluation`` (224 px, five backbones,
-ES/HB, DA on/off). Once more: the trained adapter is written as a kohya-ss file (the
+the four arms ES, BAL, ES+SYN, HB, DA on/off). Once more: the trained adapter is written as a kohya-ss file (the
 published FU-LoRA files' format) and ``lora_training`` + ``synthesis`` run with
 ``adapter_source: file`` on it; the imported adapter must equal the trained one.
 
@@ -244,18 +246,40 @@ def shrunk_counts(paper: dict) -> dict:
     return COUNT_PARAMS | {f"evaluation.train.{k}": v for k, v in TRAIN_BUDGET.items() if k in train}
 
 
-def write_fetal_planes_db(src: Path, dest: Path, per_class: int) -> int:
-    """``per_class`` images per plane from the FETAL_PLANES_DB sample, in its own layout."""
+def write_fetal_planes_db(src: Path, dest: Path, per_class: int, listed: set[str] = frozenset()) -> int:
+    """``per_class`` images per plane from the FETAL_PLANES_DB sample, in its own layout: half of
+    them (rounded up) from ``listed`` (the authors' HB list), so conf/paper's HB and BAL arms have
+    real images, the others not, so they differ from ES."""
     import pandas as pd
 
     df = pd.read_csv(src / "FETAL_PLANES_DB_data.csv", sep=";", dtype=str, keep_default_na=False)
     df = df[df["Plane"].isin(FPDB_PLANES)]
-    picked = df.groupby("Plane", sort=True).head(per_class)
+    on_list = df["Image_name"].isin(listed)
+    picked = pd.concat([df[on_list].groupby("Plane", sort=True).head((per_class + 1) // 2),
+                        df[~on_list].groupby("Plane", sort=True).head(per_class // 2)])
+    picked = pd.concat([picked, df.drop(picked.index).groupby("Plane", sort=True).head(per_class)])
+    picked = picked.groupby("Plane", sort=True).head(per_class).sort_index()
     (dest / "Images").mkdir(parents=True)
     picked.to_csv(dest / "FETAL_PLANES_DB_data.csv", sep=";", index=False)  # keeps the 'Train ' header
     for name in picked["Image_name"]:
         shutil.copy(src / "Images" / f"{name}.png", dest / "Images" / f"{name}.png")
     return len(picked)
+
+
+def write_fu_lora_splits(src: Path, dest: Path) -> list[str]:
+    """The FU-LoRA authors' split lists and result table where conf/paper reads them (data/01_raw/fu_lora_splits/)."""
+    dest.mkdir(parents=True)
+    names = ["spain_train_1150_balanced.csv", "paper_table_overall_performance.csv"]
+    for name in names:
+        shutil.copy(src / name, dest / name)
+    return [str(dest / n) for n in names]
+
+
+def authors_hb_list(src: Path) -> set[str]:
+    """The image names of the authors' HB real images (spain_train_1150_balanced.csv)."""
+    import pandas as pd
+
+    return set(pd.read_csv(src / "spain_train_1150_balanced.csv", dtype=str, encoding="utf-8-sig")["Image_name"])
 
 
 def write_african(src: Path, dest: Path, per_center_class: int) -> int:
@@ -470,6 +494,8 @@ def check_report(project: Path) -> dict:
     problems = []
     if "What ran where" not in text:
         problems.append("no 'What ran where' table")
+    if "The decomposition" not in text or "beside the paper's table" not in text:
+        problems.append("no decomposition table or no paper rows beside ours")
     if re.search(r"nothing ran on a GPU", text, re.IGNORECASE):
         problems.append("says 'nothing ran on a GPU' (fixed text)")
     return {"path": str(report), "problems": problems}
@@ -514,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     t0, cpu0 = time.monotonic(), _cpu_seconds()
     summary["stand_ins"] = {
         "sd15": write_sd15(project / "models" / "stable-diffusion-v1-5", args.sd_dtype),
+        "fu_lora_splits": write_fu_lora_splits(args.shared_data / "fu_lora_splits",
+                                               project / "data" / "01_raw" / "fu_lora_splits"),
         "fetal_planes_db_images": write_fetal_planes_db(args.shared_data / "fetal_planes_db_sample",
-                                                        project / "data" / "01_raw" / "FETAL_PLANES_DB", args.source_per_class),
+                                                        project / "data" / "01_raw" / "FETAL_PLANES_DB", args.source_per_class,
+                                                        authors_hb_list(args.shared_data / "fu_lora_splits")),
         "african_images": write_african(args.shared_data / "african_planes_dev", project / "data" / "01_raw" / "african_planes",
                                         args.target_per_center_class),
         "backbone_weights": write_backbone_weights(project / "models" / "torchvision"),

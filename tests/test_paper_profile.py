@@ -95,7 +95,9 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
     assert "tiny" in lora["base_model"]
     ev = p["evaluation"]
     assert ev["image_size"] == 224 and ev["augmentation"] == [True, False]
-    assert ev["training_sets"] == ["baseline", "hybrid"]
+    assert list(ev["arms"]) == ["ES", "BAL", "ES_SYN", "HB"]  # conf/base's names; HB's real images: the authors' list
+    assert ev["arms"]["HB"]["real"] == {"csv": "data/01_raw/fu_lora_splits/spain_train_1150_balanced.csv"}
+    assert ev["arms"]["ES"] == {"real": "all", "synthetic": "none"} and ev["arms"]["HB"]["synthetic"] == "all"
     assert set(ev["weights"]) == set(ev["backbones"]) == {"resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16"}
     assert ev["metrics"]["n_bootstrap"] == 200  # from conf/base
     assert p["ingestion"]["lora_per_class"] == 20 and p["ingestion"]["image_size"] == 512

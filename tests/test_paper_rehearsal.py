@@ -27,7 +27,11 @@ rehearsal = load_script("paper_rehearsal")
 def test_stand_in_datasets_pass_the_paper_checks_and_read_as_real_data(tmp_path, fetal_planes_db_sample,
                                                                        african_planes_dev, ingestion_params):
     fpdb, african = tmp_path / "FETAL_PLANES_DB", tmp_path / "african_planes"
-    assert rehearsal.write_fetal_planes_db(fetal_planes_db_sample, fpdb, per_class=2) == 10
+    listed = rehearsal.authors_hb_list(rehearsal.SHARED_DATA / "fu_lora_splits")
+    assert len(listed) == 1150
+    assert rehearsal.write_fetal_planes_db(fetal_planes_db_sample, fpdb, per_class=2, listed=listed) == 10
+    names = [p.stem for p in (fpdb / "Images").glob("*.png")]
+    assert sum(n in listed for n in names) == 5  # one per class on the authors' HB list, one not
     assert rehearsal.write_african(african_planes_dev, african, per_center_class=1) == 18  # Ghana, Uganda: no thorax
     assert prerequisites.check_data_source("source", "fetal_planes_db", str(fpdb)) == []
     assert prerequisites.check_data_source("target", "african", str(african)) == []
@@ -109,10 +113,11 @@ def test_profile_hook_is_added_to_the_copy_only_and_records_nodes(tmp_path, monk
 def test_report_check_wants_the_what_ran_table_and_no_fixed_gpu_sentence(tmp_path):
     folder = tmp_path / "data" / "08_reporting" / "evaluation_report.html" / "2026-11-28T00.00.00.000Z"
     folder.mkdir(parents=True)
-    (folder / "evaluation_report.html").write_text("<h2>What ran where (recorded from the runs)</h2>")
+    (folder / "evaluation_report.html").write_text("<h2>The decomposition: the arms</h2><h2>Our arms beside the "
+                                                   "paper's table</h2><h2>What ran where (recorded from the runs)</h2>")
     assert rehearsal.check_report(tmp_path)["problems"] == []
     (folder / "evaluation_report.html").write_text("<p>Nothing ran on a GPU.</p>")
-    assert len(rehearsal.check_report(tmp_path)["problems"]) == 2
+    assert len(rehearsal.check_report(tmp_path)["problems"]) == 3
     assert rehearsal.check_report(tmp_path / "none") == {"path": None, "problems": []}
 
 
@@ -250,6 +255,12 @@ def test_paper_rehearsal_runs_every_pipeline_and_the_adapter_file_path(tmp_path)
     backbones = {e["backbone"] for e in metrics["experiments"].values()} if all(
         "backbone" in e for e in metrics["experiments"].values()) else None
     assert backbones in (None, set(rehearsal.BACKBONES))
+    # the four paper arms; HB's and BAL's real images: the stand-ins on the authors' list that are in source train
+    assert {e["experiment"] for e in metrics["experiments"].values()} == {"ES", "BAL", "ES_SYN", "HB"}
+    for e in metrics["experiments"].values():
+        if e["experiment"] in ("BAL", "HB"):
+            assert e["real_found"]["csv_in_source_train"] == e["n_real"] > 0
+            assert e["real_found"]["csv_listed"] == 1150
 
 
 @pytest.mark.slow

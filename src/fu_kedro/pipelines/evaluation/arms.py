@@ -11,18 +11,24 @@ images, the batch-norm calibration images, seeds) is the same in every arm (see
   ``{balanced_per_class: N}``      N images of every class, drawn by patient with the project
                                    seed (patients in one seeded order; a class takes the
                                    images of each patient in turn until it has N). ``N: null``
-                                   = as large as the smallest class of the source-train split allows;
+                                   (or the string ``balanced``) = as large as the smallest
+                                   class of the source-train split allows;
   ``{csv: path}``                  the source-train images named in the CSV's ``Image_name``
                                    column (e.g. the FU-LoRA authors' ``spain_train_1150_balanced.csv``);
                                    listed images that are not in the data, or are held out as
                                    source validation, are counted and reported, never trained on.
 ``synthetic``:
-  ``none`` | ``{per_class: N}`` (``null``: as many as the smallest class of a replicate has)
+  ``none`` | ``{per_class: N}`` (``null``, or the string ``all``: as many as the smallest class
+  of a replicate has)
   | ``{ratio: r}`` (r x the arm's real images). The class split of that number follows
   ``evaluation.synthetic_class_mix``: ``uniform`` (as the paper) or ``real_prior`` (the
   class shares of the source-train split, the same for every arm). The images are the first
   of one seeded order per class (the classifier seed): two arms asking for the same numbers
   get the same synthetic images.
+
+The string forms (``balanced``, ``all``) are what ``conf/base`` uses, so that an env can replace
+them with a mapping (``{csv: path}``, ``{per_class: 1000}``): the envs merge soft, and a mapping
+merged over a mapping would keep both keys.
 """
 from __future__ import annotations
 
@@ -87,6 +93,8 @@ def _arm(name: str, spec: Any) -> Arm:
     fields: dict[str, Any] = {"name": str(name), "label": str(spec.get("label") or name)}
     if real == "all":
         fields["real"] = "all"
+    elif real == "balanced":
+        fields.update(real="balanced", balanced_per_class=None)
     elif isinstance(real, dict) and set(real) == {"balanced_per_class"}:
         n = real["balanced_per_class"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -95,9 +103,11 @@ def _arm(name: str, spec: Any) -> Arm:
     elif isinstance(real, dict) and set(real) == {"csv"} and isinstance(real["csv"], str) and real["csv"]:
         fields.update(real="csv", csv=real["csv"])
     else:
-        raise ValueError(f"{where}.real must be all, {{balanced_per_class: N}} or {{csv: path}}, got {real!r}")
+        raise ValueError(f"{where}.real must be all, balanced, {{balanced_per_class: N}} or {{csv: path}}, got {real!r}")
     if syn in ("none", None):
         fields["synthetic"] = "none"
+    elif syn == "all":
+        fields.update(synthetic="per_class", synthetic_value=None)
     elif isinstance(syn, dict) and set(syn) == {"per_class"}:
         n = syn["per_class"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -109,7 +119,7 @@ def _arm(name: str, spec: Any) -> Arm:
             raise ValueError(f"{where}.synthetic.ratio must be a number > 0, got {r!r}")
         fields.update(synthetic="ratio", synthetic_value=float(r))
     else:
-        raise ValueError(f"{where}.synthetic must be none, {{per_class: N}} or {{ratio: r}}, got {syn!r}")
+        raise ValueError(f"{where}.synthetic must be none, all, {{per_class: N}} or {{ratio: r}}, got {syn!r}")
     return Arm(**fields)
 
 
