@@ -15,7 +15,8 @@ each a plain ``kedro run`` with ``--params``:
 | ... rank 4 / rank 16 | prior corpus | rank 4 / 16 (refitted on the same base) | scale 1.0 |
 | source-only base (the old default) | source train images | rank 8 | scale 1.0 |
 
-Every evaluation trains the baseline (real only) and the hybrid (real + synthetic) arm with
+Every evaluation trains conf/base's arms; the rows use ES (all real images, the "baseline"
+columns) and ES+SYN (the same real images + the synthetic batch, the "hybrid" columns), with
 the same seeds and schedule; the table shows fidelity, diversity, CAS, both arms' zero-shot
 accuracy and hybrid − baseline with the evaluation's hierarchical interval (generator
 replicates → classifier seeds → test patients; docs/evaluation.md). Nothing is tuned on the
@@ -72,8 +73,9 @@ def row(project: Path, name: str) -> dict:
     metrics = json.loads(latest(project, "data/08_reporting/zero_shot_metrics.json").read_text())
     quality = json.loads(latest(project, "data/08_reporting/synthetic_quality.json").read_text())
     experiments = metrics["experiments"]
-    base_key = next(k for k in experiments if k.startswith("baseline"))
-    hyb_key = next(k for k in experiments if k.startswith("hybrid"))
+    # the synthetic images' own effect: ES+SYN (all real + synthetic) minus ES (all real), same real draws
+    base_key = next(k for k in experiments if k.startswith("ES/"))
+    hyb_key = next(k for k in experiments if k.startswith("ES_SYN/"))
     diff = next(d for d in metrics["differences"].values() if d["experiment"] == hyb_key)["all_classes"]["accuracy"]
     acc = lambda key: experiments[key]["all_classes"]["mean"]["accuracy"]  # noqa: E731
     return {

@@ -22,7 +22,7 @@
    -> ``mlflow_run_datasets.png``. The latest two runs with different
    ``lora_training.lora.rank`` are opened in MLflow's compare view, which must show both
    ranks and the headline metrics (``fidelity``, ``accuracy_<arm>``,
-   ``hybrid_minus_baseline_accuracy`` ...) -> ``mlflow_compare.png``.
+   ``HB_minus_ES_accuracy`` ...) -> ``mlflow_compare.png``.
 
 Usage (from the project root; the machine is shared, so keep it at low priority)::
 
@@ -389,7 +389,7 @@ def find_zero_shot_run(tracking_uri: str) -> tuple[dict | None, str]:
 
 
 RANK_PARAM = "lora_training.lora.rank"
-HEADLINE = ("fidelity", "hybrid_minus_baseline_accuracy")
+HEADLINE = ("fidelity", "HB_minus_ES_accuracy")  # <arm>_minus_<arm>_accuracy of the first comparison
 
 
 def _all_runs(tracking_uri: str) -> list:

@@ -25,6 +25,7 @@ def small_params(ingestion_params):
     p = ingestion_params
     p["image_size"] = 64
     p["phantom"]["source"]["n_per_class"] = 16
+    p["phantom"]["source"]["class_proportions"] = None  # 16 of each class (conf/base's shares leave ~5 abdomen of 80)
     p["phantom"]["target"]["n_per_class"] = 10
     p["lora_per_class"] = 5
     return p

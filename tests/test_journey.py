@@ -55,12 +55,12 @@ def _demo_store(tmp_path: Path) -> str:
         rid = run.info.run_id
         client.log_param(rid, "lora_training.lora.rank", rank)
         values = {"accuracy": 0.61, "f1_macro": 0.58, "roc_auc_macro": 0.83, "auc_hard_label": 0.74}
-        for experiment in ("baseline", "hybrid"):
+        for experiment in ("ES", "HB"):
             for metric, value in values.items():
                 client.log_metric(rid, f"zero_shot.{experiment}/resnet18/aug.{metric}", value + shift, step=0)
-        headline = {"fidelity": 0.95 + shift, "cas_accuracy": 0.9, "accuracy_baseline": 0.61,
-                    "accuracy_hybrid": 0.66 + shift, "hybrid_minus_baseline_accuracy": 0.05 + shift,
-                    "hybrid_minus_baseline_accuracy_ci_low": 0.01, "hybrid_minus_baseline_accuracy_ci_high": 0.09}
+        headline = {"fidelity": 0.95 + shift, "cas_accuracy": 0.9, "accuracy_ES": 0.61,
+                    "accuracy_HB": 0.66 + shift, "HB_minus_ES_accuracy": 0.05 + shift,
+                    "HB_minus_ES_accuracy_ci_low": 0.01, "HB_minus_ES_accuracy_ci_high": 0.09}
         for key, value in headline.items():
             client.log_metric(rid, key, value, step=0)
         datasets = []

@@ -82,3 +82,19 @@ def test_conf_phantom_settings_equal_the_generator_defaults(ingestion_params):
 
     assert ingestion_params["phantom"]["source"]["settings"] == DEFAULT_SOURCE_MACHINES
     assert ingestion_params["phantom"]["target"]["settings"] == DEFAULT_TARGET_CENTERS
+
+
+def test_source_class_proportions_follow_fetal_planes_db():
+    """conf/base gives the phantom source FETAL_PLANES_DB's training-split shares (Other 42 %, brain 26 %,
+    thorax 17 %, femur 8 %, abdomen 6 %), so a balanced subset of it is smaller than all of it."""
+    from conftest import base_params
+
+    from fu_kedro.data_sources import generate_phantoms
+
+    shares = base_params("ingestion")["phantom"]["source"]["class_proportions"]
+    src = generate_phantoms("source", n_per_class=20, image_size=16, seed=0, class_proportions=shares)
+    counts = src.meta["label"].value_counts()
+    assert counts.to_dict() == {"other": 42, "brain": 26, "thorax": 17, "femur": 9, "abdomen": 6}  # of 100
+    with pytest.raises(ValueError, match="missing \\['other'\\]"):
+        generate_phantoms("source", n_per_class=2, image_size=16, seed=0, class_proportions={"brain": 1, "femur": 1,
+                                                                                             "thorax": 1, "abdomen": 1})
