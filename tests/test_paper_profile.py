@@ -78,6 +78,7 @@ def test_paper_ingestion_and_evaluation_name_the_datasets_and_imagenet_files(cle
     for backbone in ("resnet18", "densenet169", "mobilenet_v2", "efficientnet_b0", "vit_b_16"):
         assert f"ImageNet weights of {backbone}" in out and f"models/torchvision/{backbone}.pth" in out
     assert "`synthetic_batch` (input of this run)" in out  # made by the synthesis pipeline
+    assert "the image list of arm HB" in out and "fu_lora_splits/spain_train_1150_balanced.csv" in out
 
 
 # --------------------------------------------------------------------------- resolved values
@@ -241,6 +242,20 @@ def test_weight_and_adapter_files_are_checked(tmp_path):
     assert "vit_b_16" in p.what and "IMAGENET1K_V1" in p.detail
     [p] = prerequisites.check_adapter_file(str(tmp_path / "fu_lora.safetensors"))
     assert "huggingface.co/fangyijie/fu-lora" in p.detail and "fetal_ultrasound_v1.0.safetensors" in p.detail
+
+
+def test_split_files_of_the_paper_arms_are_checked_before_the_run(project_root, tmp_path):
+    """conf/paper's HB/BAL image list and the paper's table are prerequisites (not a failure after hours of LoRA)."""
+    ev = _paper_params(project_root)["evaluation"]
+    problems = prerequisites.check_split_files(ev)
+    assert sorted(p.what.split(" (")[0] for p in problems) == ["the image list of arm BAL", "the image list of arm HB",
+                                                               "the paper's result table"]
+    assert all("FU-LoRA authors' split files" in p.detail for p in problems)
+    listed = tmp_path / "list.csv"
+    listed.write_text("Image_name\nx\n")
+    ev["arms"]["HB"]["real"]["csv"] = ev["arms"]["BAL"]["real"]["csv"] = str(listed)
+    ev["report"]["paper_table"] = str(listed)
+    assert prerequisites.check_split_files(ev) == []
 
 
 def _two_stage_pipeline() -> Pipeline:

@@ -329,6 +329,25 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
     return problems, warnings
 
 
+def check_split_files(params: dict) -> list[Problem]:
+    """The image lists the arms name (``evaluation.arms.<arm>.real.csv``) and the paper's result
+    table (``evaluation.report.paper_table``) exist: a paper run must not learn it at the end."""
+    get = ("They are the FU-LoRA authors' split files (their repository, MIT licence; see "
+           "docs/paper_profile.md, 'What to download').")
+    problems = []
+    for name, arm in (params.get("arms") or {}).items():
+        real = (arm or {}).get("real") if isinstance(arm, dict) else None
+        file = real.get("csv") if isinstance(real, dict) else None
+        if file and not _resolve(file).is_file():
+            problems.append(Problem(f"the image list of arm {name} (evaluation.arms.{name}.real.csv={file!r})",
+                                    f"{_resolve(file)} does not exist. {get}"))
+    table = (params.get("report") or {}).get("paper_table")
+    if table and not _resolve(table).is_file():
+        problems.append(Problem(f"the paper's result table (evaluation.report.paper_table={table!r})",
+                                f"{_resolve(table)} does not exist. {get}"))
+    return problems
+
+
 def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None = None) -> tuple[list[Problem], list[str]]:
     """Everything the pipeline about to run needs and does not find, in the order a user fixes it."""
     nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
@@ -353,6 +372,7 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
         problems += check_adapter_file(lora.get("adapter_file"))
     if "plan_experiments_node" in nodes:
         problems += check_backbone_weights(params.get("evaluation") or {})
+        problems += check_split_files(params.get("evaluation") or {})
     upstream, warnings = check_upstream_outputs(pipeline, catalog, params, env)
     return problems + upstream, warnings
 
