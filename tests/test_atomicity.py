@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_kedro_session
+from conftest import project_parameters, run_kedro_session
 from kedro.io import DataCatalog
 from kedro.io.core import Version
 
 from fu_kedro.datasets import ImageSet, ImageSetDataset, LoraAdapterDataset
 from fu_kedro.datasets.staging import STAGING, published_path
-from fu_kedro.prerequisites import check_upstream_outputs, find_mixed_runs
+from fu_kedro.prerequisites import check_lineage_policy, check_upstream_outputs, find_mixed_runs
 from fu_kedro.models.lora import LoraAdapter
 
 TINY = {"ingestion": {"phantom": {"source": {"n_per_class": 6}, "target": {"n_per_class": 3}},
@@ -186,22 +186,57 @@ def test_mixed_ingestion_runs_and_splits_are_named(saved_runs):
     assert "not drawn from the train side" in text and "b (val)" in text
 
 
-def test_synthetic_batch_from_another_split_fails_in_paper_warns_by_default(saved_runs, monkeypatch):
+def test_synthetic_batch_from_another_split_fails_by_default_and_warns_when_told(saved_runs, monkeypatch):
     catalog, v1, v2, roots = saved_runs
     import fu_kedro.prerequisites as prerequisites
 
     monkeypatch.setattr(prerequisites, "_producer", lambda name: None)
     pipeline = _Pipeline(["source_images", "synthetic_batch", "target_images"])
-    problems, warnings = check_upstream_outputs(pipeline, catalog, {}, None)
+    run_params = {"env": None, "pipeline_names": ["evaluation"], "runtime_params": {"evaluation": {"n_seeds": 1}}}
+    [problem], warnings = check_upstream_outputs(pipeline, catalog, {}, None, run_params)  # default: fail
+    assert not warnings and "on_lineage_mismatch: fail" in problem.what
+    assert f"`synthetic_batch` version {v1} was made by `lora_adapter` version {v1}" in problem.detail
+    assert f"`source_images` version {v2}" in problem.detail and "b (val)" in problem.detail
+    # the two fixes: the upstream pipelines, and the exact command pinning the versions that match (v1)
+    assert "kedro run --pipelines ingestion,lora_training,synthesis --params evaluation.n_seeds=1" in problem.detail
+    assert ("kedro run --pipeline evaluation --params evaluation.n_seeds=1 --load-versions "
+            f"source_images:{v1},synthetic_batch:{v1},target_images:{v1}") in problem.detail
+    problems, warnings = check_upstream_outputs(pipeline, catalog, {"prerequisites": {"on_lineage_mismatch": "warn"}},
+                                                None, run_params)
     assert not problems
-    text = "\n".join(warnings)
-    assert f"`synthetic_batch` version {v1} was made by `lora_adapter` version {v1}" in text
-    assert f"`source_images` version {v2}" in text and "b (val)" in text
-    problems, _ = check_upstream_outputs(pipeline, catalog, {"prerequisites": {"on_lineage_mismatch": "fail"}},
-                                         "paper")
-    assert any("b (val)" in p.detail for p in problems)
+    [mix] = [w for w in warnings if isinstance(w, prerequisites.Mix)]
+    assert "b (val)" in mix and mix.versions == {"synthetic_batch": v1, "source_images": v2}
     # the matching pair passes: pin source_images to the run the adapter's subset came from
     catalog_v1 = DataCatalog({**{n: catalog.get(n) for n in ("synthetic_batch", "lora_adapter")},
                               "source_images": ImageSetDataset(str(roots["source_images"]), version=Version(v1, None)),
                               "target_images": ImageSetDataset(str(roots["target_images"]), version=Version(v1, None))})
     assert find_mixed_runs(pipeline, catalog_v1) == []
+
+
+def test_no_matching_versions_says_so(saved_runs, monkeypatch):
+    """Only v2 of target_images kept: no saved ingestion version holds both sets, so no
+    --load-versions command is printed, only the re-run."""
+    catalog, v1, v2, roots = saved_runs
+    import shutil
+
+    import fu_kedro.prerequisites as prerequisites
+
+    monkeypatch.setattr(prerequisites, "_producer", lambda name: None)
+    shutil.rmtree(roots["target_images"] / v1)
+    pipeline = _Pipeline(["source_images", "synthetic_batch", "target_images"])
+    [problem], _ = check_upstream_outputs(pipeline, catalog, {}, None, {"pipeline_names": ["evaluation"]})
+    assert "--load-versions" not in problem.detail.replace("--load-versions <dataset>", "")
+    assert "none found among the saved versions" in problem.detail
+    assert "kedro run --pipelines ingestion,lora_training,synthesis" in problem.detail
+
+
+def test_an_invalid_lineage_policy_names_the_key_and_the_allowed_values():
+    [p] = check_lineage_policy({"prerequisites": {"on_lineage_mismatch": "wran"}})
+    assert "prerequisites.on_lineage_mismatch" in p.what and "'wran'" in p.detail
+    assert "'fail'" in p.detail and "'warn'" in p.detail
+    assert check_lineage_policy({}) == []  # absent: fail
+
+
+@pytest.mark.parametrize("env", [None, "real_cpu", "paper"])
+def test_every_profile_stops_on_mixed_inputs(env):
+    assert project_parameters(env)["prerequisites"]["on_lineage_mismatch"] == "fail"

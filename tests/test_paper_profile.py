@@ -283,17 +283,18 @@ def test_a_pinned_version_that_is_not_saved_is_named_with_the_saved_ones(tmp_pat
     assert "version 2020-05-05T00.00.00.000Z is pinned" in p.detail and "2026-01-01T00.00.00.000Z" in p.detail
 
 
-def test_upstream_output_from_other_data_fails_in_paper_mode_and_warns_otherwise(tmp_path):
+def test_upstream_output_from_other_data_fails_and_warns_when_told(tmp_path):
     from kedro.io import Version
 
     subset = generate_phantoms("source", 1, 64, seed=0)
     subset.info.update({"format": "phantom", "domain": "source"})
     ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, "2026-01-01T00.00.00.000Z")).save(subset)
     catalog = DataCatalog({"lora_subset": ImageSetDataset(str(tmp_path / "lora_subset"), version=Version(None, None))})
-    params = {"lora_training": {}, "source_format": "fetal_planes_db", "source_path": str(tmp_path)}
+    params = {"lora_training": {}, "source_format": "fetal_planes_db", "source_path": str(tmp_path),
+              "prerequisites": {"on_lineage_mismatch": "warn"}}
     problems, warnings = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env=None)
     assert problems == [] and "source_format='phantom'" in warnings[0]
-    params["prerequisites"] = {"on_lineage_mismatch": "fail"}
+    del params["prerequisites"]  # absent means fail, as in every profile
     problems, _ = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
     assert "does not come from this run's data" in problems[0].detail
     params["source_format"] = "phantom"  # matching lineage: nothing to report

@@ -90,5 +90,5 @@ def lineage(dataset: str, env: str | None, no_mlflow: bool) -> None:
         raise click.ClickException(f"{name}@{version} is not saved; saved versions (latest 5): {', '.join(saved[-5:])}")
     path = versioned_path(ds, version)
     names = {} if no_mlflow else _mlflow_run_names(project, env)
-    tree = L.version_step(name, version, path, project, names=names)
+    tree = L.mark_mixed(L.version_step(name, version, path, project, names=names))
     click.echo("\n".join(L.render_text(tree)))

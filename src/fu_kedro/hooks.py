@@ -2,7 +2,8 @@
 
 ``PrerequisiteChecks`` — before any node runs (and before kedro-mlflow opens a run), the
 files and saved inputs the run needs are checked (:mod:`fu_kedro.prerequisites`);
-everything missing is named in one error, with what to download and where to put it.
+everything missing is named in one error, with what to download and where to put it, and
+so are inputs that do not belong together (different runs, splits or data), with the fixes.
 
 ``MainProcessWrites`` — under several processes (``accelerate launch``,
 ``python -m fu_kedro.launch``) every process runs the same Kedro session; only the main
@@ -25,22 +26,34 @@ from kedro.framework.hooks import hook_impl
 
 from fu_kedro.datasets.versions import versioned_root
 from fu_kedro.launch import is_main_process, process_rank
-from fu_kedro.prerequisites import MissingPrerequisitesError, find_missing_prerequisites, format_problems
+from fu_kedro.prerequisites import Mix, MissingPrerequisitesError, find_missing_prerequisites, format_problems
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- hooks
+_RUN_MIXES: list[Mix] = []  # the mixed inputs the run being started goes on with (warn)
+
+
+def run_mixes() -> list[Mix]:
+    """The mixed inputs (``prerequisites.Mix``) that the run being started was let go on with
+    (``prerequisites.on_lineage_mismatch: warn``); the lineage hooks record them."""
+    return list(_RUN_MIXES)
+
+
 class PrerequisiteChecks:
-    """Fail before the first node (and before kedro-mlflow opens a run) if files are missing."""
+    """Fail before the first node (and before kedro-mlflow opens a run) if files are missing
+    or the inputs do not belong together."""
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        _RUN_MIXES.clear()
         params = catalog.load("parameters")
-        problems, warnings = find_missing_prerequisites(pipeline, catalog, params, run_params.get("env"))
+        problems, warnings = find_missing_prerequisites(pipeline, catalog, params, run_params.get("env"), run_params)
         for text in warnings:
             log.warning(text)
         if problems:
             raise MissingPrerequisitesError(format_problems(problems, run_params.get("env")))
+        _RUN_MIXES.extend(w for w in warnings if isinstance(w, Mix))
 
 
 class MainProcessWrites:

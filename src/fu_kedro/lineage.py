@@ -14,7 +14,9 @@ safetensors metadata.
 A record (``schema: fu_kedro.lineage/1``)::
 
     dataset, version, path (project-relative when inside the project), sha256 (sidecar only),
-    node, run {session_id, env, pipelines, mlflow_run_id, mlflow_run_name, mlflow_experiment_id},
+    node, run {session_id, env, pipelines, mlflow_run_id, mlflow_run_name, mlflow_experiment_id,
+               lineage_mismatch [{text, versions {dataset: version}}] when the run went on with
+               inputs that do not belong together (prerequisites.on_lineage_mismatch: warn)},
     params  {name: value}          the node's parameters
     inputs  [entry, ...]           as resolved at load time, one per node input:
         kind "versioned": dataset, version, path, sha256, mlflow_run_id (of the run that saved it)
@@ -214,6 +216,7 @@ class Step:
     children: list["Step"] = field(default_factory=list)
     repeated: bool = False
     params: dict = field(default_factory=dict)  # the parameters the node that made it read
+    mixes: list[dict] = field(default_factory=list)  # run.lineage_mismatch of the record (mark_mixed)
 
 
 PARAM_LINE = 150  # characters of one printed parameter line (longer ones wrap)
@@ -282,6 +285,42 @@ def _entry_step(entry: dict, project: Path | None, seen: set, names: dict[str, s
                         seen, names, fallback=entry)
 
 
+MIXED = "MIXED INPUT"  # the mark of an input that did not belong with the others of its run
+
+
+def mark_mixed(root: Step) -> Step:
+    """Mark the inputs that a run went on with although they did not belong together
+    (``run.lineage_mismatch`` of a record: prerequisites.on_lineage_mismatch was ``warn``):
+    each such input in the tree below that record is marked, and the record's step says why
+    (once per mix, at the highest step that has it)."""
+    noted: set[str] = set()
+
+    def mark(s: Step, labels: set[str]) -> None:
+        if s.label in labels:
+            s.label += f"  <- {MIXED}"
+        for child in s.children:
+            mark(child, labels)
+
+    def walk(s: Step) -> None:
+        for child in s.children:
+            walk(child)
+        if s.mixes:
+            mark(s, {f"{d}@{v}" for m in s.mixes for d, v in (m.get("versions") or {}).items()})
+
+    def note(s: Step) -> None:
+        text = "; ".join(str(m.get("text")) for m in s.mixes)
+        if s.mixes and text not in noted:
+            noted.add(text)
+            s.children.insert(0, Step(f"{MIXED}S: made from inputs that do not belong together "
+                                      f"(prerequisites.on_lineage_mismatch: warn): {text}"))
+        for child in s.children:
+            note(child)
+
+    walk(root)
+    note(root)
+    return root
+
+
 def version_step(dataset: str, version: str | None, path: Path | None, project: Path | None,
                  seen: set | None = None, names: dict[str, str] | None = None, fallback: dict | None = None) -> Step:
     """The chain below one saved version, read from its ``lineage.json`` and its inputs' ones."""
@@ -306,6 +345,7 @@ def version_step(dataset: str, version: str | None, path: Path | None, project: 
     detail = f"{record.get('node')}, {_run_text(run, names)}" + (f", sha256:{sha[:16]}" if sha else "")
     step = Step(label, detail, params=record.get("params") or {})
     step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
+    step.mixes = run.get("lineage_mismatch") or []
     return step
 
 
@@ -346,6 +386,7 @@ def record_step(record: dict, project: Path | None = None, names: dict[str, str]
                 params=record.get("params") or {})
     seen = {(dataset, version)}
     step.children = [_entry_step(e, project, seen, names, run) for e in record.get("inputs", [])]
+    step.mixes = run.get("lineage_mismatch") or []
     return step
 
 
@@ -364,7 +405,7 @@ def chain_html(made_from: dict | None, project: Path | str | None = None, headin
     if not made_from:
         return title + "<p>No lineage record (this output was not saved through a Kedro run with the lineage hook).</p>"
     project = Path(project) if project else Path.cwd()
-    tree = record_step(made_from, project)
+    tree = mark_mixed(record_step(made_from, project))
     note = ("<p>Each line is a catalog version (<code>dataset@version</code>) with the node and the MLflow run "
             "that made it, down to the raw files. The same tree: <code>kedro lineage "
             f"{html.escape(str(made_from.get('dataset')))}@{html.escape(str(made_from.get('version')))}</code>.</p>")

@@ -6,9 +6,12 @@ a LoRA adapter file, the torchvision ImageNet weight files, and the saved output
 pipelines that this run loads (``lora_subset`` from ``ingestion``, ...). Everything missing is
 named in one error, with what to download and where to put it, within seconds of ``kedro
 run`` — instead of a failure deep inside the run, or after an hour of ingestion. Saved inputs
-that come from different runs or splits (``find_mixed_runs``: e.g. a synthetic batch whose
+that come from different runs, splits or data (``find_mixes``: e.g. a synthetic batch whose
 adapter was trained on images that are validation images of the current ``source_images``)
-are named with their versions: an error in the paper profile, a warning by default.
+are named with their versions and stop the run, with the two fixes: re-run the upstream
+pipelines, or the exact ``--load-versions`` command for saved versions that match
+(``prerequisites.on_lineage_mismatch: fail``, every profile). Under ``warn`` the run goes on
+and its lineage records, MLflow run and report name the mix.
 
 The folder layouts are :func:`fu_kedro.data_sources.readers.layout_problem`'s, the pretrained
 base is :func:`fu_kedro.models.pretrained.resolve_pretrained_base`'s: the same answers the
@@ -130,19 +133,6 @@ def _producer(dataset: str) -> str | None:
     return next((name for name in PIPELINE_ORDER if name in pipelines and dataset in pipelines[name].all_outputs()), None)
 
 
-def _latest_info(catalog, name: str) -> dict | None:
-    """``info.json`` of the version of an image-set dataset this run loads (None if not one)."""
-    from fu_kedro.datasets import ImageSetDataset
-
-    dataset = catalog.get(name)
-    if not isinstance(dataset, ImageSetDataset):
-        return None
-    try:
-        return dataset.load_info() or None
-    except Exception:  # noqa: BLE001 - unreadable lineage is not this check's business
-        return None
-
-
 def _pinned_version(catalog, name: str) -> tuple[str | None, list[str]]:
     """For an input that is not saved: the version pinned for it (``--load-versions``; unpinned,
     nothing saved means no version to load) and the versions that are saved."""
@@ -168,16 +158,27 @@ def _lineage_mismatch(info: dict, params: dict) -> str | None:
 
 # ---------------------------------------------------------------- inputs from different runs
 INGESTION_SETS = ("source_images", "target_images", "lora_subset")  # written together by one ingestion run
+CHECKED_SETS = (*INGESTION_SETS, "synthetic_batch")  # the inputs whose versions the mix check compares
+LINEAGE_KEY = "prerequisites.on_lineage_mismatch"
+LINEAGE_POLICIES = ("fail", "warn")
+SEARCH_LIMIT = 30  # newest saved versions per dataset searched for a matching set
 
 
-def _saved_folder(catalog, name: str) -> tuple[str | None, Path | None]:
-    """(version, ``<filepath>/<version>/<name>``) this run would load for a versioned dataset."""
-    try:
-        dataset = catalog.get(name)
-    except Exception:  # noqa: BLE001 - not in the catalog
-        return None, None
-    version = load_version(dataset)
-    return version, versioned_path(dataset, version)
+def lineage_policy(params: dict) -> str:
+    """``prerequisites.on_lineage_mismatch`` of the run (``fail`` when absent)."""
+    return str((params.get("prerequisites") or {}).get("on_lineage_mismatch", "fail"))
+
+
+class Mix(str):
+    """One mix among a run's inputs: the text names the versions; ``versions`` holds the inputs
+    involved as ``{dataset: version}`` (for the run's lineage records and ``kedro lineage``)."""
+
+    versions: dict[str, str]
+
+    def __new__(cls, text: str, versions: dict[str, str]):
+        mix = super().__new__(cls, text)
+        mix.versions = {k: v for k, v in versions.items() if v}
+        return mix
 
 
 def _split_of(folder: Path) -> dict[str, str]:
@@ -209,63 +210,256 @@ def _adapter_metadata(path: Path) -> dict:
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except Exception:  # noqa: BLE001 - unreadable lineage is not this check's business
+        return {}
+
+
+class _Saved:
+    """What the catalog's saved versions hold, each file read once per check (a published version
+    never changes)."""
+
+    def __init__(self, catalog):
+        self.catalog = catalog
+        self._cache: dict[tuple, object] = {}
+
+    def dataset(self, name: str):
+        try:
+            return self.catalog.get(name)
+        except Exception:  # noqa: BLE001 - not in the catalog
+            return None
+
+    def folder(self, name: str, version: str | None) -> Path | None:
+        """``<filepath>/<version>/<name>`` of a saved version."""
+        dataset = self.dataset(name)
+        return versioned_path(dataset, version) if dataset is not None and version else None
+
+    def _read(self, what: str, path: Path | None, reader):
+        if path is None:
+            return {}
+        key = (what, str(path))
+        if key not in self._cache:
+            self._cache[key] = reader(path)
+        return self._cache[key]
+
+    def split(self, name: str, version: str | None) -> dict[str, str]:
+        return self._read("split", self.folder(name, version), _split_of)
+
+    def info(self, name: str, version: str | None) -> dict:
+        folder = self.folder(name, version)
+        return self._read("info", folder / "info.json" if folder else None, _read_json)
+
+    def adapter_metadata(self, version: str) -> dict:
+        path = self.folder("lora_adapter", version)
+        return self._read("adapter", path, lambda p: _adapter_metadata(p) if p.is_file() else {})
+
+    def versions(self, inputs: set[str], pinned: dict[str, str] | None = None) -> dict[str, str]:
+        """The version each checked input loads (``pinned`` first, else the catalog's load version)."""
+        out = {}
+        for name in CHECKED_SETS:
+            if name in inputs:
+                version = (pinned or {}).get(name) or load_version(self.dataset(name))
+                if version:
+                    out[name] = version
+        return out
+
+    def saved(self, name: str) -> list[str]:
+        return saved_versions(self.dataset(name))
+
+
 def _not_train(ids: list[str], split: dict[str, str]) -> list[str]:
     return [f"{i} ({split.get(i, 'absent')})" for i in ids if split.get(i) != "train"]
 
 
-def find_mixed_runs(pipeline, catalog) -> list[str]:
-    """The run's saved inputs that come from different runs or splits, each naming the versions.
+def _source_mixes(saved: _Saved, inputs: set[str], params: dict, pinned: dict[str, str] | None) -> list[Mix]:
+    """Image-set inputs read from other data than this run's ``<domain>_format`` / ``<domain>_path``."""
+    from fu_kedro.datasets import ImageSetDataset
 
+    found = []
+    for name in sorted(inputs):
+        dataset = saved.dataset(name)
+        if not isinstance(dataset, ImageSetDataset):
+            continue
+        version = (pinned or {}).get(name) or load_version(dataset)
+        mismatch = _lineage_mismatch(saved.info(name, version), params) if version else None
+        if mismatch:
+            found.append(Mix(f"`{name}` version {version} does not come from this run's data: {mismatch}",
+                             {name: version}))
+    return found
+
+
+def _batch_mix(saved: _Saved, versions: dict[str, str], split: dict[str, str]) -> Mix | None:
+    """The synthetic batch's adapter was trained on images that are not train images of ``source_images``."""
+    batch_version, src_version = versions["synthetic_batch"], versions.get("source_images")
+    info = saved.info("synthetic_batch", batch_version)
+    adapter_version = str((info.get("adapter") or {}).get("catalog_version") or "")
+    meta = saved.adapter_metadata(adapter_version) if adapter_version else {}
+    ids = meta.get("lora_subset_image_ids")
+    if not isinstance(ids, list):
+        return None
+    bad = _not_train([str(i) for i in ids], split)
+    if not bad:
+        return None
+    return Mix(
+        f"`synthetic_batch` version {batch_version} was made by `lora_adapter` version {adapter_version}, "
+        f"trained on `lora_subset` version {meta.get('lora_subset_version') or '?'}, which is not from the "
+        f"split of `source_images` version {src_version}: {len(bad)} of its {len(ids)} LoRA images are not "
+        "train images there, e.g. " + ", ".join(bad[:3]),
+        {"synthetic_batch": batch_version, "source_images": src_version})
+
+
+def find_mixes(pipeline, catalog, params: dict | None = None, pinned: dict[str, str] | None = None,
+               saved: _Saved | None = None) -> list[Mix]:
+    """The run's saved inputs that come from different runs, splits or data, each naming the versions.
+
+    - with ``params``: image sets read from other data than this run's ``<domain>_format`` /
+      ``<domain>_path``;
     - ``source_images``, ``target_images``, ``lora_subset``: one ingestion run writes all three
-      with one version; different versions mean a mix of ingestion runs.
-    - ``lora_subset`` must be source *train* images of the ``source_images`` loaded beside it.
+      with one version; different versions mean a mix of ingestion runs;
+    - ``lora_subset`` must be source *train* images of the ``source_images`` loaded beside it;
     - ``synthetic_batch``: its adapter (the ``lora_adapter`` version named in the batch's
       info.json) was trained on LoRA subset images that must be *train* images of the
       ``source_images`` loaded beside it; else the synthetic data come from another split
       (possibly from images that are validation images now).
+
+    ``pinned``: versions to check instead of the ones the catalog loads (the search for a
+    matching set, :func:`matching_versions`).
     """
     inputs = set(pipeline.inputs())
-    found: list[str] = []
-    versions = {n: _saved_folder(catalog, n) for n in INGESTION_SETS if n in inputs}
-    versions = {n: v for n, v in versions.items() if v[0]}
-    if len({v for v, _ in versions.values()}) > 1:
-        found.append("inputs from different ingestion runs: "
-                     + ", ".join(f"`{n}` version {v}" for n, (v, _) in sorted(versions.items()))
-                     + " (one ingestion run writes them together, with one version)")
-    src_version, src_folder = versions.get("source_images", (None, None))
-    split = _split_of(src_folder) if src_folder else {}
+    saved = saved or _Saved(catalog)
+    found = _source_mixes(saved, inputs, params, pinned) if params is not None else []
+    versions = saved.versions(inputs, pinned)
+    ingestion = {n: v for n, v in versions.items() if n in INGESTION_SETS}
+    if len(set(ingestion.values())) > 1:
+        found.append(Mix("inputs from different ingestion runs: "
+                         + ", ".join(f"`{n}` version {v}" for n, v in sorted(ingestion.items()))
+                         + " (one ingestion run writes them together, with one version)", ingestion))
+    src_version = versions.get("source_images")
+    split = saved.split("source_images", src_version) if src_version else {}
     if split and "lora_subset" in versions:
-        lora_version, lora_folder = versions["lora_subset"]
-        bad = _not_train(list(_split_of(lora_folder)), split)
+        lora_version = versions["lora_subset"]
+        bad = _not_train(list(saved.split("lora_subset", lora_version)), split)
         if bad:
-            found.append(f"`lora_subset` version {lora_version} was not drawn from the train side of `source_images` "
-                         f"version {src_version}: {len(bad)} of its images are not train images there, e.g. "
-                         + ", ".join(bad[:3]))
-    if split and "synthetic_batch" in inputs:
-        batch_version, batch_folder = _saved_folder(catalog, "synthetic_batch")
-        info = {}
-        try:
-            info = json.loads((batch_folder / "info.json").read_text()) if batch_folder else {}
-        except Exception:  # noqa: BLE001
-            pass
-        adapter_version = str((info.get("adapter") or {}).get("catalog_version") or "")
-        adapter_path = None
-        if adapter_version:
-            try:
-                adapter_path = versioned_path(catalog.get("lora_adapter"), adapter_version)
-            except Exception:  # noqa: BLE001 - no lora_adapter entry
-                adapter_path = None
-        meta = _adapter_metadata(adapter_path) if adapter_path and adapter_path.is_file() else {}
-        ids = meta.get("lora_subset_image_ids")
-        if isinstance(ids, list):
-            bad = _not_train([str(i) for i in ids], split)
-            if bad:
-                found.append(
-                    f"`synthetic_batch` version {batch_version} was made by `lora_adapter` version {adapter_version}, "
-                    f"trained on `lora_subset` version {meta.get('lora_subset_version') or '?'}, which is not from the "
-                    f"split of `source_images` version {src_version}: {len(bad)} of its {len(ids)} LoRA images are not "
-                    "train images there, e.g. " + ", ".join(bad[:3]))
+            found.append(Mix(f"`lora_subset` version {lora_version} was not drawn from the train side of "
+                             f"`source_images` version {src_version}: {len(bad)} of its images are not train "
+                             "images there, e.g. " + ", ".join(bad[:3]),
+                             {"lora_subset": lora_version, "source_images": src_version}))
+    if split and "synthetic_batch" in versions:
+        mix = _batch_mix(saved, versions, split)
+        if mix:
+            found.append(mix)
     return found
+
+
+def find_mixed_runs(pipeline, catalog) -> list[str]:
+    """The texts of :func:`find_mixes` without the data-source check."""
+    return [str(m) for m in find_mixes(pipeline, catalog)]
+
+
+def matching_versions(pipeline, catalog, params: dict, saved: _Saved | None = None) -> dict[str, str] | None:
+    """Saved versions of the checked inputs (``CHECKED_SETS``) that match each other and this run's
+    parameters: one ingestion version for the ingestion sets, a synthetic batch made from its split.
+    The set that changes the fewest inputs from what the run would load, then the newest; None when
+    no saved versions match (the newest ``SEARCH_LIMIT`` of each are searched)."""
+    inputs = set(pipeline.inputs())
+    saved = saved or _Saved(catalog)
+    ingestion = [n for n in INGESTION_SETS if n in inputs]
+    if ingestion:
+        common = set.intersection(*(set(saved.saved(n)) for n in ingestion))
+        ingestion_versions = sorted(common, reverse=True)[:SEARCH_LIMIT]
+    else:
+        ingestion_versions = [None]
+    batches = sorted(saved.saved("synthetic_batch"), reverse=True)[:SEARCH_LIMIT] if "synthetic_batch" in inputs else [None]
+    current = saved.versions(inputs)
+    options = []
+    for i, ingestion_version in enumerate(ingestion_versions):
+        for j, batch in enumerate(batches):
+            pins = {n: ingestion_version for n in ingestion if ingestion_version}
+            if batch:
+                pins["synthetic_batch"] = batch
+            options.append((sum(current.get(n) != v for n, v in pins.items()), i + j, pins))
+    for _, _, pins in sorted(options, key=lambda o: o[:2]):
+        if pins and not find_mixes(pipeline, catalog, params, pins, saved):
+            return pins
+    return None
+
+
+def _cli_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_cli_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+RUN_OPTIONS = (("from_nodes", "--from-nodes"), ("to_nodes", "--to-nodes"), ("node_names", "--nodes"),
+               ("tags", "--tags"), ("from_inputs", "--from-inputs"), ("to_outputs", "--to-outputs"),
+               ("namespaces", "--namespaces"))
+
+
+def kedro_run_command(run_params: dict, pipelines: list[str] | None = None,
+                      load_versions: dict[str, str] | None = None) -> str:
+    """The ``kedro run`` command of ``run_params`` (a ``before_pipeline_run`` hook's): same env,
+    pipelines, node options and ``--params``; ``pipelines`` replaces the pipelines (and drops the
+    node options), ``load_versions`` is merged into the run's own."""
+    import shlex
+
+    parts = ["kedro", "run"]
+    env = run_params.get("env")
+    if env and env != "local":
+        parts += ["--env", env]
+    names = pipelines if pipelines is not None else [
+        p for p in run_params.get("pipeline_names") or [] if p and p != "__default__"]
+    if len(names) == 1:
+        parts += ["--pipeline", names[0]]
+    elif names:
+        parts += ["--pipelines", ",".join(names)]
+    for key, flag in RUN_OPTIONS if pipelines is None else ():
+        if run_params.get(key):
+            parts += [flag, ",".join(run_params[key])]
+    params = _dotted(run_params.get("runtime_params") or {})
+    if params:
+        parts += ["--params", ",".join(f"{k}={_cli_value(v)}" for k, v in params.items())]
+    versions = {**(run_params.get("load_versions") or {}), **(load_versions or {})}
+    if versions:
+        parts += ["--load-versions", ",".join(f"{k}:{v}" for k, v in sorted(versions.items()))]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def mix_fixes(pipeline, catalog, params: dict, run_params: dict, saved: _Saved | None = None) -> list[str]:
+    """The two ways out of a mix, as lines: re-run the upstream pipelines, or the exact command
+    with ``--load-versions`` pinning saved versions that match (when there are such)."""
+    from fu_kedro.pipeline_registry import PIPELINE_ORDER
+
+    running = [p for p in run_params.get("pipeline_names") or [] if p in PIPELINE_ORDER]
+    first = min((PIPELINE_ORDER.index(p) for p in running), default=len(PIPELINE_ORDER))
+    upstream = list(PIPELINE_ORDER[:first]) if running else []
+    lines = ["Two fixes:"]
+    if upstream:
+        lines += ["(1) re-run the upstream pipelines with this run's parameters, so that its inputs come from one "
+                  "chain, then this command again:",
+                  "      " + kedro_run_command(run_params, pipelines=upstream)]
+    else:
+        lines += ["(1) re-run the pipelines that make these inputs with this run's parameters, then this command again."]
+    pins = matching_versions(pipeline, catalog, params, saved)
+    if pins:
+        lines += ["(2) or load saved versions that match each other and this run's parameters:",
+                  "      " + kedro_run_command(run_params, load_versions=pins)]
+    else:
+        lines += [f"(2) --load-versions <dataset>:<version> with versions that match: none found among the saved "
+                  f"versions (the latest {SEARCH_LIMIT} of {', '.join(CHECKED_SETS)}); use (1)."]
+    return lines
 
 
 # Free inputs read only under some parameters: name -> does this run use it? (their dataset loads as
@@ -278,14 +472,33 @@ OPTIONAL_INPUTS = {
 PARAMETER_FILES = ("pretrained_base", "imported_lora_adapter")
 
 
-def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> tuple[list[Problem], list[str]]:
-    """The run's free inputs (outputs of other pipelines) are saved, and come from this run's data sources.
+def _missing_input(catalog, name: str, how: str) -> Problem | None:
+    """The problem of a free input with no saved version (or a pinned one that is not saved)."""
+    try:
+        exists = catalog.exists(name)
+    except Exception:  # noqa: BLE001 - e.g. a broken dataset config: report it as missing
+        exists = False
+    if exists:
+        return None
+    pinned, saved = _pinned_version(catalog, name)
+    if pinned:
+        listed = ", ".join(saved[-5:]) if saved else "none"
+        return Problem(f"`{name}` (input of this run)",
+                       f"version {pinned} is pinned (--load-versions) but not saved; saved versions (latest 5): {listed}.")
+    return Problem(f"`{name}` (input of this run)", f"no saved version found; {how}.")
 
-    Returns (problems, warnings): a lineage mismatch is a problem when
-    ``prerequisites.on_lineage_mismatch`` is ``fail`` (the paper env), else a warning.
+
+def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None,
+                           run_params: dict | None = None) -> tuple[list[Problem], list[str]]:
+    """The run's free inputs (outputs of other pipelines) are saved, and belong together.
+
+    Returns (problems, warnings). Inputs that come from other data, other ingestion runs or
+    another split (:func:`find_mixes`) are one problem when ``prerequisites.on_lineage_mismatch``
+    is ``fail`` (the default), naming the versions and the fixes (:func:`mix_fixes`); under
+    ``warn`` they are warnings: one :class:`Mix` each, then the fixes.
     """
-    problems, warnings = [], []
-    mismatch_fails = (params.get("prerequisites") or {}).get("on_lineage_mismatch", "warn") == "fail"
+    problems = []
+    run_params = run_params or {"env": env}
     env_flag = f" --env {env}" if env and env != "local" else ""
     for name in sorted(pipeline.inputs()):
         if name == "parameters" or name.startswith("params:"):
@@ -299,34 +512,23 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None) -> 
             f"it is made by the {producer} pipeline: run `kedro run{env_flag} --pipeline {producer}` first"
             if producer else "no registered pipeline makes it"
         )
-        try:
-            exists = catalog.exists(name)
-        except Exception:  # noqa: BLE001 - e.g. a broken dataset config: report it as missing
-            exists = False
-        if not exists:
-            pinned, saved = _pinned_version(catalog, name)
-            if pinned:
-                listed = ", ".join(saved[-5:]) if saved else "none"
-                problems.append(Problem(
-                    f"`{name}` (input of this run)",
-                    f"version {pinned} is pinned (--load-versions) but not saved; saved versions (latest 5): {listed}.",
-                ))
-            else:
-                problems.append(Problem(f"`{name}` (input of this run)", f"no saved version found; {how}."))
-            continue
-        info = _latest_info(catalog, name)
-        mismatch = _lineage_mismatch(info, params) if info else None
-        if mismatch:
-            text = f"the latest `{name}` does not come from this run's data: {mismatch}; re-run {producer or 'its pipeline'} with these parameters"
-            (problems.append(Problem(f"`{name}` (input of this run)", text + f" (`kedro run{env_flag} --pipeline {producer}`).")) if mismatch_fails
-             else warnings.append(text + "."))
-    if not problems:
-        for text in find_mixed_runs(pipeline, catalog):
-            text += ("; re-run the pipelines that make them, or pin matching versions with "
-                     "--load-versions <dataset>:<version>")
-            (problems.append(Problem("inputs of this run from different runs/splits", text + "."))
-             if mismatch_fails else warnings.append(text + "."))
-    return problems, warnings
+        problem = _missing_input(catalog, name, how)
+        if problem:
+            problems.append(problem)
+    if problems:
+        return problems, []
+    saved = _Saved(catalog)
+    mixes = find_mixes(pipeline, catalog, params, saved=saved)
+    if not mixes:
+        return [], []
+    fixes = mix_fixes(pipeline, catalog, params, run_params, saved)
+    if lineage_policy(params) == "warn":
+        return [], [*mixes, f"{LINEAGE_KEY} is 'warn': the run goes on; the report and the MLflow run say so. "
+                    + "\n".join(fixes)]
+    detail = "\n   ".join([*(f"- {m}" for m in mixes), *fixes,
+                           f"To run on these inputs anyway (the report and the MLflow run then name the mix): "
+                           f"--params {LINEAGE_KEY}=warn."])
+    return [Problem(f"inputs that do not belong together ({LINEAGE_KEY}: fail)", detail)], []
 
 
 def check_split_files(params: dict) -> list[Problem]:
@@ -348,10 +550,23 @@ def check_split_files(params: dict) -> list[Problem]:
     return problems
 
 
-def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None = None) -> tuple[list[Problem], list[str]]:
-    """Everything the pipeline about to run needs and does not find, in the order a user fixes it."""
+def check_lineage_policy(params: dict) -> list[Problem]:
+    """``prerequisites.on_lineage_mismatch`` is one of ``LINEAGE_POLICIES``."""
+    policy = lineage_policy(params)
+    if policy in LINEAGE_POLICIES:
+        return []
+    return [Problem(f"a valid {LINEAGE_KEY}",
+                    f"it is {policy!r}; it must be 'fail' (inputs from different runs, splits or data stop the run "
+                    "before any node) or 'warn' (the run goes on; the report, the MLflow run and `kedro lineage` "
+                    "name the mix).")]
+
+
+def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None = None,
+                               run_params: dict | None = None) -> tuple[list[Problem], list[str]]:
+    """Everything the pipeline about to run needs and does not find, in the order a user fixes it.
+    ``run_params`` (the hook's) make the commands of the fixes repeat the run's options."""
     nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
-    problems: list[Problem] = []
+    problems: list[Problem] = check_lineage_policy(params)
     policy = (params.get("ingestion") or {}).get("on_bad_input")
     if {"read_source_images_node", "read_target_images_node"} & nodes and policy not in ("fail", "skip"):
         problems.append(Problem("a valid ingestion.on_bad_input",
@@ -373,13 +588,13 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
     if "plan_experiments_node" in nodes:
         problems += check_backbone_weights(params.get("evaluation") or {})
         problems += check_split_files(params.get("evaluation") or {})
-    upstream, warnings = check_upstream_outputs(pipeline, catalog, params, env)
+    upstream, warnings = check_upstream_outputs(pipeline, catalog, params, env, run_params)
     return problems + upstream, warnings
 
 
 def format_problems(problems: list[Problem], env: str | None) -> str:
     env_text = f"--env {env}" if env else "the default env"
-    lines = [f"This run cannot start ({env_text}): {len(problems)} thing(s) it needs are missing. Nothing was run."]
+    lines = [f"This run cannot start ({env_text}): {len(problems)} thing(s) to fix first. Nothing was run."]
     for i, p in enumerate(problems, 1):
         lines.append(f"\n{i}. {p.what}:\n   {p.detail}")
     lines.append(f"\nWhat to download and where to put it: {DOCS}.")

@@ -15,6 +15,9 @@ record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
 * a run name that leads with what differs from conf/base (``default``, ``pipeline ingestion |
   lora.max_steps=20``; tags ``fu.differs.<key>``) and ``summary.png`` at the artifact root
   (:mod:`fu_kedro.mlflow_ui`);
+* the tag ``fu.lineage_mismatch`` when the run went on with inputs that do not belong
+  together (``prerequisites.on_lineage_mismatch: warn``; the records carry them too, under
+  ``run.lineage_mismatch``);
 * catalog entries with ``metadata: {mlflow: {artifact_path: ...}}`` logged as artifacts right
   after they are saved (the file of the saved version; ``files:`` picks and renames files of
   a folder) — one output per node, no ``*_mlflow`` copies;
@@ -204,6 +207,11 @@ class LineageHooks:
         if active:
             STATE.run["mlflow_run_name"], STATE.run["differs_from_base"] = run_name(
                 ran, run_params.get("env"), params, STATE.project)
+        from fu_kedro.hooks import run_mixes
+
+        mixes = run_mixes()  # prerequisites.on_lineage_mismatch: warn, and the inputs do not belong together
+        if mixes:
+            STATE.run["lineage_mismatch"] = [{"text": str(m), "versions": m.versions} for m in mixes]
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:
@@ -380,6 +388,9 @@ def _headline_metrics(data: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v == v}  # NaN (undefined) left out
 
 
+MISMATCH_TAG = "fu.lineage_mismatch"  # on runs that went on with mixed inputs (prerequisites.on_lineage_mismatch: warn)
+
+
 class MlflowRunExtras:
     """Inputs, version tags, run name, artifacts and headline metrics (see module docstring).
 
@@ -397,6 +408,9 @@ class MlflowRunExtras:
                 tags[f"fu.override.{name}"[:250]] = str(value)[:5000]
             for name, value in (STATE.run.get("differs_from_base") or {}).items():
                 tags[f"fu.differs.{name}"[:250]] = str(value)[:5000]
+            mixes = STATE.run.get("lineage_mismatch")
+            if mixes:  # the run went on with inputs that do not belong together (warn)
+                tags[MISMATCH_TAG] = " | ".join(m["text"] for m in mixes)[:5000]
             for name, value in tags.items():
                 client.set_tag(run_id, name, value)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a run

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fu_kedro.lineage import chain_html  # noqa: E402
+from fu_kedro.lineage import EMBED_KEY, chain_html  # noqa: E402
 
 # the paper's backbone names (paper_table_overall_performance.csv) for ours
 PAPER_MODEL_NAMES = {"resnet18": "ResNet18", "densenet169": "DenseNet169", "mobilenet_v2": "MobileNet v2",
@@ -371,6 +371,21 @@ def gate_banner(quality: dict) -> str:
     )
 
 
+def lineage_mix_banner(metrics: dict) -> str:
+    """The red banner when the run went on with inputs that do not belong together (different
+    runs, splits or data; ``prerequisites.on_lineage_mismatch: warn``), as its lineage record
+    names them (``made_from.run.lineage_mismatch``), else nothing."""
+    mixes = (((metrics or {}).get(EMBED_KEY) or {}).get("run") or {}).get("lineage_mismatch") or []
+    if not mixes:
+        return ""
+    items = "".join(f"<li>{html.escape(str(m.get('text')))}</li>" for m in mixes)
+    return (
+        "<div class='banner' id='lineage-mismatch'>Mixed inputs: these results were made from inputs that do not "
+        "belong together, so they answer no question (the run went on because "
+        f"prerequisites.on_lineage_mismatch is 'warn').<ul>{items}</ul></div>"
+    )
+
+
 # the training loops that take the optional wall-clock cap (fu_kedro.models.training.LoopConfig.max_minutes)
 LOOP_NAMES = {"autoencoder": "the tiny base's autoencoder (VAE)", "base_denoiser": "the tiny base's denoiser (UNet)",
               "lora": "the LoRA adapter"}
@@ -670,6 +685,6 @@ def evaluation_report(classifier_data: dict, experiment_plan: list[dict], traini
         ("Samples (rows: classes)", img["samples"]),
         ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
     ]
-    banners = time_cap_banner(classifier_data["info"].get("synthetic_info")) + gate_banner(q)
+    banners = lineage_mix_banner(m) + time_cap_banner(classifier_data["info"].get("synthetic_info")) + gate_banner(q)
     page = render_html(sections, REPORT_TITLE, banners)
     return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]
