@@ -162,6 +162,7 @@ CHECKED_SETS = (*INGESTION_SETS, "synthetic_batch")  # the inputs whose versions
 LINEAGE_KEY = "prerequisites.on_lineage_mismatch"
 LINEAGE_POLICIES = ("fail", "warn")
 SEARCH_LIMIT = 30  # newest saved versions per dataset searched for a matching set
+MIX_PROBLEM = "inputs that do not belong together"
 
 
 def lineage_policy(params: dict) -> str:
@@ -528,7 +529,7 @@ def check_upstream_outputs(pipeline, catalog, params: dict, env: str | None,
     detail = "\n   ".join([*(f"- {m}" for m in mixes), *fixes,
                            f"To run on these inputs anyway (the report and the MLflow run then name the mix): "
                            f"--params {LINEAGE_KEY}=warn."])
-    return [Problem(f"inputs that do not belong together ({LINEAGE_KEY}: fail)", detail)], []
+    return [Problem(f"{MIX_PROBLEM} ({LINEAGE_KEY}: fail)", detail)], []
 
 
 def check_split_files(params: dict) -> list[Problem]:
@@ -597,5 +598,6 @@ def format_problems(problems: list[Problem], env: str | None) -> str:
     lines = [f"This run cannot start ({env_text}): {len(problems)} thing(s) to fix first. Nothing was run."]
     for i, p in enumerate(problems, 1):
         lines.append(f"\n{i}. {p.what}:\n   {p.detail}")
-    lines.append(f"\nWhat to download and where to put it: {DOCS}.")
+    if any(not p.what.startswith(MIX_PROBLEM) for p in problems):
+        lines.append(f"\nWhat to download and where to put it: {DOCS}.")
     return "\n".join(lines)
