@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import project_parameters, run_kedro_session
-from kedro.io import DataCatalog
+from kedro.io import DataCatalog, MemoryDataset
 from kedro.io.core import Version
 
 from fu_kedro.datasets import ImageSet, ImageSetDataset, LoraAdapterDataset
@@ -230,11 +230,21 @@ def test_no_matching_versions_says_so(saved_runs, monkeypatch):
     assert "kedro run --pipelines ingestion,lora_training,synthesis" in problem.detail
 
 
-def test_an_invalid_lineage_policy_names_the_key_and_the_allowed_values():
+def test_an_invalid_lineage_policy_stops_the_run_naming_the_key_and_the_allowed_values():
+    from kedro.pipeline import Node, Pipeline
+
+    from fu_kedro.hooks import PrerequisiteChecks
+    from fu_kedro.prerequisites import MissingPrerequisitesError
+
     [p] = check_lineage_policy({"prerequisites": {"on_lineage_mismatch": "wran"}})
     assert "prerequisites.on_lineage_mismatch" in p.what and "'wran'" in p.detail
     assert "'fail'" in p.detail and "'warn'" in p.detail
     assert check_lineage_policy({}) == []  # absent: fail
+    # the hook every `kedro run` calls first, on a pipeline with no saved inputs at all
+    catalog = DataCatalog({"parameters": MemoryDataset({"prerequisites": {"on_lineage_mismatch": "wran"}})})
+    pipeline = Pipeline([Node(lambda params: params, "parameters", "out", name="n")])
+    with pytest.raises(MissingPrerequisitesError, match=r"prerequisites\.on_lineage_mismatch:\n.*'wran'"):
+        PrerequisiteChecks().before_pipeline_run({"env": None}, pipeline, catalog)
 
 
 @pytest.mark.parametrize("env", [None, "real_cpu", "paper"])

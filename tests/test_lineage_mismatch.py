@@ -81,13 +81,6 @@ def test_mixed_inputs_stop_the_run_and_the_printed_load_versions_command_works(m
     assert ("source_images", v1) in loaded and ("source_images", v2) not in loaded
     assert "lineage_mismatch" not in record["run"]
 
-    # a misspelt setting stops the run, naming the key and the allowed values
-    run = _kedro(project, "run", "--pipeline", "evaluation", "--params",
-                 f"{EVAL},prerequisites.on_lineage_mismatch=wran")
-    out = run.stdout + run.stderr
-    assert run.returncode != 0 and "Running node" not in out
-    assert "prerequisites.on_lineage_mismatch" in out and "'wran'" in out and "'fail'" in out and "'warn'" in out
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
@@ -119,3 +112,39 @@ def test_warn_runs_on_and_says_so_in_the_report_mlflow_and_kedro_lineage(mixed):
     assert f"source_images@{v2}  <- {L.MIXED}" in run.stdout
     assert f"synthetic_batch@{v1}  <- {L.MIXED}" in run.stdout
     assert f"{L.MIXED}S: made from inputs that do not belong together" in run.stdout
+
+
+# --------------------------------------------------------------------------- the marks, on records
+MIX = {"text": "`source_images` version V2 does not come from this run's data",
+       "versions": {"source_images": "V2", "synthetic_batch": "V1"}}
+
+
+def _metrics_record(mixes: list[dict] | None) -> dict:
+    run = {"mlflow_run_id": "r1", **({"lineage_mismatch": mixes} if mixes else {})}
+    inputs = [{"kind": "in_run", "dataset": "classifier_data", "node": "prepare_classifier_data_node", "inputs": [
+        {"kind": "versioned", "dataset": "source_images", "version": "V2", "path": None},
+        {"kind": "versioned", "dataset": "target_images", "version": "V2", "path": None},
+        {"kind": "versioned", "dataset": "synthetic_batch", "version": "V1", "path": None}]}]
+    return {"dataset": "zero_shot_metrics", "version": "V3", "node": "compute_zero_shot_metrics_node", "run": run,
+            "inputs": inputs}
+
+
+def test_the_report_opens_with_the_mix_banner_only_when_the_run_had_a_mix():
+    from fu_kedro.pipelines.evaluation.report import lineage_mix_banner, render_html
+
+    banner = lineage_mix_banner({L.EMBED_KEY: _metrics_record([MIX])})
+    assert banner.startswith("<div class='banner' id='lineage-mismatch'>") and "version V2" in banner
+    page = render_html([("x", "y")], "t", banner + "<div class='banner' id='low-fidelity'>gate</div>")
+    assert page.split("<body>", 1)[1].startswith("<div class='banner' id='lineage-mismatch'>")
+    assert lineage_mix_banner({L.EMBED_KEY: _metrics_record(None)}) == ""
+    assert lineage_mix_banner({}) == ""
+
+
+def test_kedro_lineage_marks_the_mixed_inputs_once():
+    text = "\n".join(L.render_text(L.mark_mixed(L.record_step(_metrics_record([MIX])))))
+    assert f"source_images@V2  <- {L.MIXED}" in text and f"synthetic_batch@V1  <- {L.MIXED}" in text
+    assert f"target_images@V2  <- {L.MIXED}" not in text
+    assert text.count(f"{L.MIXED}S:") == 1
+    clean = "\n".join(L.render_text(L.mark_mixed(L.record_step(_metrics_record(None)))))
+    assert L.MIXED not in clean
+    assert L.MIXED in L.chain_html({L.EMBED_KEY: _metrics_record([MIX])})
