@@ -130,6 +130,7 @@ def run_kedro_session(project: Path, pipeline: str, runtime_params: dict | None 
 # `kedro run --params` for a tiny end-to-end run (CLI tests): every node runs, on tiny data
 TINY_RUN_PARAMS = [
     "ingestion.phantom.source.n_per_class=12",
+    "ingestion.phantom.source.class_proportions=null",  # 12 of each class (conf/base's shares leave ~3 abdomen of 60)
     "ingestion.phantom.target.n_per_class=4",
     "ingestion.lora_per_class=4",
     "ingestion.image_size=64",
