@@ -652,3 +652,42 @@ def test_misspelt_policy_and_hidden_csv_in_the_prerequisite_check(tmp_path, afri
               "ingestion": {"on_bad_input": "skp"}}
     problems, _ = find_missing_prerequisites(create_pipeline(), None, params)
     assert [p.what for p in problems] == ["a valid ingestion.on_bad_input"] and "'skp'" in problems[0].detail
+
+
+def test_layout_and_setting_problems_give_no_download_advice(tmp_path, african_planes_dev):
+    """Issue #27: a two-CSV folder and a policy typo were answered with "download it from zenodo";
+    the data are there, so the message says what to fix instead (a missing folder still gets the advice)."""
+    from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.prerequisites import find_missing_prerequisites, format_problems
+
+    root = _african_copy(african_planes_dev, tmp_path / "african")
+    shutil.copy(root / "African_train.csv", root / "African_copy.csv")
+    base = {"source_format": "phantom", "target_format": "african", "target_path": str(root),
+            "ingestion": {"on_bad_input": "fail"}}
+    [p], _ = find_missing_prerequisites(create_pipeline(), None, base)
+    text = format_problems([p], None)
+    assert "holds 2 CSV files" in p.detail and "Arrange the folder" in p.detail, text
+    assert "zenodo" not in text and "download" not in text.lower() and "are missing" not in text, text
+    [p], _ = find_missing_prerequisites(create_pipeline(), None, {**base, "target_path": str(african_planes_dev),
+                                                                  "ingestion": {"on_bad_input": "skp"}})
+    text = format_problems([p], None)
+    assert "'skp'" in text and "download" not in text.lower() and "1 thing(s) to fix first" in text, text
+    [p], _ = find_missing_prerequisites(create_pipeline(), None, {**base, "target_path": str(tmp_path / "nowhere")})
+    text = format_problems([p], None)
+    assert "does not exist" in text and "zenodo.org/records/7540448" in text and "What to download" in text, text
+
+
+def test_pinning_an_output_of_the_run_is_named_before_any_node_runs(tmp_path):
+    """Issue #27: `--load-versions source_images:<v>` on an ingestion run ended in an internal
+    `.staging/...` path after the readers had run; now the pre-run check names the dataset."""
+    from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.prerequisites import find_missing_prerequisites, format_problems
+
+    params = {"source_format": "phantom", "target_format": "phantom", "ingestion": {"on_bad_input": "fail"}}
+    problems, _ = find_missing_prerequisites(create_pipeline(), None, params,
+                                             run_params={"load_versions": {"source_images": "2020-01-01T00.00.00.000Z"}})
+    [p] = problems
+    text = format_problems(problems, None)
+    assert "`source_images` is an output of this run (made by split_source_by_patient_node)" in text, text
+    assert "--from-nodes draw_lora_subset_node --load-versions source_images:2020-01-01T00.00.00.000Z" in text, text
+    assert ".staging" not in text and "download" not in text.lower()

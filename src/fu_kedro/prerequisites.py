@@ -54,6 +54,7 @@ class MissingPrerequisitesError(RuntimeError):
 class Problem:
     what: str  # the thing that is missing, e.g. "Stable Diffusion v1.5 weights"
     detail: str  # why it counts as missing, and how to get it
+    download: bool = True  # something to download or make; False: a setting or a folder to fix
 
 
 # --------------------------------------------------------------------------- checks
@@ -76,6 +77,8 @@ def check_data_source(domain: str, fmt: str, path: str | None) -> list[Problem]:
     if wrong is None:
         return []
     layout = LAYOUTS[fmt].format(root=root)
+    if root.is_dir() and any(root.iterdir()):  # the data are there, in another layout: nothing to download
+        return [Problem(what, f"{wrong}. Arrange the folder so that there is {layout}.", download=False)]
     return [Problem(what, f"{wrong}. {spec['get'].capitalize()} so that there is {layout}.")]
 
 
@@ -559,7 +562,27 @@ def check_lineage_policy(params: dict) -> list[Problem]:
     return [Problem(f"a valid {LINEAGE_KEY}",
                     f"it is {policy!r}; it must be 'fail' (inputs from different runs, splits or data stop the run "
                     "before any node) or 'warn' (the run goes on; the report, the MLflow run and `kedro lineage` "
-                    "name the mix).")]
+                    "name the mix).", download=False)]
+
+
+def check_pinned_outputs(pipeline, load_versions: dict | None) -> list[Problem]:
+    """``--load-versions`` pins what a run *reads*; a dataset this run writes cannot be pinned (the
+    run would save a new version and its next node read the pinned one back, from this run's staging
+    folder, where it is not)."""
+    problems = []
+    outputs = pipeline.all_outputs()
+    for name, version in sorted((load_versions or {}).items()):
+        if name not in outputs:
+            continue
+        makers = [n.name for n in pipeline.nodes if name in n.outputs]
+        readers = [n.name for n in pipeline.nodes if name in n.inputs]
+        hint = (f"; to read a saved version instead of making one, run only the nodes after it: "
+                f"`--from-nodes {readers[0]} --load-versions {name}:{version}`" if readers else "")
+        problems.append(Problem(
+            f"`{name}` pinned with --load-versions {name}:{version}",
+            f"`{name}` is an output of this run (made by {', '.join(makers)}): --load-versions pins only datasets "
+            f"a run reads without making them{hint}.", download=False))
+    return problems
 
 
 def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None = None,
@@ -568,11 +591,12 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
     ``run_params`` (the hook's) make the commands of the fixes repeat the run's options."""
     nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
     problems: list[Problem] = check_lineage_policy(params)
+    problems += check_pinned_outputs(pipeline, (run_params or {}).get("load_versions"))
     policy = (params.get("ingestion") or {}).get("on_bad_input")
     if {"read_source_images_node", "read_target_images_node"} & nodes and policy not in ("fail", "skip"):
         problems.append(Problem("a valid ingestion.on_bad_input",
                                 f"it is {policy!r}; it must be 'fail' (stop, naming each bad file) or 'skip' "
-                                "(quarantine bad files and go on)."))
+                                "(quarantine bad files and go on).", download=False))
     if "read_source_images_node" in nodes:
         problems += check_data_source("source", params.get("source_format"), params.get("source_path"))
     if "read_target_images_node" in nodes:
@@ -598,6 +622,6 @@ def format_problems(problems: list[Problem], env: str | None) -> str:
     lines = [f"This run cannot start ({env_text}): {len(problems)} thing(s) to fix first. Nothing was run."]
     for i, p in enumerate(problems, 1):
         lines.append(f"\n{i}. {p.what}:\n   {p.detail}")
-    if any(not p.what.startswith(MIX_PROBLEM) for p in problems):
+    if any(p.download and not p.what.startswith(MIX_PROBLEM) for p in problems):
         lines.append(f"\nWhat to download and where to put it: {DOCS}.")
     return "\n".join(lines)
