@@ -27,6 +27,7 @@ from kedro.framework.hooks import hook_impl
 from fu_kedro.datasets.versions import versioned_root
 from fu_kedro.launch import is_main_process, process_rank
 from fu_kedro.prerequisites import Mix, MissingPrerequisitesError, find_missing_prerequisites, format_problems
+from fu_kedro.run_status import tag_published_outputs
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class MainProcessWrites:
         published = staging.publish(self._staged)
         for r in self._staged:
             staging.unstage(r, self._datasets[r.name])
+        tag_published_outputs({r.name: r.version for r in self._staged if r.name in published})
         log.info("published %d output(s) of this run, version %s: %s", len(published), self._staged[0].version,
                  ", ".join(published))
         self._staged, self._datasets = [], {}

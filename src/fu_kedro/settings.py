@@ -20,6 +20,7 @@ from fu_kedro.config import ParameterChecks, ProjectConfigLoader  # noqa: E402
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
 from fu_kedro.mlflow_ui import ExperimentChecks  # noqa: E402
+from fu_kedro.run_status import MlflowStoreLock, RunProcess  # noqa: E402
 from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
 
 # The project root (this file is src/fu_kedro/settings.py in the editable install the
@@ -47,8 +48,10 @@ CONFIG_LOADER_ARGS = {
 # version tags, run name, artifacts and headline metrics; RunInterrupts: SIGINT/SIGTERM end
 # the MLflow run as KILLED (src/fu_kedro/tracking.py, docs/lineage.md); ExperimentChecks: the
 # MLflow experiment opens on its runs table and keeps its artifacts in this project (mlflow_ui.py).
-HOOKS = (ParameterChecks(), PrerequisiteChecks(), MainProcessWrites(), LineageHooks(), RunInterrupts(),
-         ExperimentChecks())
+# MlflowStoreLock: two first runs at once create the MLflow store one after the other; RunProcess:
+# a run whose process was killed is ended KILLED by the next one (src/fu_kedro/run_status.py).
+HOOKS = (MlflowStoreLock(), ParameterChecks(), PrerequisiteChecks(), MainProcessWrites(), LineageHooks(),
+         RunInterrupts(), ExperimentChecks(), RunProcess())
 
 # Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
 # kedro-viz's run files; the others never load those plugins' hooks.

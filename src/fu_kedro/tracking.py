@@ -10,7 +10,8 @@ record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
 
 * the run's free inputs (and ingestion's raw data) as MLflow datasets (``log_inputs``: source
   path, digest, catalog version), tags ``input.<dataset>.version`` / ``input.<dataset>.run_id``
-  (the run that saved that version) and ``output.<dataset>.version``; a run description
+  (the run that saved that version) and ``output.<dataset>.version`` (set once the outputs are
+  published: ``fu_kedro.run_status.tag_published_outputs``); a run description
   linking the upstream runs;
 * a run name that leads with what differs from conf/base (``default``, ``pipeline ingestion |
   lora.max_steps=20``; tags ``fu.differs.<key>``) and ``summary.png`` at the artifact root
@@ -27,7 +28,8 @@ record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
 
 ``RunInterrupts`` — SIGINT and SIGTERM during a run end its MLflow run as KILLED, with an end
 time (kedro-mlflow ends a run only on exceptions; a SIGTERM used to leave it RUNNING forever
-and a Ctrl-C left it FINISHED).
+and a Ctrl-C left it FINISHED), and ``kedro run`` exits with 130 / 143. A SIGKILLed run is
+ended KILLED by the next Kedro session (``fu_kedro.run_status``).
 
 Everything MLflow-side goes through ``MlflowClient`` with the run id (never the fluent API's
 thread-local "active run", which would open a new run when none is active). Only the main
@@ -51,6 +53,7 @@ from kedro.framework.hooks import hook_impl
 from fu_kedro import lineage as L
 from fu_kedro.datasets.versions import load_version, save_version, versioned_path
 from fu_kedro.launch import is_main_process
+from fu_kedro.run_status import note_interrupt
 from fu_kedro.software import log_to_mlflow, software_record
 
 log = logging.getLogger(__name__)
@@ -473,9 +476,7 @@ class MlflowRunExtras:
         try:
             dataset = STATE.catalog.get(dataset_name)
             client = _mlflow_client()
-            version = save_version(dataset)
-            if version is not None:
-                client.set_tag(run_id, f"output.{dataset_name}.version", version)
+            version = save_version(dataset)  # output.<name>.version: once published (fu_kedro.run_status)
             spec = _metadata(dataset).get("mlflow") or {}
             if spec.get("artifact_path") is not None:
                 path = versioned_path(dataset, version) if version else _plain_path(dataset)
@@ -608,6 +609,7 @@ class RunInterrupts:
         self.signum = signum
         self.run_id = STATE.run.get("mlflow_run_id")
         self._restore()  # a second signal acts as usual
+        note_interrupt(signum)  # `kedro run` exits with 128 + signum (130 / 143), not 1
         # after mlflow's own exit handler (registered at import): ours runs first, LIFO
         atexit.unregister(self.end_interrupted_run)
         atexit.register(self.end_interrupted_run)
