@@ -80,7 +80,9 @@ def test_a_killed_run_leaves_nothing_the_next_run_loads(project_copy):
 
     settings = project_copy / "src" / "fu_kedro" / "settings.py"
     settings.write_text(settings.read_text() + KILL_HOOK)
-    env = {**os.environ, "FU_TEST_KILL_AFTER_NODE": "draw_lora_subset_node"}
+    # the copy's src first: conf/logging.yml imports fu_kedro before Kedro puts the project's src on the path
+    path = os.pathsep.join(p for p in (str(project_copy / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "FU_TEST_KILL_AFTER_NODE": "draw_lora_subset_node"}
     proc = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipelines", "ingestion", "--params",
                            TINY_CLI + ",ingestion.image_size=40"],
                           cwd=project_copy, env=env, capture_output=True, text=True, timeout=600)

@@ -59,9 +59,17 @@ def _runs(project: Path):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+def copy_env(project: Path, **extra: str) -> dict:
+    """The environment of a ``kedro run`` in a project copy: the copy's ``src`` first on the path
+    (conf/logging.yml imports ``fu_kedro`` before Kedro adds the project's ``src``, so an installed
+    or PYTHONPATH package would otherwise be the one imported, without the test's hook)."""
+    path = os.pathsep.join(p for p in (str(project / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _kedro(project: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kedro", "run", *args], cwd=project, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.STDOUT, text=True, env=copy_env(project, **(env or {})))
 
 
 @pytest.mark.slow
