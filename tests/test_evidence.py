@@ -12,7 +12,17 @@ from torch import nn
 from fu_kedro.classifiers import TrainedClassifier, prepare_tensors
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
-from fu_kedro.metrics import hierarchical_resample, paired_seed_test, seeds_needed, variance_components
+from fu_kedro.metrics import (
+    design_variance,
+    detectable_difference,
+    hierarchical_resample,
+    paired_seed_test,
+    power_plan,
+    replicates_needed,
+    seeds_needed,
+    t_interval,
+    variance_components,
+)
 from fu_kedro.pipelines.evaluation import nodes, quality, report
 
 from test_evaluation import CLASSES, _params, _sets
@@ -85,12 +95,74 @@ def test_paired_test_is_scipys_paired_t_test():
     assert out["wilcoxon"]["smallest_possible_p"] == pytest.approx(2 / 32)
 
 
-def test_seeds_needed_follows_the_variance_formula():
-    comps = {"seed_within_replicate": 0.08, "replicate": None, "patients": 0.01, "K": 1, "S": 5}
-    n = seeds_needed(comps, delta=0.05)
-    z = 1.959964 + 0.841621
-    assert z * np.sqrt(0.01 ** 2 + 0.08 ** 2 / n) <= 0.05 < z * np.sqrt(0.01 ** 2 + 0.08 ** 2 / (n - 1))
-    assert seeds_needed({**comps, "patients": 0.03}, delta=0.05) is None  # patients alone too noisy
+def test_wilcoxon_floor_counts_only_the_non_zero_differences():
+    # scipy drops zero differences before ranking, so four non-zero of five seeds floor at 2 / 2**4
+    out = paired_seed_test({"42": 0.05, "43": 0.0, "44": 0.03, "45": 0.02, "46": 0.04})
+    assert out["n_nonzero"] == out["wilcoxon"]["n_nonzero"] == 4
+    assert out["wilcoxon"]["smallest_possible_p"] == pytest.approx(2 / 16)
+    assert out["wilcoxon"]["p_value"] == pytest.approx(out["wilcoxon"]["smallest_possible_p"])  # all four positive
+    assert paired_seed_test({"42": 0.0, "43": 0.0})["wilcoxon"] is None
+
+
+def test_t_interval_with_one_replicate_is_the_paired_t_interval():
+    # one replicate, the same value on every patient draw (no patient term): the interval is scipy's
+    # one-sample t interval of the five per-seed differences; the percentile bootstrap is narrower
+    d = np.array([0.08, 0.01, 0.05, 0.09, -0.02])
+    a, b = np.repeat((0.6 + d)[None, None, :], 4, axis=0), np.full((4, 5), 0.6)
+    out = t_interval(float(d.mean()), variance_components(a, b), 0.95)
+    ref = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert out["ci"] == pytest.approx([ref.low, ref.high]) and out["df"] == pytest.approx(4)
+    boot = np.quantile(hierarchical_resample(a, b, 20_000, np.random.default_rng(0)), [0.025, 0.975])
+    assert np.ptp(boot) < 0.8 * (ref.high - ref.low)
+
+
+def test_variance_components_separate_seed_and_replicate_effects():
+    # an additive table (no cell noise): the ANOVA gives the replicate effects' sd exactly and no residual
+    seed_effect, rep_effect = np.array([0.04, -0.02, 0.0, 0.03, -0.05]), np.array([0.02, -0.01, -0.01])
+    a = (0.6 + rep_effect[:, None] + seed_effect[None, :])[None].repeat(3, axis=0)
+    comps = variance_components(a, np.full((3, 5), 0.6))
+    assert comps["replicate"] == pytest.approx(np.std(rep_effect, ddof=1))
+    assert comps["seed"] == pytest.approx(np.std(seed_effect, ddof=1)) == pytest.approx(comps["seed_shared"])
+    assert comps["seed_x_replicate"] == pytest.approx(0.0, abs=1e-12) and comps["patients"] == pytest.approx(0.0)
+    var, df = design_variance(comps)
+    assert var == pytest.approx(np.var(seed_effect, ddof=1) / 5 + np.var(rep_effect, ddof=1) / 3)
+    assert 2 <= df <= 4 + 2  # Welch-Satterthwaite between the replicate (2) and seed (4) degrees of freedom
+
+
+def test_t_interval_covers_seeds_replicates_and_patients_and_the_percentile_bootstrap_does_not():
+    # 400 simulated runs at K = 3 replicates x S = 5 seeds, true difference 0: a seed effect shared
+    # by the replicates, a replicate effect, cell noise, and the test patients' sampling error (one
+    # error on the estimate, the bootstrap's patient draws spread around it)
+    rng = np.random.default_rng(7)
+    hits_t = hits_boot = 0
+    for _ in range(400):
+        cells = rng.normal(0, 0.04, 5)[None, :] + rng.normal(0, 0.02, 3)[:, None] + rng.normal(0, 0.03, (3, 5))
+        a = 0.6 + cells[None] + rng.normal(0, 0.015) + rng.normal(0, 0.015, (60, 1, 1))
+        b = np.full((60, 5), 0.6)
+        ci = t_interval(float(a.mean() - 0.6), variance_components(a, b), 0.95)["ci"]
+        hits_t += ci[0] <= 0 <= ci[1]
+        lo, hi = np.quantile(hierarchical_resample(a, b, 200, rng), [0.025, 0.975])
+        hits_boot += lo <= 0 <= hi
+    assert hits_t / 400 >= 0.94 and hits_boot / 400 < 0.9
+
+
+def test_power_plan_follows_the_t_test_power_formula():
+    # one replicate: detectable = (t(0.975, S-1) + t(0.8, S-1)) * sqrt(seed**2 / S + patients**2)
+    comps = {"seed": 0.08, "replicate": None, "seed_x_replicate": None, "seed_shared": None, "patients": 0.01,
+             "K": 1, "S": 5}
+    t = lambda df: stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)  # noqa: E731
+    plan = power_plan(comps)
+    assert plan["detectable_difference"] == pytest.approx(t(4) * np.sqrt(0.08 ** 2 / 5 + 0.01 ** 2))
+    n = plan["seeds_needed"]
+    assert detectable_difference(comps, seeds=n) <= 0.05 < detectable_difference(comps, seeds=n - 1)
+    assert plan["replicates_needed"] is None  # one replicate: the replicate term was never measured
+    assert seeds_needed({**comps, "patients": 0.03}) is None  # the patient term alone is too large
+    # replicates measured: more replicates shrink the cell noise, not the shared seed effect
+    crossed = {"seed": 0.05, "replicate": 0.01, "seed_x_replicate": 0.08, "seed_shared": 0.02, "patients": 0.005,
+               "K": 2, "S": 5}
+    k = replicates_needed(crossed)
+    assert k is not None and detectable_difference(crossed, replicates=k) <= 0.05
+    assert detectable_difference(crossed, replicates=k - 1) > 0.05
 
 
 # ----------------------------------------------------------------------------- memorisation

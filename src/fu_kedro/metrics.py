@@ -44,6 +44,12 @@ BOOTSTRAP_METRICS = (
     "auc_hard_label",
 )
 
+# What ``ci`` of a difference (and of an arm) is; the hierarchical percentile bootstrap is kept beside it
+# (``ci_hierarchical_bootstrap``) for comparison: with 5 seeds it is too narrow.
+INTERVAL_METHOD = ("estimate ± t(Welch-Satterthwaite df) · SE; SE² = seed²/S (per-seed differences averaged over "
+                   "replicates, S - 1 df) + replicate²/K (crossed seed × replicate ANOVA, K - 1 df) + patients² "
+                   "(patient bootstrap of the classifier-averaged difference)")
+
 
 def prob_columns(classes: list[str]) -> list[str]:
     """Names of the probability columns, ``prob_<class>``, in class order."""
@@ -243,20 +249,24 @@ def hierarchical_resample(
 def paired_seed_test(per_seed_difference: dict[str, float]) -> dict[str, Any]:
     """Paired tests of per-seed differences (arm - baseline, same seed): t-test and Wilcoxon signed-rank.
 
-    With n seeds the exact Wilcoxon p-value cannot go below 2 / 2**n (0.0625 at n = 5).
+    The Wilcoxon test drops zero differences (scipy's ``zero_method="wilcox"``), so its
+    floor is set by the ``n_nonzero`` differences it ranks: the exact two-sided p-value cannot
+    go below ``2 / 2**n_nonzero`` (0.0625 with 5 non-zero differences, 0.125 with 4).
     """
     from scipy import stats
 
     d = np.array([v for v in per_seed_difference.values() if v is not None and np.isfinite(v)], dtype=float)
+    nonzero = int(np.count_nonzero(d))
     out: dict[str, Any] = {"n_seeds": int(len(d)), "mean": float(d.mean()) if len(d) else None,
                            "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
-                           "n_positive": int((d > 0).sum()), "t_test": None, "wilcoxon": None}
+                           "n_positive": int((d > 0).sum()), "n_nonzero": nonzero, "t_test": None, "wilcoxon": None}
     if len(d) >= 2 and np.ptp(d) > 0:
         t = stats.ttest_1samp(d, 0.0)
         out["t_test"] = {"statistic": float(t.statistic), "df": int(len(d) - 1), "p_value": float(t.pvalue)}
-        w = stats.wilcoxon(d)
-        out["wilcoxon"] = {"statistic": float(w.statistic), "p_value": float(w.pvalue),
-                           "smallest_possible_p": float(2.0 / 2 ** len(d))}
+    if nonzero >= 1:
+        w = stats.wilcoxon(d, zero_method="wilcox")
+        out["wilcoxon"] = {"statistic": float(w.statistic), "p_value": float(w.pvalue), "n_nonzero": nonzero,
+                           "smallest_possible_p": float(2.0 / 2 ** nonzero)}
     return out
 
 
@@ -501,6 +511,8 @@ def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int, 
         "levels": ["synthetic-batch replicate" + (" (its own LoRA fit and sampling seeds)" if refit else ""),
                    "classifier seed (paired between arms)", "target patient (one draw shared by all classifiers)"],
         "n_replicates": n_reps,
+        "interval": INTERVAL_METHOD,
+        "base_model": "held fixed (as SD v1.5 is in the paper): no interval covers a different base model",
         "conditional_on": (
             f"this base model and the LoRA subset; covers classifier seeds, test patients and {n_reps} synthetic "
             "batches, each from its own independent LoRA fit (synthesis.adapter_per_replicate) and its own "
@@ -543,9 +555,8 @@ def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, 
             column = {rs: j for j, rs in enumerate(cell)}
             order = [[column[(r, s)] for s in seeds] for r in reps]
             cubes = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
-            rng = np.random.default_rng([seed, 1])
-            block["ci"] = {m: _interval(hierarchical_resample(c, None, n_bootstrap, rng), alpha)
-                           for m, c in cubes.items()}
+            block["ci"] = {m: t_interval(block["mean"][m], variance_components(c, full_a=_cells(block, m, seeds)),
+                                         1.0 - 2.0 * alpha)["ci"] for m, c in cubes.items()}
             block["ci_test_patients_only"] = {m: _interval(c.mean(axis=(1, 2)), alpha) for m, c in cubes.items()}
         entry[protocol] = block
     return entry, cubes
@@ -598,10 +609,16 @@ def _difference(key: str, base_key: str, experiments: dict, cubes: dict, n_boots
                                  "per_seed": per_seed}
             if (key, m) in cubes and paired:
                 a, b = cubes[(key, m)], cubes[(base_key, m)][:, 0, :]
+                comps = variance_components(a, b, _cells(entry[protocol], m, shared),
+                                            _cells(base[protocol], m, shared)[0])
+                interval = t_interval(d["mean"], comps, 1.0 - 2.0 * alpha)
+                d["ci"] = interval.pop("ci")
+                d["interval"] = {"method": INTERVAL_METHOD, **interval}
                 rng = np.random.default_rng([seed, 2])
-                d["ci"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
+                d["ci_hierarchical_bootstrap"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
                 d["ci_test_patients_only"] = _interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
-                d["variance_components"] = variance_components(a, b)
+                d["variance_components"] = comps
+                d["power"] = power_plan(comps)
             if protocol == "all_classes":
                 d["paired_test"] = paired_seed_test(per_seed)
             block[m] = d
@@ -609,40 +626,170 @@ def _difference(key: str, base_key: str, experiments: dict, cubes: dict, n_boots
     return diff
 
 
-def variance_components(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    """Standard deviations of a paired difference by source, from the bootstrap cube.
+def _cells(block: dict, metric: str, seeds: list) -> np.ndarray:
+    """``(K, S)`` one protocol block's metric of every (replicate, seed) classifier on all target patients."""
+    cells = block.get("per_replicate_seed")
+    if not cells:
+        return np.array([[block["per_seed"][str(s)][metric] for s in seeds]], dtype=float)
+    reps = sorted({int(k.split("/")[0].removeprefix("rep")) for k in cells})
+    return np.array([[cells[f"rep{r}/seed{s}"][metric] for s in seeds] for r in reps], dtype=float)
+
+
+def variance_components(a: np.ndarray, b: np.ndarray | None = None, full_a: np.ndarray | None = None,
+                        full_b: np.ndarray | None = None) -> dict[str, Any]:
+    """Variance components of a (paired) mean, from the bootstrap cube: classifier seeds, generator
+    replicates and test patients.
 
     ``a``: ``(B, K, S)`` arm metric per patient draw, replicate, seed; ``b``: ``(B, S)`` the
-    baseline's. ``seed_within_replicate``: pooled sd over seeds of the paired difference
-    (all patients: the mean over draws); ``replicate``: sd over replicates of the
-    seed-averaged difference (None with one replicate; it still contains seed noise
-    ``seed**2 / S``); ``patients``: sd over patient draws of the difference averaged over
-    all classifiers. The estimate's variance is about
-    ``patients**2 + replicate**2 / K + seed_within_replicate**2 / (K S)``.
+    paired baseline's (``None``: arm ``a`` alone); ``full_a`` ``(K, S)`` and ``full_b`` ``(S,)``:
+    the same on all target patients (default: the mean over the draws, which adds resampling
+    noise with few draws). ``D[k, s] = full_a[k, s] - full_b[s]`` is a two-way table: seed s is shared by every replicate (the
+    baseline of seed s, the initial weights), replicate k by every seed (its LoRA fit and
+    batch). As standard deviations:
+
+    * ``seed``: sd over seeds of the per-seed difference averaged over the replicates (S - 1
+      degrees of freedom; with K = 1 the paired t-test's sd);
+    * ``replicate``: between generator replicates, net of seed noise,
+      ``sqrt(max(0, (MS_rep - MS_res) / S))`` from the crossed two-way ANOVA (mean squares of
+      replicates, K - 1 df, and of the residual); None with K = 1 (not measured: the run is
+      then conditional on its one batch);
+    * ``seed_x_replicate``: ``sqrt(MS_res)``, what one (replicate, seed) cell adds on its own,
+      and ``seed_shared``: ``sqrt(max(0, seed**2 - MS_res / K))``, the part of the seed term
+      more replicates cannot average out (both None with K = 1; used for planning);
+    * ``patients``: sd over patient draws of the difference averaged over all classifiers;
+    * ``seed_within_replicate``: the pooled sd over seeds within a replicate (descriptive).
+
+    The estimate's variance is ``seed**2 / S + replicate**2 / K + patients**2``
+    (:func:`design_variance`).
     """
-    full = a.mean(axis=0) - b.mean(axis=0)[None, :]  # (K, S) paired differences on all patients
+    full_a = np.nanmean(a, axis=0) if full_a is None else np.asarray(full_a, dtype=float)
+    if b is not None:
+        full_b = np.nanmean(b, axis=0) if full_b is None else np.asarray(full_b, dtype=float)
+    full = full_a - (full_b[None, :] if b is not None else 0.0)  # (K, S) on all target patients
     k, s = full.shape
-    within = float(np.sqrt(np.mean(full.var(axis=1, ddof=1)))) if s > 1 else None
-    between = float(full.mean(axis=1).std(ddof=1)) if k > 1 else None
-    patients = float((a.mean(axis=(1, 2)) - b.mean(axis=1)).std(ddof=1)) if len(a) > 1 else None
-    return {"seed_within_replicate": within, "replicate": between, "patients": patients, "K": k, "S": s}
+    seed_means, rep_means = full.mean(axis=0), full.mean(axis=1)
+    seed_var = float(seed_means.var(ddof=1)) if s > 1 else None
+    ms_res = ms_rep = None
+    if k > 1 and s > 1:
+        ms_rep = float(s * rep_means.var(ddof=1))
+        ms_res = float(((full - rep_means[:, None] - seed_means[None, :] + full.mean()) ** 2).sum()
+                       / ((k - 1) * (s - 1)))
+    per_cell = (a.mean(axis=(1, 2)) - b.mean(axis=1)) if b is not None else a.mean(axis=(1, 2))
+    return {
+        "seed": float(np.sqrt(seed_var)) if seed_var is not None else None,
+        "replicate": float(np.sqrt(max(0.0, (ms_rep - ms_res) / s))) if ms_res is not None else None,
+        "seed_x_replicate": float(np.sqrt(ms_res)) if ms_res is not None else None,
+        "seed_shared": float(np.sqrt(max(0.0, seed_var - ms_res / k))) if ms_res is not None else None,
+        "patients": float(per_cell.std(ddof=1)) if len(a) > 1 else None,
+        "seed_within_replicate": float(np.sqrt(np.mean(full.var(axis=1, ddof=1)))) if s > 1 else None,
+        "K": k, "S": s,
+    }
 
 
-def seeds_needed(components: dict[str, Any], delta: float = 0.05, replicates: int | None = None,
-                 z: float = 1.959964 + 0.841621) -> int | None:
-    """Seeds per replicate for a two-sided 5 % test to detect ``delta`` with 80 % power.
+def design_variance(components: dict[str, Any], replicates: int | None = None, seeds: int | None = None,
+                    patients_factor: float = 1.0) -> tuple[float, float]:
+    """Variance of the estimate and its Satterthwaite degrees of freedom, for K replicates x S seeds.
 
-    Uses ``Var = patients**2 + replicate**2 / K + seed**2 / (K S)`` with the components of
-    :func:`variance_components` (an unmeasured replicate component counts as 0, so with one
-    replicate the answer is a lower bound). ``None``: no number of seeds is enough, the
-    patient (or replicate) part alone is too large.
+    ``Var = seed_term / S + replicate**2 / K + patients**2 / patients_factor`` with the sds of
+    :func:`variance_components` (defaults: the run's own K and S; ``patients_factor`` 2 = twice
+    the target patients). ``seed_term`` is ``seed_shared**2 + seed_x_replicate**2 / K``
+    (at the run's own K: ``seed**2``, or ``seed_x_replicate**2 / K`` if that is larger); with
+    one replicate measured it is ``seed**2`` whatever K (replicates were not measured). Degrees of freedom: Welch-Satterthwaite over the seed term (S - 1) and the
+    replicate term (K - 1); the patient term counts as known (a bootstrap over all target
+    patients). Returns ``(variance, df)``; ``df`` is ``inf`` when the classifier part is 0,
+    ``nan`` when it is not measured (one seed).
     """
-    k = int(replicates or components["K"])
-    seed_sd, rep_sd, pat_sd = (components.get(x) or 0.0 for x in ("seed_within_replicate", "replicate", "patients"))
-    budget = (delta / z) ** 2 - pat_sd ** 2 - rep_sd ** 2 / k
-    if budget <= 0:
+    k, s = int(replicates or components["K"]), int(seeds or components["S"])
+    pat = (components.get("patients") or 0.0) ** 2 / patients_factor
+    if components.get("seed") is None or s < 2:
+        return pat, float("nan")
+    if components.get("replicate") is None:  # one replicate measured: the seed term holds all that is known
+        terms = [(components["seed"] ** 2 / s, s - 1)]
+    else:
+        seed_term = components["seed_shared"] ** 2 + components["seed_x_replicate"] ** 2 / k
+        terms = [(seed_term / s, s - 1), (components["replicate"] ** 2 / k, k - 1 if k > 1 else np.inf)]
+    cls = sum(v for v, _ in terms)
+    denominator = sum(v ** 2 / df for v, df in terms)
+    return cls + pat, float(cls ** 2 / denominator) if denominator > 0 else float("inf")
+
+
+# the power statement: two-sided 5 % test, 80 % power, a 5-point effect (accuracy as a fraction)
+POWER_ALPHA, POWER, POWER_DELTA = 0.05, 0.80, 0.05
+
+
+def t_interval(estimate: float, components: dict[str, Any], ci: float) -> dict[str, Any]:
+    """``estimate ± t(df) · SE`` with ``SE² , df`` from :func:`design_variance` (the run's own K, S).
+
+    The small-sample correction is the t quantile on the Satterthwaite degrees of freedom
+    (S - 1 with one replicate: 2.78 at 5 seeds instead of 1.96), where a percentile
+    bootstrap over 5 seeds is too narrow (it resamples 5 values, which understates their
+    spread by about sqrt(4/5), and its quantiles are coarse).
+    """
+    from scipy import stats
+
+    var, df = design_variance(components)
+    if not np.isfinite(estimate) or not np.isfinite(var) or np.isnan(df):
+        return {"ci": [float("nan"), float("nan")], "se": None, "df": None, "half_width": None}
+    q = float(stats.t.ppf(0.5 + ci / 2.0, df))
+    se = float(np.sqrt(var))
+    return {"ci": [float(estimate - q * se), float(estimate + q * se)], "se": se,
+            "df": df if np.isfinite(df) else None, "half_width": q * se}
+
+
+def detectable_difference(components: dict[str, Any], replicates: int | None = None, seeds: int | None = None,
+                          patients_factor: float = 1.0, alpha: float = POWER_ALPHA, power: float = POWER) -> float | None:
+    """The smallest true difference a design detects with ``power`` in a two-sided ``alpha`` t-test:
+    ``(t(1 - alpha/2, df) + t(power, df)) · SE`` (:func:`design_variance`; default: this run's K and S)."""
+    from scipy import stats
+
+    var, df = design_variance(components, replicates, seeds, patients_factor)
+    if np.isnan(df) or not np.isfinite(var):
         return None
-    return max(2, int(np.ceil(seed_sd ** 2 / (k * budget))))
+    return float((stats.t.ppf(1.0 - alpha / 2.0, df) + stats.t.ppf(power, df)) * np.sqrt(var))
+
+
+def seeds_needed(components: dict[str, Any], delta: float = POWER_DELTA, replicates: int | None = None,
+                 max_seeds: int = 500) -> int | None:
+    """Seeds per replicate (at ``replicates``, default this run's K) for :func:`detectable_difference`
+    ≤ ``delta``; ``None``: not within ``max_seeds`` (the patient or replicate term alone is too large)."""
+    for s in range(2, max_seeds + 1):
+        mde = detectable_difference(components, replicates, s)
+        if mde is not None and mde <= delta:
+            return s
+    return None
+
+
+def replicates_needed(components: dict[str, Any], delta: float = POWER_DELTA, seeds: int | None = None,
+                      max_replicates: int = 200) -> int | None:
+    """Generator replicates (at ``seeds``, default this run's S) for :func:`detectable_difference` ≤
+    ``delta``; ``None``: not within ``max_replicates``, or the replicate term was not measured (K = 1)."""
+    if components.get("replicate") is None:
+        return None
+    for k in range(2, max_replicates + 1):
+        mde = detectable_difference(components, k, seeds)
+        if mde is not None and mde <= delta:
+            return k
+    return None
+
+
+def power_plan(components: dict[str, Any], delta: float = POWER_DELTA) -> dict[str, Any]:
+    """What this run could detect and what a ``delta`` effect needs (two-sided 5 %, 80 % power).
+
+    ``detectable_difference``: the smallest true difference this run's K x S design detects;
+    ``seeds_needed`` (at this K) and ``replicates_needed`` (at this S) for ``delta``; when no
+    number of classifiers is enough, ``patients_factor_needed``: how many times the target
+    patients the patient term alone needs (normal approximation).
+    """
+    k, s = components["K"], components["S"]
+    z = 1.959963985 + 0.841621234  # normal quantiles of a two-sided 5 % test at 80 % power
+    pat = components.get("patients") or 0.0
+    return {
+        "alpha": POWER_ALPHA, "power": POWER, "delta": delta, "K": k, "S": s,
+        "detectable_difference": detectable_difference(components),
+        "seeds_needed": seeds_needed(components, delta, k),
+        "replicates_needed": replicates_needed(components, delta, s),
+        "patients_factor_needed": float((z * pat / delta) ** 2) if pat else None,
+    }
 
 
 def _bootstrap(prepared, boot_idx, target_classes) -> dict[str, np.ndarray]:

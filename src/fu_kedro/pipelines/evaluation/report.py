@@ -425,7 +425,7 @@ def headline_html(metrics: dict, quality: dict) -> str:
         ci = acc.get("ci")
         test = acc.get("paired_test") or {}
         tt, wx = test.get("t_test") or {}, test.get("wilcoxon") or {}
-        if ci and ci[0] is not None:
+        if ci and ci[0] is not None and np.isfinite(ci[0]):
             verdict = ("the interval excludes 0" if ci[0] > 0 or ci[1] < 0 else
                        "the interval includes 0: no difference shown")
             interval = f"[{_pts(ci[0])}, {_pts(ci[1])}]"
@@ -435,14 +435,16 @@ def headline_html(metrics: dict, quality: dict) -> str:
             f"<p class='answer'><b>Answer ({html.escape(name)}).</b> Accuracy {100 * exp['all_classes']['mean']['accuracy']:.1f} % "
             f"vs {100 * base['all_classes']['mean']['accuracy']:.1f} %: difference <b>{_pts(acc['mean'])} points "
             f"{interval}</b> ({100 * boot['ci']:.0f} % interval; {verdict}).</p>"
-            f"<p>The interval is a hierarchical, paired bootstrap: {' → '.join(boot.get('levels', []))}; "
-            f"{exp['n_seeds']} classifier seeds, {len(exp.get('replicates') or []) or 1} synthetic batch replicate(s), "
-            f"{metrics['n_target_patients']} target patients. It is conditional on "
-            f"{html.escape(str(boot.get('conditional_on')))}. Per-seed paired differences (points): "
+            f"<p>The interval covers {', '.join(boot.get('levels', []))}: {exp['n_seeds']} classifier seeds, "
+            f"{len(exp.get('replicates') or []) or 1} synthetic batch replicate(s), "
+            f"{metrics['n_target_patients']} target patients; {_interval_words(acc)}. It is conditional on "
+            f"{html.escape(str(boot.get('conditional_on')))}. The base model is held fixed, as SD v1.5 is in the "
+            "paper. Per-seed paired differences (points): "
             + ", ".join(f"seed {s}: {_pts(v)}" for s, v in acc.get("per_seed", {}).items())
             + f"; {test.get('n_positive', 'n/a')} of {test.get('n_seeds', 'n/a')} positive; paired t-test p = "
               f"{_p(tt.get('p_value'))}, Wilcoxon signed-rank p = {_p(wx.get('p_value'))} (smallest possible "
-              f"{_p(wx.get('smallest_possible_p'))}).</p>"
+              f"{_p(wx.get('smallest_possible_p'))} with {wx.get('n_nonzero', 'n/a')} non-zero differences).</p>"
+            + power_html(acc)
         )
     gate = quality.get("gate") or {}
     ref = (quality.get("fidelity_reference") or {}).get("accuracy")
@@ -456,6 +458,42 @@ def headline_html(metrics: dict, quality: dict) -> str:
     else:
         out.append(f"<p class='note'>Quality gate: {html.escape(str(gate.get('status', 'not run')))}.</p>")
     return "".join(out)
+
+
+def _interval_words(acc: dict) -> str:
+    """How the difference's interval was made (t on its degrees of freedom) and the bootstrap beside it."""
+    iv = acc.get("interval") or {}
+    if iv.get("half_width") is None:
+        return "no t interval (fewer than 2 seeds or no resamples)"
+    df = "∞" if iv.get("df") is None else f"{iv['df']:.1f}"
+    boot = acc.get("ci_hierarchical_bootstrap")
+    words = f"estimate ± t · SE with SE {_pts(iv['se']).lstrip('+')} points on {df} degrees of freedom " \
+            f"(half-width {_pts(iv['half_width']).lstrip('+')} points)"
+    if boot:
+        words += f"; the percentile bootstrap over the same classifiers, too narrow with few seeds: [{_pts(boot[0])}, {_pts(boot[1])}]"
+    return words
+
+
+def power_html(acc: dict) -> str:
+    """The power line: the smallest difference this run detects and what a 5-point effect needs."""
+    pw = acc.get("power")
+    if not pw:
+        return ""
+    need = lambda v, what: f"{v} {what}" if v is not None else f"no number of {what} (within the search)"  # noqa: E731
+    comps = acc.get("variance_components") or {}
+    rep = (f"{need(pw['replicates_needed'], 'replicates')} at {pw['S']} seeds" if comps.get("replicate") is not None
+           else "replicates: not measured (one synthetic batch)")
+    patients = pw.get("patients_factor_needed")
+    note = (f" The patient term alone needs {patients:.1f}× the target patients." if patients and patients > 1 else "")
+    return (
+        f"<p class='power' id='power'><b>Power.</b> With {pw['K']} replicate(s) × {pw['S']} seeds this run detects a "
+        f"true difference of {_pts(pw['detectable_difference']).lstrip('+')} points or more "
+        f"({100 * pw['power']:.0f} % power, two-sided {100 * pw['alpha']:.0f} % test). A {100 * pw['delta']:.0f}-point "
+        f"effect needs {need(pw['seeds_needed'], 'seeds')} at {pw['K']} replicate(s), or {rep} (from the measured "
+        f"variance components: seeds {_pts(comps.get('seed')).lstrip('+')}, replicates "
+        f"{_pts(comps.get('replicate')).lstrip('+')}, patients {_pts(comps.get('patients')).lstrip('+')} points)."
+        f"{note}</p>"
+    )
 
 
 def reference_table(metrics: dict) -> pd.DataFrame:
@@ -497,7 +535,7 @@ def paired_seed_table(metrics: dict) -> pd.DataFrame:
             **{f"seed {s}": _pts(v) for s, v in acc.get("per_seed", {}).items()},
             "t-test p": _p((test.get("t_test") or {}).get("p_value")),
             "Wilcoxon p": _p((test.get("wilcoxon") or {}).get("p_value")),
-            "sd seeds": _pts(comp.get("seed_within_replicate")).lstrip("+"),
+            "sd seeds": _pts(comp.get("seed")).lstrip("+"),
             "sd replicates": _pts(comp.get("replicate")).lstrip("+"),
             "sd patients": _pts(comp.get("patients")).lstrip("+"),
         })
