@@ -708,9 +708,9 @@ def design_variance(components: dict[str, Any], replicates: int | None = None, s
     else:
         seed_term = components["seed_shared"] ** 2 + components["seed_x_replicate"] ** 2 / k
         terms = [(seed_term / s, s - 1), (components["replicate"] ** 2 / k, k - 1 if k > 1 else np.inf)]
-    cls = sum(v for v, _ in terms)
-    denominator = sum(v ** 2 / df for v, df in terms)
-    return cls + pat, float(cls ** 2 / denominator) if denominator > 0 else float("inf")
+    total = sum(v for v, _ in terms) + pat
+    denominator = sum(v ** 2 / df for v, df in terms)  # the patient term: infinite degrees of freedom
+    return total, float(total ** 2 / denominator) if denominator > 0 else float("inf")
 
 
 # the power statement: two-sided 5 % test, 80 % power, a 5-point effect (accuracy as a fraction)
