@@ -339,11 +339,11 @@ def summarise_zero_shot(
     Returns:
         JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed`` (mean over
         replicates), ``mean`` (over all classifiers), ``sd`` (over seeds),
-        ``per_class_recall``, ``ci`` (hierarchical bootstrap replicates -> seeds ->
-        patients; all_classes only), ``ci_test_patients_only`` (classifiers fixed),
+        ``per_class_recall``, ``ci`` (t interval over seeds, replicates and patients;
+        all_classes only), ``ci_test_patients_only`` (classifiers fixed),
         ``confusion_matrix`` (summed over classifiers; rows true, columns predicted),
         ``per_center``; ``differences[<key>]`` = experiment - baseline of the same backbone
-        and augmentation, paired by seed, with the hierarchical paired interval, per-seed
+        and augmentation, paired by seed, with the t interval, the power plan, per-seed
         differences, a paired test and variance components; ``reference`` = majority-class
         and uniform-guess scores.
     """
@@ -415,7 +415,7 @@ def _negated(diff: dict[str, Any], key: str, base_key: str) -> dict[str, Any]:
     """``B - A`` from ``A - B``: means, per-seed values and intervals change sign; spreads stay."""
     def flip(d):
         out = dict(d, mean=-d["mean"], per_seed={s: -v for s, v in d["per_seed"].items()})
-        for name in ("ci", "ci_test_patients_only"):
+        for name in ("ci", "ci_hierarchical_bootstrap", "ci_test_patients_only"):
             if name in d:
                 out[name] = [-d[name][1], -d[name][0]]
         if "paired_test" in d:
@@ -429,7 +429,7 @@ def _negated(diff: dict[str, Any], key: str, base_key: str) -> dict[str, Any]:
 def center_differences(runs_a: list, runs_b: list, classes: list[str], target_classes: list[str], n_bootstrap: int,
                        alpha: float, seed: int) -> dict[str, Any]:
     """Per target center: accuracy of arm A minus arm B (paper protocol), paired as :func:`compare_arms`,
-    with a hierarchical bootstrap interval over replicates, seeds and the center's patients."""
+    with the t interval over replicates, seeds and the center's patients (the hierarchical bootstrap beside it)."""
     del target_classes  # accuracy under the paper protocol: argmax over all source classes
     out: dict[str, Any] = {}
     frame = runs_a[0][2]
@@ -471,7 +471,14 @@ def center_differences(runs_a: list, runs_b: list, classes: list[str], target_cl
                 values = -hierarchical_resample(cb, ca[:, 0, :], n_bootstrap, rng)
             else:  # the same replicates: paired by (replicate, seed)
                 values = hierarchical_resample(ca - cb, None, n_bootstrap, rng)
-            entry["accuracy"]["ci"] = _interval(values, alpha)
+            entry["accuracy"]["ci_hierarchical_bootstrap"] = _interval(values, alpha)
+            if reps_b == [-1]:
+                comps = variance_components(ca, cb[:, 0, :], acc_a, acc_b[0])
+            elif reps_a == [-1]:
+                comps = variance_components(cb, ca[:, 0, :], acc_b, acc_a[0])  # the reverse: the same spread
+            else:
+                comps = variance_components(ca - cb, None, acc_a - acc_b)
+            entry["accuracy"]["ci"] = t_interval(entry["accuracy"]["mean"], comps, 1.0 - 2.0 * alpha)["ci"]
         out[center] = entry
     return out
 
@@ -609,8 +616,10 @@ def _difference(key: str, base_key: str, experiments: dict, cubes: dict, n_boots
                                  "per_seed": per_seed}
             if (key, m) in cubes and paired:
                 a, b = cubes[(key, m)], cubes[(base_key, m)][:, 0, :]
-                comps = variance_components(a, b, _cells(entry[protocol], m, shared),
-                                            _cells(base[protocol], m, shared)[0])
+                cells_a, cells_b = _cells(entry[protocol], m, shared), _cells(base[protocol], m, shared)
+                if base["replicates"]:  # paired by replicate and seed (compare_arms): the cube holds A - B
+                    cells_a, cells_b = cells_a - cells_b, np.zeros_like(cells_b)
+                comps = variance_components(a, b, cells_a, cells_b[0])
                 interval = t_interval(d["mean"], comps, 1.0 - 2.0 * alpha)
                 d["ci"] = interval.pop("ci")
                 d["interval"] = {"method": INTERVAL_METHOD, **interval}

@@ -173,8 +173,8 @@ def decomposition_html(metrics: dict) -> str:
         "the paper's recipe, all images shuffled together), the batch-norm calibration images (real images every "
         "arm has) and the seeds. Synthetic class mix: "
         f"<b>{html.escape(str(info.get('synthetic_class_mix', 'n/a')))}</b>. Differences are in points, paired by "
-        "classifier seed (an arm without synthetic images pairs with every replicate), with the hierarchical "
-        "bootstrap interval.</p>"]
+        "classifier seed (an arm without synthetic images pairs with every replicate), with the t interval over "
+        "seeds, generator replicates and target patients (docs/evaluation.md).</p>"]
     for backbone, aug in _configs(metrics):
         arms, diffs = decomposition_tables(metrics, backbone, aug)
         out.append(f"<h3>{html.escape(backbone)} ({'DA' if aug else 'no DA'})</h3>" + _table(arms) + _table(diffs))
@@ -674,8 +674,8 @@ def data_table(info: dict) -> pd.DataFrame:
 
 def _interval_note(m: dict) -> str:
     return (
-        f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% hierarchical bootstrap "
-        f"interval ({' → '.join(m['bootstrap'].get('levels', []))}), {m['bootstrap']['n_resamples']} resamples, "
+        f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% t interval over "
+        f"{', '.join(m['bootstrap'].get('levels', []))}; {m['bootstrap']['n_resamples']} patient resamples, "
         f"{m['n_target_patients']} patients, {m['n_target_images']} images; conditional on "
         f"{html.escape(str(m['bootstrap'].get('conditional_on', '')))}]. Recall/Precision/F-score are macro over the "
         f"target classes {m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from "
@@ -712,7 +712,7 @@ def evaluation_report(classifier_data: dict, experiment_plan: list[dict], traini
         ("Source-validation curves (checkpoint selection; same schedule for every arm)",
          img["curves"] + _table(schedule) + _table(best)),
         ("Per target center", img["per_center"] + _table(per_center_table(m))
-         + "<p>Paired differences per center (accuracy, points; the interval resamples replicates, seeds and "
+         + "<p>Paired differences per center (accuracy, points; the t interval covers replicates, seeds and "
            "the center's patients):</p>" + _table(per_center_differences_table(m))),
         ("Confusion matrices", img["confusion"]),
         ("Data and weights", _table(data_table(classifier_data["info"])) + _table(weights)
