@@ -9,11 +9,11 @@ each a plain ``kedro run`` with ``--params``:
 
 | variant | base trained on | LoRA | synthesis |
 |---|---|---|---|
-| broad prior + LoRA (the default) | prior corpus | rank 8 | scale 1.0 |
+| broad prior + LoRA (the default) | prior corpus (the shipped models/tiny-phantom-sd) | rank 8 | scale 1.0 |
 | broad prior, no LoRA | prior corpus | (fitted, not used) | scale 0.0 |
 | ... LoRA scale 0.5 | prior corpus | rank 8 | scale 0.5 |
 | ... rank 4 / rank 16 | prior corpus | rank 4 / 16 (refitted on the same base) | scale 1.0 |
-| source-only base (the old default) | source train images | rank 8 | scale 1.0 |
+| source-only base (the old default) | source train images (``with_base_training``, conf/base's budget) | rank 8 | scale 1.0 |
 
 Every evaluation trains conf/base's arms; the rows use ES (all real images, the "baseline"
 columns) and ES+SYN (the same real images + the synthetic batch, the "hybrid" columns), with
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_rehearsal import copy_project, latest, run_logged  # noqa: E402
 
 LORA_ONLY = "fit_lora_adapter_node"
+SOURCE_BASE = "data/06_models/source-only-base"  # trained in the run (with_base_training), at conf/base's base_training budget
 VARIANTS = [
     # name, lora_training params (None = keep the last base and adapter), from-nodes, synthesis params
     ("broad prior + LoRA r8 (default)", {}, None, {}),
@@ -42,7 +43,8 @@ VARIANTS = [
     ("broad prior + LoRA r8, scale 0.5", None, None, {"synthesis.lora_scale": 0.5}),
     ("broad prior + LoRA r4", {"lora_training.lora.rank": 4, "lora_training.lora.alpha": 4}, LORA_ONLY, {}),
     ("broad prior + LoRA r16", {"lora_training.lora.rank": 16, "lora_training.lora.alpha": 16}, LORA_ONLY, {}),
-    ("source-only base + LoRA r8", {"lora_training.base_model.tiny.train_on": "source"}, None, {}),
+    ("source-only base + LoRA r8", {"base_training.train_on": "source", "base_training.output_path": SOURCE_BASE,
+                                    "lora_training.base_model.pretrained_path": SOURCE_BASE}, None, {}),
 ]
 
 
@@ -142,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         if i not in chosen:
             continue
         print(f"[{i}] {name}", flush=True)
-        if lora is not None:
-            kedro(project, "lora_training", lora, logs / f"{i}_lora_training.log", from_nodes)
-        kedro(project, "synthesis,evaluation", synthesis | evaluation, logs / f"{i}_synthesis_evaluation.log")
+        if lora is not None and any(k.startswith("base_training.") for k in lora):  # its own base: trained in the run
+            kedro(project, "with_base_training", lora | synthesis | evaluation, logs / f"{i}_with_base_training.log")
+        else:
+            if lora is not None:
+                kedro(project, "lora_training", lora, logs / f"{i}_lora_training.log", from_nodes)
+            kedro(project, "synthesis,evaluation", synthesis | evaluation, logs / f"{i}_synthesis_evaluation.log")
         rows.append(row(project, name))
         print("   ", json.dumps(rows[-1], default=str), flush=True)
         table = markdown(rows, time.monotonic() - start, args.seeds, rows[0]["n_replicates"])

@@ -1,7 +1,7 @@
 """Generator variants of a profile, judged on the source side only (how docs/real_data.md's generator table was made).
 
 For each variant (``--params``-style overrides on top of ``--env``) it trains the tiny base
-and the LoRA with the pipeline's own nodes (``build_base_model``, ``fit_lora_adapter``),
+and the LoRA with the pipelines' own nodes (``train_base_model``, ``fit_lora_adapter``),
 makes ``--per-class`` images per class at each guidance scale, with and without the adapter
 (LoRA scale 1 and 0), and scores them with fixed real-only scorers: ``--scorers`` resnet18
 baselines trained as the evaluation pipeline trains them (``evaluation.train``,
@@ -20,7 +20,7 @@ variants on one base cost only the LoRA and the sampling. One JSON line per vari
 appended to ``<workdir>/results.jsonl``; sample grids (8 per class) go beside it.
 
     python scripts/generator_sweep.py --env real_cpu --name repeats4 \\
-        --set lora_training.base_model.tiny.source_repeats=4 --guidance 7.5 10 \\
+        --set base_training.source_repeats=4 --guidance 7.5 10 \\
         --params source_path=../shared/data/fetal_planes_db_sample,target_path=../shared/data/african_planes_dev
 """
 from __future__ import annotations
@@ -88,18 +88,19 @@ def _copy_check(vae, train: np.ndarray, val: np.ndarray):
 
 
 def _base(source, params: dict, workdir: Path):
-    """The tiny base of these parameters: trained by the pipeline's node, or from the cache."""
+    """The tiny base of these parameters: trained by the base_training pipeline's nodes, or from the cache."""
     from fu_kedro.data_sources.prior_corpus import make_prior_corpus
-    from fu_kedro.pipelines.lora_training.nodes import build_base_model
+    from fu_kedro.pipelines.base_training.nodes import base_training_corpus, train_base_model
 
-    lt = params["lora_training"]
-    key = hashlib.sha256(json.dumps([lt["base_model"], lt["resolution"], lt.get("torch_threads"), params["seed"]],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    bt = params["base_training"]
+    trained = {k: v for k, v in bt.items() if k not in ("name", "description", "output_path")}
+    key = hashlib.sha256(json.dumps([trained, params["seed"]], sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = workdir / f"base_{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)[0], key
-    prior = make_prior_corpus(lt["base_model"]["tiny"]["prior"], params["classes"], params["seed"])
-    base, history = build_base_model(source, prior, lt, params["ingestion"]["caption_template"], params["seed"])
+    prior = make_prior_corpus(bt["prior"], params["classes"], params["seed"])
+    corpus = base_training_corpus(prior, source, bt)
+    base, history = train_base_model(corpus, bt, params["ingestion"]["caption_template"], params["seed"])
     torch.save((base, history), path)
     return base, key
 

@@ -51,10 +51,7 @@ SHARED_FPDB = (PROJECT_ROOT / ".." / "shared" / "data" / "fetal_planes_db_sample
 TINY_PARAMS = {
     "full": {
         "ingestion.phantom.source.n_per_class": 60,
-        "lora_training.base_model.tiny.prior.n_per_class": 100,
         "ingestion.phantom.target.n_per_class": 20,
-        "lora_training.base_model.tiny.autoencoder.max_steps": 200,
-        "lora_training.base_model.tiny.denoiser.max_steps": 800,
         "lora_training.lora.max_steps": 100,
         "synthesis.images_per_class": 40,
         "evaluation.n_seeds": 1,
@@ -64,9 +61,6 @@ TINY_PARAMS = {
         "ingestion.phantom.target.n_per_class": 4,
         "ingestion.lora_per_class": 4,
         "ingestion.image_size": 64,
-        "lora_training.base_model.tiny.prior.n_per_class": 6,
-        "lora_training.base_model.tiny.autoencoder.max_steps": 4,
-        "lora_training.base_model.tiny.denoiser.max_steps": 4,
         "lora_training.lora.max_steps": 4,
         "lora_training.validation.per_class": 1,
         "lora_training.validation.steps": 2,
@@ -98,7 +92,6 @@ def gpu_params(device: str, bf16: bool) -> dict:
                 "evaluation.train.device": "cpu", "evaluation.train.mixed_precision": "'no'"}  # quoted: YAML no = false
     amp = "bf16" if bf16 else "fp16"
     return {
-        "lora_training.base_model.tiny.denoiser.mixed_precision": amp,
         "lora_training.lora.mixed_precision": amp,
         "synthesis.device": device,
         "synthesis.precision": "auto",   # fp16 on CUDA

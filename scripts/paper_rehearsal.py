@@ -122,7 +122,7 @@ def copy_project(dest: Path, rev: str | None = None, overlay: list[str] | tuple 
     """
     import yaml
 
-    names = ["conf", "src", "pyproject.toml", ".telemetry"]
+    names = ["conf", "src", "models", "pyproject.toml", ".telemetry"]  # models/: the shipped tiny base
     if rev:
         dest.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", rev, *names], check=True, capture_output=True).stdout
@@ -136,6 +136,8 @@ def copy_project(dest: Path, rev: str | None = None, overlay: list[str] | tuple 
             if (PROJECT_ROOT / name).exists():
                 shutil.copy(PROJECT_ROOT / name, dest / name)
         shutil.copytree(PROJECT_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        if (PROJECT_ROOT / "models").is_dir():
+            shutil.copytree(PROJECT_ROOT / "models", dest / "models", ignore=shutil.ignore_patterns("stable-diffusion-v1-5", "fu-lora"))
     add_profile_hook(dest)
     (dest / "conf" / "local").mkdir()
     (dest / "conf" / "local" / "mlflow.yml").write_text(

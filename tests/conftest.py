@@ -84,7 +84,7 @@ def small_phantom_sets():
 
 
 def copy_project(project_root: Path, tmp_path: Path) -> Path:
-    """The project's conf + pyproject + src in a temporary folder, MLflow pointed there too.
+    """The project's conf + pyproject + src + models (the shipped tiny base) in a temporary folder, MLflow pointed there too.
 
     For tests that run pipelines through a ``KedroSession``: nothing they write lands in
     the real project (data/, mlflow.db).
@@ -94,6 +94,7 @@ def copy_project(project_root: Path, tmp_path: Path) -> Path:
     shutil.copy(project_root / "pyproject.toml", tmp_path / "pyproject.toml")
     # Kedro wants the package source inside the project folder (a symlink is refused)
     shutil.copytree(project_root / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(project_root / "models", tmp_path / "models", ignore=shutil.ignore_patterns("stable-diffusion-v1-5", "fu-lora"))
     mlflow_yml = tmp_path / "conf" / "local" / "mlflow.yml"
     mlflow_yml.write_text(yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
     return tmp_path
@@ -128,15 +129,13 @@ def run_kedro_session(project: Path, pipeline: str, runtime_params: dict | None 
 
 
 # `kedro run --params` for a tiny end-to-end run (CLI tests): every node runs, on tiny data
+# (the base is the shipped models/tiny-phantom-sd: nothing trains it in a default run)
 TINY_RUN_PARAMS = [
     "ingestion.phantom.source.n_per_class=12",
     "ingestion.phantom.source.class_proportions=null",  # 12 of each class (conf/base's shares leave ~3 abdomen of 60)
     "ingestion.phantom.target.n_per_class=4",
     "ingestion.lora_per_class=4",
     "ingestion.image_size=64",
-    "lora_training.base_model.tiny.prior.n_per_class=6",
-    "lora_training.base_model.tiny.autoencoder.max_steps=4",
-    "lora_training.base_model.tiny.denoiser.max_steps=4",
     "lora_training.lora.max_steps=4",
     "lora_training.validation.per_class=1",
     "lora_training.validation.steps=2",
@@ -144,6 +143,13 @@ TINY_RUN_PARAMS = [
     "synthesis.steps=2",
     "synthesis.batch_size=2",
     "synthesis.preview.per_class=1",
+]
+
+# `kedro run --pipeline base_training --params` at shrunk sizes (seconds)
+TINY_BASE_PARAMS = [
+    "base_training.prior.n_per_class=6",
+    "base_training.autoencoder.max_steps=4",
+    "base_training.denoiser.max_steps=4",
 ]
 
 # the evaluation part of a tiny end-to-end run (one seed, the shortest schedule)

@@ -40,7 +40,7 @@ def test_gpu_params_turn_on_autocast_fused_lora_and_the_device():
     p = gpu_check.gpu_params("cuda", bf16=True)
     assert p["lora_training.lora.mixed_precision"] == "bf16" and p["synthesis.fuse_lora"] == "auto"
     assert p["evaluation.train.mixed_precision"] == "auto" and p["evaluation.train.device"] == "cuda"
-    assert gpu_check.gpu_params("cuda", bf16=False)["lora_training.base_model.tiny.denoiser.mixed_precision"] == "fp16"
+    assert gpu_check.gpu_params("cuda", bf16=False)["lora_training.lora.mixed_precision"] == "fp16"
     cpu = gpu_check.gpu_params("cpu", bf16=False)
     assert cpu["synthesis.fuse_lora"] is True and cpu["synthesis.precision"] == "fp32"
 

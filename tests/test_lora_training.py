@@ -16,17 +16,16 @@ from diffusers import StableDiffusionPipeline
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import LoraAdapterFileDataset, PretrainedBaseDataset
 from fu_kedro.datasets.image_set import ImageSet
-from fu_kedro.data_sources.prior_corpus import make_prior_corpus
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.generation import torch_threads
 from fu_kedro.models.lora import LoraAdapter, apply_lora, save_adapter_file
 from fu_kedro.models.training import NonFiniteLossError, denoising_loss, encode_to_latents, tokenize
 from fu_kedro.pipelines.lora_training.nodes import (
-    build_base_model,
     fit_lora_adapter,
     generate,
     adapter_lineage,
+    load_base_model,
     plot_loss_curves,
     render_validation_grid,
     resize_images,
@@ -47,8 +46,6 @@ def _threads():
 def params() -> dict:
     """conf/base's lora_training block with CPU-test budgets (tiny step counts)."""
     p = base_params("lora_training")
-    p["base_model"]["tiny"]["autoencoder"].update(max_steps=15)
-    p["base_model"]["tiny"]["denoiser"].update(max_steps=15)
     p["lora"].update(max_steps=60, batch_size=16, caption_dropout=0.0)
     p["validation"].update(per_class=2, steps=4)
     return p
@@ -106,36 +103,6 @@ def test_loss_check_repeats_changes_the_check_not_the_adapter(params, lora_subse
     assert one[2]["denoising_loss_without_adapter"] != four[2]["denoising_loss_without_adapter"]
 
 
-def _prior(params, n_per_class: int = 2):
-    return make_prior_corpus(params["base_model"]["tiny"]["prior"] | {"n_per_class": n_per_class, "image_size": 64},
-                             base_params("classes"), 3)
-
-
-def test_tiny_base_trains_on_source_train_rows_only_and_writes_lineage(params):
-    src = generate_phantoms("source", 6, 64, seed=4)
-    src.meta["split"] = np.where(np.arange(len(src)) % 3 == 0, "val", "train")
-    params["base_model"]["tiny"]["train_on"] = "source"
-    base, history = build_base_model(src, _prior(params), params, CAPTION, seed=1)
-    info = base.info
-    assert info["kind"] == "tiny" and "tiny base trained here" in info["name"]
-    assert info["trained_on"]["images"] == int((src.meta["split"] == "train").sum())
-    assert info["trained_on"]["corpus"] == "source" and info["time_capped"] == {} and info["torch_threads"] == 1
-    assert set(history["stage"]) == {"autoencoder", "base_denoiser"}
-    assert (history.groupby("stage").size() == 15).all()
-    assert base.pipe.vae.config.scaling_factor != 0.18215  # set from the trained latents' spread
-    adapter, lora_hist, summary = fit_lora_adapter(base, src.select(src.meta["split"] == "train"), params, seed=1)
-    grid = render_validation_grid(base, adapter, params, CLASSES, CAPTION, seed=1)
-    plot_loss_curves(history, lora_hist)
-    record = adapter_lineage(base, adapter, summary)
-    metrics = training_metrics(history, lora_hist, summary, record)
-    assert len(metrics["lora_loss"]) == 60 and {"value", "step"} <= set(metrics["lora_loss"][0])
-    assert metrics["base_denoiser_steps"] == {"value": 15.0, "step": 0}
-    assert record["adapter"]["content_hash"] == adapter.content_hash
-    assert record["base_model"]["content_hash"] == info["content_hash"]
-    assert len(grid.axes) == 2 * len(CLASSES)
-    assert record["reproducible"] and metrics["time_capped"] == {"value": 0.0, "step": 0}
-
-
 def test_a_saved_base_loads_its_weights_only_when_pipe_is_used(tmp_path, params, lora_subset, monkeypatch):
     """``adapter_lineage_node`` needs only ``BaseModel.info``: loading ``base_model`` reads
     ``reference.json``, the weights wait for the first use of ``pipe``."""
@@ -156,18 +123,6 @@ def test_a_saved_base_loads_its_weights_only_when_pipe_is_used(tmp_path, params,
     assert record["base_model"]["content_hash"] == "x" and reads == []  # info only: no weights read
     assert pipeline_hash(loaded.pipe) == pipeline_hash(base.pipe) and len(reads) == 1
     assert loaded.pipe is loaded.pipe and len(reads) == 1  # read once
-
-
-def test_default_tiny_base_trains_on_the_prior_corpus_only(params):
-    src = generate_phantoms("source", 2, 64, seed=4)
-    src.meta["split"] = "train"
-    params["base_model"]["tiny"]["autoencoder"].update(max_steps=2)
-    params["base_model"]["tiny"]["denoiser"].update(max_steps=2)
-    prior = _prior(params, 3)
-    base, history = build_base_model(src, prior, params, CAPTION, seed=1)
-    assert params["base_model"]["tiny"]["train_on"] == "prior"  # conf/base's default
-    assert base.info["trained_on"]["corpus"] == "prior"
-    assert base.info["trained_on"]["images"] == len(prior)  # not one source image
 
 
 @pytest.mark.parametrize(
@@ -191,16 +146,28 @@ def test_empty_lora_subset_is_an_error(params, lora_subset):
 
 def test_missing_pretrained_base_names_what_to_download(params, tmp_path):
     path = str(tmp_path / "stable-diffusion-v1-5")
-    params["base_model"].update(kind="pretrained", pretrained_path=path)
+    params["base_model"].update(pretrained_path=path)
     pretrained = PretrainedBaseDataset(path).load()  # the catalog entry pretrained_base: nothing read yet
     # the same words as the pre-run check (fu_kedro.models.pretrained): what is missing, the download command
     with pytest.raises(FileNotFoundError, match="no model_index.json.*hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
-        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0,
-                         pretrained_base=pretrained)
-    # kind: pretrained with no path: the entry loads None, the node says which parameter is not set
-    with pytest.raises(ValueError, match="kind is 'pretrained' but base_model.pretrained_path is not set"):
-        build_base_model(generate_phantoms("source", 2, 64, seed=1), _prior(params), params, CAPTION, seed=0,
-                         pretrained_base=PretrainedBaseDataset(None).load())
+        load_base_model(pretrained, params)
+    # no path: the entry loads None, the node says which parameter is not set
+    with pytest.raises(ValueError, match="base_model.pretrained_path is not set"):
+        load_base_model(PretrainedBaseDataset(None).load(), params)
+
+
+def test_the_old_tiny_base_keys_say_where_they_went(params):
+    """``base_model.kind`` / ``base_model.tiny`` (the base once trained inside lora_training) stop
+    the run naming the base_training pipeline, before any weights are read."""
+    from fu_kedro.config import UnknownSettingError, check_lora_training
+
+    never = BaseModel(info={"kind": "pretrained"}, load=lambda: pytest.fail("the base's weights were read"))
+    for old in ({"kind": "tiny"}, {"tiny": {"denoiser": {"max_steps": 3}}}):
+        block = params | {"base_model": params["base_model"] | old}
+        with pytest.raises(UnknownSettingError, match=r"lora_training.base_model.(kind|tiny).*base_training pipeline"):
+            load_base_model(never, block)
+        with pytest.raises(UnknownSettingError, match="conf/base/parameters_base_training.yml"):
+            check_lora_training({"lora_training": block})
 
 
 def test_corrupt_and_mismatched_adapter_files_are_named(params, lora_subset, tmp_path):
@@ -245,8 +212,6 @@ TEST_RUN_PARAMS = {
     "ingestion.phantom.target.n_per_class": 4,
     "ingestion.lora_per_class": 4,
     "ingestion.image_size": 64,
-    "lora_training.base_model.tiny.autoencoder.max_steps": 10,
-    "lora_training.base_model.tiny.denoiser.max_steps": 10,
     "lora_training.lora.max_steps": 10,
     "lora_training.validation.per_class": 1,
     "lora_training.validation.steps": 2,
@@ -265,9 +230,13 @@ def test_kedro_run_writes_loadable_versioned_outputs_and_reuses_the_base(project
     assert len(adapters) == 1 and len(bases) == 1
     adapter_file = adapters[0] / "lora_adapter.safetensors"
     # the file is diffusers' LoRA format: StableDiffusionPipeline.load_lora_weights(<file>) takes it
-    base = StableDiffusionPipeline.from_pretrained(bases[0] / "base_model" / "model", local_files_only=True)
+    # the base is the shipped folder: the version holds its reference (path + hash), not a copy of the weights
     reference = json.loads((bases[0] / "base_model" / "reference.json").read_text())
-    assert reference["kind"] == "tiny" and reference["resolution"] == 32
+    assert reference["kind"] == "pretrained" and reference["model"] == "models/tiny-phantom-sd"
+    assert reference["resolution"] == 32 and not (bases[0] / "base_model" / "model").exists()
+    shipped = json.loads((project / "models/tiny-phantom-sd/base_lineage.json").read_text())
+    assert reference["content_hash"] == shipped["content_hash"] and reference["trained_by"]["cpu_capability"]
+    base = StableDiffusionPipeline.from_pretrained(project / reference["model"], local_files_only=True)
     base.load_lora_weights(str(adapter_file), adapter_name="check")
     assert "check" in base.get_list_adapters()["unet"]
     for name in ("lora_validation_grid.png", "lora_loss_curves.png", "lora_lineage.json"):
@@ -341,8 +310,7 @@ def test_kedro_run_with_two_lora_fits_makes_each_replicate_with_its_fit(project_
     import pandas as pd
 
     project = project_copy
-    tiny = dict(TEST_RUN_PARAMS, **{"lora_training.lora.max_steps": 3, "lora_training.base_model.tiny.prior.n_per_class": 6,
-                                    "lora_training.lora.fits": 2})
+    tiny = dict(TEST_RUN_PARAMS, **{"lora_training.lora.max_steps": 3, "lora_training.lora.fits": 2})
     _kedro_run(project, "ingestion", tiny)
     _kedro_run(project, "lora_training", tiny)
     (fits_version,) = (project / "data/06_models/lora_adapter_fits").iterdir()

@@ -85,7 +85,7 @@ def test_paper_ingestion_and_evaluation_name_the_datasets_and_imagenet_files(cle
 def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(project_root):
     p = _paper_params(project_root)
     lora = p["lora_training"]
-    assert lora["resolution"] == 512 and lora["base_model"]["kind"] == "pretrained"
+    assert lora["resolution"] == 512 and lora["base_model"] == {"pretrained_path": "models/stable-diffusion-v1-5"}
     assert lora["lora"]["rank"] == 128 and lora["lora"]["alpha"] is None  # alpha = rank
     assert lora["lora"]["learning_rate"] == 1e-4 and lora["lora"]["text_encoder_learning_rate"] == 5e-5
     assert lora["lora"]["clip_skip"] == 1  # kohya's "clip skip 2" in diffusers' count
@@ -93,7 +93,7 @@ def test_paper_env_overrides_single_values_and_keeps_the_rest_of_each_block(proj
     # from conf/base, kept by the soft merge
     assert lora["lora"]["unet_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
     assert p["classes"] == ["abdomen", "brain", "femur", "thorax", "other"]  # the top-level class list, from conf/base
-    assert "tiny" in lora["base_model"]
+    assert p["base_training"]["name"] == "tiny-phantom-sd"  # conf/base's, unused by the paper env
     ev = p["evaluation"]
     assert ev["image_size"] == 224 and ev["augmentation"] == [True, False]
     assert list(ev["arms"]) == ["ES", "BAL", "ES_SYN", "HB"]  # conf/base's names; HB's real images: the authors' list
@@ -164,7 +164,7 @@ def test_a_runtime_classes_override_reaches_every_node_that_uses_the_class_list(
         return value
 
     takers = set()
-    for node in register_pipelines()["__default__"].nodes:
+    for node in register_pipelines()["with_base_training"].nodes:  # __default__ + base_training
         for name in node.inputs:
             if not name.startswith("params:"):
                 continue

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from fu_kedro.datasets import LoraAdapterFileDataset, PretrainedBaseDataset
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, pipeline_hash
 from fu_kedro.models.lora import attach_lora, export_lora, save_adapter_file
-from fu_kedro.pipelines.lora_training.nodes import build_base_model
+from fu_kedro.pipelines.lora_training.nodes import load_base_model
 
 
 def _paths(env=None, runtime_params=None) -> tuple:
@@ -28,7 +28,7 @@ def _paths(env=None, runtime_params=None) -> tuple:
 
 
 def test_the_parameter_is_the_one_place_the_catalog_entries_read_their_path():
-    assert _paths() == (None, None)  # conf/base: tiny base, adapter trained here: nothing to read
+    assert _paths() == ("models/tiny-phantom-sd", None)  # conf/base: the shipped tiny base, adapter trained here
     assert _paths("paper") == ("models/stable-diffusion-v1-5", None)  # conf/paper's parameter file
     cli = {"lora_training": {"adapter_file": "models/fu-lora/v1.safetensors",
                              "base_model": {"pretrained_path": "/elsewhere/sd15"}}}
@@ -60,9 +60,8 @@ def test_pretrained_base_loads_a_local_sd_folder_on_first_use_only(tmp_path):
     base = dataset.load()
     assert base.info == {"kind": "pretrained", "name": str(folder), "model": str(folder)}
     assert "not loaded" in repr(base)  # loading (and describing) read no weights
-    made, history = build_base_model(None, None, {"base_model": {"kind": "pretrained"}, "resolution": 32},
-                                     "{plane}", seed=0, pretrained_base=base)
-    assert history.empty and made.info["content_hash"] == pipeline_hash(pipe) and made.info["resolution"] == 32
+    made = load_base_model(base, {"base_model": {"pretrained_path": str(folder)}, "resolution": 32})
+    assert made.info["content_hash"] == pipeline_hash(pipe) and made.info["resolution"] == 32
     assert PretrainedBaseDataset(None).load() is None and not PretrainedBaseDataset(None).exists()
     with pytest.raises(DatasetError, match="read-only"):
         dataset.save(made)
@@ -135,7 +134,7 @@ def test_the_pre_run_check_names_the_files_and_not_the_entries_as_missing_output
 
     absent = str(tmp_path / "absent.safetensors")
     cli = {"lora_training": {"adapter_source": "file", "adapter_file": absent,
-                             "base_model": {"kind": "pretrained", "pretrained_path": str(tmp_path / "sd15")}}}
+                             "base_model": {"pretrained_path": str(tmp_path / "sd15")}}}
     catalog = DataCatalog.from_config(project_config("catalog", None, cli))
     assert catalog.get("imported_lora_adapter").load().path == absent  # --params reached the entry
     problems, _ = find_missing_prerequisites(create_pipeline(), catalog, project_config("parameters", None, cli))

@@ -8,8 +8,13 @@ from conftest import base_params
 
 from fu_kedro.data_sources.phantom import DEFAULT_TARGET_CENTERS
 from fu_kedro.data_sources.prior_corpus import STYLE_KEYS, make_prior_corpus
-from fu_kedro.pipelines.lora_training import create_pipeline
-from fu_kedro.pipelines.lora_training.nodes import base_training_corpus
+from fu_kedro.pipelines.base_training import create_pipeline, create_pipeline_with_source
+from fu_kedro.pipelines.base_training.nodes import base_training_corpus as _corpus
+
+
+def base_training_corpus(source, prior, train_on, source_repeats=1):
+    """The node with its two parameters as arguments."""
+    return _corpus(prior, source, {"train_on": train_on, "source_repeats": source_repeats})
 
 
 CLASSES = base_params("classes")  # the top-level class list
@@ -17,14 +22,17 @@ CLASSES = base_params("classes")  # the top-level class list
 
 @pytest.fixture
 def prior_params() -> dict:
-    prior = base_params("lora_training")["base_model"]["tiny"]["prior"]
+    prior = base_params("base_training")["prior"]
     return prior | {"n_per_class": 6, "image_size": 64}
 
 
 def test_the_corpus_node_reads_no_target_parameter_or_data():
-    node = next(n for n in create_pipeline().nodes if n.name == "make_prior_corpus_node")
-    assert node.inputs == ["params:lora_training.base_model.tiny.prior", "params:classes", "params:seed"]
-    assert not any("target" in name or "ingestion" in name for name in node.inputs)
+    for pipeline in (create_pipeline(), create_pipeline_with_source()):
+        node = next(n for n in pipeline.nodes if n.name == "make_prior_corpus_node")
+        assert node.inputs == ["params:base_training.prior", "params:classes", "params:seed"]
+        assert not any("target" in name or "ingestion" in name for name in node.inputs)
+    # the base is trained on the corpus node's output only; the source comes in through base_training_corpus
+    assert not any("target" in name for n in create_pipeline_with_source().nodes for name in n.inputs)
 
 
 def test_no_corpus_image_is_rendered_with_a_target_centers_style(prior_params):
@@ -55,7 +63,7 @@ def test_bad_prior_settings_are_named(prior_params):
         make_prior_corpus(prior_params | {"styles": {"gain": [0.5, 1.0]}}, CLASSES, 0)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_per_clas'\]"):
         make_prior_corpus(prior_params | {"n_per_clas": 3}, CLASSES, 0)
-    with pytest.raises(ValueError, match=r"lora_training.base_model.tiny.prior.classes has moved to the top-level `classes`"):
+    with pytest.raises(ValueError, match=r"base_training.prior.classes has moved to the top-level `classes`"):
         make_prior_corpus(prior_params | {"classes": ["brain"]}, CLASSES, 0)
     with pytest.raises(ValueError, match="breadth must be in"):
         make_prior_corpus(prior_params | {"breadth": 2}, CLASSES, 0)
@@ -66,7 +74,8 @@ def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, smal
     source = source.select(np.arange(len(source)))
     source.meta["split"] = np.where(np.arange(len(source)) % 5 == 0, "val", "train")
     prior = make_prior_corpus(prior_params, CLASSES, 1)
-    assert base_training_corpus(source, prior, "prior") is prior
+    alone = base_training_corpus(source, prior, "prior")
+    assert np.array_equal(alone.images, prior.images) and alone.meta.equals(prior.meta) and alone.info["train_on"] == "prior"
     only_source = base_training_corpus(source, prior, "source")
     assert set(only_source.meta["split"]) == {"train"}
     both = base_training_corpus(source, prior, "prior+source")
@@ -81,7 +90,7 @@ def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, smal
 def test_source_repeats_and_the_priors_own_caption(prior_params, small_phantom_sets):
     """kohya-style repeats weight the few real images against the prior; a caption of the
     prior's own tells the two looks apart; neither changes anything when left at its default."""
-    from fu_kedro.pipelines.lora_training.nodes import _captions
+    from fu_kedro.pipelines.base_training.nodes import _captions
 
     source, _ = small_phantom_sets
     source = source.select(np.arange(len(source)))

@@ -118,7 +118,9 @@ def test_real_cpu_profile_matches_resolution_end_to_end():
     assert p["synthesis"]["resolution"] in (None, size)
     assert p["evaluation"]["quality"]["memorisation_size"] in ("auto", size)
     assert p["evaluation"]["n_seeds"] >= 5
-    assert p["lora_training"]["base_model"]["tiny"]["train_on"] == "prior+source"
+    assert p["base_training"]["train_on"] == "prior+source" and p["base_training"]["resolution"] == size
+    # the LoRA reads the base this profile trains (with_base_training), also in a later lora_training-only run
+    assert p["lora_training"]["base_model"]["pretrained_path"] == p["base_training"]["output_path"]
     assert build_ultrasound(p["evaluation"]["augment"]) is not None
     # soft merge: the blocks keep the base keys the env does not set
     assert "unet_targets" in p["lora_training"]["lora"] and "bn_recalibration_images" in p["evaluation"]["train"]
@@ -126,9 +128,9 @@ def test_real_cpu_profile_matches_resolution_end_to_end():
 
 # the real_cpu profile with every step budget shrunk: every node runs on the real shared data
 SHRUNK = [
-    "lora_training.base_model.tiny.prior.n_per_class=4",
-    "lora_training.base_model.tiny.autoencoder.max_steps=2",
-    "lora_training.base_model.tiny.denoiser.max_steps=2",
+    "base_training.prior.n_per_class=4",
+    "base_training.autoencoder.max_steps=2",
+    "base_training.denoiser.max_steps=2",
     "lora_training.lora.max_steps=2",
     "lora_training.validation.per_class=1",
     "lora_training.validation.steps=2",
@@ -146,14 +148,15 @@ SHRUNK = [
 ]
 
 
-@pytest.mark.slow  # one `kedro run --env real_cpu` subprocess on the real sample: 69 s CPU, 2.5 min wall at load 6 (measured)
+@pytest.mark.slow  # one `kedro run --env real_cpu --pipeline with_base_training` subprocess on the real sample: 69 s CPU, 2.5 min wall at load 6 (measured)
 def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db_sample, african_planes_dev):
     from conftest import copy_project
 
     project = copy_project(PROJECT_ROOT, tmp_path / "project")
     params = [f"source_path={fetal_planes_db_sample}", f"target_path={african_planes_dev}", *SHRUNK]
     env = dict(os.environ, TQDM_DISABLE="1", KEDRO_DISABLE_TELEMETRY="1")
-    cmd = [sys.executable, "-m", "kedro", "run", "--env", "real_cpu", "--params", ",".join(params)]
+    cmd = [sys.executable, "-m", "kedro", "run", "--env", "real_cpu", "--pipeline", "with_base_training",
+           "--params", ",".join(params)]
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -169,6 +172,13 @@ def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db
     assert metrics
     quality = json.loads(next((reporting / "synthetic_quality.json").glob("*/synthetic_quality.json")).read_text())
     assert quality.get("fidelity") is not None
+    # the base was trained in this run on phantoms + the real source-train images (x4), and the LoRA used it
+    lineage = json.loads((project / "data/06_models/real-cpu-base/base_lineage.json").read_text())
+    assert lineage["trained_on"]["train_on"] == "prior+source" and lineage["trained_on"]["source_repeats"] == 4
+    assert lineage["trained_on"]["images"] == 4 * 5 + 4 * int((read_image_set(next(
+        (project / "data/03_primary/source_images").glob("*/source_images"))).meta["split"] == "train").sum())
+    lora = json.loads(next((reporting / "lora_lineage.json").glob("*/lora_lineage.json")).read_text())
+    assert lora["base_model"]["content_hash"] == lineage["content_hash"]
 
 
 # A fixed validation curve for steps 2, 4, 6, 8 (a stub scorer): val_loss lowest at 4,

@@ -18,10 +18,9 @@ import pytest
 from conftest import TINY_EVAL_PARAMS, TINY_RUN_PARAMS, copy_project
 from PIL import Image
 
-# a few more steps than the tiniest run, so the models really train; still ~1 min per run
+# a few more steps than the tiniest run, so the LoRA really trains (on the shipped base); still ~1 min per run
 RUN_PARAMS = ",".join(TINY_RUN_PARAMS + TINY_EVAL_PARAMS + [
-    "lora_training.base_model.tiny.denoiser.max_steps=12",
-    "lora_training.lora.max_steps=8",
+    "lora_training.lora.max_steps=12",
 ])
 
 
@@ -112,7 +111,8 @@ def test_max_minutes_null_and_absent_mean_no_cap(small_phantom_sets):
     import torch
     from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
     from fu_kedro.models.training import time_capped_at, to_model_range, train_autoencoder
-    from fu_kedro.pipelines.lora_training.nodes import AUTOENCODER_KEYS, _loop
+    from fu_kedro.pipelines.base_training.nodes import AUTOENCODER_KEYS
+    from fu_kedro.pipelines.lora_training.nodes import _loop
 
     source, _ = small_phantom_sets
     x = to_model_range(source.images[:16, ::2, ::2])

@@ -67,6 +67,7 @@ MOVED_CLASS_LISTS = (
     "synthesis.classes",
     "lora_training.validation.classes",
     "lora_training.base_model.tiny.prior.classes",
+    "base_training.prior.classes",
     "ingestion.required_classes.source",
 )
 
@@ -135,18 +136,12 @@ def strict_dataclass(cls: type[T], values: dict[str, Any] | None, where: str, ig
 
 
 def check_lora_training(params: dict[str, Any]) -> None:
-    """Every training block of ``lora_training`` (tiny autoencoder, tiny denoiser, LoRA) is
-    complete and has no unknown key. Raises naming the block and key."""
-    from fu_kedro.pipelines.lora_training.nodes import AUTOENCODER_KEYS, BASE_MODEL_KEYS, LORA_KEYS, TINY_KEYS, _loop
+    """Every training block of ``lora_training`` (the base block, the LoRA) is complete and has
+    no unknown key. Raises naming the block and key."""
+    from fu_kedro.pipelines.lora_training.nodes import LORA_KEYS, _loop, check_base_model_block
 
     block = params.get("lora_training") or {}
-    base = block.get("base_model") or {}
-    check_keys(base, BASE_MODEL_KEYS, "lora_training.base_model")
-    tiny = base.get("tiny") or {}
-    check_keys(tiny, TINY_KEYS, "lora_training.base_model.tiny")
-    if base.get("kind", "tiny") == "tiny":
-        _loop(tiny.get("autoencoder"), 0, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
-        _loop(tiny.get("denoiser"), 0, "lora_training.base_model.tiny.denoiser")
+    check_base_model_block(block.get("base_model") or {})
     if block.get("adapter_source", "train") == "train" and "lora" in block:
         _loop(block["lora"], 0, "lora_training.lora", LORA_KEYS)
 
@@ -161,5 +156,9 @@ class ParameterChecks:
         params = catalog.load("parameters")
         check_moved_class_lists(params)  # any pipeline: an old class-list key would be ignored silently
         names = {node.name for node in pipeline.nodes}
-        if names & {"build_base_model_node", "fit_lora_adapter_node"}:
+        if names & {"load_base_model_node", "fit_lora_adapter_node"}:
             check_lora_training(params)
+        if "train_base_model_node" in names:
+            from fu_kedro.pipelines.base_training.nodes import check_base_training
+
+            check_base_training(params.get("base_training") or {})

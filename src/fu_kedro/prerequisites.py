@@ -82,14 +82,33 @@ def check_data_source(domain: str, fmt: str, path: str | None) -> list[Problem]:
     return [Problem(what, f"{wrong}. {spec['get'].capitalize()} so that there is {layout}.")]
 
 
-def check_pretrained_base(model_id_or_path: str | None) -> list[Problem]:
-    """SD v1.5 (diffusers layout) is in the named folder or, for a hub id, in the local HF cache
-    (:func:`fu_kedro.models.pretrained.resolve_pretrained_base`, which the loader uses too)."""
+def check_pretrained_base(model_id_or_path: str | None, base_training: dict | None = None,
+                          env: str | None = None) -> list[Problem]:
+    """The base (diffusers layout) is in the named folder or, for a hub id, in the local HF cache
+    (:func:`fu_kedro.models.pretrained.resolve_pretrained_base`, which the loader uses too). A
+    folder that ``base_training`` makes (its ``output_path``, or ``models/tiny-phantom-sd``) names
+    the command that makes it; any other names what to download (SD v1.5)."""
     from fu_kedro.models.pretrained import resolve_pretrained_base
 
     problem = resolve_pretrained_base(model_id_or_path).problem
+    if not problem:
+        return []
+    made_here = {str(Path(p)) for p in ((base_training or {}).get("output_path"), SHIPPED_BASE) if p}
+    if model_id_or_path and str(Path(model_id_or_path)) in made_here:
+        env_flag = f" --env {env}" if env and env != "local" else ""
+        where = _resolve(model_id_or_path)
+        how = (f"the shipped tiny base is part of the repository: restore it (`git checkout -- {SHIPPED_BASE}`) or "
+               f"remake it (`kedro run --pipeline base_training --params base_training.output_path={SHIPPED_BASE}`)"
+               if str(Path(model_id_or_path)) == SHIPPED_BASE else
+               f"the base_training pipeline makes it: run `kedro run{env_flag} --pipeline with_base_training` "
+               f"(or `kedro run{env_flag} --pipeline base_training` first)")
+        return [Problem(f"the base model (lora_training.base_model.pretrained_path={model_id_or_path!r})",
+                        f"{where} has no model_index.json; {how}.")]
     what = f"Stable Diffusion v1.5 weights (lora_training.base_model.pretrained_path={model_id_or_path!r})"
-    return [Problem(what, problem)] if problem else []
+    return [Problem(what, problem)]
+
+
+SHIPPED_BASE = "models/tiny-phantom-sd"  # the tiny base in the repository (README)
 
 
 def check_adapter_file(path: str | None) -> list[Problem]:
@@ -604,10 +623,10 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
     lora = params.get("lora_training") or {}
     base = lora.get("base_model") or {}
     inputs = set(pipeline.inputs())
-    # base_model is built from pretrained_base here, or loaded from the catalog (which reloads a
-    # pretrained base from its path); both paths are the parameters that the catalog entries read
-    if base.get("kind") == "pretrained" and {"pretrained_base", "base_model"} & inputs:
-        problems += check_pretrained_base(base.get("pretrained_path"))
+    # base_model is loaded from pretrained_base here, or from the catalog (which reloads the base
+    # from its path); both paths are the parameter that the catalog entry reads
+    if {"pretrained_base", "base_model"} & inputs:
+        problems += check_pretrained_base(base.get("pretrained_path"), params.get("base_training"), env)
     if "imported_lora_adapter" in inputs and lora.get("adapter_source") == "file":
         problems += check_adapter_file(lora.get("adapter_file"))
     if "plan_experiments_node" in nodes:

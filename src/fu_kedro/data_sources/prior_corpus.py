@@ -8,7 +8,7 @@ noise, zoom, sector width and apex, depth attenuation, display gamma, linear vs
 curvilinear probe; text marks, depth scales and calipers vary per image as on every
 phantom). The LoRA is then fitted on the one-hospital source subset, as in the paper.
 
-How the target stays out: the corpus is made from ``lora_training.base_model.tiny.prior``
+How the target stays out: the corpus is made from ``base_training.prior``
 alone — the ranges below, the seed — and the top-level ``classes`` list. Nothing here reads the target
 centers' settings (``ingestion.phantom.target``) or any target image, and each image's
 style is a fresh continuous draw, so no image is rendered with a target center's setting
@@ -37,12 +37,12 @@ PRIOR_KEYS = ("n_per_class", "image_size", "breadth", "linear_probe_fraction", "
 def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction: float, n: int,
                 rng: np.random.Generator) -> list[dict[str, Any]]:
     """``n`` acquisition settings, each key uniform in its range shrunk by ``breadth``."""
-    check_keys(styles, STYLE_KEYS, "lora_training.base_model.tiny.prior.styles")
+    check_keys(styles, STYLE_KEYS, "base_training.prior.styles")
     missing = sorted(set(STYLE_KEYS) - set(styles))
     if missing:
-        raise ValueError(f"lora_training.base_model.tiny.prior.styles: missing range(s) for {missing}")
+        raise ValueError(f"base_training.prior.styles: missing range(s) for {missing}")
     if not 0.0 <= float(breadth) <= 1.0:
-        raise ValueError(f"lora_training.base_model.tiny.prior.breadth must be in [0, 1], got {breadth!r}")
+        raise ValueError(f"base_training.prior.breadth must be in [0, 1], got {breadth!r}")
     out = []
     for i in range(n):
         setting: dict[str, Any] = {"name": f"prior_style_{i:05d}"}
@@ -61,7 +61,7 @@ def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> I
     """The captioned-by-class phantom corpus the tiny base is trained on (``train_on: prior``).
 
     Args:
-        prior: ``lora_training.base_model.tiny.prior`` — ``n_per_class`` (0 = an empty corpus,
+        prior: ``base_training.prior`` — ``n_per_class`` (0 = an empty corpus,
             e.g. for a pretrained base), ``image_size`` (px, then resized to the
             model's resolution like the source images), ``breadth``, ``linear_probe_fraction``,
             ``styles`` (range per style key), ``caption_template`` (optional: the prior's own
@@ -76,7 +76,7 @@ def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> I
         label, domain ``prior``, center ``prior_corpus``, machine (the style's name),
         source_file ``phantom``, and the style's values (one column per style key).
     """
-    check_keys(prior, PRIOR_KEYS, "lora_training.base_model.tiny.prior")
+    check_keys(prior, PRIOR_KEYS, "base_training.prior")
     n_per_class = int(prior["n_per_class"])
     classes = tuple(classes or CLASSES)
     size = int(prior.get("image_size", 128))

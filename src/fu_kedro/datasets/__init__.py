@@ -13,6 +13,7 @@ _HOMES = {
     "LoraAdapterFitsDataset": ".diffusion",
     "LoraAdapterFileDataset": ".diffusion",
     "PretrainedBaseDataset": ".diffusion",
+    "TrainedBaseDataset": ".diffusion",
     "ImageSet": ".image_set",
     "ImageSetDataset": ".image_set",
     "ImageSetShardsDataset": ".image_set_shards",

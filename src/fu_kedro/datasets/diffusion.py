@@ -314,11 +314,90 @@ class PretrainedBaseDataset(_ParameterFile):
         super().__init__(model, metadata)
 
     def _open(self, path: str) -> BaseModel:
-        return BaseModel(info={"kind": "pretrained", "name": path, "model": path},
-                         load=partial(load_pretrained_pipeline, path))
+        info = {"kind": "pretrained", "name": path, "model": path}
+        lineage = read_base_lineage(path)
+        if lineage is not None:  # a base made by base_training (e.g. the shipped models/tiny-phantom-sd)
+            info |= {"name": f"{lineage.get('name') or path} ({path}; trained by base_training, not Stable Diffusion)",
+                     "trained_by": {k: v for k, v in lineage.items() if k not in ("parameters", "architecture")},
+                     "time_capped": lineage.get("time_capped") or {}}
+        return BaseModel(info=info, load=partial(load_pretrained_pipeline, path))
 
     def _exists(self) -> bool:
         return self._filepath is not None and resolve_pretrained_base(self._filepath).problem is None
+
+
+BASE_LINEAGE = "base_lineage.json"
+
+
+def read_base_lineage(path: str | Path) -> dict[str, Any] | None:
+    """The ``base_lineage.json`` of a base folder made by ``base_training``; ``None`` for any other folder (SD v1.5)."""
+    file = Path(path).expanduser() / BASE_LINEAGE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as exc:
+        raise DatasetError(f"{file}: not readable JSON ({exc})") from exc
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def made_by() -> dict[str, Any]:
+    """The command line and the git commit (and whether tracked files differed from it) of this process."""
+    import shlex
+    import sys
+    import time
+
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else []
+    if argv and argv[0] in ("python -m kedro", "__main__.py"):  # `python -m kedro run ...`: the same command
+        argv[0] = "kedro"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"command": shlex.join(argv), "commit": _git("rev-parse", "HEAD"),
+            "tracked_files_modified": None if status is None else bool(status),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+class TrainedBaseDataset(PretrainedBaseDataset):
+    """``base_training``'s output: a ``BaseModel`` written as a diffusers folder (``save_pretrained``:
+    ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``;
+    safetensors) with ``base_lineage.json`` (the model's ``info`` + the command, commit and save
+    time, and the SHA-256 of every weights file). Loads like :class:`PretrainedBaseDataset`.
+
+    Not versioned: the folder is the path a later ``lora_training`` reads (``pretrained_path``).
+    A new base is written beside it and swapped in at the end (a failed save leaves the old one).
+    """
+
+    what = "base model folder"
+
+    def save(self, data: BaseModel) -> None:
+        if self._filepath is None:
+            raise DatasetError("trained_base: base_training.output_path is not set")
+        folder = Path(self._filepath).expanduser()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        try:
+            data.pipe.save_pretrained(tmp, safe_serialization=True)
+            weights = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*.safetensors"))}
+            record = dict(data.info) | {"made_by": made_by(), "weights_sha256": weights}
+            (tmp / BASE_LINEAGE).write_text(to_json(record) + "\n")
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not folder.exists():
+                os.replace(old, folder)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_imported(path: str) -> tuple[LoraAdapter, str]:

@@ -155,6 +155,15 @@ def _text_config(tokenizer: CLIPTokenizer, values: dict[str, Any]) -> CLIPTextCo
     )
 
 
+def check_resolution(resolution: int, factor: int, where: str = "lora_training.resolution") -> None:
+    """The VAE must take the resolution: a positive multiple of 8 (SD pipelines) and of the VAE factor."""
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 8 or resolution % factor:
+        raise ValueError(
+            f"{where}={resolution!r}: the VAE cannot take it; use a positive multiple of 8 "
+            f"(and of the VAE downsampling factor {factor}), e.g. 32 (tiny) or 512 (SD v1.5)"
+        )
+
+
 def build_pipeline_from_config(
     config: dict[str, Any], resolution: int, seed: int, tokenizer: CLIPTokenizer | None = None
 ) -> StableDiffusionPipeline:

@@ -97,6 +97,11 @@ def to_model_range(images: np.ndarray, channels: int = 3) -> torch.Tensor:
     return x[:, None].expand(-1, channels, -1, -1).contiguous()
 
 
+def resize_images(image_set, resolution: int) -> torch.Tensor:
+    """An ``ImageSet``'s grayscale images -> model-range tensors ``(N, 3, R, R)`` in [-1, 1]."""
+    return to_model_range(image_set.resized_tensor(resolution).squeeze(1).numpy())
+
+
 def train_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: LoopConfig, kl_weight: float) -> list[dict]:
     """Train a (small) ``AutoencoderKL`` to reconstruct ``images``; returns the loss history.
 

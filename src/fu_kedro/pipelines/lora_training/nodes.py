@@ -1,26 +1,21 @@
 """Nodes of the ``lora_training`` pipeline: base model -> LoRA adapter -> loss curve + validation grid.
 
-One code path for both profiles (``lora_training.base_model.kind``):
+One way to get the base for every profile: the catalog entry ``pretrained_base``, a diffusers
+folder at ``lora_training.base_model.pretrained_path`` (:func:`load_base_model`): the shipped
+tiny base ``models/tiny-phantom-sd`` (default; made by the ``base_training`` pipeline, "tiny
+base trained by base_training, not Stable Diffusion"), a base made by ``base_training`` in the
+same run (``with_base_training``, e.g. ``real_cpu``), or SD v1.5 (the paper; a local folder or
+the local Hugging Face cache, nothing is downloaded), its weights read by the dataset.
 
-* ``tiny`` (offline default) — a small ``StableDiffusionPipeline`` (same diffusers classes as
-  SD v1.5) built from :data:`fu_kedro.models.diffusion.TINY_CONFIG` and trained here from
-  scratch on the *source training* images (all of them, every class, with their class
-  captions; never target images): first the VAE briefly, then the UNet on cached latents
-  with caption dropout (for classifier-free guidance), EMA weights and a time budget.
-  It is called "tiny base trained here" everywhere, never Stable Diffusion.
-* ``pretrained`` — the catalog entry ``pretrained_base`` (SD v1.5 in the paper, from a local
-  folder or the local Hugging Face cache; nothing is downloaded), its weights read by the
-  dataset on first use.
-
-The LoRA step is the same for both: peft layers on the UNet's attention projections
-(optionally the text encoder), trained on the LoRA subset's captioned images with the one
-denoiser loop of :mod:`fu_kedro.models.training` (accelerate: CPU, one GPU, or several).
+The LoRA step: peft layers on the UNet's attention projections (optionally the text encoder),
+trained on the LoRA subset's captioned images with the one denoiser loop of
+:mod:`fu_kedro.models.training` (accelerate: CPU, one GPU, or several).
 ``adapter_source: file`` skips training and passes on an existing LoRA file (diffusers or
 kohya-ss format, e.g. the published FU-LoRA adapters; the catalog entry
 ``imported_lora_adapter`` reads it) through the same catalog entry.
 
-No node opens a file: the pretrained base and the imported adapter come in as catalog
-entries whose path is a parameter (``conf/base/catalog_lora_training.yml``).
+No node opens a file: the base and the imported adapter come in as catalog entries whose
+path is a parameter (``conf/base/catalog_lora_training.yml``).
 """
 from __future__ import annotations
 
@@ -39,15 +34,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
+from fu_kedro.config import UnknownSettingError, check_keys  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.models.base_model import BaseModel  # noqa: E402
-from fu_kedro.models.diffusion import (  # noqa: E402
-    TINY_BASE_NAME,
-    TINY_CONFIG,
-    build_pipeline_from_config,
-    pipeline_hash,
-)
+from fu_kedro.models.diffusion import check_resolution as _check_resolution  # noqa: E402
+from fu_kedro.models.diffusion import pipeline_hash  # noqa: E402
 from fu_kedro.models.generation import generate_images, torch_threads  # noqa: E402
 from fu_kedro.models.lora import (  # noqa: E402
     ImportedAdapter,
@@ -62,63 +53,38 @@ from fu_kedro.models.training import (  # noqa: E402
     LoopConfig,
     denoising_loss,
     encode_to_latents,
+    resize_images,
     summarize,
     time_capped_at,
-    to_model_range,
     tokenize,
-    train_autoencoder,
     train_denoiser,
 )
+from fu_kedro.pipelines.base_training.nodes import loop_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def _deep_update(base: dict, overrides: dict | None) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (overrides or {}).items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def check_resolution(resolution: int, factor: int) -> None:
-    """The VAE must take the resolution: a positive multiple of 8 (SD pipelines) and of the VAE factor."""
-    if not isinstance(resolution, int) or resolution <= 0 or resolution % 8 or resolution % factor:
-        raise ValueError(
-            f"lora_training.resolution={resolution!r}: the VAE cannot take it; use a positive multiple of 8 "
-            f"(and of the VAE downsampling factor {factor}), e.g. 32 (tiny) or 512 (SD v1.5)"
-        )
-
-
-def resize_images(image_set: ImageSet, resolution: int) -> torch.Tensor:
-    """``ImageSet`` grayscale images -> model-range tensors ``(N, 3, R, R)`` in [-1, 1]."""
-    return to_model_range(image_set.resized_tensor(resolution).squeeze(1).numpy())
+    """The VAE must take ``lora_training.resolution`` (:func:`fu_kedro.models.diffusion.check_resolution`)."""
+    _check_resolution(resolution, factor, "lora_training.resolution")
 
 
 def _captions(image_set: ImageSet, template: str) -> list[str]:
-    """Each image's own ``caption`` where it has one (e.g. the prior's ``caption_template``), else ``template``."""
+    """Each image's own ``caption`` where it has one, else ``template``."""
     own = image_set.meta["caption"] if "caption" in image_set.meta.columns else pd.Series([None] * len(image_set))
     labels = image_set.meta["label"].astype(str)
     return [str(c) if isinstance(c, str) and c else template.format(plane=label) for c, label in zip(own, labels)]
 
 
 # Keys of a training block that are not loop knobs but are read by the node itself.
-BASE_MODEL_KEYS = ("kind", "pretrained_path", "tiny")
-TINY_KEYS = ("architecture", "train_on", "source_repeats", "prior", "autoencoder", "denoiser")
-AUTOENCODER_KEYS = ("kl_weight",)
+BASE_MODEL_KEYS = ("pretrained_path",)
+MOVED_BASE_MODEL_KEYS = ("kind", "tiny")  # until the base_training pipeline: the tiny base trained inside lora_training
 LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats", "fits")
 
 
 def _loop(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
-    """The loop settings of one ``conf/`` block, strictly: a misspelt key stops the run.
-
-    ``max_steps`` is required (a fixed step budget); ``max_minutes`` is an optional
-    wall-clock cap, null or absent = no cap.
-    """
-    values = dict(cfg or {})
-    if values.get("max_steps") is None:
-        raise ValueError(f"{where}.max_steps must be set: every training loop runs a fixed number of steps")
-    values["seed"] = int(seed)
-    return strict_dataclass(LoopConfig, values, where, ignore=node_keys)
+    """:func:`fu_kedro.pipelines.base_training.nodes.loop_config`: a block's loop settings, strictly."""
+    return loop_config(cfg, seed, where, node_keys)
 
 
 def _capped(stage: str, history: list[dict]) -> dict[str, int]:
@@ -126,153 +92,50 @@ def _capped(stage: str, history: list[dict]) -> dict[str, int]:
     return {} if step is None else {stage: step}
 
 
-BASE_TRAIN_ON = ("prior", "source", "prior+source")
+def check_base_model_block(cfg: dict[str, Any]) -> None:
+    """``lora_training.base_model`` has only ``pretrained_path``; the old tiny-base keys say where they went."""
+    moved = [f"lora_training.base_model.{k}" for k in MOVED_BASE_MODEL_KEYS if k in (cfg or {})]
+    if moved:
+        raise UnknownSettingError(
+            f"{', '.join(moved)}: the tiny base is no longer trained inside lora_training. It is a diffusers folder "
+            "made by the base_training pipeline (its settings: the `base_training` block, "
+            "conf/base/parameters_base_training.yml) and loaded like SD v1.5 from "
+            "lora_training.base_model.pretrained_path (default: the shipped models/tiny-phantom-sd). "
+            "Remove the old key(s); see docs/lora_training.md.")
+    check_keys(cfg or {}, BASE_MODEL_KEYS, "lora_training.base_model")
 
 
-def base_training_corpus(source_images: ImageSet, prior_corpus: ImageSet, train_on: str,
-                         source_repeats: int = 1) -> ImageSet:
-    """The images the tiny base is trained on: the broad prior corpus (default, FU-LoRA's
-    structure), the source *training* split (the old default: the LoRA then has little to
-    add), or both. Never target images.
-
-    ``source_repeats`` (``tiny.source_repeats``, default 1): each source-train image appears
-    this many times in the corpus — kohya-ss's dataset ``num_repeats`` — so a few real images
-    are not drowned by a larger prior (same number of training steps, other proportions)."""
-    if not isinstance(source_repeats, int) or isinstance(source_repeats, bool) or source_repeats < 1:
-        raise ValueError(f"lora_training.base_model.tiny.source_repeats must be a positive integer, got {source_repeats!r}")
-    if train_on not in BASE_TRAIN_ON:
-        raise ValueError(f"lora_training.base_model.tiny.train_on must be one of {list(BASE_TRAIN_ON)}, got {train_on!r}")
-    parts = []
-    if "prior" in train_on:
-        if len(prior_corpus) == 0:
-            raise ValueError("lora_training.base_model.tiny.train_on uses the prior corpus, but it is empty "
-                             "(lora_training.base_model.tiny.prior.n_per_class is 0)")
-        parts.append(prior_corpus)
-    if "source" in train_on:
-        split = source_images.meta.get("split")
-        train = source_images.select(split.to_numpy() == "train") if split is not None else source_images
-        if len(train) == 0:
-            raise ValueError("build_base_model: the source set has no training images (split == 'train')")
-        if source_repeats > 1:  # copy k of an image is row image_id~k (ids stay unique)
-            copies = [train] + [ImageSet(train.images, train.meta.assign(image_id=train.meta["image_id"].astype(str) + f"~{k}"),
-                                         dict(train.info)) for k in range(1, source_repeats)]
-            train = ImageSet.concat(copies, info=dict(train.info))
-        parts.append(train)
-    if len(parts) == 1:
-        return parts[0]
-    size = source_images.images.shape[1]
-    resized = [ImageSet(p.resized_tensor(size).squeeze(1).numpy(), p.meta, dict(p.info)) for p in parts]
-    return ImageSet.concat(resized, info={"parts": [p.info.get("format") for p in parts]})
-
-
-def build_base_model(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str,
-                     seed: int, pretrained_base: BaseModel | None = None):
-    """The base diffusion model: the tiny model trained here, or the pretrained one of the catalog.
-
-    A router on ``base_model.kind``: the pipeline is built before the parameters are known,
-    so one node (``build_base_model_node``) makes ``base_model`` either way.
+def load_base_model(pretrained_base: BaseModel | None, params: dict[str, Any]) -> BaseModel:
+    """The base diffusion model: the catalog entry ``pretrained_base`` — a diffusers folder at
+    ``lora_training.base_model.pretrained_path``: the shipped tiny base (``models/tiny-phantom-sd``,
+    the default), one made by ``base_training``, or SD v1.5 (the paper) — with its reference.
 
     Args:
-        source_images: ingestion's source set (used when ``tiny.train_on`` includes ``source``;
-            only rows with ``split == "train"``).
-        prior_corpus: the broad phantom corpus (``make_prior_corpus``; used when ``train_on``
-            includes ``prior``, the default).
+        pretrained_base: the catalog entry (weights read here, on first use of ``pipe``;
+            ``None`` when ``pretrained_path`` is not set). In ``with_base_training`` it is that
+            run's ``trained_base``.
         params: ``lora_training`` parameters (``resolution``, ``base_model``, ``torch_threads``).
-        caption_template: ``ingestion.caption_template`` (``{plane}`` = class word).
-        seed: project seed.
-        pretrained_base: the catalog entry ``pretrained_base`` (weights read on first use;
-            ``None`` when ``pretrained_path`` is not set); used by ``kind: pretrained`` only.
 
     Returns:
-        (``BaseModel``: pipeline + info, per-step training history of the tiny base — empty for
-        a pretrained base).
+        ``BaseModel``: the pipeline, and ``info`` with ``resolution`` and the weights' content hash.
     """
-    cfg = params["base_model"]
-    check_keys(cfg, BASE_MODEL_KEYS, "lora_training.base_model")
+    check_base_model_block(params.get("base_model"))
+    if pretrained_base is None:
+        raise ValueError("lora_training.base_model.pretrained_path is not set: name a diffusers folder "
+                         "(models/tiny-phantom-sd, the shipped tiny base; or SD v1.5, models/stable-diffusion-v1-5)")
     resolution = params["resolution"]
-    kind = cfg["kind"]
-    if kind == "pretrained":
-        return _pretrained_base(pretrained_base, resolution)
-    if kind != "tiny":
-        raise ValueError(f"lora_training.base_model.kind must be 'tiny' or 'pretrained', got {kind!r}")
-    return _train_tiny_base(source_images, prior_corpus, params, caption_template, seed)
-
-
-def _pretrained_base(pretrained: BaseModel | None, resolution: int):
-    """``base_model.kind: pretrained``: SD v1.5 (or any SD-1.x folder) as the catalog loaded it, with its reference."""
-    if pretrained is None:
-        raise ValueError("lora_training.base_model.kind is 'pretrained' but base_model.pretrained_path is not set")
-    pipe = pretrained.pipe  # the weights are read here (datasets.PretrainedBaseDataset)
-    check_resolution(resolution, pipe.vae_scale_factor)
-    base = BaseModel(pipe, dict(pretrained.info) | {"resolution": resolution, "content_hash": pipeline_hash(pipe)})
-    log.info("base model: pretrained %s (hash %s)", base.info["model"], base.info["content_hash"][:12])
-    return base, pd.DataFrame(columns=["stage", "step", "loss", "seconds"])
-
-
-def _train_tiny_base(source_images: ImageSet, prior_corpus: ImageSet, params: dict[str, Any], caption_template: str,
-                     seed: int):
-    """``base_model.kind: tiny``: the small SD-architecture model trained here (VAE, then denoiser)."""
-    cfg = params["base_model"]
-    resolution = params["resolution"]
-    tiny = cfg["tiny"]
-    check_keys(tiny, TINY_KEYS, "lora_training.base_model.tiny")
-    ae_cfg = _loop(tiny["autoencoder"], seed, "lora_training.base_model.tiny.autoencoder", AUTOENCODER_KEYS)
-    unet_cfg = _loop(tiny["denoiser"], seed + 1, "lora_training.base_model.tiny.denoiser")
-    config = _deep_update(TINY_CONFIG, tiny.get("architecture"))
-    factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
-    check_resolution(resolution, factor)
-    train_on = tiny.get("train_on", "source")
-    repeats = tiny.get("source_repeats", 1)
-    train = base_training_corpus(source_images, prior_corpus, train_on, repeats)
-    with torch_threads(params.get("torch_threads")) as threads:
-        torch.manual_seed(seed)
-        pipe = build_pipeline_from_config(config, resolution, seed)
-        log.info(
-            "base model: %s — trained on %s: %d images at %d px (never target images), %d torch thread(s)",
-            TINY_BASE_NAME, train_on, len(train), resolution, threads,
-        )
-        x = resize_images(train, resolution)
-        ae_hist = train_autoencoder(pipe.vae, x, ae_cfg, kl_weight=float(tiny["autoencoder"].get("kl_weight", 1e-6)))
-        pipe.vae.register_to_config(scaling_factor=1.0)  # raw posterior means first...
-        latents = encode_to_latents(pipe.vae, x)
-        scale = 1.0 / float(latents.std())  # ...then SD's convention: scaled latents have unit spread
-        pipe.vae.register_to_config(scaling_factor=scale)
-        latents = latents * scale
-        ids = tokenize(pipe, _captions(train, caption_template))
-        pipe.unet.requires_grad_(True)
-        pipe.text_encoder.requires_grad_(False)
-        unet_hist = train_denoiser(pipe, latents, ids, unet_cfg)
-        pipe.unet.requires_grad_(False)
-    log.info("tiny base denoiser: %s", summarize(unet_hist))
-    info = {
-        "kind": "tiny",
-        "name": TINY_BASE_NAME,
-        "resolution": resolution,
-        "trained_on": {
-            "corpus": train_on,
-            "images": len(train),
-            **({"source_repeats": repeats} if repeats != 1 else {}),
-            **({"prior_caption_template": prior_corpus.info["caption_template"]}
-               if "caption_template" in prior_corpus.info else {}),
-            "source_version": source_images.info.get("version"),
-            "prior_corpus_version": prior_corpus.info.get("version"),
-            "prior_breadth": prior_corpus.info.get("breadth"),
-            "per_class": train.meta["label"].value_counts().sort_index().to_dict(),
-        },
-        "steps": {"autoencoder": len(ae_hist), "denoiser": len(unet_hist)},
-        "time_capped": _capped("autoencoder", ae_hist) | _capped("base_denoiser", unet_hist),
-        "torch_threads": threads,
-        "architecture": config,
-        "content_hash": pipeline_hash(pipe),
-    }
-    history = pd.concat(
-        [
-            pd.DataFrame(ae_hist).assign(stage="autoencoder"),
-            pd.DataFrame(unet_hist).assign(stage="base_denoiser"),
-        ],
-        ignore_index=True,
-    )
-    return BaseModel(pipe, info), history[["stage", "step", "loss", "seconds"]]
+    with torch_threads(params.get("torch_threads")):
+        pipe = pretrained_base.pipe  # the weights are read here (datasets.PretrainedBaseDataset)
+        check_resolution(resolution, pipe.vae_scale_factor)
+        content_hash = pipeline_hash(pipe)
+    recorded = (pretrained_base.info.get("trained_by") or {}).get("content_hash")
+    if recorded and recorded != content_hash:
+        raise ValueError(
+            f"{pretrained_base.info.get('model')}: the weights (hash {content_hash[:12]}…) are not those its "
+            f"base_lineage.json records ({recorded[:12]}…); remake the folder with the command in that file")
+    base = BaseModel(pipe, dict(pretrained_base.info) | {"resolution": resolution, "content_hash": content_hash})
+    log.info("base model: %s (hash %s)", base.info["name"], content_hash[:12])
+    return base
 
 
 def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[str, Any], seed: int,
@@ -539,21 +402,16 @@ def validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, params: di
     return fig
 
 
-def loss_curves(base_history: pd.DataFrame, lora_history: pd.DataFrame) -> Figure:
-    """Loss per step of each training stage (raw, and a moving average)."""
-    history = pd.concat([base_history, lora_history], ignore_index=True)
-    stages = [s for s in ["autoencoder", "base_denoiser", "lora"] if s in set(history["stage"])]
-    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4 * max(1, len(stages)), 3), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        h = history[history["stage"] == stage]
+def loss_curves(lora_history: pd.DataFrame) -> Figure:
+    """Loss per step of the LoRA (raw, and a moving average); the base's curves are base_training's ``base_loss_curves``."""
+    fig, ax = plt.subplots(1, 1, figsize=(4, 3))
+    h = lora_history[lora_history["stage"] == "lora"] if "stage" in lora_history else lora_history.iloc[:0]
+    if len(h):
         ax.plot(h["step"], h["loss"], alpha=0.3, lw=0.8)
         ax.plot(h["step"], h["loss"].rolling(max(1, len(h) // 20), min_periods=1).mean(), lw=1.5)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-    if not stages:
-        axes[0, 0].text(0.5, 0.5, "no training in this run (pretrained base, adapter from file)", ha="center")
+        ax.set(title="lora", xlabel="step", ylabel="loss", yscale="log")
+    else:
+        ax.text(0.5, 0.5, "no LoRA training in this run (adapter from file)", ha="center")
     fig.tight_layout()
     return fig
 
@@ -584,9 +442,9 @@ def render_validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, par
         return validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
 
 
-def plot_loss_curves(base_history: pd.DataFrame, lora_history: pd.DataFrame) -> Figure:
-    """The loss-curve figure of every stage that trained in this run (autoencoder, base denoiser, LoRA)."""
-    return loss_curves(base_history, lora_history)
+def plot_loss_curves(lora_history: pd.DataFrame) -> Figure:
+    """The LoRA's loss-curve figure."""
+    return loss_curves(lora_history)
 
 
 def adapter_lineage(base_model: BaseModel, lora_adapter: LoraAdapter, lora_summary: dict) -> dict[str, Any]:
@@ -610,19 +468,16 @@ def adapter_lineage(base_model: BaseModel, lora_adapter: LoraAdapter, lora_summa
     return json.loads(json.dumps(record, default=str))
 
 
-def training_metrics(base_history: pd.DataFrame, lora_history: pd.DataFrame, lora_summary: dict,
-                     lora_lineage: dict[str, Any]) -> dict[str, Any]:
-    """The MLflow metric histories of the training (loss per stage, steps, seconds, the
-    denoising loss with/without the adapter, ``time_capped``); a capped loop (named in the
-    lineage record) also tags the MLflow run as not reproducible."""
+def training_metrics(lora_history: pd.DataFrame, lora_summary: dict, lora_lineage: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow metric histories of the LoRA training (loss, steps, seconds, the denoising
+    loss with/without the adapter, ``time_capped``); a capped loop (named in the lineage
+    record, the base's included) also tags the MLflow run as not reproducible."""
     metrics: dict[str, Any] = {}
-    for stage in ["autoencoder", "base_denoiser", "lora"]:
-        for hist in (base_history, lora_history):
-            part = hist[hist["stage"] == stage]
-            if not part.empty:
-                metrics[f"{stage}_loss"] = _history_metric(part)
-                metrics[f"{stage}_steps"] = {"value": float(len(part)), "step": 0}
-                metrics[f"{stage}_seconds"] = {"value": float(part["seconds"].iloc[-1]), "step": 0}
+    part = lora_history[lora_history["stage"] == "lora"] if "stage" in lora_history else lora_history.iloc[:0]
+    if not part.empty:
+        metrics["lora_loss"] = _history_metric(part)
+        metrics["lora_steps"] = {"value": float(len(part)), "step": 0}
+        metrics["lora_seconds"] = {"value": float(part["seconds"].iloc[-1]), "step": 0}
     for key in ("denoising_loss_without_adapter", "denoising_loss_with_adapter"):
         if key in lora_summary:
             metrics[key] = {"value": float(lora_summary[key]), "step": 0}

@@ -1,33 +1,32 @@
-"""``lora_training`` pipeline: prior corpus + source images -> base model -> LoRA adapter -> grid, curves, lineage, metrics.
+"""``lora_training`` pipeline: base model -> LoRA adapter -> grid, curves, lineage, metrics.
 
-The tiny base is trained on ``prior_corpus`` (broad phantom styles, FU-LoRA's "broad
-prior"; ``base_model.tiny.train_on``), the LoRA on ``lora_subset`` (20 per class of the
-one-hospital source).
+The base is the catalog entry ``pretrained_base``: the diffusers folder at
+``lora_training.base_model.pretrained_path`` — the shipped tiny base ``models/tiny-phantom-sd``
+(default; made by the ``base_training`` pipeline), or SD v1.5 (the paper) — read by
+``load_base_model_node`` into ``base_model`` (its reference: path and content hash). The LoRA
+is trained on ``lora_subset`` (20 per class of the one-hospital source). In the registry's
+``with_base_training`` the input ``pretrained_base`` is that run's ``trained_base`` instead.
 
-Reusing an earlier tiny base instead of training it again (documented in the README)::
+Reusing the saved ``base_model`` reference without reading ``pretrained_base`` again::
 
     kedro run --pipeline lora_training --from-nodes fit_lora_adapter_node \
         [--load-versions base_model:<version>]
 
-``--from-nodes`` skips ``build_base_model_node``; ``base_model`` (and, by default, its
-training history) is then loaded from the catalog — the latest version, or the pinned one.
 ``fit_lora_adapter_node`` trains the adapter or, with ``lora_training.adapter_source=file``,
 uses ``imported_lora_adapter`` (a router node: parameters are not known when the pipeline is built).
-The pretrained base and the imported adapter file are catalog entries whose path is a
-parameter (``pretrained_base``: ``base_model.pretrained_path``; ``imported_lora_adapter``:
-``adapter_file``); they load ``None`` when it is not set, and are read only when used.
+The base and the imported adapter file are catalog entries whose path is a parameter
+(``pretrained_base``: ``base_model.pretrained_path``; ``imported_lora_adapter``: ``adapter_file``);
+they load ``None`` when it is not set, and are read only when used.
 ``fit_lora_adapter_refits_node`` trains the independent fits 1..K-1 of ``lora_training.lora.fits``
 (nothing when K = 1, the default) into ``lora_adapter_fits``.
 """
 from kedro.pipeline import Node, Pipeline
 
-from fu_kedro.data_sources.prior_corpus import make_prior_corpus
-
 from .nodes import (
     adapter_lineage,
-    build_base_model,
     fit_lora_adapter,
     fit_lora_adapter_refits,
+    load_base_model,
     plot_loss_curves,
     render_validation_grid,
     training_metrics,
@@ -38,23 +37,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
-                make_prior_corpus,
-                inputs=["params:lora_training.base_model.tiny.prior", "params:classes", "params:seed"],
-                outputs="prior_corpus",
-                name="make_prior_corpus_node",
-            ),
-            Node(
-                build_base_model,
-                inputs=[
-                    "source_images",
-                    "prior_corpus",
-                    "params:lora_training",
-                    "params:ingestion.caption_template",
-                    "params:seed",
-                    "pretrained_base",
-                ],
-                outputs=["base_model", "base_training_history"],
-                name="build_base_model_node",
+                load_base_model,
+                inputs=["pretrained_base", "params:lora_training"],
+                outputs="base_model",
+                name="load_base_model_node",
             ),
             Node(
                 fit_lora_adapter,
@@ -83,7 +69,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 plot_loss_curves,
-                inputs=["base_training_history", "lora_training_history"],
+                inputs="lora_training_history",
                 outputs="lora_loss_curves",
                 name="plot_loss_curves_node",
             ),
@@ -95,7 +81,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 training_metrics,
-                inputs=["base_training_history", "lora_training_history", "lora_training_summary", "lora_lineage"],
+                inputs=["lora_training_history", "lora_training_summary", "lora_lineage"],
                 outputs="lora_training_metrics",
                 name="log_training_metrics_node",
             ),
