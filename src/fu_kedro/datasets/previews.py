@@ -114,18 +114,19 @@ def base_model_card(folder, load_pipe, steps: int, guidance_scale: float, seed: 
     from pathlib import Path
 
     ref = json.loads((Path(folder) / "reference.json").read_text())
+    made = ref.get("trained_by") or {}  # a folder made by base_training (the shipped tiny base): its lineage
     unet = (ref.get("architecture") or {}).get("unet") or {}
     text = (ref.get("architecture") or {}).get("text_encoder") or {}
-    trained = ref.get("trained_on") or {}
+    trained = ref.get("trained_on") or made.get("trained_on") or {}
     classes = sorted(trained.get("per_class") or {})
     facts = [("kind", ref.get("kind")), ("name", ref.get("name")), ("model", ref.get("model", "-")),
              ("resolution", f"{ref.get('resolution')} px"), ("content hash", _short(ref.get("content_hash"))),
              ("UNet channels", unet.get("block_out_channels", "-")),
              ("text encoder", f"{text.get('num_hidden_layers', '-')} layers x {text.get('hidden_size', '-')}"),
-             ("training steps", ref.get("steps", "-")),
-             ("trained on", f"{trained.get('corpus', '-')}, {trained.get('images', '-')} images")]
+             ("training steps", ref.get("steps") or made.get("steps") or "-"),
+             ("trained on", f"{trained.get('corpus') or trained.get('train_on') or '-'}, {trained.get('images', '-')} images")]
     samples, note = [], ""
-    if ref.get("kind") == "pretrained":
+    if ref.get("kind") == "pretrained" and not made:
         note = "no sample: a pretrained base is not loaded for a preview (see lora_validation_grid)"
     elif not classes:
         note = "no sample: reference.json names no classes (trained_on.per_class)"
@@ -160,12 +161,15 @@ def adapter_card(path, base_root: str | None, steps: int, guidance_scale: float,
              ("LoRA subset", f"{len(subset)} images @{meta.get('lora_subset_version', '-')}")]
     base = Path(base_root) / str(meta.get("base_catalog_version")) / "base_model" if base_root else None
     samples, note = [], ""
-    if not captions or base is None or not (base / "model").is_dir():
+    ref = json.loads((base / "reference.json").read_text()) if base and (base / "reference.json").is_file() else {}
+    folder = base / "model" if base and (base / "model").is_dir() else (
+        Path(ref["model"]) if ref.get("trained_by") and ref.get("model") else None)  # a base_training folder (small)
+    if not captions or folder is None or not (folder / "model_index.json").is_file():
         note = f"no sample: the tiny base it was trained on is not at {base}" if captions else "no sample: no captions"
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(base / "model", local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         apply_lora(pipe, adapter)
         before, _, after = (meta.get("caption_template") or "{plane}").partition("{plane}")
