@@ -420,18 +420,39 @@ def find_dataset_run(tracking_uri: str) -> tuple[dict | None, str]:
             "upstream": run.data.tags.get("input.synthetic_batch.run_id")}, ""
 
 
-def find_rank_pair(tracking_uri: str) -> tuple[list[dict] | None, str]:
-    """The latest two finished runs with headline metrics and different LoRA ranks."""
-    runs = [r for r in _all_runs(tracking_uri)
-            if r.info.status == "FINISHED" and RANK_PARAM in r.data.params and HEADLINE[0] in r.data.metrics]
-    for i, first in enumerate(runs):
-        for second in runs[i + 1:]:
-            if second.data.params[RANK_PARAM] != first.data.params[RANK_PARAM]:
-                pair = [second, first]
-                return [{"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "name": r.info.run_name,
-                         "rank": r.data.params[RANK_PARAM], "metrics": dict(r.data.metrics)} for r in pair], ""
-    return None, (f"no two finished runs in {tracking_uri} with '{HEADLINE[0]}' and different {RANK_PARAM} "
-                  "(e.g. `kedro run --params lora_training.lora.rank=4` and `=8`)")
+def _run_dict(r) -> dict:
+    return {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "name": r.info.run_name,
+            "rank": r.data.params.get(RANK_PARAM), "params": dict(r.data.params), "metrics": dict(r.data.metrics)}
+
+
+def find_compare_pair(tracking_uri: str) -> tuple[list[dict] | None, str]:
+    """The latest two finished runs with headline metrics and different names (two LoRA ranks
+    preferred): what a researcher puts side by side in MLflow's compare view."""
+    runs = [r for r in _all_runs(tracking_uri) if r.info.status == "FINISHED" and HEADLINE[0] in r.data.metrics]
+    pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a.info.run_name != b.info.run_name]
+    ranked = [p for p in pairs if p[0].data.params.get(RANK_PARAM) != p[1].data.params.get(RANK_PARAM)]
+    if not pairs:
+        return None, (f"no two finished runs in {tracking_uri} with '{HEADLINE[0]}' and different names "
+                      "(e.g. `kedro run --params lora_training.lora.rank=4` and `=8`)")
+    first, second = (ranked or pairs)[0]
+    return [_run_dict(second), _run_dict(first)], ""
+
+
+find_rank_pair = find_compare_pair  # the name tests/test_journey.py uses
+
+
+def find_runs_list(tracking_uri: str) -> tuple[dict | None, str]:
+    """The experiment of the latest finished run, and its latest runs' names (they must differ)."""
+    runs = [r for r in _all_runs(tracking_uri) if r.info.status == "FINISHED"]
+    if len(runs) < 2:
+        return None, f"fewer than two finished runs in {tracking_uri}"
+    exp = runs[0].info.experiment_id
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri=tracking_uri).get_experiment(exp).tags
+    latest = [r for r in runs if r.info.experiment_id == exp][:6]
+    return {"experiment_id": exp, "kind": tags.get("mlflow.experimentKind"),
+            "names": [r.info.run_name for r in latest]}, ""
 
 
 def artifact_root_for(tracking_uri: str, project: Path) -> Path:
@@ -617,20 +638,55 @@ def check_viz_layers(report: Report, base: str) -> None:
     report.add("viz: no *_mlflow copies", not copies, f"{len(data)} datasets" + (f"; copies: {copies}" if copies else ""))
 
 
-def check_viz_preview(report: Report, context, base: str, project: Path, out: Path, timeout_ms: int) -> None:
-    """The synthesis pipeline with ``synthetic_preview_grid`` selected: its preview image in the side panel."""
-    data = get_json(f"{base}/api/pipelines/{PREVIEW_PIPELINE}")
-    node = next((n for n in data["nodes"] if n.get("name") == PREVIEW_DATASET), None)
-    saved = project / "data" / "08_reporting" / "synthetic_preview_grid.png"
-    if node is None or not saved.is_dir() or not any(p.is_dir() and not p.name.startswith(".") for p in saved.iterdir()):
-        report.add("viz: dataset preview", False,
-                   f"{PREVIEW_DATASET} {'not in the pipeline' if node is None else f'has no saved version in {saved}'}"
-                   " (run `kedro run --pipeline synthesis` first)")
+# the image sets and models of the catalog and the preview type kedro-viz must report for each
+# (the return annotation of the dataset's preview(); "_empty" without one)
+PREVIEW_TYPES = {
+    "source_images": "ImagePreview", "target_images": "ImagePreview", "lora_subset": "ImagePreview",
+    "prior_corpus": "ImagePreview", "synthetic_batch": "ImagePreview",
+    "base_model": "ImagePreview", "lora_adapter": "ImagePreview", "lora_adapter_fits": "JSONPreview",
+}
+# (dataset, pipeline, screenshot): the side panels photographed
+PREVIEW_SHOTS = (
+    (PREVIEW_DATASET, PREVIEW_PIPELINE, "kedro_viz_preview"),
+    ("synthetic_batch", "synthesis", "kedro_viz_preview_synthetic_batch"),
+    ("base_model", "lora_training", "kedro_viz_preview_base_model"),
+)
+
+
+def check_viz_preview_types(report: Report, base: str) -> None:
+    """kedro-viz's node API: every image set and model has a typed, non-empty preview."""
+    main = get_json(f"{base}/api/main")
+    ids = {n["name"]: n["id"] for n in main["nodes"] if n.get("type") == "data"}
+    found, bad = [], []
+    for name, expected in PREVIEW_TYPES.items():
+        if name not in ids:
+            bad.append(f"{name}: not in any pipeline")
+            continue
+        meta = get_json(f"{base}/api/nodes/{ids[name]}", timeout=300)
+        kind, preview = meta.get("preview_type"), meta.get("preview")
+        root = Path(str(meta.get("filepath") or ""))
+        saved = root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+        # a saved version must be previewed; one never saved can only be typed
+        (found if kind == expected and (preview or not saved) else bad).append(
+            f"{name}: {kind}" + ("" if preview else " (no preview" + ("" if saved else ": never saved") + ")"))
+    report.add("viz: image sets and models have typed previews", not bad,
+               "; ".join(found + bad))
+
+
+def check_viz_preview(report: Report, context, base: str, project: Path, out: Path, timeout_ms: int,
+                      dataset: str = PREVIEW_DATASET, pipeline: str = PREVIEW_PIPELINE,
+                      shot_name: str = "kedro_viz_preview") -> None:
+    """``pipeline`` with ``dataset`` selected: its preview image in the side panel (and expanded)."""
+    name = f"viz: {dataset} preview"
+    data = get_json(f"{base}/api/pipelines/{pipeline}")
+    node = next((n for n in data["nodes"] if n.get("name") == dataset), None)
+    if node is None:
+        report.add(name, False, f"{dataset} is not in the {pipeline} pipeline")
         return
-    shot = out / "kedro_viz_preview.png"
+    shot = out / f"{shot_name}.png"
     page = context.new_page()
     page.add_init_script(VIZ_INIT_SCRIPT)
-    page.goto(f"{base}/?pid={PREVIEW_PIPELINE}&types=nodes,datasets&sid={node['id']}",
+    page.goto(f"{base}/?pid={pipeline}&types=nodes,datasets&sid={node['id']}",
               wait_until="domcontentloaded", timeout=timeout_ms)
     ok, detail = False, ""
     image = "img[src^='data:image']"  # kedro-viz draws an ImagePreview as a data-URI <img>
@@ -642,11 +698,12 @@ def check_viz_preview(report: Report, context, base: str, project: Path, out: Pa
         size = img.evaluate("el => [el.naturalWidth, el.naturalHeight]")
         ok, detail = size[0] > 100, f"preview image {size[0]}x{size[1]} px in the side panel"
     except Exception as exc:  # noqa: BLE001
-        detail = f"no preview image after {timeout_ms // 1000} s ({type(exc).__name__})"
+        detail = (f"no preview image after {timeout_ms // 1000} s ({type(exc).__name__}); "
+                  "has it a saved version (run the pipelines first)?")
     dismiss_viz_popups(page)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shot))
-    expanded = out / "kedro_viz_preview_expanded.png"
+    expanded = out / f"{shot_name}_expanded.png"
     try:  # the same preview, full size ("Expand preview")
         page.get_by_text("Expand preview").first.click(timeout=10000)
         page.wait_for_timeout(2000)
@@ -654,7 +711,7 @@ def check_viz_preview(report: Report, context, base: str, project: Path, out: Pa
         detail += f"; expanded -> {expanded}"
     except Exception as exc:  # noqa: BLE001 - the side panel shot is the check
         detail += f"; could not expand ({type(exc).__name__})"
-    report.add("viz: dataset preview", ok, f"{PREVIEW_DATASET}: {detail} -> {shot}")
+    report.add(name, ok, f"{detail} -> {shot}")
     page.close()
 
 
@@ -698,21 +755,24 @@ def _close_mlflow_assistant(page) -> None:
 
 
 def check_mlflow_compare(report: Report, context, base: str, pair: list[dict], out: Path, timeout_ms: int) -> None:
-    """MLflow's compare view of two runs with different LoRA rank: both ranks and the headline metrics."""
+    """MLflow's compare view of two runs: what differs in their parameters, the headline metrics,
+    and their common artifact ``summary.png`` (at the root of each run's artifacts) side by side."""
     ids = json.dumps([r["run_id"] for r in pair])
     exps = json.dumps(sorted({r["experiment_id"] for r in pair}))
     url = f"{base}/#/compare-runs?runs={ids}&experiments={exps}"
+    differing = sorted(k for k in set(pair[0]["params"]) | set(pair[1]["params"])
+                       if pair[0]["params"].get(k) != pair[1]["params"].get(k))
     shot = out / "mlflow_compare.png"
     page = context.new_page()
     page.set_viewport_size({"width": 1600, "height": 1500})
     page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
     try:
-        page.get_by_text(RANK_PARAM, exact=False).first.wait_for(timeout=timeout_ms)
+        page.get_by_text(HEADLINE[0], exact=False).first.wait_for(timeout=timeout_ms)
     except Exception:  # noqa: BLE001 - reported below
         pass
     _close_mlflow_assistant(page)
     page.wait_for_timeout(1500)
-    try:  # parameters: only those that differ (the rank), then the metrics table in view
+    try:  # parameters: only those that differ, then the metrics table in view
         page.get_by_text("Show diff only").first.click(timeout=5000)
         page.wait_for_timeout(1000)
         page.get_by_text("Metrics", exact=True).first.scroll_into_view_if_needed(timeout=5000)
@@ -725,13 +785,94 @@ def check_mlflow_compare(report: Report, context, base: str, pair: list[dict], o
     headline = sorted(k for k in pair[0]["metrics"] if "." not in k and "/" not in k)
     same_keys = set(pair[0]["metrics"]) == set(pair[1]["metrics"])
     shown = [k for k in headline if k in text]
+    shown_params = [k for k in differing if k in text]
     # MLflow draws only the first rows of its metrics grid (alphabetical); the rest are in both runs
     below = [k for k in headline if k not in shown]
-    report.add("mlflow: compare view of two LoRA ranks",
-               RANK_PARAM in text and HEADLINE[0] in text and same_keys and all(h in headline for h in HEADLINE),
-               f"ranks {pair[0]['rank']} vs {pair[1]['rank']} ({pair[0]['run_id'][:8]}, {pair[1]['run_id'][:8]}); "
+    report.add("mlflow: compare view of two runs",
+               bool(shown_params) and HEADLINE[0] in text and same_keys and all(h in headline for h in HEADLINE),
+               f"{pair[0]['name']!r} vs {pair[1]['name']!r} ({pair[0]['run_id'][:8]}, {pair[1]['run_id'][:8]}); "
+               f"differing parameters on screen: {', '.join(shown_params[:4]) or 'none'} (of {len(differing)}); "
                f"same metric keys: {same_keys}; top-level metrics on screen: {', '.join(shown)}"
                + (f"; further down the grid (in both runs): {', '.join(below)}" if below else "") + f" -> {shot}")
+    _compare_artifact(report, page, out)
+    page.close()
+
+
+def _compare_artifact(report: Report, page, out: Path, name: str = "summary.png") -> None:
+    """The compare view's artifact section: ``name`` listed as common to both runs, and drawn."""
+    shot = out / "mlflow_compare_summary.png"
+    try:
+        item = page.get_by_text(name, exact=True).first
+        item.scroll_into_view_if_needed(timeout=15000)
+        item.click(timeout=5000)
+        page.wait_for_timeout(2500)
+        item.scroll_into_view_if_needed(timeout=5000)
+        page.mouse.wheel(0, 300)
+        page.wait_for_timeout(1000)
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    text = page.inner_text("body")
+    images = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 300"
+                           " && (i.src || '').includes('summary.png')).length")
+    page.screenshot(path=str(shot))
+    report.add("mlflow: compare view shows summary.png", name in text and "No common artifacts" not in text
+               and images >= 2, f"{name} listed: {name in text}; drawn for {images} runs -> {shot}")
+
+
+def check_mlflow_runs_list(report: Report, context, base: str, runs: dict, out: Path, timeout_ms: int) -> None:
+    """The experiment as a fresh browser opens it (no ``workflowType`` in the URL): the runs table
+    (``mlflow.experimentKind = custom_model_development``), its runs told apart by name."""
+    url = f"{base}/#/experiments/{runs['experiment_id']}"
+    shot = out / "mlflow_runs.png"
+    page = context.new_page()
+    page.set_viewport_size({"width": 1600, "height": 900})
+    page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    try:
+        page.get_by_text(runs["names"][0], exact=True).first.wait_for(timeout=timeout_ms)
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    _close_mlflow_assistant(page)
+    page.wait_for_timeout(2000)
+    text = page.inner_text("body")
+    page.screenshot(path=str(shot))
+    shown = [n for n in runs["names"] if n in text]
+    report.add("mlflow: the experiment opens on its runs, told apart by name",
+               runs["kind"] == "custom_model_development" and len(shown) >= 2 and len(set(shown)) == len(shown),
+               f"experiment tag mlflow.experimentKind={runs['kind']}; {len(shown)} of the latest "
+               f"{len(runs['names'])} run names in the table, all different: {shown[:4]} -> {shot}")
+    page.close()
+
+
+# --------------------------------------------------------------------------- the report
+REPORT_WIDTH = 1400
+
+
+def latest_report(project: Path) -> Path | None:
+    root = project / "data" / "08_reporting" / "evaluation_report.html"
+    versions = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    return versions[-1] / "evaluation_report.html" if versions else None
+
+
+def check_report(report: Report, context, project: Path, out: Path) -> None:
+    """The latest evaluation report in a 1,400 px window: no sideways scrolling of the page, and
+    its lineage section read from the run's own records (no "no lineage record")."""
+    path = latest_report(project)
+    if path is None or not path.is_file():
+        report.add("report: fits a 1,400 px window", False, f"no saved evaluation_report under {project / 'data'}")
+        return
+    shot = out / "report_top.png"
+    page = context.new_page()
+    page.set_viewport_size({"width": REPORT_WIDTH, "height": 1000})
+    page.set_content(path.read_text(), wait_until="load")  # self-contained: no request leaves the page
+    page.wait_for_timeout(1000)
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    page.screenshot(path=str(shot))
+    report.add("report: fits a 1,400 px window", width <= REPORT_WIDTH,
+               f"{path.parent.name}: page {width} px wide in a {REPORT_WIDTH} px window -> {shot}")
+    lineage = page.evaluate("() => { const s = document.querySelector('section.lineage'); return s ? s.innerText : ''; }")
+    report.add("report: lineage read from this run", bool(lineage) and "no lineage record" not in lineage,
+               f"{lineage.count(chr(10)) + 1 if lineage else 0} lines; 'no lineage record' "
+               f"{'absent' if 'no lineage record' not in lineage else 'present'}")
     page.close()
 
 
@@ -822,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"latest run with zero-shot metrics: {run['run_id']} ({run['name']}, {len(run['metrics'])} metrics)")
 
     dataset_run, dataset_why = find_dataset_run(tracking_uri)
-    pair, pair_why = find_rank_pair(tracking_uri)
+    pair, pair_why = find_compare_pair(tracking_uri)
+    runs_list, runs_why = find_runs_list(tracking_uri)
 
     report = Report()
     if not run:
@@ -877,8 +1019,11 @@ def main(argv: list[str] | None = None) -> int:
                             ("viz: graph check", lambda: check_viz(report, context, viz_base, pipelines, out,
                                                                    timeout_ms)),
                             ("viz: layers", lambda: check_viz_layers(report, viz_base)),
-                            ("viz: dataset preview", lambda: check_viz_preview(report, context, viz_base, project,
-                                                                               out, timeout_ms)),
+                            ("viz: image sets and models have typed previews",
+                             lambda: check_viz_preview_types(report, viz_base)),
+                            *((f"viz: {d} preview", lambda d=d, p=p, n=n: check_viz_preview(
+                                report, context, viz_base, project, out, timeout_ms, d, p, n))
+                              for d, p, n in PREVIEW_SHOTS),
                         ):
                             try:
                                 check()
@@ -894,7 +1039,9 @@ def main(argv: list[str] | None = None) -> int:
                         for name, item, why_not, check in (
                             ("mlflow: run page shows its input datasets", dataset_run, dataset_why,
                              check_mlflow_datasets),
-                            ("mlflow: compare view of two LoRA ranks", pair, pair_why, check_mlflow_compare),
+                            ("mlflow: compare view of two runs", pair, pair_why, check_mlflow_compare),
+                            ("mlflow: the experiment opens on its runs, told apart by name", runs_list, runs_why,
+                             check_mlflow_runs_list),
                         ):
                             if not item:
                                 report.add(name, False, why_not)
@@ -903,6 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
                                 check(report, context, mlflow_base, item, out, timeout_ms)
                             except Exception as exc:  # noqa: BLE001
                                 report.add(name, False, f"{type(exc).__name__}: {exc}")
+                    try:
+                        check_report(report, context, project, out)
+                    except Exception as exc:  # noqa: BLE001
+                        report.add("report: fits a 1,400 px window", False, f"{type(exc).__name__}: {exc}")
                 finally:
                     browser.close()
     except KeyboardInterrupt as exc:

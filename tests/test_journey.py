@@ -47,11 +47,15 @@ def _demo_store(tmp_path: Path) -> str:
 
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("fu_kedro", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    synthesis = client.create_run(exp, run_name="synthesis [local] per class 100, steps 20, cfg 5.0")
+    from fu_kedro import mlflow_ui
+
+    exp = client.create_experiment("fu_kedro", artifact_location=(tmp_path / "mlartifacts").as_uri(),
+                                   tags={"mlflow.experimentKind": "custom_model_development"})
+    synthesis = client.create_run(exp, run_name="pipeline synthesis | images_per_class=100")
     client.set_terminated(synthesis.info.run_id)
     for rank, shift in (("4", 0.0), ("8", 0.02)):
-        run = client.create_run(exp, run_name=f"all [local] rank {rank} | lora_training.lora.rank={rank}")
+        name = mlflow_ui.run_name(["__default__"], None, {"lora_training.lora.rank": int(rank)})
+        run = client.create_run(exp, run_name=name)
         rid = run.info.run_id
         client.log_param(rid, "lora_training.lora.rank", rank)
         values = {"accuracy": 0.61, "f1_macro": 0.58, "roc_auc_macro": 0.83, "auc_hard_label": 0.74}
@@ -70,6 +74,7 @@ def _demo_store(tmp_path: Path) -> str:
                 InputTag("mlflow.data.context", "input"), InputTag("catalog_version", "2026-11-28T00.00.00.000Z")]))
         client.log_inputs(rid, datasets=datasets)
         client.set_tag(rid, "input.synthetic_batch.run_id", synthesis.info.run_id)
+        mlflow_ui.log_summary(client, rid, name, {"zero_shot_metrics": "2026-11-28T00.00.00.000Z"}, {})
         client.set_terminated(rid)
     return uri
 
@@ -89,7 +94,38 @@ def _viz_project(tmp_path: Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.savefig(folder / "synthetic_preview_grid.png")
+    _saved_models_and_report(project, version)
     return project
+
+
+def _saved_models_and_report(project: Path, version: str) -> None:
+    """A saved synthetic batch and (untrained) tiny base model, for their previews, and an
+    evaluation report with a wide per-class table and a lineage section, for the width check."""
+    import pandas as pd
+    from kedro.io.core import Version
+
+    from fu_kedro.data_sources import generate_phantoms
+    from fu_kedro.datasets import DiffusionModelDataset, ImageSetDataset
+    from fu_kedro.lineage import chain_html
+    from fu_kedro.models.base_model import BaseModel
+    from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
+    from fu_kedro.pipelines.evaluation import report
+
+    batch = generate_phantoms("source", 3, 64, seed=5)
+    ImageSetDataset(str(project / "data/07_model_output/synthetic_batch"), Version(None, version)).save(batch)
+    info = {"kind": "tiny", "name": "untrained tiny base", "resolution": 32,
+            "trained_on": {"corpus": "none", "images": 0, "per_class": {"brain": 1, "femur": 1, "thorax": 1}}}
+    DiffusionModelDataset(str(project / "data/06_models/base_model"), Version(None, version)).save(
+        BaseModel(build_pipeline_from_config(TINY_CONFIG, 32, 0), info))
+    per_class = pd.DataFrame([{"class": c, **{f"measure_with_a_long_name_{i}": 0.5 for i in range(14)}}
+                              for c in ("abdomen", "brain", "femur", "thorax", "other")])
+    made_from = {"dataset": "zero_shot_metrics", "version": version, "node": "compute_zero_shot_metrics_node",
+                 "run": {}, "inputs": []}
+    page = report.render_html([("Per class", report._table(report._classes_as_columns(per_class))),
+                               ("Lineage", chain_html(made_from, project, heading=False))], "report")
+    folder = project / "data/08_reporting/evaluation_report.html" / version
+    folder.mkdir(parents=True)
+    (folder / "evaluation_report.html").write_text(page)
 
 
 def _run_script(cmd: list[str], timeout: float) -> tuple[int, str]:
@@ -130,8 +166,10 @@ def test_user_journey(tmp_path):
         pytest.skip(f"headless Chromium not available: {reason}")
     assert returncode == 0, f"user journey failed (exit {returncode}):\n{output[-6000:]}"
     assert "checks passed -> PASS" in output
-    for name in ["kedro_viz.png", "kedro_viz_preview.png", "mlflow_run.png", "mlflow_run_datasets.png",
-                 "mlflow_compare.png", *(f"kedro_viz_{p}.png" for p in journey.PIPELINES)]:
+    for name in ["kedro_viz.png", "kedro_viz_preview.png", "kedro_viz_preview_synthetic_batch.png",
+                 "kedro_viz_preview_base_model.png", "mlflow_run.png", "mlflow_run_datasets.png",
+                 "mlflow_compare.png", "mlflow_compare_summary.png", "mlflow_runs.png", "report_top.png",
+                 *(f"kedro_viz_{p}.png" for p in journey.PIPELINES)]:
         shot = out / name
         assert shot.is_file() and shot.read_bytes()[:8] == PNG_MAGIC, f"{shot} missing or not a PNG"
         assert shot.stat().st_size > 10_000, f"{shot} is suspiciously small (blank page?)"

@@ -99,3 +99,19 @@ def test_a_copied_project_stops_before_writing_into_the_old_folder_then_writes_i
         assert {"summary.png", "quarantine_report.csv"} <= files
     finally:
         os.chdir(cwd)
+
+
+def test_the_headline_view_keeps_every_headline_metric_as_a_column(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("fu_kedro", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    mlflow_ui.share_headline_view(client, exp, ["fidelity", "accuracy_baseline"])
+    mlflow_ui.share_headline_view(client, exp, ["fidelity", "accuracy_hybrid"])
+    mlflow_ui.share_headline_view(client, exp, [])  # a run without headline metrics changes nothing
+    state = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.headline"])
+    assert [c for c in state["selectedColumns"] if c.startswith("metrics.")] == [
+        "metrics.`fidelity`", "metrics.`accuracy_baseline`", "metrics.`accuracy_hybrid`"]
+    assert mlflow_ui.headline_view_url(exp) == f"/#/experiments/{exp}?viewStateShareKey=headline"

@@ -10,7 +10,8 @@
   the artifacts the runs have in common at one level, always has one figure to put side by side.
 - **The experiment**: tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI
   then opens the runs table, not the GenAI overview), also when it was made before the tag was
-  configured; and its artifact location must be inside this project. A SQLite store keeps the
+  configured; a shared view ``headline`` (the runs table with the headline metrics as columns,
+  :func:`headline_view_url`); and its artifact location must be inside this project. A SQLite store keeps the
   *absolute* location of an experiment, so a project folder copied elsewhere would keep writing
   into the old folder's ``mlartifacts/``: the run stops first, naming the two fixes
   (:class:`ArtifactsOutsideProject`).
@@ -177,13 +178,48 @@ def summary_figure(name: str, metrics: dict[str, float], outputs: dict[str, str]
 
 
 def log_summary(client, run_id: str, name: str, outputs: dict[str, str], diffs: dict[str, Any]) -> None:
-    """Draw :func:`summary_figure` from the run's logged metrics and log it as ``summary.png`` (root)."""
-    metrics = dict(client.get_run(run_id).data.metrics)
+    """Draw :func:`summary_figure` from the run's logged metrics and log it as ``summary.png``
+    (root); its headline metrics join the experiment's shared ``headline`` view (:func:`share_headline_view`)."""
+    run = client.get_run(run_id)
+    metrics = dict(run.data.metrics)
     fig = summary_figure(name, metrics, outputs, diffs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "summary.png"
         fig.savefig(path)
         client.log_artifact(run_id, str(path))
+    share_headline_view(client, run.info.experiment_id, [k for k, _, _ in _headline(metrics)])
+
+
+# MLflow's runs table shows no metric column until one is picked under "Columns", a choice the
+# browser keeps (localStorage); there is no server-side default. A *shared view* is what MLflow
+# offers instead: an experiment tag mlflow.sharedViewState.<key> holding the table's state, opened
+# by the URL #/experiments/<id>?viewStateShareKey=<key> ("Share" in the UI makes the same).
+HEADLINE_VIEW = "headline"
+_VIEW_TAG = "mlflow.sharedViewState."
+_DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]
+
+
+def headline_view_url(experiment_id: str, base: str = "") -> str:
+    return f"{base}/#/experiments/{experiment_id}?viewStateShareKey={HEADLINE_VIEW}"
+
+
+def share_headline_view(client, experiment_id: str, headline: list[str]) -> None:
+    """Keep the experiment's ``headline`` view: the runs table with every headline metric seen so
+    far (``fidelity``, ``accuracy_<arm>``, ``<arm>_minus_baseline_accuracy``) as columns."""
+    import json
+
+    tag = _VIEW_TAG + HEADLINE_VIEW
+    try:
+        state = json.loads(client.get_experiment(experiment_id).tags.get(tag) or "{}")
+    except ValueError:
+        state = {}
+    columns = [c for c in state.get("selectedColumns", []) if c.startswith("metrics.")]
+    columns += [f"metrics.`{k}`" for k in headline if f"metrics.`{k}`" not in columns]
+    if not headline and state:
+        return
+    state = {"orderByKey": "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": _DEFAULT_COLUMNS + columns, "runsHiddenMode": "SHOW_ALL"}
+    client.set_experiment_tag(experiment_id, tag, json.dumps(state))
 
 
 class ExperimentChecks:
