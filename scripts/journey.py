@@ -631,7 +631,11 @@ def check_viz_layers(report: Report, base: str) -> None:
     report.add("viz: layers", layers == LAYERS and not without,
                f"{' -> '.join(layers) or 'none'}; {len(data)} datasets"
                + (f"; without a layer: {', '.join(without)}" if without else ", each in a layer"))
-    views = {pid: get_json(f"{base}/api/pipelines/{pid}").get("layers") or [] for pid in PIPELINES}
+    views = {}
+    for pid in PIPELINES:  # the API lists every layer; a pipeline's view draws those of its datasets
+        data = get_json(f"{base}/api/pipelines/{pid}")
+        drawn = {n.get("layer") for n in data["nodes"] if n.get("type") == "data"}
+        views[pid] = [x for x in data.get("layers") or [] if x in drawn]
     report.add("viz: each pipeline's layers in data-flow order",
                all(v and v == [x for x in LAYERS if x in v] for v in views.values()),
                "; ".join(f"{pid}: {' -> '.join(v) or 'none'}" for pid, v in views.items()))
@@ -812,23 +816,33 @@ def _compare_artifact(report: Report, page, out: Path, name: str = "summary.png"
     except Exception:  # noqa: BLE001 - reported below
         pass
     text = page.inner_text("body")
-    images = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 300"
-                           " && (i.src || '').includes('summary.png')).length")
+    big = "[...document.images].filter(i => i.complete && i.naturalWidth > 300).length"
+    try:  # one image per run, side by side, once loaded
+        page.wait_for_function(f"() => {big} >= 2", timeout=30000)
+    except Exception:  # noqa: BLE001 - counted below
+        pass
+    images = page.evaluate(f"() => {big}")
     page.screenshot(path=str(shot))
     report.add("mlflow: compare view shows summary.png", name in text and "No common artifacts" not in text
                and images >= 2, f"{name} listed: {name in text}; drawn for {images} runs -> {shot}")
 
 
 def check_mlflow_runs_list(report: Report, context, base: str, runs: dict, out: Path, timeout_ms: int) -> None:
-    """The experiment as a fresh browser opens it (no ``workflowType`` in the URL): the runs table
-    (``mlflow.experimentKind = custom_model_development``), its runs told apart by name."""
+    """The experiment as a new user opens it, and as the README says: MLflow 3.17 opens a fresh
+    browser in its GenAI view whatever the experiment's ``mlflow.experimentKind`` tag says (the
+    sidebar's GenAI / Model training switch decides, kept per browser); one click on "Model
+    training" shows the runs table, its runs told apart by name."""
     url = f"{base}/#/experiments/{runs['experiment_id']}"
     shot = out / "mlflow_runs.png"
     page = context.new_page()
     page.set_viewport_size({"width": 1600, "height": 900})
     page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
+    page.wait_for_timeout(4000)
+    first = "GenAI overview" if "Traces" in page.inner_text("body") and not any(
+        n in page.inner_text("body") for n in runs["names"]) else "runs table"
     try:
-        page.get_by_text(runs["names"][0], exact=True).first.wait_for(timeout=timeout_ms)
+        page.get_by_text("Model training", exact=True).first.click(timeout=10000)
+        page.get_by_text(runs["names"][0], exact=False).first.wait_for(timeout=min(timeout_ms, 120000))
     except Exception:  # noqa: BLE001 - reported below
         pass
     _close_mlflow_assistant(page)
@@ -836,10 +850,25 @@ def check_mlflow_runs_list(report: Report, context, base: str, runs: dict, out: 
     text = page.inner_text("body")
     page.screenshot(path=str(shot))
     shown = [n for n in runs["names"] if n in text]
-    report.add("mlflow: the experiment opens on its runs, told apart by name",
+    report.add("mlflow: the experiment's runs, told apart by name",
                runs["kind"] == "custom_model_development" and len(shown) >= 2 and len(set(shown)) == len(shown),
-               f"experiment tag mlflow.experimentKind={runs['kind']}; {len(shown)} of the latest "
-               f"{len(runs['names'])} run names in the table, all different: {shown[:4]} -> {shot}")
+               f"a fresh browser opened the {first}; after 'Model training': {len(shown)} of the latest "
+               f"{len(runs['names'])} run names in the table, all different: {shown[:4]}; experiment tag "
+               f"mlflow.experimentKind={runs['kind']} -> {shot}")
+    # the experiment's shared view "headline" (fu_kedro.mlflow_ui): the same table, headline metrics as columns
+    shot = out / "mlflow_runs_headline.png"
+    page.goto(f"{url}?viewStateShareKey=headline", wait_until="domcontentloaded", timeout=timeout_ms)
+    try:
+        page.get_by_text(HEADLINE[0], exact=False).first.wait_for(timeout=60000)
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    page.wait_for_timeout(2000)
+    text = page.inner_text("body")
+    page.screenshot(path=str(shot))
+    report.add("mlflow: the headline view shows the headline metrics as columns",
+               HEADLINE[0] in text and any(n in text for n in runs["names"]),
+               f"{url}?viewStateShareKey=headline: '{HEADLINE[0]}' column {'shown' if HEADLINE[0] in text else 'missing'}"
+               f" -> {shot}")
     page.close()
 
 
@@ -1040,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("mlflow: run page shows its input datasets", dataset_run, dataset_why,
                              check_mlflow_datasets),
                             ("mlflow: compare view of two runs", pair, pair_why, check_mlflow_compare),
-                            ("mlflow: the experiment opens on its runs, told apart by name", runs_list, runs_why,
+                            ("mlflow: the experiment's runs, told apart by name", runs_list, runs_why,
                              check_mlflow_runs_list),
                         ):
                             if not item:

@@ -162,7 +162,8 @@ def summary_figure(name: str, metrics: dict[str, float], outputs: dict[str, str]
         for yi, (_, v, ci) in zip(y, rows):
             if ci:
                 ax.plot(ci, [yi, yi], color="black", lw=1.5)
-            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
+            ax.text(max(v, 0, *(ci or ())), yi, f" {v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
+                    va="center", fontsize=8)
         ax.set_yticks(y, [k for k, _, _ in rows], fontsize=8)
         ax.axvline(0, color="#888", lw=0.8)
         ax.set_title("headline metrics (bars; whiskers: interval)", fontsize=9)
@@ -172,8 +173,10 @@ def summary_figure(name: str, metrics: dict[str, float], outputs: dict[str, str]
         ax.text(0, 1, "\n".join(first) or "no metrics logged", va="top", fontsize=8, family="monospace",
                 transform=ax.transAxes)
         ax.set_title("metrics (no headline metrics in this run)", fontsize=9)
-    saved = ", ".join(sorted(outputs)) or "nothing versioned"
-    fig.text(0.02, 0.04, f"saved: {saved}"[:150], fontsize=7, color="#444", wrap=True)
+    import textwrap
+
+    saved = textwrap.shorten("saved: " + (", ".join(sorted(outputs)) or "nothing versioned"), 260, placeholder=" ...")
+    fig.text(0.02, 0.02, "\n".join(textwrap.wrap(saved, 130)), fontsize=7, color="#444", va="bottom")
     return fig
 
 

@@ -119,7 +119,7 @@ def base_model_card(folder, load_pipe, steps: int, guidance_scale: float, seed: 
     text = (ref.get("architecture") or {}).get("text_encoder") or {}
     trained = ref.get("trained_on") or made.get("trained_on") or {}
     classes = sorted(trained.get("per_class") or {})
-    facts = [("kind", ref.get("kind")), ("name", ref.get("name")), ("model", ref.get("model", "-")),
+    facts = [("kind", ref.get("kind")), ("name", ref.get("name")), *([("model", ref["model"])] if ref.get("model") else []),
              ("resolution", f"{ref.get('resolution')} px"), ("content hash", _short(ref.get("content_hash"))),
              ("UNet channels", unet.get("block_out_channels", "-")),
              ("text encoder", f"{text.get('num_hidden_layers', '-')} layers x {text.get('hidden_size', '-')}"),
