@@ -840,11 +840,17 @@ def check_mlflow_runs_list(report: Report, context, base: str, runs: dict, out: 
     page.wait_for_timeout(4000)
     first = "GenAI overview" if "Traces" in page.inner_text("body") and not any(
         n in page.inner_text("body") for n in runs["names"]) else "runs table"
+    how = "clicking 'Model training'"
     try:
-        page.get_by_text("Model training", exact=True).first.click(timeout=10000)
-        page.get_by_text(runs["names"][0], exact=False).first.wait_for(timeout=min(timeout_ms, 120000))
-    except Exception:  # noqa: BLE001 - reported below
-        pass
+        page.get_by_text("Model training", exact=True).first.click(timeout=10000, force=True)
+        page.get_by_text(runs["names"][0], exact=False).first.wait_for(timeout=30000)
+    except Exception:  # noqa: BLE001 - the README's direct link instead
+        how = "the README's link (?workflowType=machine_learning)"
+        page.goto(f"{url}/runs?workflowType=machine_learning", wait_until="domcontentloaded", timeout=timeout_ms)
+        try:
+            page.get_by_text(runs["names"][0], exact=False).first.wait_for(timeout=min(timeout_ms, 120000))
+        except Exception:  # noqa: BLE001 - reported below
+            pass
     _close_mlflow_assistant(page)
     page.wait_for_timeout(2000)
     text = page.inner_text("body")
@@ -852,23 +858,24 @@ def check_mlflow_runs_list(report: Report, context, base: str, runs: dict, out: 
     shown = [n for n in runs["names"] if n in text]
     report.add("mlflow: the experiment's runs, told apart by name",
                runs["kind"] == "custom_model_development" and len(shown) >= 2 and len(set(shown)) == len(shown),
-               f"a fresh browser opened the {first}; after 'Model training': {len(shown)} of the latest "
+               f"a fresh browser opened the {first}; after {how}: {len(shown)} of the latest "
                f"{len(runs['names'])} run names in the table, all different: {shown[:4]}; experiment tag "
                f"mlflow.experimentKind={runs['kind']} -> {shot}")
     # the experiment's shared view "headline" (fu_kedro.mlflow_ui): the same table, headline metrics as columns
     shot = out / "mlflow_runs_headline.png"
-    page.goto(f"{url}?viewStateShareKey=headline", wait_until="domcontentloaded", timeout=timeout_ms)
+    headline_url = f"{url}/runs?viewStateShareKey=headline&workflowType=machine_learning"
+    page.goto(headline_url, wait_until="domcontentloaded", timeout=timeout_ms)
     try:
         page.get_by_text(HEADLINE[0], exact=False).first.wait_for(timeout=60000)
     except Exception:  # noqa: BLE001 - reported below
         pass
+    _close_mlflow_assistant(page)
     page.wait_for_timeout(2000)
     text = page.inner_text("body")
     page.screenshot(path=str(shot))
     report.add("mlflow: the headline view shows the headline metrics as columns",
                HEADLINE[0] in text and any(n in text for n in runs["names"]),
-               f"{url}?viewStateShareKey=headline: '{HEADLINE[0]}' column {'shown' if HEADLINE[0] in text else 'missing'}"
-               f" -> {shot}")
+               f"{headline_url}: '{HEADLINE[0]}' column {'shown' if HEADLINE[0] in text else 'missing'} -> {shot}")
     page.close()
 
 

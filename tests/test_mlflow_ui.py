@@ -114,4 +114,6 @@ def test_the_headline_view_keeps_every_headline_metric_as_a_column(tmp_path):
     state = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.headline"])
     assert [c for c in state["selectedColumns"] if c.startswith("metrics.")] == [
         "metrics.`fidelity`", "metrics.`accuracy_baseline`", "metrics.`accuracy_hybrid`"]
-    assert mlflow_ui.headline_view_url(exp) == f"/#/experiments/{exp}?viewStateShareKey=headline"
+    assert state["columnWidths"] == {"attributes.`Run Name`": 460}  # names in full
+    assert mlflow_ui.headline_view_url(exp) == (f"/#/experiments/{exp}/runs?viewStateShareKey=headline"
+                                                "&workflowType=machine_learning")

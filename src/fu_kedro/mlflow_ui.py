@@ -8,9 +8,10 @@
 - **summary.png** at the root of every run's artifacts: the run's headline metrics (and the
   pipelines, outputs and differences in its title), so MLflow's compare view, which shows only
   the artifacts the runs have in common at one level, always has one figure to put side by side.
-- **The experiment**: tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI
-  then opens the runs table, not the GenAI overview), also when it was made before the tag was
-  configured; a shared view ``headline`` (the runs table with the headline metrics as columns,
+- **The experiment**: tagged ``mlflow.experimentKind = custom_model_development``, also when it was
+  made before the tag was configured (MLflow reads it where the UI's GenAI / Model training switch
+  does not decide; 3.17's UI opens a fresh browser in GenAI whatever the tag says: the README says
+  what to click); a shared view ``headline`` (the runs table with the headline metrics as columns,
   :func:`headline_view_url`); and its artifact location must be inside this project. A SQLite store keeps the
   *absolute* location of an experiment, so a project folder copied elsewhere would keep writing
   into the old folder's ``mlartifacts/``: the run stops first, naming the two fixes
@@ -196,14 +197,14 @@ def log_summary(client, run_id: str, name: str, outputs: dict[str, str], diffs: 
 # MLflow's runs table shows no metric column until one is picked under "Columns", a choice the
 # browser keeps (localStorage); there is no server-side default. A *shared view* is what MLflow
 # offers instead: an experiment tag mlflow.sharedViewState.<key> holding the table's state, opened
-# by the URL #/experiments/<id>?viewStateShareKey=<key> ("Share" in the UI makes the same).
+# by the URL #/experiments/<id>/runs?viewStateShareKey=<key>&workflowType=machine_learning ("Share" in the UI makes the same).
 HEADLINE_VIEW = "headline"
 _VIEW_TAG = "mlflow.sharedViewState."
-_DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]
+_NAME_COLUMN = "attributes.`Run Name`"  # MLflow's id of the run-name column (width in px below)
 
 
 def headline_view_url(experiment_id: str, base: str = "") -> str:
-    return f"{base}/#/experiments/{experiment_id}?viewStateShareKey={HEADLINE_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}&workflowType=machine_learning"
 
 
 def share_headline_view(client, experiment_id: str, headline: list[str]) -> None:
@@ -220,8 +221,8 @@ def share_headline_view(client, experiment_id: str, headline: list[str]) -> None
     columns += [f"metrics.`{k}`" for k in headline if f"metrics.`{k}`" not in columns]
     if not headline and state:
         return
-    state = {"orderByKey": "attributes.start_time", "orderByAsc": False,
-             "selectedColumns": _DEFAULT_COLUMNS + columns, "runsHiddenMode": "SHOW_ALL"}
+    state = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
+             "columnWidths": {_NAME_COLUMN: 460}, "runsHiddenMode": "SHOW_ALL"}  # names in full
     client.set_experiment_tag(experiment_id, tag, json.dumps(state))
 
 
