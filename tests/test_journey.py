@@ -51,7 +51,7 @@ def _demo_store(tmp_path: Path) -> str:
 
     exp = client.create_experiment("fu_kedro", artifact_location=(tmp_path / "mlartifacts").as_uri(),
                                    tags={"mlflow.experimentKind": "custom_model_development"})
-    synthesis = client.create_run(exp, run_name="pipeline synthesis | images_per_class=100")
+    synthesis = client.create_run(exp, run_name="images_per_class=100 | pipeline synthesis")
     client.set_terminated(synthesis.info.run_id)
     for rank, shift in (("4", 0.0), ("8", 0.02)):
         name = mlflow_ui.run_name(["__default__"], None, {"lora_training.lora.rank": int(rank)})

@@ -116,9 +116,9 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
 
     # MLflow: the evaluation run names the run that made its (pinned) batch, and logged its inputs
     client, runs = _runs(project)
-    assert [r.info.run_name.split(" | ")[0] for r in runs] == [
+    assert [r.info.run_name.split(" | ")[-1] for r in runs] == [
         "pipeline ingestion", "pipeline lora_training", "pipeline synthesis", "pipeline synthesis",
-        "pipeline evaluation"]  # then what differs from conf/base (fu_kedro.mlflow_ui.run_name)
+        "pipeline evaluation"]  # after what differs from conf/base (fu_kedro.mlflow_ui.run_name)
     first_synthesis, evaluation = runs[2], runs[-1]
     assert evaluation.data.tags["input.synthetic_batch.version"] == pinned
     assert evaluation.data.tags["input.synthetic_batch.run_id"] == first_synthesis.info.run_id
@@ -183,8 +183,8 @@ def _running_run(db: Path) -> str | None:
             rows = con.execute("SELECT run_uuid, name FROM runs WHERE status = 'RUNNING'").fetchall()
     except sqlite3.Error:
         return None  # the store is being created
-    # kedro-mlflow names it "ingestion"; the lineage hook "pipeline ingestion | ..." (mlflow_ui.run_name)
-    return next((rid for rid, name in rows if (name or "").startswith("pipeline ")), None)
+    # kedro-mlflow names it "ingestion"; the lineage hook "... | pipeline ingestion" (mlflow_ui.run_name)
+    return next((rid for rid, name in rows if "| pipeline " in (name or "")), None)
 
 
 @pytest.mark.slow  # a `kedro run` subprocess each: 1-3 min on 2 busy cores

@@ -23,11 +23,15 @@ def test_a_plain_run_is_named_default_and_a_changed_one_by_its_changes():
     changed = project_parameters("base", {"lora_training": {"lora": {"max_steps": 20}}})
     diffs = mlflow_ui.differences(changed, base)
     assert diffs == {"lora_training.lora.max_steps": 20}
-    assert mlflow_ui.run_name(["lora_training"], "local", diffs) == "pipeline lora_training | lora.max_steps=20"
+    assert mlflow_ui.run_name(["lora_training"], "local", diffs) == "lora.max_steps=20 | pipeline lora_training"
+    assert mlflow_ui.run_name(["ingestion"], None, {}) == "pipeline ingestion"
     assert mlflow_ui.run_name(["__default__"], None, diffs) == "lora.max_steps=20"
     # another pipeline's parameter: after the ones of the pipelines that ran, with its block name
     diffs = {"synthesis.steps": 2, "evaluation.train.steps": 4, "seed": 1}
-    assert mlflow_ui.run_name(["evaluation"], None, diffs) == "pipeline evaluation | seed=1, train.steps=4, synthesis.steps=2"
+    assert mlflow_ui.run_name(["evaluation"], None, diffs) == "seed=1, train.steps=4, synthesis.steps=2 | pipeline evaluation"
+    # the --params keys first, as typed: what is varied from run to run leads
+    typed = ["evaluation.train.steps", "seed"]
+    assert mlflow_ui.run_name(["evaluation"], None, diffs, typed) == "train.steps=4, seed=1, synthesis.steps=2 | pipeline evaluation"
     many = {f"evaluation.k{i}": i for i in range(6)}
     assert mlflow_ui.run_name(["__default__"], "paper", many) == "env paper | k0=0, k1=1, k2=2, k3=3 +2 more"
 
@@ -68,8 +72,8 @@ def test_a_copied_project_stops_before_writing_into_the_old_folder_then_writes_i
         exp = client.get_experiment_by_name("fu_kedro")
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
         run = client.search_runs([exp.experiment_id])[0]
-        assert run.info.run_name == ("pipeline ingestion | image_size=64, lora_per_class=4, "
-                                     "phantom.source.n_per_class=12, phantom.target.n_per_class=4")
+        assert run.info.run_name == ("phantom.source.n_per_class=12, phantom.target.n_per_class=4, "
+                                     "lora_per_class=4, image_size=64 | pipeline ingestion")  # as typed
         assert run.data.tags["fu.differs.ingestion.lora_per_class"] == "4"
         root = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "summary.png" in root and "ingestion" in root
@@ -114,6 +118,5 @@ def test_the_headline_view_keeps_every_headline_metric_as_a_column(tmp_path):
     state = json.loads(client.get_experiment(exp).tags["mlflow.sharedViewState.headline"])
     assert [c for c in state["selectedColumns"] if c.startswith("metrics.")] == [
         "metrics.`fidelity`", "metrics.`accuracy_baseline`", "metrics.`accuracy_hybrid`"]
-    assert state["columnWidths"] == {"attributes.`Run Name`": 460}  # names in full
     assert mlflow_ui.headline_view_url(exp) == (f"/#/experiments/{exp}/runs?viewStateShareKey=headline"
                                                 "&workflowType=machine_learning")

@@ -1,7 +1,7 @@
 """What a researcher sees of the runs in the MLflow UI (used by :mod:`fu_kedro.tracking`).
 
 - **Run names** that lead with what differs from ``conf/base``: ``default`` for a plain
-  ``kedro run``; ``pipeline lora_training | lora.max_steps=20`` for ``kedro run --pipeline
+  ``kedro run``; ``lora.max_steps=20 | pipeline lora_training`` for ``kedro run --pipeline
   lora_training --params lora_training.lora.max_steps=20`` (the block name of a pipeline that ran
   is left out; the full keys are the run's ``fu.differs.<key>`` tags). An env's changes count too
   (``env paper | lora.rank=128, ...``).
@@ -80,23 +80,26 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def run_name(pipelines: list[str], env: str | None, diffs: dict[str, Any]) -> str:
-    """``default``, or what differs: ``pipeline <names>``, ``env <env>``, then ``key=value`` of the
-    changed parameters (up to ``NAME_DIFFS``, then ``+N more``), joined by `` | ``. Those of the
-    pipelines that ran come first, without their block name (``lora.max_steps=20`` in a
-    ``lora_training`` run; ``lora_training.lora.max_steps=20`` in an ``ingestion`` run)."""
+def run_name(pipelines: list[str], env: str | None, diffs: dict[str, Any], typed: list[str] = ()) -> str:
+    """``default``, or what differs, joined by `` | ``: ``env <env>``, the changed parameters
+    (``key=value``, up to ``NAME_DIFFS``, then ``+N more``), then ``pipeline <names>`` when not all
+    ran. The ``--params`` keys come first, in the order typed (``typed``: what a researcher varies
+    from run to run, so MLflow's runs table, which cuts names to about 25 characters, tells the
+    runs apart), then the other changes of the pipelines that ran, then those of other pipelines.
+    A pipeline that ran drops its block name (``lora.max_steps=20`` in a ``lora_training`` run,
+    ``lora_training.lora.max_steps=20`` in an ``ingestion`` run)."""
     from fu_kedro.pipeline_registry import PIPELINE_ORDER
 
     names = [p for p in pipelines if p != "__default__"] or list(PIPELINE_ORDER)
-    parts = []
-    if not set(PIPELINE_ORDER) <= set(names):
-        parts.append("pipeline " + "+".join(names))
-    if env and env not in ("local", "base"):
-        parts.append(f"env {env}")
+    parts = [f"env {env}"] if env and env not in ("local", "base") else []
     if diffs:
-        shown = [f"{_short_key(k, names)}={_value(v)}" for k, v in _ordered(diffs, names)[:NAME_DIFFS]]
+        first = [(k, diffs[k]) for k in typed if k in diffs]
+        ordered = first + [kv for kv in _ordered(diffs, names) if kv[0] not in dict(first)]
+        shown = [f"{_short_key(k, names)}={_value(v)}" for k, v in ordered[:NAME_DIFFS]]
         more = len(diffs) - len(shown)
         parts.append(", ".join(shown) + (f" +{more} more" if more else ""))
+    if not set(PIPELINE_ORDER) <= set(names):
+        parts.append("pipeline " + "+".join(names))
     return (" | ".join(parts) or "default")[:250]
 
 
@@ -200,7 +203,6 @@ def log_summary(client, run_id: str, name: str, outputs: dict[str, str], diffs: 
 # by the URL #/experiments/<id>/runs?viewStateShareKey=<key>&workflowType=machine_learning ("Share" in the UI makes the same).
 HEADLINE_VIEW = "headline"
 _VIEW_TAG = "mlflow.sharedViewState."
-_NAME_COLUMN = "attributes.`Run Name`"  # MLflow's id of the run-name column (width in px below)
 
 
 def headline_view_url(experiment_id: str, base: str = "") -> str:
@@ -222,7 +224,7 @@ def share_headline_view(client, experiment_id: str, headline: list[str]) -> None
     if not headline and state:
         return
     state = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
-             "columnWidths": {_NAME_COLUMN: 460}, "runsHiddenMode": "SHOW_ALL"}  # names in full
+             "runsHiddenMode": "SHOW_ALL"}
     client.set_experiment_tag(experiment_id, tag, json.dumps(state))
 
 

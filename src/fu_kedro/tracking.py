@@ -13,8 +13,8 @@ record inside, under ``made_from`` (format: :mod:`fu_kedro.lineage`).
   (the run that saved that version) and ``output.<dataset>.version`` (set once the outputs are
   published: ``fu_kedro.run_status.tag_published_outputs``); a run description
   linking the upstream runs;
-* a run name that leads with what differs from conf/base (``default``, ``pipeline ingestion |
-  lora.max_steps=20``; tags ``fu.differs.<key>``) and ``summary.png`` at the artifact root
+* a run name that leads with what differs from conf/base (``default``, ``lora.max_steps=20 |
+  pipeline lora_training``; tags ``fu.differs.<key>``) and ``summary.png`` at the artifact root
   (:mod:`fu_kedro.mlflow_ui`);
 * the tag ``fu.lineage_mismatch`` when the run went on with inputs that do not belong
   together (``prerequisites.on_lineage_mismatch: warn``; the records carry them too, under
@@ -69,7 +69,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_name(pipelines: list[str], env: str | None, params: dict, project: Path | None) -> tuple[str, dict]:
+def run_name(pipelines: list[str], env: str | None, params: dict, project: Path | None,
+             runtime_params: dict | None = None) -> tuple[str, dict]:
     """The MLflow run name, leading with what differs from conf/base (``default``, ``pipeline
     ingestion | lora.max_steps=20``; :func:`fu_kedro.mlflow_ui.run_name`), and those differences."""
     from fu_kedro import mlflow_ui
@@ -79,7 +80,7 @@ def run_name(pipelines: list[str], env: str | None, params: dict, project: Path 
     except Exception as exc:  # noqa: BLE001 - a name must never stop a run
         log.warning("MLflow: could not compare the parameters with conf/base: %s", exc)
         diffs = {}
-    return mlflow_ui.run_name(pipelines, env, diffs), diffs
+    return mlflow_ui.run_name(pipelines, env, diffs, list(_flatten(runtime_params or {}))), diffs
 
 
 def _pipelines_with_nodes(pipeline) -> list[str]:
@@ -209,7 +210,7 @@ class LineageHooks:
         }
         if active:
             STATE.run["mlflow_run_name"], STATE.run["differs_from_base"] = run_name(
-                ran, run_params.get("env"), params, STATE.project)
+                ran, run_params.get("env"), params, STATE.project, run_params.get("runtime_params"))
         from fu_kedro.hooks import run_mixes
 
         mixes = run_mixes()  # prerequisites.on_lineage_mismatch: warn, and the inputs do not belong together
