@@ -661,6 +661,9 @@ def check_viz_preview_types(report: Report, base: str) -> None:
     """kedro-viz's node API: every image set and model has a typed, non-empty preview."""
     main = get_json(f"{base}/api/main")
     ids = {n["name"]: n["id"] for n in main["nodes"] if n.get("type") == "data"}
+    for pid in (p["id"] for p in main.get("pipelines", [])):  # e.g. prior_corpus: only in base_training
+        ids.update({n["name"]: n["id"] for n in get_json(f"{base}/api/pipelines/{pid}")["nodes"]
+                    if n.get("type") == "data" and n["name"] not in ids})
     found, bad = [], []
     for name, expected in PREVIEW_TYPES.items():
         if name not in ids:
