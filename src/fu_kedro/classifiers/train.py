@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score
 from torch import nn
-from torch.optim.swa_utils import update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from tqdm.auto import tqdm
 
 from fu_kedro.devices import resolve_device
@@ -73,6 +73,9 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
 LR_SCHEDULES = ("cosine", "constant")
+# none: the trained weights | ema: an exponential moving average of them (decay per step) | swa: their equal
+# average from a share of the steps on (torch.optim.swa_utils); evaluated and kept instead of the raw weights
+WEIGHT_AVERAGING = ("none", "ema", "swa")
 # last: the weights at the end of the fixed schedule; the evaluations then only draw the curves
 # (a rule for tiny validation sets, where the best of many noisy evaluations is mostly noise)
 SELECTION_METRICS = ("val_loss", "val_accuracy", "last")
@@ -94,8 +97,16 @@ class TrainConfig:
     bn_recalibration_images: int = 256  # 0 = off; see train_classifier
     device: str = "auto"  # auto: this process's CUDA device if there is one, else cpu | cpu | cuda | cuda:N
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16; see autocast_dtype
+    weight_averaging: str = "none"  # none | ema | swa; see WEIGHT_AVERAGING
+    averaging_decay: float = 0.9  # ema: weight of the running average at each step
+    averaging_start: float = 0.5  # swa: share of the steps after which every step's weights join the average
 
     def __post_init__(self) -> None:
+        if self.weight_averaging not in WEIGHT_AVERAGING:
+            raise ValueError(f"weight_averaging must be one of {list(WEIGHT_AVERAGING)}, got {self.weight_averaging!r}")
+        if not 0.0 <= float(self.averaging_decay) < 1.0 or not 0.0 <= float(self.averaging_start) < 1.0:
+            raise ValueError(f"averaging_decay and averaging_start must be in [0, 1), got "
+                             f"{self.averaging_decay!r} and {self.averaging_start!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.selection_metric not in SELECTION_METRICS:
@@ -242,6 +253,17 @@ def curve_metrics(run_name: str, history: pd.DataFrame) -> dict[str, list[dict[s
     }
 
 
+def weight_averager(model: nn.Module, cfg: TrainConfig) -> tuple[AveragedModel | None, int]:
+    """The running average of ``model``'s weights ``cfg.weight_averaging`` asks for (``None``: none) and the
+    first step that joins it. Buffers (batch-norm statistics) are averaged too; they are re-estimated before
+    each evaluation anyway when ``bn_recalibration_images`` is on."""
+    if cfg.weight_averaging == "none":
+        return None, cfg.steps + 1
+    if cfg.weight_averaging == "ema":
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.averaging_decay)), use_buffers=True), 1
+    return AveragedModel(model, use_buffers=True), int(cfg.averaging_start * cfg.steps) + 1
+
+
 def _evaluate(model: nn.Module, data: TensorSet, batch_size: int) -> tuple[float, float]:
     proba = predict_proba(model, data, batch_size)
     loss = nn.functional.nll_loss(torch.log(torch.from_numpy(proba).clamp_min(1e-12)), data.labels).item()
@@ -311,6 +333,7 @@ def train_classifier(
     last = cfg.selection_metric == "last"
     best_score, best_step, best_state = np.inf, 0, None
     rows = []
+    averaged, average_from = weight_averager(model, cfg)
     calibration_idx = torch.randperm(len(cal_set), generator=torch.Generator().manual_seed(seed)).to(plan.device)
     cal_images = cal_set.images.to(plan.device)
     batch_size = stream.batch_size
@@ -324,6 +347,8 @@ def train_classifier(
         lr = optimiser.param_groups[0]["lr"]
         if schedule is not None:
             schedule.step()
+        if averaged is not None and step >= average_from:
+            averaged.update_parameters(model)
         losses.append(loss.detach())
         correct = correct + (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -333,6 +358,7 @@ def train_classifier(
         if not np.isfinite(batch_losses).all():
             bad = batch_losses[~np.isfinite(batch_losses)][0]
             raise FloatingPointError(f"{run_name}: training loss became {bad} before step {step}")
+        net = averaged.module if averaged is not None and int(averaged.n_averaged) > 0 else model
         if cfg.bn_recalibration_images:
             # With few steps the batch-norm running averages (momentum 0.1) are still far from
             # the data when validation starts: eval-mode outputs then collapse to one class.
@@ -340,8 +366,8 @@ def train_classifier(
             # forward pass over at most this many images.
             n_cal = min(cfg.bn_recalibration_images, len(cal_set))
             cal = to_model_input(cal_images[calibration_idx[:n_cal]]).contiguous(memory_format=plan.memory_format)
-            update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], model)
-        val_loss, val_acc = _evaluate(model, val, cfg.eval_batch_size)
+            update_bn([cal[i : i + cfg.batch_size] for i in range(0, n_cal, cfg.batch_size)], net)
+        val_loss, val_acc = _evaluate(net, val, cfg.eval_batch_size)
         model.train()
         row = {
             "step": step,
@@ -359,7 +385,8 @@ def train_classifier(
         if score < best_score:
             best_score, best_step = score, step
             # `last`: the model as it ends is what is kept, no copy needed at each evaluation
-            best_state = None if last else copy.deepcopy(model.state_dict())
+            best_state = None if last else copy.deepcopy(net.state_dict())
+    model = net  # the averaged weights when averaging is on (``net`` of the last evaluation)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -375,7 +402,7 @@ def train_classifier(
         {
             "seed": seed, "n_train": n_images, "n_val": len(val), "steps": cfg.steps,
             "batch_size": batch_size, "passes_over_training_set": cfg.steps * batch_size / n_images,
-            "best_step": best_step, **ran_on(plan, cfg),
+            "best_step": best_step, "weight_averaging": cfg.weight_averaging, **ran_on(plan, cfg),
             "batching": (batching or Batching()).rule, "real_per_step": stream.draws()["real_draws"] / cfg.steps,
             "real_draw_counts": dict(zip(train.meta["image_id"].astype(str), stream.real_draws.tolist()))
             if "image_id" in train.meta else stream.real_draws.tolist(),
