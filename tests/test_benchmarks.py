@@ -28,7 +28,8 @@ def _run(script: str, args: list[str], capsys, monkeypatch) -> str:
 
 def test_every_benchmark_script_has_a_smoke_test():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
-    tested = {"bench_phantom.py", "bench_synthesis.py", "bench_sd15.py", "bench_classifier_data_path.py"}
+    tested = {"bench_phantom.py", "bench_synthesis.py", "bench_sd15.py", "bench_classifier_data_path.py",
+              "bench_seed_noise.py"}
     assert scripts == tested, f"benchmark scripts without a smoke test here: {sorted(scripts - tested)}"
 
 
@@ -58,3 +59,11 @@ def test_bench_classifier_data_path(capsys, monkeypatch, fetal_planes_db_sample)
                                                   "--image-size", "16", "--batch-size", "50", "--threads", "1"],
                capsys, monkeypatch)
     assert "epoch 1/1" in out and "target >= 5x, steady state" in out
+
+
+def test_bench_seed_noise(capsys, monkeypatch):
+    """Both recipes (old: no weight averaging, val_loss; new: the conf) on tiny phantom sets, 2 seeds, 2 steps."""
+    out = _run("bench_seed_noise.py", ["--project", str(PROJECT_ROOT), "--tiny", "4", "--seeds", "2", "--steps", "2",
+                                       "--new", "weight_averaging=ema"], capsys, monkeypatch)
+    assert "== old recipe {'weight_averaging': 'none'" in out and "== new recipe {'weight_averaging': 'ema'}" in out
+    assert out.count("per-seed sd of the difference: source val") == 2
