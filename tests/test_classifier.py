@@ -268,3 +268,25 @@ def test_worker_processes_give_the_same_weights_as_one_by_one(one_thread):
     assert effective_workers(2, torch.device("cuda"), 1) == 1 and effective_workers(2, torch.device("cpu"), 4) == 1
     with pytest.raises(ValueError, match="evaluation.workers must be an integer >= 1"):
         effective_workers(0, torch.device("cpu"), 1)
+
+
+def test_weight_averaging_keeps_the_average_and_refuses_bad_settings(one_thread):
+    # decay 0 (EMA) and averaging only the last step (SWA) make the average the final weights:
+    # the kept model must then be the plain loop's final model, bit for bit (the plumbing returns
+    # the averaged copy, re-estimates its batch-norm statistics like the plain one's)
+    plain, val = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8, selection_metric="last"))
+    for extra in ({"weight_averaging": "ema", "averaging_decay": 0.0},
+                  {"weight_averaging": "swa", "averaging_start": 5 / 6}):
+        avg, _ = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8, selection_metric="last", **extra))
+        assert avg.info["weight_averaging"] == extra["weight_averaging"]
+        np.testing.assert_array_equal(predict_proba(avg.model, val), predict_proba(plain.model, val))
+    # a real average differs from the final weights, and is what is evaluated and kept
+    ema, _ = _train_toy(TrainConfig(steps=6, eval_every=3, batch_size=8, selection_metric="last",
+                                    weight_averaging="ema", averaging_decay=0.8))
+    assert not np.array_equal(predict_proba(ema.model, val), predict_proba(plain.model, val))
+    assert ema.history["val_loss"].iloc[-1] == pytest.approx(
+        torch.nn.functional.nll_loss(torch.log(torch.from_numpy(predict_proba(ema.model, val))), val.labels).item())
+    with pytest.raises(ValueError, match="weight_averaging must be one of"):
+        TrainConfig(weight_averaging="polyak")
+    with pytest.raises(ValueError, match="averaging_decay and averaging_start must be in"):
+        TrainConfig(weight_averaging="ema", averaging_decay=1.0)
