@@ -123,3 +123,15 @@ def test_the_headline_view_keeps_every_headline_metric_as_a_column(tmp_path):
         "metrics.`fidelity`", "metrics.`accuracy_baseline`", "metrics.`accuracy_hybrid`"]
     assert mlflow_ui.headline_view_url(exp) == (f"/#/experiments/{exp}/runs?viewStateShareKey=headline"
                                                 "&workflowType=machine_learning")
+
+
+def test_the_store_is_in_the_project_whose_conf_is_read_not_where_the_package_is_imported_from(tmp_path):
+    """``${fu_project_root:}`` (conf/base/mlflow.yml) follows the loader's conf folder: a copy run
+    with ``--env paper`` (which skips a copy's conf/local) still keeps its store inside itself."""
+    from fu_kedro.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
+
+    project = tmp_path / "copy"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", project / "conf")
+    loader = CONFIG_LOADER_CLASS(str(project / "conf"), env="paper", config_patterns={"mlflow": ["mlflow*"]},
+                                 **CONFIG_LOADER_ARGS)
+    assert loader["mlflow"]["server"]["mlflow_tracking_uri"] == f"sqlite:///{project.resolve().as_posix()}/mlflow.db"

@@ -14,6 +14,7 @@ run, naming the key, the block and the keys that block accepts.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 from kedro.config import OmegaConfigLoader
@@ -37,6 +38,12 @@ class ProjectConfigLoader(OmegaConfigLoader):
     """
 
     def __getitem__(self, key: str) -> dict[str, Any]:
+        # ${fu_project_root:} (conf/base/mlflow.yml) is the project this loader reads (the folder
+        # holding its conf/), never where the fu_kedro package happens to be imported from: a
+        # copied project, or one whose package was imported before Kedro put its src first on
+        # sys.path, keeps its MLflow store inside itself.
+        root = Path(self.conf_source).resolve().parent.as_posix()
+        OmegaConf.register_resolver("fu_project_root", lambda: root, replace=True)
         if key == "catalog" and key not in self:
             params = super().__getitem__("parameters")
             # resolvers are process-global: (re)registered for this loader right before it resolves its catalog

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
-from pathlib import Path  # noqa: E402
 
 from fu_kedro.config import ParameterChecks, ProjectConfigLoader  # noqa: E402
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
@@ -23,18 +22,12 @@ from fu_kedro.mlflow_ui import ExperimentChecks  # noqa: E402
 from fu_kedro.run_status import MlflowStoreLock, RunProcess  # noqa: E402
 from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
 
-# The project root (this file is src/fu_kedro/settings.py in the editable install the
-# README asks for). Used by conf/base/mlflow.yml so the MLflow store is always
-# <project>/mlflow.db, whatever the working directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 # OmegaConfigLoader + ${params:<key>} in the catalog: the pretrained base and an imported LoRA
 # file are catalog entries whose path is a parameter (fu_kedro.config.ProjectConfigLoader).
 CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    "custom_resolvers": {"fu_project_root": lambda: PROJECT_ROOT.as_posix()},
     # An env (conf/paper, conf/local) changes single parameters and keeps the rest of each
     # block: conf/paper/parameters_lora_training.yml sets lora.rank without repeating
     # lora.unet_targets. (Kedro's default merge would replace the whole lora_training block.)
