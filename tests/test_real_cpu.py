@@ -118,12 +118,6 @@ def test_real_cpu_profile_matches_resolution_end_to_end():
     assert p["synthesis"]["resolution"] in (None, size)
     assert p["evaluation"]["quality"]["memorisation_size"] in ("auto", size)
     assert p["evaluation"]["n_seeds"] >= 5
-    # K >= 2 generator replicates, each from its own LoRA fit: the interval covers the fit (docs/evaluation.md)
-    assert p["synthesis"]["replicates"] >= 2 and p["synthesis"]["adapter_per_replicate"]
-    assert p["lora_training"]["lora"]["fits"] >= p["synthesis"]["replicates"]
-    base = _params("base")
-    assert base["synthesis"]["replicates"] >= 3 and base["synthesis"]["adapter_per_replicate"]
-    assert base["lora_training"]["lora"]["fits"] >= base["synthesis"]["replicates"]
     assert p["base_training"]["train_on"] == "prior+source" and p["base_training"]["resolution"] == size
     # the LoRA reads the base this profile trains (with_base_training), also in a later lora_training-only run
     assert p["lora_training"]["base_model"]["pretrained_path"] == p["base_training"]["output_path"]
