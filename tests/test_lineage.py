@@ -127,7 +127,9 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
     assert {"source_images", "target_images", "synthetic_batch"} <= set(logged)
     tags = {t.key: t.value for t in logged["synthetic_batch"].tags}
     assert tags["catalog_version"] == pinned and logged["synthetic_batch"].dataset.digest
-    assert "fu_kedro" not in evaluation.info.run_name and "source_format=fetal_planes_db" in evaluation.info.run_name
+    # the name leads with what differs from conf/base (cut after four keys); every difference is a tag
+    assert "fu_kedro" not in evaluation.info.run_name and evaluation.info.run_name.endswith("| pipeline evaluation")
+    assert evaluation.data.tags["fu.differs.source_format"] == "fetal_planes_db"
     # a run is found from any version: search by tag
     found = client.search_runs([evaluation.info.experiment_id],
                                filter_string=f"tags.`output.synthetic_batch.version` = '{pinned}'")
