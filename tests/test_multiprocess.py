@@ -61,7 +61,7 @@ def lora_fit(out: Path | None = None) -> tuple[dict, pd.DataFrame]:
 
 
 def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train a 4-run grid (baseline/hybrid x 2 seeds) and predict the target; the main process writes the tables."""
+    """Train a 4-run grid (arms ES/HB x 2 seeds) and predict the target; the main process writes the tables."""
     from fu_kedro.data_sources import generate_phantoms
     from fu_kedro.launch import distributed_state, is_main_process
     from fu_kedro.pipelines.evaluation.nodes import (
@@ -82,6 +82,8 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     )
     params = base_params("evaluation")
     params.update(image_size=32, n_seeds=2, backbones=["resnet18"], augmentation=[True])
+    params["arms"] = {name: params["arms"][name] for name in ("ES", "HB")}  # the paper's two arms
+    params["comparisons"] = [["HB", "ES"]]
     params["train"].update(steps=6, eval_every=3, batch_size=16, bn_recalibration_images=32)
     source = generate_phantoms("source", 8, 64, seed=1)
     patients = sorted(source.meta["patient_id"].unique())

@@ -64,5 +64,6 @@ def test_notebook_runs_on_a_tiny_run_of_all_pipelines(project_copy):
     assert "abdomen_00000" in printed  # the manifest
     assert f"synthetic_batch: pinned version {pinned}" in printed
     assert "generated with this adapter: True; with this base model: True" in printed  # the lineage
-    assert "baseline/resnet18/aug" in printed and "hybrid/resnet18/aug" in printed  # zero-shot metrics
+    assert "ES/resnet18/aug" in printed and "HB/resnet18/aug" in printed  # zero-shot metrics, the paper's two arms
+    assert "HB/resnet18/aug - ES/resnet18/aug" in printed  # and their comparison
     assert "cas_accuracy" in printed  # synthetic quality
