@@ -59,6 +59,7 @@ def recipe_noise(source, target, synthetic, params: dict, classes: list[str], se
     p = copy.deepcopy(params)
     p.update(arms={a: params["arms"][a] for a in (arm, minus)}, comparisons=[[arm, minus]], n_seeds=n_seeds)
     p["backbones"], p["augmentation"] = p["backbones"][:1], p["augmentation"][:1]
+    p["quality"] = {**p["quality"], "scorer_arm": None}  # the first real-only arm of the pair
     p["train"] = {**p["train"], **recipe}
     data = nodes.prepare_classifier_data(source, target, synthetic, p, classes)
     plan = [run for run in nodes.plan_experiments(data, p, seed) if int(run.get("replicate", 0)) <= 0]

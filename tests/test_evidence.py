@@ -298,7 +298,7 @@ def _gate_inputs(answer_by_seed):
     data = nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=params)
     plan = nodes.plan_experiments(data, params, seed=42)
     scorers = {nodes.run_key(r): TrainedClassifier(_Constant(5, answer_by_seed[r["seed"] - 42]), pd.DataFrame(), 1)
-               for r in plan if r["experiment"] == "ES"}  # the first real-only arm scores the batch
+               for r in plan if r["experiment"] == params["quality"]["scorer_arm"]}  # conf/base: BAL scores the batch
     return data, plan, params, scorers
 
 
@@ -325,6 +325,16 @@ def test_gate_passes_a_faithful_batch_without_banner():
     gate = nodes.check_synthetic_fidelity(data, scorers, plan, params, seed=0)
     assert gate["status"] == "passed" and gate["fidelity"] == 1.0
     assert report.gate_banner({"gate": gate, "fidelity": 1.0}) == ""
+
+
+def test_the_scorer_arm_is_the_named_real_only_arm_or_the_first_one_with_null():
+    data, plan, params, _ = _gate_inputs([1, 1])
+    assert params["quality"]["scorer_arm"] == "BAL"
+    assert nodes._reference_arm(plan, params) == "BAL"
+    assert nodes._reference_arm(plan, dict(params, quality={**params["quality"], "scorer_arm": None})) == "ES"
+    for wrong in ("HB", "ESS"):  # an arm with synthetic images, an arm that is not there
+        with pytest.raises(ValueError, match=f"evaluation.quality.scorer_arm: '{wrong}' is not a real-only arm"):
+            nodes._reference_arm(plan, dict(params, quality={**params["quality"], "scorer_arm": wrong}))
 
 
 def test_misspelt_keys_stop_the_evaluation_naming_them():

@@ -84,6 +84,7 @@ def evaluation_grid(out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame
     params.update(image_size=32, n_seeds=2, backbones=["resnet18"], augmentation=[True])
     params["arms"] = {name: params["arms"][name] for name in ("ES", "HB")}  # the paper's two arms
     params["comparisons"] = [["HB", "ES"]]
+    params["quality"] = dict(params["quality"], scorer_arm="ES")
     params["train"].update(steps=6, eval_every=3, batch_size=16, bn_recalibration_images=32)
     source = generate_phantoms("source", 8, 64, seed=1)
     patients = sorted(source.meta["patient_id"].unique())

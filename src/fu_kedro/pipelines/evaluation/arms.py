@@ -158,11 +158,6 @@ def parse_comparisons(params: dict, arms: list[Arm]) -> list[tuple[str, str]]:
     return out
 
 
-def reference_arm(arms: list[Arm]) -> Arm | None:
-    """The real-only arm the fidelity gate, CAS and copy check use: the first arm without synthetic images."""
-    return next((a for a in arms if not a.has_synthetic), None)
-
-
 # --------------------------------------------------------------------------- real images
 def read_image_list(path: str, where: str) -> set[str]:
     """The ``Image_name`` column of a split list (comma-separated, UTF-8 with or without BOM)."""

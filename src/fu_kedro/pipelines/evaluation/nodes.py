@@ -53,7 +53,7 @@ PARAMETER_KEYS = {
     "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
                            "gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth"),
     "evaluation.metrics": ("n_bootstrap", "ci"),
-    "evaluation.quality": ("cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
+    "evaluation.quality": ("scorer_arm", "cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
                            "memorisation_controls", "memorisation_space", "tsne_perplexity", "max_points_per_class"),
     "evaluation.report": ("samples_per_class", "paper_table"),
 }
@@ -590,8 +590,8 @@ def check_synthetic_fidelity(
 ) -> dict:
     """The quality gate: is the synthetic batch class-faithful enough for the hybrid numbers to mean anything?
 
-    The baseline classifiers of the first backbone/augmentation (real source images only,
-    every seed) label every synthetic image; fidelity = share labelled as the class it was
+    The classifiers of ``quality.scorer_arm`` (real source images only; first
+    backbone/augmentation, every seed) label every synthetic image; fidelity = share labelled as the class it was
     prompted for. Beside it, the same scorers' accuracy on held-out real source-val images
     (train-real/test-real): the reference fidelity is to be read against. Intervals: 95 %
     bootstrap over scorer seeds and images (val images by patient).
@@ -612,7 +612,7 @@ def check_synthetic_fidelity(
     if synthetic is None:
         gate.update(status="no synthetic batch", fidelity=None)
         return gate
-    scorers = _first_config_runs(experiment_plan, _reference_arm(experiment_plan))
+    scorers = _first_config_runs(experiment_plan, _reference_arm(experiment_plan, params))
     if not scorers:
         raise ValueError("the fidelity gate needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
     models = [baseline_classifiers[run_key(r)].model for r in scorers]
@@ -758,10 +758,24 @@ def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- synthetic quality
-def _reference_arm(experiment_plan: list[dict]) -> str | None:
+def _reference_arm(experiment_plan: list[dict], params: dict) -> str | None:
     """The real-only arm whose classifiers score the synthetic batch (fidelity gate, CAS schedule,
-    feature space): the first arm of ``evaluation.arms`` without synthetic images."""
-    return next((r["experiment"] for r in experiment_plan if int(r["n_synthetic"]) == 0), None)
+    feature space): ``evaluation.quality.scorer_arm``, or with ``null`` the first arm of
+    ``evaluation.arms`` without synthetic images.
+
+    conf/base names BAL: scorers trained on the class-balanced real images label each class on
+    its own merits, where ES's scorers carry ES's class prior (Other 42 %, abdomen 6 %) into the
+    fidelity and read a faithful abdomen image as Other.
+    """
+    name = params["quality"]["scorer_arm"]
+    real_only = [r["experiment"] for r in experiment_plan if int(r["n_synthetic"]) == 0]
+    if name is None:
+        return real_only[0] if real_only else None
+    if name not in real_only:
+        arms = sorted({r["experiment"] for r in experiment_plan})
+        raise ValueError(f"evaluation.quality.scorer_arm: {name!r} is not a real-only arm of evaluation.arms "
+                         f"(real-only arms: {sorted(set(real_only))}; all arms: {arms}); name one of them or null")
+    return name
 
 
 def _first_config_runs(experiment_plan: list[dict], experiment: str | None) -> list[dict]:
@@ -790,7 +804,7 @@ def train_cas_classifier(
     synthetic = classifier_data["synthetic"]
     if synthetic is None:
         return None
-    runs = _first_config_runs(experiment_plan, _reference_arm(experiment_plan)) or [experiment_plan[0]]
+    runs = _first_config_runs(experiment_plan, _reference_arm(experiment_plan, params)) or [experiment_plan[0]]
     labels = synthetic.labels.numpy()
     frac = float(params["quality"]["cas_holdout_fraction"])
     cfg = train_config(params["train"])
@@ -864,7 +878,7 @@ def assess_synthetic_quality(
     if synthetic is None:
         empty = pd.DataFrame(columns=["class", "kind", "x", "y"])
         return {"n_images": 0, "fidelity": None, "cas_accuracy": None, "note": "synthetic batch is empty"}, empty
-    baselines = _first_config_runs(experiment_plan, _reference_arm(experiment_plan))
+    baselines = _first_config_runs(experiment_plan, _reference_arm(experiment_plan, params))
     if not baselines:
         raise ValueError("synthetic quality needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
     gate = fidelity_gate or check_synthetic_fidelity(
