@@ -3,7 +3,9 @@
 A relative link must name a file or folder inside the repository (a link that leaves it, such
 as ``../shared/...`` or an absolute path, is an error), and ``file.md#anchor`` (or ``#anchor``
 on the same page) must be one of that file's headings, as GitHub makes their anchors. Web
-links (``https:``, ``mailto:``) are not followed.
+links (``https:``, ``mailto:``) are not followed. The pages that code, configuration and tests
+name (``docs/evaluation.md#arms`` in a comment, a docstring or a message) must exist too, with
+their anchors.
 
     python scripts/check_doc_links.py        # prints the broken links, exits 1 if any
 """
@@ -18,6 +20,9 @@ INLINE = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")   # [text](
 REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$")  # [label]: target
 SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 WEB = ("http:", "https:", "mailto:")
+CODE_DIRS = ("src", "conf", "tests", "scripts", "benchmarks", "notebooks")
+CODE_SUFFIXES = {".py", ".yml", ".yaml", ".sh", ".ipynb", ".toml", ".j2", ".md"}
+CODE_REFERENCE = re.compile(r"(?<![\w/.-])((?:docs/[\w./-]*[\w-]\.md|README\.md|CHANGELOG\.md)(?:#[\w-]+)?)")
 
 
 def _prose(path: Path) -> list[str]:
@@ -61,9 +66,27 @@ def links(md: Path) -> list[str]:
     return targets
 
 
+def code_references(root: Path = ROOT) -> list[tuple[Path, str]]:
+    """Every ``docs/<page>.md[#anchor]``, ``README.md`` or ``CHANGELOG.md`` named in the code,
+    configuration, tests, scripts, benchmarks and notebooks (paths from the repository root)."""
+    refs = []
+    files = [root / "pyproject.toml", *(f for d in CODE_DIRS for f in sorted((root / d).rglob("*")))]
+    for f in files:
+        if (f.is_file() and f.suffix in CODE_SUFFIXES and "__pycache__" not in f.parts
+                and f.name != Path(__file__).name):  # this script's own examples
+            refs += [(f, m) for m in CODE_REFERENCE.findall(f.read_text(errors="replace"))]
+    return refs
+
+
 def broken_links(root: Path = ROOT) -> list[str]:
     root = root.resolve()
     broken = []
+    for f, target in code_references(root):
+        path, _, anchor = target.partition("#")
+        if not (root / path).exists():
+            broken.append(f"{f.relative_to(root)}: names {target}, which does not exist")
+        elif anchor and anchor not in anchors(root / path):
+            broken.append(f"{f.relative_to(root)}: names {target}, which has no such heading")
     for md in doc_files(root):
         where = md.relative_to(root)
         for target in links(md):
@@ -85,5 +108,6 @@ def broken_links(root: Path = ROOT) -> list[str]:
 
 if __name__ == "__main__":
     problems = broken_links()
-    print("\n".join(problems) or "all relative links in README.md, CHANGELOG.md and docs/**/*.md resolve")
+    print("\n".join(problems) or "all relative links in README.md, CHANGELOG.md and docs/**/*.md resolve,"
+          " and every page the code names exists")
     sys.exit(1 if problems else 0)
