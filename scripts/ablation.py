@@ -1,7 +1,7 @@
 """FU-LoRA's mechanism on the phantom default, one row per variant: does a broad prior + few-shot LoRA help?
 
     python scripts/ablation.py                      # 5 classifier seeds, the default's replicates
-    python scripts/ablation.py --seeds 5 --replicates 2 --out docs/ablation.md
+    python scripts/ablation.py --seeds 5 --replicates 2 --out /tmp/ablation.md   # file the table in docs/results/
 
 Runs in a copy of the project (conf + src; its own data/ and MLflow store, so the project's
 "latest" versions are untouched): ingestion once, then per variant the pipelines it needs,

@@ -1,4 +1,4 @@
-"""Generator variants of a profile, judged on the source side only (how docs/real_data.md's generator table was made).
+"""Generator variants of a profile, judged on the source side only (docs/results/2026-11-28-real-cpu-choices.md).
 
 For each variant (``--params``-style overrides on top of ``--env``) it trains the tiny base
 and the LoRA with the pipelines' own nodes (``train_base_model``, ``fit_lora_adapter``),

@@ -579,7 +579,7 @@ def test_near_duplicate_source_images_in_the_target_are_a_leak(data, params, edi
 @pytest.mark.slow
 def test_near_duplicate_threshold_has_no_false_positive_on_real_pairs(fetal_planes_db_sample, african_planes_dev,
                                                                       ingestion_params):
-    """The calibration docs/ingestion.md reports: every one of the 100 x 217 real source-vs-target
+    """The calibration docs/results/2026-12-03-near-duplicates.md reports: every one of the 100 x 217 real source-vs-target
     pairs (shared FETAL_PLANES_DB sample vs african_planes_dev, 128 px as ingested) is further apart
     than the threshold, by a wide margin; and edited copies of source images fall within it."""
     from fu_kedro.data_sources.separation import nearest_source, perceptual_hashes

@@ -13,7 +13,7 @@ On GPUs ``accelerate launch --num_processes N -m kedro run ...`` works as well (
 ``accelerate config`` defaults, e.g. for several machines); this wrapper adds the CPU case
 and prints the command it runs.
 
-What the processes share and split (see docs/paper_profile.md):
+What the processes share and split (see docs/deployment.md, section 3):
 
 * the diffusion training loops (:mod:`fu_kedro.models.training`) split every batch
   between the processes (DDP; same global batch, same result as one process);

@@ -3,7 +3,7 @@
 The evaluation trains 15 small classifiers on the phantom default (5 seeds each of the
 baseline, the CAS model and the hybrid arm), each on ``evaluation.torch_threads`` threads.
 One thread per classifier is what keeps a busy machine from thrashing (see
-docs/evaluation.md), so on an idle 2-core machine one core would sit unused.
+docs/results/2026-11-28-evaluation-cost.md), so on an idle 2-core machine one core would sit unused.
 ``evaluation.workers`` trains that many classifiers at the same time, each in its own
 process on its own ``torch_threads`` threads.
 
