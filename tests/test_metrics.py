@@ -12,7 +12,7 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import label_binarize
 
-from fu_kedro.metrics import (
+from fu_kedro.pipelines.evaluation.metrics import (
     bootstrap_patient_indices,
     classification_metrics,
     patient_keys,
@@ -180,7 +180,7 @@ def test_a_class_never_predicted_scores_zero_recall_and_counts_in_the_macro_mean
     assert got["recall_macro"] == pytest.approx(0.75)
     assert got["precision_macro"] == pytest.approx(
         precision_score(y_true, y_pred, labels=TARGET, average="macro", zero_division=0))
-    from fu_kedro.metrics import per_class_recall
+    from fu_kedro.pipelines.evaluation.metrics import per_class_recall
 
     assert per_class_recall(y_true, y_pred, TARGET)["thorax"] == 0.0
 
