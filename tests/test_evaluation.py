@@ -62,6 +62,26 @@ def test_time_cap_banner_names_each_stopped_loop_and_its_step():
     assert "denoiser (UNet) (base_denoiser) stopped at step 120" in banner and "(lora) stopped at step 37" in banner
 
 
+def test_report_templates_are_package_data_and_escape_what_they_are_given():
+    """The report's jinja2 templates ship with the package (a non-editable install has them too),
+    and a value reaching a template is HTML-escaped unless it is HTML made by the report itself."""
+    import fnmatch
+    import tomllib
+
+    from fu_kedro.pipelines.evaluation import report
+
+    folder = ROOT / "src/fu_kedro/pipelines/evaluation/templates"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "fu_kedro.pipelines.evaluation"]
+    files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.iterdir())
+    assert {"templates/page.html.j2", "templates/parts.html.j2", "templates/report.html.j2"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
+    banner = report.lineage_mix_banner({"made_from": {"run": {"lineage_mismatch": [{"text": "<script>x</script>"}]}}})
+    page = report.render_html([("a <b>", "<p>body</p>")], "t & u", banner)
+    assert "&lt;script&gt;" in banner and "<script>" not in page
+    assert "<h2>a &lt;b&gt;</h2>\n<p>body</p>" in page and "<title>t &amp; u</title>" in page
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_target_label_outside_source_space_stops_before_training():
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)

@@ -12,10 +12,11 @@ from torch import nn
 from fu_kedro.classifiers import TrainedClassifier, prepare_tensors
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
-from fu_kedro.metrics import (
+from fu_kedro.pipelines.evaluation import nodes, quality, report
+from fu_kedro.pipelines.evaluation.bootstrap import hierarchical_resample
+from fu_kedro.pipelines.evaluation.metrics import (
     design_variance,
     detectable_difference,
-    hierarchical_resample,
     paired_seed_test,
     power_plan,
     replicates_needed,
@@ -23,7 +24,6 @@ from fu_kedro.metrics import (
     t_interval,
     variance_components,
 )
-from fu_kedro.pipelines.evaluation import nodes, quality, report
 
 from test_evaluation import CLASSES, _params, _sets
 

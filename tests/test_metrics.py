@@ -12,13 +12,8 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import label_binarize
 
-from fu_kedro.metrics import (
-    bootstrap_patient_indices,
-    classification_metrics,
-    patient_keys,
-    prob_columns,
-    summarise_zero_shot,
-)
+from fu_kedro.pipelines.evaluation.bootstrap import bootstrap_patient_indices, group_totals, patient_keys, seed_item_interval
+from fu_kedro.pipelines.evaluation.metrics import classification_metrics, prob_columns, summarise_zero_shot
 
 CLASSES = ["abdomen", "brain", "femur", "thorax", "other"]
 TARGET = CLASSES[:4]
@@ -101,6 +96,25 @@ def test_bootstrap_draws_whole_patients():
         assert sum(c // sizes[p] for p, c in counts.items()) == len(sizes)  # as many draws as patients
 
 
+def test_group_totals_sum_each_patient_s_images():
+    scores = np.arange(12, dtype=float).reshape(6, 2)  # 6 images, 2 classifiers
+    keys, sums, counts = group_totals(scores, np.array(["b", "a", "b", "c", "a", "b"]))
+    assert keys.tolist() == ["a", "b", "c"] and counts.tolist() == [2.0, 3.0, 1.0]
+    assert sums.tolist() == [[2 + 8, 3 + 9], [0 + 4 + 10, 1 + 5 + 11], [6, 7]]
+
+
+def test_seed_item_interval_draws_a_patient_s_images_together():
+    # 8 patients of 6 images each; every image of a patient scored alike: drawn as whole patients
+    # the interval is wider than with images drawn one by one
+    correct = np.repeat(np.array([[1, 0, 1, 1, 0, 1, 0, 1]] * 3, dtype=float), 6, axis=1)
+    patients = np.repeat(np.arange(8), 6)
+    lo_p, hi_p = seed_item_interval(correct, patients, 2000, seed=0)
+    lo_i, hi_i = seed_item_interval(correct, None, 2000, seed=0)
+    assert lo_p < correct.mean() < hi_p and lo_i < correct.mean() < hi_i
+    assert hi_p - lo_p > 1.5 * (hi_i - lo_i)
+    assert seed_item_interval(np.ones((3, 10)), None, 50, seed=0) == [1.0, 1.0]
+
+
 def test_interval_depends_on_patients_not_images():
     one = summarise_zero_shot(_predictions(images_per_patient=1), CLASSES, n_bootstrap=40, ci=0.95, seed=5)
     four = summarise_zero_shot(_predictions(images_per_patient=4), CLASSES, n_bootstrap=40, ci=0.95, seed=5)
@@ -180,7 +194,7 @@ def test_a_class_never_predicted_scores_zero_recall_and_counts_in_the_macro_mean
     assert got["recall_macro"] == pytest.approx(0.75)
     assert got["precision_macro"] == pytest.approx(
         precision_score(y_true, y_pred, labels=TARGET, average="macro", zero_division=0))
-    from fu_kedro.metrics import per_class_recall
+    from fu_kedro.pipelines.evaluation.metrics import per_class_recall
 
     assert per_class_recall(y_true, y_pred, TARGET)["thorax"] == 0.0
 

@@ -4,6 +4,8 @@
 files and saved inputs the run needs are checked (:mod:`fu_kedro.prerequisites`);
 everything missing is named in one error, with what to download and where to put it, and
 so are inputs that do not belong together (different runs, splits or data), with the fixes.
+Mixed inputs a run is let go on with (``on_lineage_mismatch: warn``) go to the run's
+:class:`~fu_kedro.tracking.RunState`, for the lineage records.
 
 ``MainProcessWrites`` — under several processes (``accelerate launch``,
 ``python -m fu_kedro.launch``) every process runs the same Kedro session; only the main
@@ -11,7 +13,8 @@ one may write catalog outputs. On the others every output of the run becomes an
 in-memory dataset, so the nodes still pass data to each other but nothing is written.
 On the main process every versioned output is staged and published when the run ends well
 (``fu_kedro.datasets.staging``): a failed or killed run leaves no version a later run would
-load as the latest.
+load as the latest; the published versions are tagged on the run's MLflow run (the one its
+:class:`~fu_kedro.tracking.RunState` names).
 (kedro-mlflow and kedro-viz hooks are not even registered there: ``settings.py``.)
 
 Heavy libraries are imported inside functions: ``settings.py`` imports this module for
@@ -20,7 +23,7 @@ every ``kedro`` command.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kedro.framework.hooks import hook_impl
 
@@ -29,32 +32,35 @@ from fu_kedro.launch import is_main_process, process_rank
 from fu_kedro.prerequisites import Mix, MissingPrerequisitesError, find_missing_prerequisites, format_problems
 from fu_kedro.run_status import tag_published_outputs
 
+if TYPE_CHECKING:
+    from fu_kedro.tracking import RunState
+
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- hooks
-_RUN_MIXES: list[Mix] = []  # the mixed inputs the run being started goes on with (warn)
-
-
-def run_mixes() -> list[Mix]:
-    """The mixed inputs (``prerequisites.Mix``) that the run being started was let go on with
-    (``prerequisites.on_lineage_mismatch: warn``); the lineage hooks record them."""
-    return list(_RUN_MIXES)
 
 
 class PrerequisiteChecks:
     """Fail before the first node (and before kedro-mlflow opens a run) if files are missing
-    or the inputs do not belong together."""
+    or the inputs do not belong together.
+
+    ``state``: where the mixed inputs the run goes on with (``prerequisites.Mix``,
+    ``prerequisites.on_lineage_mismatch: warn``) are left for the lineage hooks
+    (``None``: nowhere)."""
+
+    def __init__(self, state: RunState | None = None):
+        self.state = state
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        _RUN_MIXES.clear()
+        if self.state is not None:
+            self.state.mixes = []
         params = catalog.load("parameters")
         problems, warnings = find_missing_prerequisites(pipeline, catalog, params, run_params.get("env"), run_params)
         for text in warnings:
             log.warning(text)
         if problems:
             raise MissingPrerequisitesError(format_problems(problems, run_params.get("env")))
-        _RUN_MIXES.extend(w for w in warnings if isinstance(w, Mix))
+        if self.state is not None:
+            self.state.mixes = [w for w in warnings if isinstance(w, Mix)]
 
 
 class MainProcessWrites:
@@ -64,9 +70,12 @@ class MainProcessWrites:
     catalog's files. On the main process every versioned output is staged and published
     when the run ends well, deleted when it fails (``fu_kedro.datasets.staging``): a failed or
     killed run leaves no version that a later run would load as the latest.
+
+    ``state``: names the MLflow run the published versions are tagged on (``None``: no tags).
     """
 
-    def __init__(self):
+    def __init__(self, state: RunState | None = None):
+        self.state = state
         self._staged: list = []
         self._datasets: dict = {}
 
@@ -124,7 +133,8 @@ class MainProcessWrites:
         published = staging.publish(self._staged)
         for r in self._staged:
             staging.unstage(r, self._datasets[r.name])
-        tag_published_outputs({r.name: r.version for r in self._staged if r.name in published})
+        tag_published_outputs(self.state.mlflow_run_id if self.state is not None else None,
+                              {r.name: r.version for r in self._staged if r.name in published})
         log.info("published %d output(s) of this run, version %s: %s", len(published), self._staged[0].version,
                  ", ".join(published))
         self._staged, self._datasets = [], {}

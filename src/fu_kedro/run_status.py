@@ -199,11 +199,8 @@ class RunProcess:
             log.warning("MLflow: could not tag the run with its process: %s", exc)
 
 
-def tag_published_outputs(versions: dict[str, str]) -> None:
-    """``output.<dataset>.version`` tags on this run's MLflow run, for the published versions only."""
-    from fu_kedro.tracking import STATE
-
-    run_id = STATE.run.get("mlflow_run_id")
+def tag_published_outputs(run_id: str | None, versions: dict[str, str]) -> None:
+    """``output.<dataset>.version`` tags on this run's MLflow run ``run_id``, for the published versions only."""
     if not run_id or not versions:
         return
     try:

@@ -20,7 +20,7 @@ from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
 from fu_kedro.mlflow_ui import ExperimentChecks  # noqa: E402
 from fu_kedro.run_status import MlflowStoreLock, RunProcess  # noqa: E402
-from fu_kedro.tracking import LineageHooks, RunInterrupts  # noqa: E402
+from fu_kedro.tracking import LineageHooks, RunInterrupts, RunState  # noqa: E402
 
 # OmegaConfigLoader + ${params:<key>} in the catalog: the pretrained base and an imported LoRA
 # file are catalog entries whose path is a parameter (fu_kedro.config.ProjectConfigLoader).
@@ -39,12 +39,15 @@ CONFIG_LOADER_ARGS = {
 # `python -m fu_kedro.launch`, only the main process writes catalog outputs.
 # LineageHooks: what each output was made from (lineage.json + "made_from"), MLflow inputs,
 # version tags, run name, artifacts and headline metrics; RunInterrupts: SIGINT/SIGTERM end
-# the MLflow run as KILLED (src/fu_kedro/tracking.py, docs/lineage.md); ExperimentChecks: the
-# MLflow experiment opens on its runs table and keeps its artifacts in this project (mlflow_ui.py).
-# MlflowStoreLock: two first runs at once create the MLflow store one after the other; RunProcess:
-# a run whose process was killed is ended KILLED by the next one (src/fu_kedro/run_status.py).
-HOOKS = (MlflowStoreLock(), ParameterChecks(), PrerequisiteChecks(), MainProcessWrites(), LineageHooks(),
-         RunInterrupts(), ExperimentChecks(), RunProcess())
+# the MLflow run as KILLED (src/fu_kedro/tracking/, docs/lineage.md); they, the pre-run check
+# (mixed inputs a run goes on with) and the publishing (output version tags) share one RunState.
+# ExperimentChecks: the MLflow experiment opens on its runs table and keeps its artifacts in this
+# project (mlflow_ui.py). MlflowStoreLock: two first runs at once create the MLflow store one
+# after the other; RunProcess: a run whose process was killed is ended KILLED by the next one
+# (src/fu_kedro/run_status.py).
+RUN_STATE = RunState()
+HOOKS = (MlflowStoreLock(), ParameterChecks(), PrerequisiteChecks(RUN_STATE), MainProcessWrites(RUN_STATE),
+         LineageHooks(RUN_STATE), RunInterrupts(RUN_STATE), ExperimentChecks(), RunProcess())
 
 # Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
 # kedro-viz's run files; the others never load those plugins' hooks.

@@ -37,11 +37,11 @@ from fu_kedro.datasets import ImageSet
 from fu_kedro.devices import resolve_device
 from fu_kedro.launch import distributed_state
 from fu_kedro.lineage import to_jsonable
-from fu_kedro.metrics import experiment_key, prob_columns, summarise_zero_shot
 from fu_kedro.models.generation import cpu_threads
 
 from . import arms as arm_defs
 from . import quality
+from .metrics import experiment_key, prob_columns, summarise_zero_shot
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from scipy import linalg
 from sklearn.manifold import TSNE
 from sklearn.metrics.pairwise import cosine_distances, cosine_similarity
 
+from .bootstrap import patient_keys, seed_item_interval
+
 
 def fidelity(prompted: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
     """Share of synthetic images a real-only classifier assigns to the class they were prompted for.
@@ -114,33 +116,6 @@ def per_class_embedding(
         xy = tsne_embedding(np.concatenate(parts), perplexity, seed)
         frames.append(pd.DataFrame({"class": c, "kind": kinds, "x": xy[:, 0], "y": xy[:, 1]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["class", "kind", "x", "y"])
-
-
-def seed_item_interval(
-    correct: np.ndarray, groups: np.ndarray | None, n_boot: int, seed: int, ci: float = 0.95
-) -> list[float]:
-    """Percentile interval of a mean score over classifier seeds and images, by two-level bootstrap.
-
-    ``correct``: ``(n_seeds, n_items)`` scores (e.g. 1 = right). Each resample draws seeds
-    with replacement and, independently, items with replacement (whole ``groups`` — e.g.
-    patients — together when given); the statistic is the mean over the drawn cells.
-    """
-    correct = np.asarray(correct, dtype=float)
-    rng = np.random.default_rng([seed, 3])
-    n_seeds, n_items = correct.shape
-    if groups is None:
-        groups = np.arange(n_items)
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    # per seed and group: (sum, count), so a drawn group contributes all its items
-    sums = np.stack([np.bincount(inverse, weights=row, minlength=len(uniq)) for row in correct])
-    counts = np.bincount(inverse, minlength=len(uniq)).astype(float)
-    stats = np.empty(n_boot)
-    for b in range(n_boot):
-        s = rng.integers(0, n_seeds, n_seeds)
-        g = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))  # times each group is drawn
-        stats[b] = (sums[s] @ g).sum() / (n_seeds * (counts @ g))
-    alpha = (1.0 - ci) / 2.0
-    return [float(np.quantile(stats, alpha)), float(np.quantile(stats, 1.0 - alpha))]
 
 
 def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subset_size: int = 100, n_subsets: int = 50,
@@ -507,7 +482,7 @@ def synthetic_quality_report(classifier_data: dict, views: dict, gate: dict, cop
     names = {"prompted": class_names[synthetic.labels.numpy()], "real_train": class_names[real_train.labels.numpy()],
              "val": class_names[val.labels.numpy()], "target": class_names[target.labels.numpy()]}
     groups = {"val": val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None,
-              "target": (target.meta["center"].astype(str) + "::" + target.meta["patient_id"].astype(str)).to_numpy()}
+              "target": patient_keys(target.meta)}
     q = params["quality"]
     n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
     rng = np.random.default_rng([seed, 5])

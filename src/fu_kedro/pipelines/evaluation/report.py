@@ -1,17 +1,25 @@
-"""Figures and the HTML report of the evaluation pipeline (pure functions: data in, figure/text out)."""
+"""Figures and the HTML report of the evaluation pipeline (pure functions: data in, figure/text out).
+
+The page's words are jinja2 templates beside this module (``templates/``, package data):
+``report.html.j2`` the report's sections in order, ``page.html.j2`` the page around them (CSS,
+banners, title), ``parts.html.j2`` the banners, the answer, the power line and the notes. This
+module makes the tables (pandas), the figures (matplotlib) and the numbers they are given.
+"""
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 from datetime import datetime, timezone
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fu_kedro.lineage import EMBED_KEY, chain_html  # noqa: E402
@@ -165,21 +173,14 @@ def decomposition_html(metrics: dict) -> str:
     """The report's lead: per configuration the arms, then their differences with intervals, and what
     the arms held equal (batching rule, synthetic class mix)."""
     info = metrics.get("arms") or {}
-    out = [
-        "<p>Each arm names its real and its synthetic images; everything else is the same in every arm: "
-        f"the schedule, the batching rule <b>{html.escape(str(info.get('batching', 'n/a')))}</b> "
-        "(fixed_real: the same number of real images every step, from one real-image stream seeded alike in every "
-        "arm, so arms with the same real images draw each one equally often with the same augmentation; pooled: "
-        "the paper's recipe, all images shuffled together), the batch-norm calibration images (real images every "
-        "arm has) and the seeds. Synthetic class mix: "
-        f"<b>{html.escape(str(info.get('synthetic_class_mix', 'n/a')))}</b>. Differences are in points, paired by "
-        "classifier seed (an arm without synthetic images pairs with every replicate), with the t interval over "
-        "seeds, generator replicates and target patients (docs/evaluation.md).</p>"]
+    configs = []
     for backbone, aug in _configs(metrics):
         arms, diffs = decomposition_tables(metrics, backbone, aug)
-        out.append(f"<h3>{html.escape(backbone)} ({'DA' if aug else 'no DA'})</h3>" + _table(arms) + _table(diffs))
-        out.extend(f"<p class='note'>{html.escape(line)}</p>" for line in decomposition_identities(metrics, backbone, aug))
-    return "".join(out)
+        configs.append({"name": f"{backbone} ({'DA' if aug else 'no DA'})",
+                        "tables": Markup(_table(arms) + _table(diffs)),
+                        "identities": decomposition_identities(metrics, backbone, aug)})
+    return str(_parts().decomposition(str(info.get("batching", "n/a")), str(info.get("synthetic_class_mix", "n/a")),
+                                      configs))
 
 
 def per_center_differences_table(metrics: dict) -> pd.DataFrame:
@@ -330,32 +331,36 @@ def figure_to_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@functools.lru_cache(maxsize=1)
+def _templates() -> jinja2.Environment:
+    """The report's templates (``templates/``), HTML-escaping every value that is not already HTML."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(pts=_pts, sd_pts=lambda v: _pts(v).lstrip("+"), p=_p,
+                       pct=lambda v, digits=1: f"{100 * v:.{digits}f}")
+    return env
+
+
+def _parts():
+    """The macros of ``templates/parts.html.j2`` (each returns HTML)."""
+    return _templates().get_template("parts.html.j2").module
+
+
 def _table(df: pd.DataFrame) -> str:
     """A table in a box that scrolls sideways when the table is wider than the page: the page
     itself stays within its 1,200 px column (``scripts/journey.py`` checks it in a 1,400 px window)."""
-    table = df.to_html(index=False, border=0, classes="t", na_rep="n/a")
-    return f'<div style="overflow-x:auto;max-width:100%">{table}</div>'
+    return str(_parts().table(Markup(df.to_html(index=False, border=0, classes="t", na_rep="n/a"))))
 
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def render_html(sections: list[tuple[str, str]], title: str, banner: str = "") -> str:
     """Assemble ``(heading, html body)`` sections into one page, ``banner`` (HTML) above everything."""
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table.t{border-collapse:collapse;font-size:13px;margin:0.5em 0}"
-        "table.t td,table.t th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-        "table.t th{background:#eee} img{max-width:100%} .note{color:#555;font-size:13px}"
-        ".banner{background:#c62828;color:#fff;padding:0.8em 1em;font-size:17px;font-weight:bold;margin:1em 0}"
-        ".ok{background:#e8f5e9;border-left:6px solid #2e7d32;padding:0.5em 1em}"
-        ".answer{font-size:16px}"
-    )
-    body = "".join(f"<h2>{html.escape(h)}</h2>\n{b}\n" for h, b in sections)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body>{banner}<h1>{html.escape(title)}</h1>"
-        f"<p class='note'>generated {stamp}</p>\n{body}</body></html>"
-    )
+    return _templates().get_template("page.html.j2").render(
+        sections=[(heading, Markup(body)) for heading, body in sections], title=title, banner=Markup(banner),
+        stamp=_stamp())
 
 
 def gate_banner(quality: dict) -> str:
@@ -363,12 +368,7 @@ def gate_banner(quality: dict) -> str:
     gate = quality.get("gate") or {}
     if gate.get("status") != "failed":
         return ""
-    return (
-        "<div class='banner' id='low-fidelity'>Synthetic batch not class-faithful; hybrid numbers say nothing about "
-        f"the method. Fidelity {quality.get('fidelity', float('nan')):.3f} is below evaluation.min_fidelity "
-        f"{gate.get('threshold')} (the real-only scorers label only that share of the synthetic images as their "
-        "prompted class).</div>"
-    )
+    return str(_parts().gate_banner(quality.get("fidelity", float("nan")), gate.get("threshold")))
 
 
 def lineage_mix_banner(metrics: dict) -> str:
@@ -378,12 +378,7 @@ def lineage_mix_banner(metrics: dict) -> str:
     mixes = (((metrics or {}).get(EMBED_KEY) or {}).get("run") or {}).get("lineage_mismatch") or []
     if not mixes:
         return ""
-    items = "".join(f"<li>{html.escape(str(m.get('text')))}</li>" for m in mixes)
-    return (
-        "<div class='banner' id='lineage-mismatch'>Mixed inputs: these results were made from inputs that do not "
-        "belong together, so they answer no question (the run went on because "
-        f"prerequisites.on_lineage_mismatch is 'warn').<ul>{items}</ul></div>"
-    )
+    return str(_parts().lineage_mix_banner([str(m.get("text")) for m in mixes]))
 
 
 # the training loops that take the optional wall-clock cap (fu_kedro.models.training.LoopConfig.max_minutes)
@@ -396,12 +391,7 @@ def time_cap_banner(synthetic_info: dict | None) -> str:
     capped = (synthetic_info or {}).get("time_capped") or {}
     if not capped:
         return ""
-    stops = "; ".join(f"{LOOP_NAMES.get(loop, loop)} ({loop}) stopped at step {step}" for loop, step in capped.items())
-    return (
-        "<div class='banner' id='time-capped'>This result is not reproducible: the wall-clock cap (max_minutes) "
-        f"stopped training: {html.escape(stops)}. How far a capped loop gets depends on how loaded the machine "
-        "was; set max_minutes: null for a fixed number of steps.</div>"
-    )
+    return str(_parts().time_cap_banner([(LOOP_NAMES.get(loop, loop), loop, step) for loop, step in capped.items()]))
 
 
 def _pts(v) -> str:
@@ -415,9 +405,8 @@ def _p(v) -> str:
 def headline_html(metrics: dict, quality: dict) -> str:
     """The question, the answer (hybrid - baseline accuracy, paper protocol) with its interval, what
     the interval covers, the paired per-seed test, and the gate's verdict."""
-    out = ["<p><b>Question.</b> Does adding the LoRA-synthetic images to the real source images change a "
-           "classifier's zero-shot accuracy on the target population (no target image in any training step)?</p>"]
     boot = metrics["bootstrap"]
+    answers = []
     for name, d in metrics["differences"].items():
         acc = d["all_classes"]["accuracy"]
         exp = metrics["experiments"][d["experiment"]]
@@ -425,75 +414,52 @@ def headline_html(metrics: dict, quality: dict) -> str:
         ci = acc.get("ci")
         test = acc.get("paired_test") or {}
         tt, wx = test.get("t_test") or {}, test.get("wilcoxon") or {}
-        if ci and ci[0] is not None and np.isfinite(ci[0]):
-            verdict = ("the interval excludes 0" if ci[0] > 0 or ci[1] < 0 else
-                       "the interval includes 0: no difference shown")
-            interval = f"[{_pts(ci[0])}, {_pts(ci[1])}]"
-        else:
-            verdict, interval = "no interval (metrics.n_bootstrap: 0)", ""
-        out.append(
-            f"<p class='answer'><b>Answer ({html.escape(name)}).</b> Accuracy {100 * exp['all_classes']['mean']['accuracy']:.1f} % "
-            f"vs {100 * base['all_classes']['mean']['accuracy']:.1f} %: difference <b>{_pts(acc['mean'])} points "
-            f"{interval}</b> ({100 * boot['ci']:.0f} % interval; {verdict}).</p>"
-            f"<p>The interval covers {', '.join(boot.get('levels', []))}: {exp['n_seeds']} classifier seeds, "
-            f"{len(exp.get('replicates') or []) or 1} synthetic batch replicate(s), "
-            f"{metrics['n_target_patients']} target patients; {_interval_words(acc)}. It is conditional on "
-            f"{html.escape(str(boot.get('conditional_on')))}. The base model is held fixed, as SD v1.5 is in the "
-            "paper. Per-seed paired differences (points): "
-            + ", ".join(f"seed {s}: {_pts(v)}" for s, v in acc.get("per_seed", {}).items())
-            + f"; {test.get('n_positive', 'n/a')} of {test.get('n_seeds', 'n/a')} positive; paired t-test p = "
-              f"{_p(tt.get('p_value'))}, Wilcoxon signed-rank p = {_p(wx.get('p_value'))} (smallest possible "
-              f"{_p(wx.get('smallest_possible_p'))} with {wx.get('n_nonzero', 'n/a')} non-zero differences).</p>"
-            + power_html(acc)
-        )
+        answers.append({
+            "name": name, "arm_accuracy": exp["all_classes"]["mean"]["accuracy"],
+            "baseline_accuracy": base["all_classes"]["mean"]["accuracy"], "difference": acc["mean"],
+            "ci": ci if ci and ci[0] is not None and np.isfinite(ci[0]) else None,
+            "n_seeds": exp["n_seeds"], "n_replicates": len(exp.get("replicates") or []) or 1,
+            "interval": _interval_fields(acc), "bootstrap_ci": acc.get("ci_hierarchical_bootstrap"),
+            "per_seed": acc.get("per_seed", {}), "n_positive": test.get("n_positive", "n/a"),
+            "n_tested": test.get("n_seeds", "n/a"), "t_p": tt.get("p_value"), "wilcoxon_p": wx.get("p_value"),
+            "smallest_p": wx.get("smallest_possible_p"), "n_nonzero": wx.get("n_nonzero", "n/a"),
+            "power": _power_fields(acc), "components": _component_fields(acc),
+        })
     gate = quality.get("gate") or {}
-    ref = (quality.get("fidelity_reference") or {}).get("accuracy")
-    if gate.get("status") == "failed":
-        out.append(f"<p class='banner'>Quality gate FAILED: {html.escape(str(gate.get('message')))}</p>")
-    elif gate.get("status") == "passed":
-        out.append(
-            f"<p class='ok'>Quality gate passed: fidelity {quality['fidelity']:.3f} ≥ {gate['threshold']} "
-            f"(the scorers' own accuracy on real source-val images: {ref:.3f}).</p>"
-        )
-    else:
-        out.append(f"<p class='note'>Quality gate: {html.escape(str(gate.get('status', 'not run')))}.</p>")
-    return "".join(out)
+    verdict = {"status": str(gate.get("status", "not run")), "message": str(gate.get("message")),
+               "threshold": gate.get("threshold"), "fidelity": quality.get("fidelity"),
+               "scorer_accuracy": (quality.get("fidelity_reference") or {}).get("accuracy")}
+    return str(_parts().headline(answers, _bootstrap_fields(boot, str(boot.get("conditional_on"))),
+                                 metrics["n_target_patients"], verdict))
 
 
-def _interval_words(acc: dict) -> str:
-    """How the difference's interval was made (t on its degrees of freedom) and the bootstrap beside it."""
+def _bootstrap_fields(boot: dict, conditional_on: str) -> dict:
+    return {"ci": boot["ci"], "levels": boot.get("levels", []), "n_resamples": boot.get("n_resamples"),
+            "conditional_on": conditional_on}
+
+
+def _interval_fields(acc: dict) -> dict:
+    """How the difference's interval was made (t on its degrees of freedom: ``se``, ``df``, ``half_width``)."""
     iv = acc.get("interval") or {}
-    if iv.get("half_width") is None:
-        return "no t interval (fewer than 2 seeds or no resamples)"
-    df = "∞" if iv.get("df") is None else f"{iv['df']:.1f}"
-    boot = acc.get("ci_hierarchical_bootstrap")
-    words = f"estimate ± t · SE with SE {_pts(iv['se']).lstrip('+')} points on {df} degrees of freedom " \
-            f"(half-width {_pts(iv['half_width']).lstrip('+')} points)"
-    if boot:
-        words += f"; the percentile bootstrap over the same classifiers, too narrow with few seeds: [{_pts(boot[0])}, {_pts(boot[1])}]"
-    return words
+    return {k: iv.get(k) for k in ("se", "df", "half_width")}
+
+
+def _component_fields(acc: dict) -> dict:
+    comps = acc.get("variance_components") or {}
+    return {k: comps.get(k) for k in ("seed", "replicate", "patients")}
+
+
+def _power_fields(acc: dict) -> dict | None:
+    pw = acc.get("power")
+    if not pw:
+        return None
+    return {**pw, "patients_factor_needed": pw.get("patients_factor_needed")}
 
 
 def power_html(acc: dict) -> str:
     """The power line: the smallest difference this run detects and what a 5-point effect needs."""
-    pw = acc.get("power")
-    if not pw:
-        return ""
-    need = lambda v, what: f"{v} {what}" if v is not None else f"no number of {what} (within the search)"  # noqa: E731
-    comps = acc.get("variance_components") or {}
-    rep = (f"{need(pw['replicates_needed'], 'replicates')} at {pw['S']} seeds" if comps.get("replicate") is not None
-           else "replicates: not measured (one synthetic batch)")
-    patients = pw.get("patients_factor_needed")
-    note = (f" The patient term alone needs {patients:.1f}× the target patients." if patients and patients > 1 else "")
-    return (
-        f"<p class='power' id='power'><b>Power.</b> With {pw['K']} replicate(s) × {pw['S']} seeds this run detects a "
-        f"true difference of {_pts(pw['detectable_difference']).lstrip('+')} points or more "
-        f"({100 * pw['power']:.0f} % power, two-sided {100 * pw['alpha']:.0f} % test). A {100 * pw['delta']:.0f}-point "
-        f"effect needs {need(pw['seeds_needed'], 'seeds')} at {pw['K']} replicate(s), or {rep} (from the measured "
-        f"variance components: seeds {_pts(comps.get('seed')).lstrip('+')}, replicates "
-        f"{_pts(comps.get('replicate')).lstrip('+')}, patients {_pts(comps.get('patients')).lstrip('+')} points)."
-        f"{note}</p>"
-    )
+    pw = _power_fields(acc)
+    return str(_parts().power(pw, _component_fields(acc))) if pw else ""
 
 
 def reference_table(metrics: dict) -> pd.DataFrame:
@@ -581,11 +547,9 @@ def quality_html(q: dict) -> str:
         [{"class": c, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}}
          for c, d in (q.get("per_class") or {}).items()]
     )
-    return (
-        f"<p>n_images = {q.get('n_images')} ({q.get('n_replicates', 1)} replicate(s)). Feature space: "
-        f"{html.escape(str(q.get('feature_space', 'n/a')))}. {html.escape(str(ref.get('note', '')))}.</p>"
-        + _table(rows) + (_table(_classes_as_columns(per_class)) if len(per_class) else "")
-    )
+    tables = Markup(_table(rows) + (_table(_classes_as_columns(per_class)) if len(per_class) else ""))
+    return str(_parts().quality(q.get("n_images"), q.get("n_replicates", 1), str(q.get("feature_space", "n/a")),
+                                str(ref.get("note", "")), tables))
 
 
 def _classes_as_columns(per_class: pd.DataFrame) -> pd.DataFrame:
@@ -673,14 +637,8 @@ def data_table(info: dict) -> pd.DataFrame:
 
 
 def _interval_note(m: dict) -> str:
-    return (
-        f"<p class='note'>Percent; mean ± sd over seeds [{100 * m['bootstrap']['ci']:.0f}% t interval over "
-        f"{', '.join(m['bootstrap'].get('levels', []))}; {m['bootstrap']['n_resamples']} patient resamples, "
-        f"{m['n_target_patients']} patients, {m['n_target_images']} images; conditional on "
-        f"{html.escape(str(m['bootstrap'].get('conditional_on', '')))}]. Recall/Precision/F-score are macro over the "
-        f"target classes {m['target_classes']}. AUC = one-vs-rest ROC-AUC from probabilities; AUC (hard) = from "
-        "one-hot predictions as in the FU-LoRA notebook (see docs/evaluation.md).</p>"
-    )
+    boot = _bootstrap_fields(m["bootstrap"], str(m["bootstrap"].get("conditional_on", "")))
+    return str(_parts().interval_note(boot, m["n_target_patients"], m["n_target_images"], m["target_classes"]))
 
 
 def evaluation_report(classifier_data: dict, experiment_plan: list[dict], training_history: pd.DataFrame,
@@ -689,40 +647,27 @@ def evaluation_report(classifier_data: dict, experiment_plan: list[dict], traini
     """The evaluation report (one self-contained HTML page) and its figures (see ``nodes.build_report``)."""
     figs = report_figures(classifier_data, training_history, zero_shot_metrics, synthetic_embedding,
                           samples_per_class, seed)
-    img = {k: f"<img src='{figure_to_data_uri(f)}'>" for k, f in figs.items()}
+    img = {k: _parts().figure(figure_to_data_uri(f)) for k, f in figs.items()}
     weights, schedule = plan_tables(experiment_plan)
     best = training_history.groupby("run", sort=False)[["best_step", "best_epoch"]].first().reset_index()
     q, m = synthetic_quality, zero_shot_metrics
-    sections = [
-        ("The decomposition: the arms and their differences (target, paper protocol)", decomposition_html(m)),
-        ("The question and the answer", headline_html(m, q)),
-        ("Chance and reference rows (target, paper protocol)", _table(reference_table(m))),
-        ("Zero-shot comparison (paper protocol: argmax over all source classes, 'other' is an error)",
-         _table(comparison_table(m, "all_classes")) + _interval_note(m)),
-        ("Zero-shot comparison restricted to the target's classes", _table(comparison_table(m, "target_classes"))),
-        *([("Our arms beside the paper's table (FU-LoRA, paper_table_overall_performance.csv)",
-            _table(paper_layout_table(m, paper_table)) + "<p class='note'>Percent; ours are means over seeds (and "
-            "replicates) on this run's target; AUC here is from one-hot predictions as in the paper's notebook. "
-            "The paper's rows are as published (its own test split and training).</p>")]
-          if paper_table is not None else []),
-        ("Differences to the baseline (percentage points, paired by seed)",
-         _table(differences_table(m)) + _table(paired_seed_table(m))),
-        ("Per-class recall (mean over classifiers, paper protocol)", _table(per_class_recall_table(m))),
-        ("Synthetic data quality", quality_html(q) + img["embedding"]),
-        ("Source-validation curves (checkpoint selection; same schedule for every arm)",
-         img["curves"] + _table(schedule) + _table(best)),
-        ("Per target center", img["per_center"] + _table(per_center_table(m))
-         + "<p>Paired differences per center (accuracy, points; the t interval covers replicates, seeds and "
-           "the center's patients):</p>" + _table(per_center_differences_table(m))),
-        ("Confusion matrices", img["confusion"]),
-        ("Data and weights", _table(data_table(classifier_data["info"])) + _table(weights)
-         + f"<p class='note'>Classifier input {classifier_data['image_size']} px grayscale copied to 3 channels; "
-           "checkpoints selected on source validation patients only.</p>"),
-        ("What ran where (recorded from the runs, not from the settings)",
-         _table(ran_on_table(training_history, classifier_data.get("synthetic")))),
-        ("Samples (rows: classes)", img["samples"]),
-        ("Lineage: the versions these results were made from", chain_html(m, heading=False)),
-    ]
+    tables = {
+        "reference": reference_table(m), "comparison_all": comparison_table(m, "all_classes"),
+        "comparison_target": comparison_table(m, "target_classes"),
+        "paper_layout": paper_layout_table(m, paper_table) if paper_table is not None else None,
+        "differences": differences_table(m), "paired_seed": paired_seed_table(m),
+        "per_class_recall": per_class_recall_table(m), "schedule": schedule, "best_steps": best,
+        "per_center": per_center_table(m), "per_center_differences": per_center_differences_table(m),
+        "data": data_table(classifier_data["info"]), "weights": weights,
+        "ran_on": ran_on_table(training_history, classifier_data.get("synthetic")),
+    }
     banners = lineage_mix_banner(m) + time_cap_banner(classifier_data["info"].get("synthetic_info")) + gate_banner(q)
-    page = render_html(sections, REPORT_TITLE, banners)
+    page = _templates().get_template("report.html.j2").render(
+        title=REPORT_TITLE, banner=Markup(banners), stamp=_stamp(), images=img,
+        image_size=classifier_data["image_size"],
+        tables={k: None if t is None else Markup(_table(t)) for k, t in tables.items()},
+        decomposition=Markup(decomposition_html(m)), headline=Markup(headline_html(m, q)),
+        interval_note=Markup(_interval_note(m)), quality=Markup(quality_html(q)),
+        lineage=Markup(chain_html(m, heading=False)),
+    )
     return page, figs["confusion"], figs["curves"], figs["samples"], figs["embedding"], figs["per_center"]

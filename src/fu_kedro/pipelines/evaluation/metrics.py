@@ -6,6 +6,8 @@ class), so every figure in ``zero_shot_metrics.json`` can be recomputed from
 ``zero_shot_predictions.csv``. The arithmetic is scikit-learn's; this module only decides
 which labels, which rows and which columns go in.
 
+Every resampling (patients, seeds, replicates) is :mod:`.bootstrap`'s.
+
 Two protocols:
 
 * ``all_classes`` (the paper's): the prediction is the argmax over all source classes
@@ -31,6 +33,15 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 from sklearn.dummy import DummyClassifier
+
+from .bootstrap import (
+    bootstrap_patient_indices,
+    group_totals,
+    hierarchical_resample,
+    patient_keys,
+    patient_weights,
+    percentile_interval,
+)
 
 PROTOCOLS = ("all_classes", "target_classes")
 GROUP_COLUMNS = ["experiment", "backbone", "augmentation"]
@@ -164,28 +175,6 @@ def protocol_predictions(
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
 
 
-def patient_keys(frame: pd.DataFrame) -> np.ndarray:
-    """One key per row naming its patient; patient ids are only unique within a center."""
-    return (frame["center"].astype(str) + "::" + frame["patient_id"].astype(str)).to_numpy()
-
-
-def bootstrap_patient_indices(keys: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Row indices of ``n_boot`` cluster-bootstrap resamples: patients drawn with replacement.
-
-    Each resample draws as many patients as there are, with replacement, and takes every row
-    of each drawn patient (a patient drawn twice contributes its rows twice), so images of
-    one patient stay together and intervals reflect the number of patients, not images.
-    """
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_boot):
-        picked = rng.integers(0, len(uniq), size=len(uniq))
-        out.append(np.concatenate([rows_of[p] for p in picked]))
-    return out
-
-
 def _check_predictions(pred: pd.DataFrame, classes: list[str]) -> None:
     needed = GROUP_COLUMNS + ["seed", "image_id", "patient_id", "center", "label", "prediction"] + prob_columns(
         classes
@@ -214,36 +203,6 @@ def _runs_of(frame: pd.DataFrame) -> list[tuple[int, int, pd.DataFrame]]:
     for (r, s), sub in frame.groupby(RUN_COLUMNS, sort=True):
         out.append((int(r), int(s), sub.sort_values("image_id").reset_index(drop=True)))
     return out
-
-
-def hierarchical_resample(
-    values_a: np.ndarray, values_b: np.ndarray | None, n_boot: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Hierarchical bootstrap of a (paired) mean: generator replicates -> seeds -> test patients.
-
-    Args:
-        values_a: ``(B, K, S)`` metric of arm A's classifier (replicate k, seed s) on patient
-            resample b (the same patient draws for every classifier).
-        values_b: ``(B, S)`` the paired arm's classifier of seed s on the same patient
-            resamples (the baseline does not depend on the synthetic batch), or ``None``
-            for the interval of arm A alone.
-        n_boot: number of outer resamples; resample i uses patient draw ``i % B``.
-        rng: draws the replicates and seeds.
-
-    Returns:
-        ``(n_boot,)``: per resample, K replicates drawn with replacement, within each drawn
-        replicate S seeds drawn with replacement, one shared patient draw, and the mean over
-        the drawn (replicate, seed) cells of ``A - B`` (``A`` if ``values_b`` is None). Arm B
-        is paired with A through the seed: it uses exactly the seeds drawn for A.
-    """
-    n_patient_draws, k, s = values_a.shape
-    reps = rng.integers(0, k, size=(n_boot, k))
-    seeds = rng.integers(0, s, size=(n_boot, k, s))
-    b = np.arange(n_boot) % n_patient_draws
-    cells = values_a[b[:, None, None], reps[:, :, None], seeds]  # (n_boot, k, s)
-    if values_b is not None:
-        cells = cells - values_b[b[:, None, None], seeds]
-    return cells.reshape(n_boot, -1).mean(axis=1)
 
 
 def paired_seed_test(per_seed_difference: dict[str, float]) -> dict[str, Any]:
@@ -449,19 +408,15 @@ def center_differences(runs_a: list, runs_b: list, classes: list[str], target_cl
     rng = np.random.default_rng([seed, 3])
     for center in sorted(set(centers)):
         sel = centers == center
-        pats, inverse = np.unique(patients[sel], return_inverse=True)
-        n_img = np.bincount(inverse, minlength=len(pats)).astype(float)
-        sums_a = np.stack([np.bincount(inverse, weights=col, minlength=len(pats))
-                           for col in a[sel].reshape(sel.sum(), -1).T], axis=1).reshape(len(pats), *a.shape[1:])
-        sums_b = np.stack([np.bincount(inverse, weights=col, minlength=len(pats))
-                           for col in b[sel].reshape(sel.sum(), -1).T], axis=1).reshape(len(pats), *b.shape[1:])
+        pats, sums_a, n_img = group_totals(a[sel], patients[sel])  # per patient: (K, S) sums, images
+        _, sums_b, _ = group_totals(b[sel], patients[sel])
         acc_a, acc_b = sums_a.sum(0) / n_img.sum(), sums_b.sum(0) / n_img.sum()  # (K, S)
         diff_ks = acc_a - acc_b  # broadcasts a real-only arm (K = 1) over the other's replicates
         entry: dict[str, Any] = {"n_images": int(sel.sum()), "n_patients": int(len(pats)),
                                  "accuracy": {"mean": float(diff_ks.mean()),
                                               "per_seed": {str(s): float(v) for s, v in zip(seeds_a, diff_ks.mean(0))}}}
         if n_bootstrap:
-            w = rng.multinomial(len(pats), np.full(len(pats), 1.0 / len(pats)), size=n_bootstrap).astype(float)
+            w = patient_weights(rng, len(pats), n_bootstrap)
             denom = (w @ n_img)[:, None, None]
             ca = np.einsum("bp,pks->bks", w, sums_a) / denom
             cb = np.einsum("bp,pks->bks", w, sums_b) / denom
@@ -471,7 +426,7 @@ def center_differences(runs_a: list, runs_b: list, classes: list[str], target_cl
                 values = -hierarchical_resample(cb, ca[:, 0, :], n_bootstrap, rng)
             else:  # the same replicates: paired by (replicate, seed)
                 values = hierarchical_resample(ca - cb, None, n_bootstrap, rng)
-            entry["accuracy"]["ci_hierarchical_bootstrap"] = _interval(values, alpha)
+            entry["accuracy"]["ci_hierarchical_bootstrap"] = percentile_interval(values, alpha)
             if reps_b == [-1]:
                 comps = variance_components(ca, cb[:, 0, :], acc_a, acc_b[0])
             elif reps_a == [-1]:
@@ -564,7 +519,8 @@ def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, 
             cubes = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
             block["ci"] = {m: t_interval(block["mean"][m], variance_components(c, full_a=_cells(block, m, seeds)),
                                          1.0 - 2.0 * alpha)["ci"] for m, c in cubes.items()}
-            block["ci_test_patients_only"] = {m: _interval(c.mean(axis=(1, 2)), alpha) for m, c in cubes.items()}
+            block["ci_test_patients_only"] = {m: percentile_interval(c.mean(axis=(1, 2)), alpha)
+                                              for m, c in cubes.items()}
         entry[protocol] = block
     return entry, cubes
 
@@ -624,8 +580,9 @@ def _difference(key: str, base_key: str, experiments: dict, cubes: dict, n_boots
                 d["ci"] = interval.pop("ci")
                 d["interval"] = {"method": INTERVAL_METHOD, **interval}
                 rng = np.random.default_rng([seed, 2])
-                d["ci_hierarchical_bootstrap"] = _interval(hierarchical_resample(a, b, n_bootstrap, rng), alpha)
-                d["ci_test_patients_only"] = _interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
+                d["ci_hierarchical_bootstrap"] = percentile_interval(hierarchical_resample(a, b, n_bootstrap, rng),
+                                                                     alpha)
+                d["ci_test_patients_only"] = percentile_interval(a.mean(axis=(1, 2)) - b.mean(axis=1), alpha)
                 d["variance_components"] = comps
                 d["power"] = power_plan(comps)
             if protocol == "all_classes":
@@ -820,14 +777,6 @@ def _bootstrap(prepared, boot_idx, target_classes) -> dict[str, np.ndarray]:
                 for m in BOOTSTRAP_METRICS:
                     values[m][b, j] = scores[m]
     return values
-
-
-def _interval(values: np.ndarray, alpha: float) -> list[float]:
-    """Percentile interval; resamples where a metric is undefined (NaN) are left out."""
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return [float("nan"), float("nan")]
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))]
 
 
 def _per_center(seed_tables, classes, target_classes, protocol) -> dict[str, Any]:
