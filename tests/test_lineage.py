@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import TINY_RUN_PARAMS, copy_project, run_kedro_session
 
@@ -127,6 +128,15 @@ def test_metrics_name_the_pinned_batch_and_the_chain_back_to_raw_files(chain):
     assert {"source_images", "target_images", "synthetic_batch"} <= set(logged)
     tags = {t.key: t.value for t in logged["synthetic_batch"].tags}
     assert tags["catalog_version"] == pinned and logged["synthetic_batch"].dataset.digest
+    # the Datasets panel's schema (the manifest's columns) and profile (counts) of each image set
+    batch_meta = pd.read_csv(project / "data/07_model_output/synthetic_batch" / pinned / "synthetic_batch" / "metadata.csv")
+    profile = json.loads(logged["synthetic_batch"].dataset.profile)
+    assert profile["num_rows"] == len(batch_meta)
+    assert profile["per_label"] == {k: int(v) for k, v in batch_meta["label"].value_counts().sort_index().items()}
+    schema = {c["name"] for c in json.loads(logged["synthetic_batch"].dataset.schema)["mlflow_colspec"]}
+    assert {"image_id", "label", "seed"} <= schema
+    source_profile = json.loads(logged["source_images"].dataset.profile)
+    assert sum(source_profile["per_label"].values()) == source_profile["num_rows"] > 0
     # the name leads with what differs from conf/base (cut after four keys); every difference is a tag
     assert "fu_kedro" not in evaluation.info.run_name and evaluation.info.run_name.endswith("| pipeline evaluation")
     assert evaluation.data.tags["fu.differs.source_format"] == "fetal_planes_db"

@@ -119,7 +119,7 @@ class LineageHooks:
         except Exception as exc:  # noqa: BLE001 - lineage must never stop a run
             log.warning("lineage: could not record the inputs of %s: %s", node.name, exc)
             return
-        self.mlflow.before_node_run(node)
+        self.mlflow.before_node_run(node, inputs)
 
     def _note_inputs(self, node, catalog, inputs: dict[str, Any]) -> None:
         entries, params = [], {}

@@ -31,6 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fu_kedro import lineage as L
 from fu_kedro.datasets.versions import save_version, versioned_path
 from fu_kedro.software import log_to_mlflow
@@ -115,6 +117,31 @@ def _headline_metrics(data: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v == v}  # NaN (undefined) left out
 
 
+def dataset_profile(data: Any) -> tuple[Any, dict | None]:
+    """The schema and profile of a loaded input, for MLflow's Datasets panel.
+
+    An image set (``ImageSet``: images + a manifest): the manifest's columns as the schema
+    (``mlflow.types`` inferred from the table), and as profile the image count, the image
+    shape and the count per class (and per domain / split where the manifest has them). A
+    base model: its name, kind, resolution and content hash. Anything else: none.
+    """
+    import pandas as pd
+    from mlflow.types.utils import _infer_schema
+
+    meta = getattr(data, "meta", None)
+    if isinstance(meta, pd.DataFrame) and hasattr(data, "images"):
+        profile = {"num_rows": int(len(meta)), "image_shape": list(np.shape(data.images)[1:])}
+        for column in ("label", "domain", "split", "center"):
+            if column in meta.columns:
+                profile[f"per_{column}"] = {str(k): int(v) for k, v in meta[column].value_counts().sort_index().items()}
+        return _infer_schema(meta.astype({c: str for c in meta.columns if meta[c].dtype == object})), profile
+    info = getattr(data, "info", None)
+    if isinstance(info, dict) and type(data).__name__ == "BaseModel":
+        keys = ("name", "kind", "resolution", "source", "content_hash")
+        return None, {k: (str(info[k]) if not isinstance(info[k], (int, float)) else info[k]) for k in keys if k in info}
+    return None, None
+
+
 class MlflowRunExtras:
     """Inputs, version tags, run name, artifacts, headline metrics and software (see module docstring).
 
@@ -155,19 +182,21 @@ class MlflowRunExtras:
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a run
             log.warning("MLflow: could not record the software: %s", exc)
 
-    def before_node_run(self, node) -> None:
+    def before_node_run(self, node, inputs: dict[str, Any] | None = None) -> None:
         run_id = self.state.mlflow_run_id
         node_record = self.state.node_records.get(node.name)
         if not run_id or node_record is None:
             return
         try:
-            self._log_inputs(run_id, node_record["inputs"])
+            self._log_inputs(run_id, node_record["inputs"], inputs or {})
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow: could not log the inputs of %s: %s", node.name, exc)
 
-    def _log_inputs(self, run_id: str, entries: list[dict]) -> None:
+    def _log_inputs(self, run_id: str, entries: list[dict], loaded: dict[str, Any]) -> None:
+        """Each versioned input made by another run (and the raw data) as an MLflow dataset, with
+        the schema and profile MLflow's Datasets panel shows (:func:`dataset_profile`)."""
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         state = self.state
         client = mlflow_client()
@@ -197,8 +226,12 @@ class MlflowRunExtras:
             state.logged_inputs.add(key)
             for tag, value in tags.items():
                 client.set_tag(run_id, tag, value)
-            ds = MetaDataset(source=_dataset_source(source), name=name, digest=digest)
-            todo.append(DatasetInput(dataset=ds._to_mlflow_entity(), tags=[
+            schema, profile = dataset_profile(loaded.get(e.get("dataset")))
+            ds = MetaDataset(source=_dataset_source(source), name=name, digest=digest, schema=schema)._to_mlflow_entity()
+            if profile:
+                ds = Dataset(name=ds.name, digest=ds.digest, source_type=ds.source_type, source=ds.source,
+                             schema=ds.schema, profile=json.dumps(profile))
+            todo.append(DatasetInput(dataset=ds, tags=[
                 InputTag("mlflow.data.context", "input"),
                 *(InputTag(k, v) for k, v in input_tags.items()),
             ]))
