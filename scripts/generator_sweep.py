@@ -53,10 +53,11 @@ def _context(env: str, runtime_params: dict):
 def _scorers(train, val, params: dict, n: int, path: Path) -> list:
     from fu_kedro.classifiers import train as T
     from fu_kedro.classifiers.backbones import build_classifier
+    from fu_kedro.pipelines.evaluation.params import TrainParams
 
     if path.exists():
         return torch.load(path, weights_only=False)
-    cfg, models = T.train_config(params["evaluation"]["train"]), []
+    cfg, models = T.TrainConfig(**TrainParams.from_any(params["evaluation"]["train"]).model_dump()), []
     for seed in range(42, 42 + n):
         torch.manual_seed(seed)
         model, _ = build_classifier("resnet18", len(params["classes"]), params["evaluation"]["image_size"], None)

@@ -16,6 +16,7 @@ from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
 from fu_kedro.pipelines.evaluation import arms as arm_defs
 from fu_kedro.pipelines.evaluation import nodes
+from fu_kedro.pipelines.evaluation.params import ArmParams
 from fu_kedro.pipelines.ingestion.nodes import read_source_images, split_source_by_patient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +54,11 @@ def test_default_plans_the_four_arms_and_their_decomposition():
     params = base_params("evaluation")
     arms = arm_defs.parse_arms(params)
     assert [a.name for a in arms] == ["ES", "BAL", "ES_SYN", "HB"]
-    assert arm_defs.parse_comparisons(params, arms) == [("HB", "ES"), ("BAL", "ES"), ("HB", "BAL"), ("ES_SYN", "ES")]
+    assert arm_defs.parse_comparisons(params) == [("HB", "ES"), ("BAL", "ES"), ("HB", "BAL"), ("ES_SYN", "ES")]
     for profile in ("real_cpu", "paper"):
         p = project_parameters(profile)["evaluation"]
         assert [a.name for a in arm_defs.parse_arms(p)] == ["ES", "BAL", "ES_SYN", "HB"], profile
-        assert arm_defs.parse_comparisons(p, arm_defs.parse_arms(p)) == arm_defs.parse_comparisons(params, arms)
+        assert arm_defs.parse_comparisons(p) == arm_defs.parse_comparisons(params)
     data = _phantom_data(replicates=3)
     plan = nodes.plan_experiments(data, _params(), seed=0)
     by_arm = {a: [r for r in plan if r["experiment"] == a] for a in ("ES", "BAL", "ES_SYN", "HB")}
@@ -100,7 +101,8 @@ def test_paper_hb_real_images_are_the_authors_list_present_in_the_data(tmp_path)
     bal = next(r for r in plan if r["experiment"] == "BAL")
     assert bal["n_real"] == len(in_train) and bal["real_found"]["csv_in_source_val"] == 32 - len(in_train)
     with pytest.raises(FileNotFoundError, match="evaluation.arms.HB.real: the image list nowhere.csv does not exist"):
-        arm_defs.real_positions(arm_defs._arm("HB", {"real": {"csv": "nowhere.csv"}}), data["source_train"], 42)
+        arm_defs.real_positions(arm_defs._arm("HB", ArmParams(real={"csv": "nowhere.csv"}, synthetic="all")),
+                                data["source_train"], 42)
 
 
 def test_es_syn_and_hb_train_on_the_same_synthetic_images_and_draws_follow_the_rule():

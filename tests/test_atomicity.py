@@ -19,7 +19,7 @@ from kedro.io.core import Version
 
 from fu_kedro.datasets import ImageSet, ImageSetDataset, LoraAdapterDataset
 from fu_kedro.datasets.staging import STAGING, published_path
-from fu_kedro.prerequisites import check_lineage_policy, check_upstream_outputs, find_mixed_runs
+from fu_kedro.prerequisites import check_upstream_outputs, find_mixed_runs
 from fu_kedro.models.lora import LoraAdapter
 
 TINY = {"ingestion": {"phantom": {"source": {"n_per_class": 6}, "target": {"n_per_class": 3}},
@@ -195,7 +195,8 @@ def test_synthetic_batch_from_another_split_fails_by_default_and_warns_when_told
     monkeypatch.setattr(prerequisites, "_producer", lambda name: None)
     pipeline = _Pipeline(["source_images", "synthetic_batch", "target_images"])
     run_params = {"env": None, "pipeline_names": ["evaluation"], "runtime_params": {"evaluation": {"n_seeds": 1}}}
-    [problem], warnings = check_upstream_outputs(pipeline, catalog, {}, None, run_params)  # default: fail
+    fail = {"prerequisites": {"on_lineage_mismatch": "fail"}}  # every profile's
+    [problem], warnings = check_upstream_outputs(pipeline, catalog, fail, None, run_params)
     assert not warnings and "on_lineage_mismatch: fail" in problem.what
     assert f"`synthetic_batch` version {v1} was made by `lora_adapter` version {v1}" in problem.detail
     assert f"`source_images` version {v2}" in problem.detail and "b (val)" in problem.detail
@@ -226,27 +227,27 @@ def test_no_matching_versions_says_so(saved_runs, monkeypatch):
     monkeypatch.setattr(prerequisites, "_producer", lambda name: None)
     shutil.rmtree(roots["target_images"] / v1)
     pipeline = _Pipeline(["source_images", "synthetic_batch", "target_images"])
-    [problem], _ = check_upstream_outputs(pipeline, catalog, {}, None, {"pipeline_names": ["evaluation"]})
+    [problem], _ = check_upstream_outputs(pipeline, catalog, {"prerequisites": {"on_lineage_mismatch": "fail"}}, None,
+                                          {"pipeline_names": ["evaluation"]})
     assert "--load-versions" not in problem.detail.replace("--load-versions <dataset>", "")
     assert "none found among the saved versions" in problem.detail
     assert "kedro run --pipelines ingestion,lora_training,synthesis" in problem.detail
 
 
 def test_an_invalid_lineage_policy_stops_the_run_naming_the_key_and_the_allowed_values():
+    from conftest import project_parameters
     from kedro.pipeline import Node, Pipeline
 
-    from fu_kedro.hooks import PrerequisiteChecks
-    from fu_kedro.prerequisites import MissingPrerequisitesError
+    from fu_kedro.params import ParameterChecks
+    from fu_kedro.schema import ParameterError
 
-    [p] = check_lineage_policy({"prerequisites": {"on_lineage_mismatch": "wran"}})
-    assert "prerequisites.on_lineage_mismatch" in p.what and "'wran'" in p.detail
-    assert "'fail'" in p.detail and "'warn'" in p.detail
-    assert check_lineage_policy({}) == []  # absent: fail
     # the hook every `kedro run` calls first, on a pipeline with no saved inputs at all
-    catalog = DataCatalog({"parameters": MemoryDataset({"prerequisites": {"on_lineage_mismatch": "wran"}})})
+    params = project_parameters("base", {"prerequisites": {"on_lineage_mismatch": "wran"}})
+    catalog = DataCatalog({"parameters": MemoryDataset(params)})
     pipeline = Pipeline([Node(lambda params: params, "parameters", "out", name="n")])
-    with pytest.raises(MissingPrerequisitesError, match=r"prerequisites\.on_lineage_mismatch:\n.*'wran'"):
-        PrerequisiteChecks().before_pipeline_run({"env": None}, pipeline, catalog)
+    with pytest.raises(ParameterError, match=r"prerequisites\.on_lineage_mismatch: 'wran' in prerequisites; "
+                                             "allowed values: 'fail' or 'warn'"):
+        ParameterChecks().before_pipeline_run({"env": None}, pipeline, catalog)
 
 
 @pytest.mark.parametrize("env", [None, "real_cpu", "paper"])

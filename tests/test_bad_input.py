@@ -641,22 +641,29 @@ def test_skip_run_quarantines_an_escaping_name_and_publishes_the_report(project_
 
 
 def test_misspelt_policy_and_hidden_csv_in_the_prerequisite_check(tmp_path, african_planes_dev):
-    """Before any node runs: a misspelt on_bad_input is named; a macOS ``._x.csv`` beside the
-    African CSV is not taken for a second CSV."""
+    """Before any node runs: a misspelt on_bad_input is named (the parameters' schema, whose hook
+    runs first); a macOS ``._x.csv`` beside the African CSV is not taken for a second CSV."""
+    from conftest import project_parameters
+
+    from fu_kedro.params import check_parameters
     from fu_kedro.prerequisites import find_missing_prerequisites
     from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.schema import ParameterError
 
     root = _african_copy(african_planes_dev, tmp_path / "african")
     (root / "._African_train.csv").write_bytes(b"\x00\x05\x16\x07")
     params = {"source_format": "phantom", "target_format": "african", "target_path": str(root),
-              "ingestion": {"on_bad_input": "skp"}}
+              "ingestion": {"on_bad_input": "fail"}}
     problems, _ = find_missing_prerequisites(create_pipeline(), None, params)
-    assert [p.what for p in problems] == ["a valid ingestion.on_bad_input"] and "'skp'" in problems[0].detail
+    assert problems == []
+    with pytest.raises(ParameterError, match=r"ingestion\.on_bad_input: 'skp' in ingestion; allowed values: 'fail' or 'skip'"):
+        check_parameters(project_parameters("base", {"ingestion": {"on_bad_input": "skp"}}), ["ingestion"])
 
 
 def test_layout_and_setting_problems_give_no_download_advice(tmp_path, african_planes_dev):
     """Issue #27: a two-CSV folder and a policy typo were answered with "download it from zenodo";
-    the data are there, so the message says what to fix instead (a missing folder still gets the advice)."""
+    the data are there, so the message says what to fix instead (a missing folder still gets the advice;
+    a policy typo is the parameters' schema's, before this check)."""
     from fu_kedro.pipelines.ingestion import create_pipeline
     from fu_kedro.prerequisites import find_missing_prerequisites, format_problems
 
@@ -668,10 +675,6 @@ def test_layout_and_setting_problems_give_no_download_advice(tmp_path, african_p
     text = format_problems([p], None)
     assert "holds 2 CSV files" in p.detail and "Arrange the folder" in p.detail, text
     assert "zenodo" not in text and "download" not in text.lower() and "are missing" not in text, text
-    [p], _ = find_missing_prerequisites(create_pipeline(), None, {**base, "target_path": str(african_planes_dev),
-                                                                  "ingestion": {"on_bad_input": "skp"}})
-    text = format_problems([p], None)
-    assert "'skp'" in text and "download" not in text.lower() and "1 thing(s) to fix first" in text, text
     [p], _ = find_missing_prerequisites(create_pipeline(), None, {**base, "target_path": str(tmp_path / "nowhere")})
     text = format_problems([p], None)
     assert "does not exist" in text and "zenodo.org/records/7540448" in text and "What to download" in text, text

@@ -108,9 +108,9 @@ def test_base_training_alone_trains_on_the_prior_and_refuses_a_source_corpus(par
     assert len(trained_on["corpus_sha256"]) == 64
     with pytest.raises(ValueError, match=r"train_on is 'prior\+source'.*--pipeline with_base_training"):
         train_base_model(prior, params | {"train_on": "prior+source"}, CAPTION, seed=1)
-    with pytest.raises(ValueError, match=r"base_training: unknown key\(s\) \['max_step'\]"):
+    with pytest.raises(ValueError, match=r"base_training\.max_step: unknown key in base_training; allowed keys"):
         train_base_model(prior, params | {"max_step": 3}, CAPTION, seed=1)
-    with pytest.raises(ValueError, match="base_training.denoiser.max_steps must be set"):
+    with pytest.raises(ValueError, match=r"base_training\.denoiser\.max_steps: missing in base_training\.denoiser"):
         train_base_model(prior, params | {"denoiser": {"batch_size": 4, "learning_rate": 1e-3}}, CAPTION, seed=1)
 
 

@@ -16,6 +16,15 @@ from fu_kedro.classifiers import (
 )
 from fu_kedro.classifiers.train import curve_metrics
 from fu_kedro.datasets import ImageSet
+from fu_kedro.pipelines.evaluation.params import EvaluationParams, TrainParams
+from fu_kedro.schema import ParameterError
+
+
+def _train_block(**over) -> dict:
+    """conf/base's ``evaluation.train`` with ``over`` (the block the schema checks before any node)."""
+    from conftest import base_params
+
+    return base_params("evaluation")["train"] | over
 
 AUG = {"rotation_degrees": 15, "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "hflip_p": 0.5}
 
@@ -171,8 +180,10 @@ def test_autocast_dtype_per_device():
 
 
 def test_bad_precision_or_missing_gpu_fails_before_training():
-    with pytest.raises(ValueError, match="'fp32'"):
-        TrainConfig(mixed_precision="fp32")
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.mixed_precision: 'fp32' in evaluation\.train; "
+                                             "allowed values: 'auto', 'no', 'fp16' or 'bf16'"):
+        TrainParams.from_any(_train_block(mixed_precision="fp32"))
+    assert TrainParams.from_any(_train_block(mixed_precision=False)).mixed_precision == "no"  # YAML's unquoted no
     data = prepare_tensors(_bright_dark(n=8), ["brain", "femur"], 24, "toy")
     model, _ = build_classifier("resnet18", 2, 24)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -217,14 +228,19 @@ def test_every_step_is_one_full_batch_whatever_the_set_size():
 
 
 def test_unknown_training_key_names_the_key_and_the_allowed_ones():
-    from fu_kedro.classifiers.train import train_config
-    from fu_kedro.config import UnknownSettingError
+    from fu_kedro.pipelines.evaluation.nodes import train_config
 
-    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['max_step'\].*'steps'"):
-        train_config({"max_step": 5})
-    assert train_config({"steps": 5}).steps == 5
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        train_config({"steps": 0})
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.max_step: unknown key in evaluation\.train; "
+                                             r"allowed keys: steps, eval_every"):
+        TrainParams.from_any(_train_block(max_step=5))
+    from conftest import base_params
+
+    block = base_params("evaluation")
+    block["train"]["steps"] = 5
+    assert train_config(EvaluationParams.from_any(block)) == TrainConfig(**_train_block(steps=5))
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.steps: 0 in evaluation\.train: Input should be "
+                                             "greater than or equal to 1"):
+        TrainParams.from_any(_train_block(steps=0))
 
 
 def test_same_thread_count_same_bits_idle_or_loaded(one_thread):
@@ -266,8 +282,10 @@ def test_worker_processes_give_the_same_weights_as_one_by_one(one_thread):
     assert not torch.equal(one[0][0].model.conv1.weight, one[1][0].model.conv1.weight)
     assert effective_workers(2, torch.device("cpu"), 1) == 2
     assert effective_workers(2, torch.device("cuda"), 1) == 1 and effective_workers(2, torch.device("cpu"), 4) == 1
-    with pytest.raises(ValueError, match="evaluation.workers must be an integer >= 1"):
-        effective_workers(0, torch.device("cpu"), 1)
+    from conftest import base_params
+
+    with pytest.raises(ParameterError, match=r"evaluation\.workers: 0 in evaluation: Input should be greater than"):
+        EvaluationParams.from_any(base_params("evaluation") | {"workers": 0})
 
 
 def test_weight_averaging_keeps_the_average_and_refuses_bad_settings(one_thread):
@@ -286,7 +304,9 @@ def test_weight_averaging_keeps_the_average_and_refuses_bad_settings(one_thread)
     assert not np.array_equal(predict_proba(ema.model, val), predict_proba(plain.model, val))
     assert ema.history["val_loss"].iloc[-1] == pytest.approx(
         torch.nn.functional.nll_loss(torch.log(torch.from_numpy(predict_proba(ema.model, val))), val.labels).item())
-    with pytest.raises(ValueError, match="weight_averaging must be one of"):
-        TrainConfig(weight_averaging="polyak")
-    with pytest.raises(ValueError, match="averaging_decay and averaging_start must be in"):
-        TrainConfig(weight_averaging="ema", averaging_decay=1.0)
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.weight_averaging: 'polyak' in evaluation\.train; "
+                                             "allowed values: 'none', 'ema' or 'swa'"):
+        TrainParams.from_any(_train_block(weight_averaging="polyak"))
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.averaging_decay: 1\.0 in evaluation\.train: Input "
+                                             "should be less than 1"):
+        TrainParams.from_any(_train_block(weight_averaging="ema", averaging_decay=1.0))

@@ -16,10 +16,10 @@ from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from conftest import base_params
 
-from fu_kedro.config import UnknownSettingError
 from fu_kedro.data_sources import generate_phantoms
 from fu_kedro.datasets import ImageSet
 from fu_kedro.models.base_model import BaseModel
+from fu_kedro.schema import ParameterError
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
 from fu_kedro.pipelines.evaluation import create_pipeline
 from fu_kedro.pipelines.evaluation import nodes, quality
@@ -36,7 +36,7 @@ def _params(**over):
         train={**params["train"], "steps": 6, "eval_every": 3, "batch_size": 32, "bn_recalibration_images": 64},
         metrics={"n_bootstrap": 20, "ci": 0.95},
         quality={**params["quality"], "max_points_per_class": 20},
-        report={"samples_per_class": 2},
+        report={**params["report"], "samples_per_class": 2},
     )
     params.update(over)
     return params
@@ -133,7 +133,8 @@ def test_synthetic_ratio_sweep_draws_stratified_subsets():
     with pytest.raises(ValueError, match=r"ES_x5.synthetic \(5 x the arm's real images, uniform class mix\) needs"):
         nodes.plan_experiments(data, _params(arms={**ratio, "ES_x5": {"real": "all", "synthetic": {"ratio": 5}}},
                                              comparisons=None), seed=0)
-    with pytest.raises(UnknownSettingError, match="the training sets are now arms in evaluation.arms"):
+    with pytest.raises(ParameterError, match=r"evaluation\.training_sets: unknown key in evaluation; allowed keys: "
+                                             "image_size, arms"):  # the old key (CHANGELOG.md): arms now
         nodes.prepare_classifier_data(src, tgt, syn, _params(training_sets=["baseline"]), CLASSES)
 
 

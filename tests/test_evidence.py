@@ -267,7 +267,8 @@ def test_memorisation_space_pixels_skips_the_vae_and_other_spaces_are_refused():
     mem = data["memorisation_images"]
     check = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"], 4, 0, vae_controls={})
     assert check["space"] == "pixels" and check["controls"]["vae_round_trips"].startswith("not run")
-    with pytest.raises(ValueError, match=r"memorisation_space must be one of \['decoder', 'pixels'\], got 'latent'"):
+    with pytest.raises(ValueError, match=r"evaluation\.quality\.memorisation_space: 'latent' in evaluation\.quality; "
+                                         "allowed values: 'decoder' or 'pixels'"):
         nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=_params(quality={**_params()["quality"],
                                                                       "memorisation_space": "latent"}))
 
@@ -338,14 +339,17 @@ def test_the_scorer_arm_is_the_named_real_only_arm_or_the_first_one_with_null():
 
 
 def test_misspelt_keys_stop_the_evaluation_naming_them():
-    from fu_kedro.config import UnknownSettingError
+    from fu_kedro.schema import ParameterError
 
     src, tgt, syn = _sets(n_src=2, n_tgt=2, n_syn=1)
     params = _params()
     params["train"] = {**params["train"], "step": 10}
-    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['step'\]"):
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.step: unknown key in evaluation\.train"):
         nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=params)
-    with pytest.raises(UnknownSettingError, match=r"evaluation: unknown key\(s\) \['n_seed'\]"):
+    with pytest.raises(ParameterError, match=r"evaluation\.n_seed: unknown key in evaluation; allowed keys"):
         nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=dict(_params(), n_seed=3))
-    with pytest.raises(UnknownSettingError, match=r"evaluation.train: unknown key\(s\) \['epochs', 'patience'\]"):
+    with pytest.raises(ParameterError) as error:
         nodes.prepare_classifier_data(src, tgt, syn, classes=CLASSES, params=_params(train={"epochs": 4, "patience": 2}))
+    for line in ("evaluation.train.epochs: unknown key in evaluation.train", "evaluation.train.patience: unknown key",
+                 "evaluation.train.steps: missing in evaluation.train"):
+        assert line in str(error.value), str(error.value)

@@ -179,11 +179,14 @@ def test_a_runtime_classes_override_reaches_every_node_that_uses_the_class_list(
 
 
 @pytest.mark.parametrize("old", ["evaluation.classes", "synthesis.classes", "lora_training.validation.classes",
-                                 "lora_training.base_model.tiny.prior.classes", "ingestion.required_classes.source"])
-def test_an_old_class_list_key_stops_the_run_saying_where_the_list_went(project_root, old):
+                                 "lora_training.base_model.tiny", "base_training.prior.classes",
+                                 "ingestion.required_classes.source"])
+def test_an_old_class_list_key_stops_the_run_as_an_unknown_key(project_root, old):
     """Set by an old command line or env file, an old per-block class list would be ignored
-    silently: the ParameterChecks hook stops every pipeline's run before any node, naming it."""
-    from fu_kedro.config import UnknownSettingError, check_moved_class_lists
+    silently: the parameters' schema refuses it before any node, naming the key and its block's keys
+    (where the lists went: CHANGELOG.md)."""
+    from fu_kedro.params import check_parameters
+    from fu_kedro.schema import ParameterError
 
     runtime: dict = {}
     leaf = runtime
@@ -191,9 +194,9 @@ def test_an_old_class_list_key_stops_the_run_saying_where_the_list_went(project_
     for part in parents:
         leaf = leaf.setdefault(part, {})
     leaf[last] = ["brain"]
-    with pytest.raises(UnknownSettingError, match=rf"{old} has moved to the top-level `classes` parameter"):
-        check_moved_class_lists(project_parameters("base", runtime))
-    check_moved_class_lists(project_parameters("base", {"classes": ["brain"]}))  # the new key is fine
+    with pytest.raises(ParameterError, match=rf"{old}: unknown key in {'.'.join(parents)}; allowed keys: "):
+        check_parameters(project_parameters("base", runtime))
+    check_parameters(project_parameters("base", {"classes": ["brain"]}))  # the new key is fine
 
 
 def test_rank_sweep_override_changes_the_rank_only(project_root):
@@ -294,7 +297,7 @@ def test_upstream_output_from_other_data_fails_and_warns_when_told(tmp_path):
               "prerequisites": {"on_lineage_mismatch": "warn"}}
     problems, warnings = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env=None)
     assert problems == [] and "source_format='phantom'" in warnings[0]
-    del params["prerequisites"]  # absent means fail, as in every profile
+    params["prerequisites"] = {"on_lineage_mismatch": "fail"}  # every profile's
     problems, _ = prerequisites.find_missing_prerequisites(_two_stage_pipeline(), catalog, params, env="paper")
     assert "does not come from this run's data" in problems[0].detail
     params["source_format"] = "phantom"  # matching lineage: nothing to report

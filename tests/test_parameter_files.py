@@ -12,7 +12,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import load_script, project_config
+from conftest import base_params, load_script, project_config
 from kedro.io import DatasetError
 from safetensors.torch import save_file
 
@@ -60,7 +60,7 @@ def test_pretrained_base_loads_a_local_sd_folder_on_first_use_only(tmp_path):
     base = dataset.load()
     assert base.info == {"kind": "pretrained", "name": str(folder), "model": str(folder)}
     assert "not loaded" in repr(base)  # loading (and describing) read no weights
-    made = load_base_model(base, {"base_model": {"pretrained_path": str(folder)}, "resolution": 32})
+    made = load_base_model(base, base_params("lora_training") | {"base_model": {"pretrained_path": str(folder)}, "resolution": 32})
     assert made.info["content_hash"] == pipeline_hash(pipe) and made.info["resolution"] == 32
     assert PretrainedBaseDataset(None).load() is None and not PretrainedBaseDataset(None).exists()
     with pytest.raises(DatasetError, match="read-only"):

@@ -10,11 +10,13 @@ from fu_kedro.data_sources.phantom import DEFAULT_TARGET_CENTERS
 from fu_kedro.data_sources.prior_corpus import STYLE_KEYS, make_prior_corpus
 from fu_kedro.pipelines.base_training import create_pipeline, create_pipeline_with_source
 from fu_kedro.pipelines.base_training.nodes import base_training_corpus as _corpus
+from fu_kedro.pipelines.base_training.nodes import make_prior_corpus as prior_corpus_node
+from fu_kedro.schema import ParameterError
 
 
 def base_training_corpus(source, prior, train_on, source_repeats=1):
     """The node with its two parameters as arguments."""
-    return _corpus(prior, source, {"train_on": train_on, "source_repeats": source_repeats})
+    return _corpus(prior, source, base_params("base_training") | {"train_on": train_on, "source_repeats": source_repeats})
 
 
 CLASSES = base_params("classes")  # the top-level class list
@@ -59,14 +61,17 @@ def test_same_seed_same_pixels_and_breadth_sets_the_variety(prior_params):
 
 
 def test_bad_prior_settings_are_named(prior_params):
-    with pytest.raises(ValueError, match="prior.styles: missing range"):
-        make_prior_corpus(prior_params | {"styles": {"gain": [0.5, 1.0]}}, CLASSES, 0)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_per_clas'\]"):
-        make_prior_corpus(prior_params | {"n_per_clas": 3}, CLASSES, 0)
-    with pytest.raises(ValueError, match=r"base_training.prior.classes has moved to the top-level `classes`"):
-        make_prior_corpus(prior_params | {"classes": ["brain"]}, CLASSES, 0)
-    with pytest.raises(ValueError, match="breadth must be in"):
-        make_prior_corpus(prior_params | {"breadth": 2}, CLASSES, 0)
+    """The node checks its block against the schema before drawing anything."""
+    with pytest.raises(ParameterError, match=r"base_training\.prior\.styles\.speckle: missing in base_training\.prior\.styles"):
+        prior_corpus_node(prior_params | {"styles": {"gain": [0.5, 1.0]}}, CLASSES, 0)
+    with pytest.raises(ParameterError, match=r"base_training\.prior\.n_per_clas: unknown key in base_training\.prior"):
+        prior_corpus_node(prior_params | {"n_per_clas": 3}, CLASSES, 0)
+    with pytest.raises(ParameterError, match=r"base_training\.prior\.classes: unknown key"):
+        prior_corpus_node(prior_params | {"classes": ["brain"]}, CLASSES, 0)
+    with pytest.raises(ParameterError, match=r"base_training\.prior\.breadth: 2 in base_training\.prior: .*less than or equal to 1"):
+        prior_corpus_node(prior_params | {"breadth": 2}, CLASSES, 0)
+    node = prior_corpus_node(prior_params, CLASSES, 7)  # a good block: the library's corpus, unchanged
+    assert np.array_equal(node.images, make_prior_corpus(prior_params, CLASSES, 7).images)
 
 
 def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, small_phantom_sets):
@@ -81,7 +86,7 @@ def test_the_base_corpus_is_prior_source_or_both_never_target(prior_params, smal
     both = base_training_corpus(source, prior, "prior+source")
     assert len(both) == len(prior) + len(only_source)
     assert not set(both.meta["image_id"]) & set(target.meta["image_id"])
-    with pytest.raises(ValueError, match="train_on must be one of"):
+    with pytest.raises(ParameterError, match="base_training.train_on: .target. in base_training; allowed values: .prior., .source. or .prior.source."):
         base_training_corpus(source, prior, "target")
     with pytest.raises(ValueError, match="prior corpus, but it is empty"):
         base_training_corpus(source, make_prior_corpus(prior_params | {"n_per_class": 0}, CLASSES, 1), "prior")
@@ -110,5 +115,5 @@ def test_source_repeats_and_the_priors_own_caption(prior_params, small_phantom_s
     once = base_training_corpus(source, plain, "prior+source")
     assert _captions(once, "a photo of fetal {plane}") == [f"a photo of fetal {x}" for x in once.meta["label"]]
     for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="source_repeats must be a positive integer"):
+        with pytest.raises(ParameterError, match=r"base_training\.source_repeats: .* in base_training: Input should be"):
             base_training_corpus(source, plain, "prior+source", source_repeats=bad)

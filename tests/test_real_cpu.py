@@ -92,13 +92,12 @@ def test_bad_ultrasound_knobs_are_named(bad):
 
 
 def test_unknown_augment_key_still_stops_the_run():
-    from fu_kedro.config import UnknownSettingError
-    from fu_kedro.pipelines.evaluation.nodes import PARAMETER_KEYS
-    from fu_kedro.config import check_keys
+    from fu_kedro.pipelines.evaluation.params import Augment
+    from fu_kedro.schema import ParameterError
 
-    check_keys(PAPER_DA | US_DA, PARAMETER_KEYS["evaluation.augment"], "evaluation.augment")
-    with pytest.raises(UnknownSettingError, match="specle"):
-        check_keys(PAPER_DA | {"specle": 0.2}, PARAMETER_KEYS["evaluation.augment"], "evaluation.augment")
+    Augment.from_any(PAPER_DA | US_DA)
+    with pytest.raises(ParameterError, match=r"evaluation\.augment\.specle: unknown key in evaluation\.augment"):
+        Augment.from_any(PAPER_DA | US_DA | {"specle": 0.2})
 
 
 def _params(env: str) -> dict:
@@ -232,5 +231,9 @@ def test_selection_metric_last_keeps_the_final_step_and_the_other_rules_are_unch
         assert all(torch.equal(kept[k], at_step[k]) for k in at_step), f"{rule}: not the weights of step {step}"
     later = seen["last"][-1]  # the weights did change between evaluations (the check above can fail)
     assert not all(torch.equal(seen["last"][1][k], later[k]) for k in later)
-    with pytest.raises(ValueError, match="selection_metric"):
-        TrainConfig(selection_metric="smoothed")
+    from fu_kedro.pipelines.evaluation.params import TrainParams
+    from fu_kedro.schema import ParameterError
+
+    with pytest.raises(ParameterError, match=r"evaluation\.train\.selection_metric: 'smoothed' in evaluation\.train; "
+                                             "allowed values: 'val_loss', 'val_accuracy' or 'last'"):
+        TrainParams.from_any(project_parameters("real_cpu")["evaluation"]["train"] | {"selection_metric": "smoothed"})

@@ -106,32 +106,33 @@ def test_misspelt_training_key_stops_the_run_naming_it(project_copy):
     assert "max_step" in out and "lora_training.lora" in out and "max_steps" in out  # the key, the block, the allowed ones
 
 
-def test_max_minutes_null_and_absent_mean_no_cap(small_phantom_sets):
-    """``max_minutes: null`` (and no key at all) train exactly ``max_steps`` steps; a cap that is hit is recorded."""
+def test_max_minutes_null_means_no_cap(small_phantom_sets):
+    """``max_minutes: null`` trains exactly ``max_steps`` steps; a cap that is hit is recorded."""
     import torch
     from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
     from fu_kedro.models.training import time_capped_at, to_model_range, train_autoencoder
-    from fu_kedro.pipelines.base_training.nodes import AUTOENCODER_KEYS
-    from fu_kedro.pipelines.lora_training.nodes import _loop
+    from fu_kedro.pipelines.base_training.nodes import loop_config
+    from fu_kedro.pipelines.base_training.params import AutoencoderParams
 
     source, _ = small_phantom_sets
     x = to_model_range(source.images[:16, ::2, ::2])
     torch.set_num_threads(1)
-    for block in ({"max_steps": 3, "max_minutes": None, "batch_size": 4, "learning_rate": 1e-3},
-                  {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "kl_weight": 1e-6}):
-        cfg = _loop(block, 0, "test.autoencoder", AUTOENCODER_KEYS)
-        assert cfg.max_minutes is None
-        vae = build_pipeline_from_config(TINY_CONFIG, 32, 0).vae
-        history = train_autoencoder(vae, x, cfg, kl_weight=1e-6)
-        assert len(history) == 3 and time_capped_at(history) is None
+    block = {"max_steps": 3, "max_minutes": None, "batch_size": 4, "learning_rate": 1e-3, "kl_weight": 1e-6}
+    cfg = loop_config(AutoencoderParams.from_any(block), 0)
+    assert cfg.max_minutes is None
+    vae = build_pipeline_from_config(TINY_CONFIG, 32, 0).vae
+    history = train_autoencoder(vae, x, cfg, kl_weight=1e-6)
+    assert len(history) == 3 and time_capped_at(history) is None
     # a cap of zero minutes stops after the first step, and the history says so
-    cfg = _loop({"max_steps": 50, "max_minutes": 0.0, "batch_size": 4, "learning_rate": 1e-3}, 0, "test.autoencoder")
+    cfg = loop_config(AutoencoderParams.from_any(block | {"max_steps": 50, "max_minutes": 0.0}), 0)
     history = train_autoencoder(build_pipeline_from_config(TINY_CONFIG, 32, 0).vae, x, cfg, kl_weight=1e-6)
     assert len(history) == 1 and time_capped_at(history) == 1
 
 
 def test_a_training_block_without_max_steps_is_refused():
-    from fu_kedro.pipelines.lora_training.nodes import _loop
+    from fu_kedro.pipelines.base_training.params import DenoiserParams
+    from fu_kedro.schema import ParameterError
 
-    with pytest.raises(ValueError, match="test.denoiser.max_steps must be set"):
-        _loop({"batch_size": 4, "learning_rate": 1e-3, "max_minutes": 3}, 0, "test.denoiser")
+    with pytest.raises(ParameterError, match=r"base_training\.denoiser\.max_steps: missing in base_training\.denoiser \(its keys: max_steps, max_minutes"):
+        DenoiserParams.from_any({"batch_size": 4, "learning_rate": 1e-3, "max_minutes": 3, "caption_dropout": 0.1,
+                                 "ema_decay": None, "min_snr_gamma": None, "weight_decay": 0.01})

@@ -182,14 +182,13 @@ def _lineage_mismatch(info: dict, params: dict) -> str | None:
 INGESTION_SETS = ("source_images", "target_images", "lora_subset")  # written together by one ingestion run
 CHECKED_SETS = (*INGESTION_SETS, "synthetic_batch")  # the inputs whose versions the mix check compares
 LINEAGE_KEY = "prerequisites.on_lineage_mismatch"
-LINEAGE_POLICIES = ("fail", "warn")
 SEARCH_LIMIT = 30  # newest saved versions per dataset searched for a matching set
 MIX_PROBLEM = "inputs that do not belong together"
 
 
 def lineage_policy(params: dict) -> str:
-    """``prerequisites.on_lineage_mismatch`` of the run (``fail`` when absent)."""
-    return str((params.get("prerequisites") or {}).get("on_lineage_mismatch", "fail"))
+    """``prerequisites.on_lineage_mismatch`` of the run: ``fail`` | ``warn`` (its schema: :mod:`fu_kedro.params`)."""
+    return str(params["prerequisites"]["on_lineage_mismatch"])
 
 
 class Mix(str):
@@ -573,17 +572,6 @@ def check_split_files(params: dict) -> list[Problem]:
     return problems
 
 
-def check_lineage_policy(params: dict) -> list[Problem]:
-    """``prerequisites.on_lineage_mismatch`` is one of ``LINEAGE_POLICIES``."""
-    policy = lineage_policy(params)
-    if policy in LINEAGE_POLICIES:
-        return []
-    return [Problem(f"a valid {LINEAGE_KEY}",
-                    f"it is {policy!r}; it must be 'fail' (inputs from different runs, splits or data stop the run "
-                    "before any node) or 'warn' (the run goes on; the report, the MLflow run and `kedro lineage` "
-                    "name the mix).", download=False)]
-
-
 def check_pinned_outputs(pipeline, load_versions: dict | None) -> list[Problem]:
     """``--load-versions`` pins what a run *reads*; a dataset this run writes cannot be pinned (the
     run would save a new version and its next node read the pinned one back, from this run's staging
@@ -609,13 +597,7 @@ def find_missing_prerequisites(pipeline, catalog, params: dict, env: str | None 
     """Everything the pipeline about to run needs and does not find, in the order a user fixes it.
     ``run_params`` (the hook's) make the commands of the fixes repeat the run's options."""
     nodes = {n.name.rsplit(".", 1)[-1] for n in pipeline.nodes}
-    problems: list[Problem] = check_lineage_policy(params)
-    problems += check_pinned_outputs(pipeline, (run_params or {}).get("load_versions"))
-    policy = (params.get("ingestion") or {}).get("on_bad_input")
-    if {"read_source_images_node", "read_target_images_node"} & nodes and policy not in ("fail", "skip"):
-        problems.append(Problem("a valid ingestion.on_bad_input",
-                                f"it is {policy!r}; it must be 'fail' (stop, naming each bad file) or 'skip' "
-                                "(quarantine bad files and go on).", download=False))
+    problems: list[Problem] = check_pinned_outputs(pipeline, (run_params or {}).get("load_versions"))
     if "read_source_images_node" in nodes:
         problems += check_data_source("source", params.get("source_format"), params.get("source_path"))
     if "read_target_images_node" in nodes:

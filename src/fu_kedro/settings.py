@@ -15,10 +15,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-from fu_kedro.config import ParameterChecks, ProjectConfigLoader  # noqa: E402
+from fu_kedro.config import ProjectConfigLoader  # noqa: E402
 from fu_kedro.hooks import MainProcessWrites, PrerequisiteChecks  # noqa: E402
 from fu_kedro.launch import is_main_process  # noqa: E402
 from fu_kedro.mlflow_ui import ExperimentChecks  # noqa: E402
+from fu_kedro.params import ParameterChecks  # noqa: E402
 from fu_kedro.run_status import MlflowStoreLock, RunProcess  # noqa: E402
 from fu_kedro.tracking import LineageHooks, RunInterrupts, RunState  # noqa: E402
 
@@ -34,7 +35,9 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-# Before any node runs: the data, weights and upstream outputs this run needs exist, else
+# Before anything else (last here: Kedro calls the hooks it registered last first): the top-level
+# parameters and every block the run reads match their schemas (fu_kedro.params), else one error
+# names each bad key. Then, before any node runs: the data, weights and upstream outputs this run needs exist, else
 # one error names each missing thing and where to put it. Under `accelerate launch` /
 # `python -m fu_kedro.launch`, only the main process writes catalog outputs.
 # LineageHooks: what each output was made from (lineage.json + "made_from"), MLflow inputs,
@@ -46,8 +49,10 @@ CONFIG_LOADER_ARGS = {
 # after the other; RunProcess: a run whose process was killed is ended KILLED by the next one
 # (src/fu_kedro/run_status.py).
 RUN_STATE = RunState()
-HOOKS = (MlflowStoreLock(), ParameterChecks(), PrerequisiteChecks(RUN_STATE), MainProcessWrites(RUN_STATE),
-         LineageHooks(RUN_STATE), RunInterrupts(RUN_STATE), ExperimentChecks(), RunProcess())
+# ParameterChecks (fu_kedro.params): every parameter block a run reads against its schema, first
+# (tryfirst), before any other hook or node.
+HOOKS = (MlflowStoreLock(), PrerequisiteChecks(RUN_STATE), MainProcessWrites(RUN_STATE),
+         LineageHooks(RUN_STATE), RunInterrupts(RUN_STATE), ExperimentChecks(), RunProcess(), ParameterChecks())
 
 # Under several processes only the main one logs to MLflow (kedro-mlflow) and writes
 # kedro-viz's run files; the others never load those plugins' hooks.

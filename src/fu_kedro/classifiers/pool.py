@@ -89,11 +89,8 @@ def fit_all(jobs: list[ClassifierJob], workers: int) -> list[tuple[TrainedClassi
 
 
 def effective_workers(requested: Any, device: torch.device, num_processes: int) -> int:
-    """``evaluation.workers`` as it applies: 1 on a CUDA device or under several launcher processes."""
-    if requested is None:
-        return 1
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-        raise ValueError(f"evaluation.workers must be an integer >= 1, got {requested!r}")
+    """``evaluation.workers`` (an integer >= 1, its schema says) as it applies: 1 on a CUDA device or
+    under several launcher processes."""
     if device.type != "cpu" or num_processes > 1:
         return 1
     return requested

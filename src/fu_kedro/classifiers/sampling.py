@@ -26,24 +26,14 @@ import torch
 
 from .data import TensorSet, to_model_input
 
-BATCHING_RULES = ("fixed_real", "pooled")
-
-
 @dataclass(frozen=True)
 class Batching:
-    """``evaluation.batching``: the rule and, for ``fixed_real``, the images per step of each kind."""
+    """``evaluation.batching`` (checked by its schema, :class:`fu_kedro.pipelines.evaluation.params.Batching`):
+    the rule (``fixed_real`` | ``pooled``) and, for ``fixed_real``, the images per step of each kind."""
 
     rule: str = "pooled"
     real_per_batch: int | None = None       # None: the train block's batch_size
     synthetic_per_batch: int | None = None  # None: the train block's batch_size
-
-    def __post_init__(self) -> None:
-        if self.rule not in BATCHING_RULES:
-            raise ValueError(f"evaluation.batching.rule must be one of {list(BATCHING_RULES)}, got {self.rule!r}")
-        for name in ("real_per_batch", "synthetic_per_batch"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"evaluation.batching.{name} must be null or an integer >= 1, got {v!r}")
 
     def sizes(self, batch_size: int, n_real: int, n_synthetic: int) -> tuple[int, int]:
         """(real, synthetic) images per step; ``pooled``: (batch, 0) over the pooled set."""
@@ -51,13 +41,6 @@ class Batching:
             return min(batch_size, n_real + n_synthetic), 0
         real = min(self.real_per_batch or batch_size, n_real)
         return real, (min(self.synthetic_per_batch or batch_size, n_synthetic) if n_synthetic else 0)
-
-
-def batching(values: dict | None) -> Batching:
-    """``Batching`` from ``evaluation.batching`` (absent: ``pooled``); an unknown key stops the run."""
-    from fu_kedro.config import strict_dataclass
-
-    return strict_dataclass(Batching, values, "evaluation.batching")
 
 
 def index_stream(n: int, batch_size: int, order: torch.Generator):

@@ -72,19 +72,10 @@ log = logging.getLogger(__name__)
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
-LR_SCHEDULES = ("cosine", "constant")
-# none: the trained weights | ema: an exponential moving average of them (decay per step) | swa: their equal
-# average from a share of the steps on (torch.optim.swa_utils); evaluated and kept instead of the raw weights
-WEIGHT_AVERAGING = ("none", "ema", "swa")
-# last: the weights at the end of the fixed schedule; the evaluations then only draw the curves
-# (a rule for tiny validation sets, where the best of many noisy evaluations is mostly noise)
-SELECTION_METRICS = ("val_loss", "val_accuracy", "last")
-
-
 @dataclass
 class TrainConfig:
-    """Knobs of one training run (``evaluation.train`` in the parameters; unknown keys are refused
-    by :func:`train_config`)."""
+    """Knobs of one training run (``evaluation.train`` in the parameters, checked by its schema,
+    :class:`fu_kedro.pipelines.evaluation.params.TrainParams`)."""
 
     steps: int = 300  # optimiser steps per run, the same for every training set (the schedule)
     eval_every: int = 25  # score the validation set every this many steps (and at the last step)
@@ -92,38 +83,18 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"  # cosine: decays to 0 over ``steps`` | constant
-    selection_metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy (higher) | last (the final step)
+    # val_loss (lower is better) | val_accuracy (higher) | last: the weights at the end of the fixed schedule, the
+    # evaluations then only draw the curves (a rule for tiny validation sets, where the best of many noisy evaluations is mostly noise)
+    selection_metric: str = "val_loss"
     eval_batch_size: int = 256
     bn_recalibration_images: int = 256  # 0 = off; see train_classifier
     device: str = "auto"  # auto: this process's CUDA device if there is one, else cpu | cpu | cuda | cuda:N
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16; see autocast_dtype
-    weight_averaging: str = "none"  # none | ema | swa; see WEIGHT_AVERAGING
+    # none: the trained weights | ema: an exponential moving average of them (decay per step) | swa: their equal
+    # average from a share of the steps on (torch.optim.swa_utils); evaluated and kept instead of the raw weights
+    weight_averaging: str = "none"
     averaging_decay: float = 0.9  # ema: weight of the running average at each step
     averaging_start: float = 0.5  # swa: share of the steps after which every step's weights join the average
-
-    def __post_init__(self) -> None:
-        if self.weight_averaging not in WEIGHT_AVERAGING:
-            raise ValueError(f"weight_averaging must be one of {list(WEIGHT_AVERAGING)}, got {self.weight_averaging!r}")
-        if not 0.0 <= float(self.averaging_decay) < 1.0 or not 0.0 <= float(self.averaging_start) < 1.0:
-            raise ValueError(f"averaging_decay and averaging_start must be in [0, 1), got "
-                             f"{self.averaging_decay!r} and {self.averaging_start!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        if self.selection_metric not in SELECTION_METRICS:
-            raise ValueError(f"selection_metric must be one of {list(SELECTION_METRICS)}, got {self.selection_metric!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        for name in ("steps", "eval_every", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def train_config(values: dict | None, where: str = "evaluation.train") -> TrainConfig:
-    """``TrainConfig`` from a parameter block; an unknown or misspelt key stops the run naming it."""
-    from fu_kedro.config import strict_dataclass
-
-    return strict_dataclass(TrainConfig, values, where)
 
 
 @dataclass

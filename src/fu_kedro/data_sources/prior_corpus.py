@@ -26,23 +26,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fu_kedro.config import check_keys
 from fu_kedro.data_sources.phantom import CLASSES, _rng, render_phantom
 from fu_kedro.datasets import ImageSet
 
+# drawn in this order (the schema's fu_kedro.pipelines.base_training.params.Styles has these keys)
 STYLE_KEYS = ("gain", "speckle", "noise", "zoom", "sector_deg", "apex", "attenuation", "gamma")
-PRIOR_KEYS = ("n_per_class", "image_size", "breadth", "linear_probe_fraction", "styles", "caption_template")
 
 
 def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction: float, n: int,
                 rng: np.random.Generator) -> list[dict[str, Any]]:
     """``n`` acquisition settings, each key uniform in its range shrunk by ``breadth``."""
-    check_keys(styles, STYLE_KEYS, "base_training.prior.styles")
-    missing = sorted(set(STYLE_KEYS) - set(styles))
-    if missing:
-        raise ValueError(f"base_training.prior.styles: missing range(s) for {missing}")
-    if not 0.0 <= float(breadth) <= 1.0:
-        raise ValueError(f"base_training.prior.breadth must be in [0, 1], got {breadth!r}")
     out = []
     for i in range(n):
         setting: dict[str, Any] = {"name": f"prior_style_{i:05d}"}
@@ -60,6 +53,9 @@ def draw_styles(styles: dict[str, list[float]], breadth: float, linear_fraction:
 def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> ImageSet:
     """The captioned-by-class phantom corpus the tiny base is trained on (``train_on: prior``).
 
+    The node (:func:`fu_kedro.pipelines.base_training.nodes.make_prior_corpus`) checks ``prior``
+    against its schema first.
+
     Args:
         prior: ``base_training.prior`` — ``n_per_class`` (0 = an empty corpus,
             e.g. for a pretrained base), ``image_size`` (px, then resized to the
@@ -76,15 +72,13 @@ def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> I
         label, domain ``prior``, center ``prior_corpus``, machine (the style's name),
         source_file ``phantom``, and the style's values (one column per style key).
     """
-    check_keys(prior, PRIOR_KEYS, "base_training.prior")
     n_per_class = int(prior["n_per_class"])
     classes = tuple(classes or CLASSES)
-    size = int(prior.get("image_size", 128))
+    size = int(prior["image_size"])
     rng = _rng(seed, "prior_corpus")
     labels = np.repeat(np.array(classes), n_per_class)
     rng.shuffle(labels)
-    styles = draw_styles(prior["styles"], prior.get("breadth", 1.0), prior.get("linear_probe_fraction", 0.0),
-                         len(labels), rng)
+    styles = draw_styles(prior["styles"], prior["breadth"], prior["linear_probe_fraction"], len(labels), rng)
     images = np.empty((len(labels), size, size), np.uint8)
     rows = []
     for i, (label, style) in enumerate(zip(labels, styles)):
@@ -100,7 +94,7 @@ def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> I
     if template:
         meta["caption"] = [str(template).format(plane=label) for label in meta["label"]]
     info = {"format": "prior_corpus", "domain": "prior", "seed": int(seed), "n_per_class": n_per_class,
-            "image_size": size, "breadth": float(prior.get("breadth", 1.0)), "styles": prior["styles"],
-            "linear_probe_fraction": float(prior.get("linear_probe_fraction", 0.0)),
+            "image_size": size, "breadth": float(prior["breadth"]), "styles": prior["styles"],
+            "linear_probe_fraction": float(prior["linear_probe_fraction"]),
             **({"caption_template": str(template)} if template else {})}
     return ImageSet(images, meta, info)

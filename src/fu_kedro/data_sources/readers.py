@@ -431,8 +431,9 @@ def read_domain(fmt: str, path: str | None, domain: str, seed: int, cfg: dict,
         ph = cfg["phantom"][domain]
         images = generate_phantoms(domain, int(ph["n_per_class"]), int(cfg["image_size"]), int(seed),
                                    settings=ph.get("settings"),
-                                   images_per_patient=tuple(ph.get("images_per_patient", (3, 6))),
-                                   class_proportions=ph.get("class_proportions"))
+                                   class_proportions=ph.get("class_proportions"),  # source only
+                                   **({"images_per_patient": tuple(ph["images_per_patient"])}  # source only
+                                      if "images_per_patient" in ph else {}))
         images.meta["pixel_hash"] = [pixel_hash(img) for img in images.images]
     else:
         if not path:

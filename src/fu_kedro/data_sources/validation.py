@@ -196,7 +196,7 @@ def open_grayscale(path: Path, limits: dict, log: IssueLog) -> np.ndarray:
             arr = _to_gray8(im, log)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from None
-    if int(arr.max()) - int(arr.min()) < int(limits.get("min_dynamic_range", 8)):
+    if int(arr.max()) - int(arr.min()) < int(limits["min_dynamic_range"]):
         raise BadImage(f"blank image: grey levels {arr.min()}..{arr.max()}, no ultrasound content")
     return arr
 

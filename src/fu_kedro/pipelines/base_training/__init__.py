@@ -1,2 +1,15 @@
-"""``base_training``: the phantom prior corpus -> a tiny SD-architecture base, saved as a diffusers folder."""
-from .pipeline import create_pipeline, create_pipeline_with_source  # noqa: F401
+"""``base_training``: the phantom prior corpus -> a tiny SD-architecture base, saved as a diffusers folder.
+
+The pipeline (and its nodes, which import torch) load on first use of ``create_pipeline`` or
+``create_pipeline_with_source``, so that ``params`` (the block's schema) imports without them.
+"""
+
+__all__ = ["create_pipeline", "create_pipeline_with_source"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

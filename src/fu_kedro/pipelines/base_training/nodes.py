@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fu_kedro.config import check_keys, strict_dataclass  # noqa: E402
+from fu_kedro.data_sources import prior_corpus  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.models.base_model import BaseModel  # noqa: E402
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config, check_resolution, pipeline_hash  # noqa: E402
@@ -45,14 +45,12 @@ from fu_kedro.models.training import (  # noqa: E402
     train_autoencoder,
     train_denoiser,
 )
+from fu_kedro.schema import as_dict  # noqa: E402
+
+from .params import BaseTrainingParams, LoopParams, PriorParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# The keys of the base_training block (an unknown one stops the run; fu_kedro.config.ParameterChecks).
-BASE_TRAINING_KEYS = ("name", "description", "output_path", "resolution", "torch_threads", "architecture",
-                      "train_on", "source_repeats", "prior", "autoencoder", "denoiser")
-AUTOENCODER_KEYS = ("kl_weight",)  # read by the node, not a loop knob
-BASE_TRAIN_ON = ("prior", "source", "prior+source")
 FINAL_LOSS_WINDOW = 100  # final loss = mean of the last this-many steps (the last step alone is one noisy batch)
 
 
@@ -63,24 +61,16 @@ def deep_update(base: dict, overrides: dict | None) -> dict:
     return out
 
 
-def loop_config(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
-    """The loop settings of one ``conf/`` block, strictly: a misspelt key stops the run.
-
-    ``max_steps`` is required (a fixed step budget); ``max_minutes`` is an optional
-    wall-clock cap, null or absent = no cap.
-    """
-    values = dict(cfg or {})
-    if values.get("max_steps") is None:
-        raise ValueError(f"{where}.max_steps must be set: every training loop runs a fixed number of steps")
-    values["seed"] = int(seed)
-    return strict_dataclass(LoopConfig, values, where, ignore=node_keys)
+def loop_config(cfg: LoopParams, seed: int) -> LoopConfig:
+    """The ``LoopConfig`` of one loop's validated block (its knobs that conf sets) and ``seed``."""
+    return LoopConfig(**cfg.loop_knobs(), seed=int(seed))
 
 
-def check_base_training(params: dict[str, Any]) -> None:
-    """The ``base_training`` block is complete and has no unknown key (raises naming the block and key)."""
-    check_keys(params, BASE_TRAINING_KEYS, "base_training")
-    loop_config(params.get("autoencoder"), 0, "base_training.autoencoder", AUTOENCODER_KEYS)
-    loop_config(params.get("denoiser"), 0, "base_training.denoiser")
+def make_prior_corpus(prior: dict[str, Any], classes: list[str], seed: int) -> ImageSet:
+    """The broad prior corpus (:func:`fu_kedro.data_sources.prior_corpus.make_prior_corpus`) of
+    ``base_training.prior``, checked against its schema first."""
+    PriorParams.from_any(prior)
+    return prior_corpus.make_prior_corpus(as_dict(prior), classes, seed)
 
 
 def image_set_sha256(images: ImageSet) -> str:
@@ -97,15 +87,11 @@ def base_training_corpus(prior_corpus: ImageSet, source_images: ImageSet, params
     Never target images. (``with_base_training`` only: ``base_training`` alone trains on the
     prior corpus and needs no ingestion.)
 
-    ``source_repeats`` (default 1): each source-train image appears this many times in the
+    ``source_repeats``: each source-train image appears this many times in the
     corpus — kohya-ss's dataset ``num_repeats`` — so a few real images are not drowned by a
     larger prior (same number of training steps, other proportions)."""
-    train_on = params.get("train_on", "prior")
-    source_repeats = params.get("source_repeats", 1)
-    if not isinstance(source_repeats, int) or isinstance(source_repeats, bool) or source_repeats < 1:
-        raise ValueError(f"base_training.source_repeats must be a positive integer, got {source_repeats!r}")
-    if train_on not in BASE_TRAIN_ON:
-        raise ValueError(f"base_training.train_on must be one of {list(BASE_TRAIN_ON)}, got {train_on!r}")
+    cfg = BaseTrainingParams.from_any(params)
+    train_on, source_repeats = cfg.train_on, cfg.source_repeats
     parts = []
     if "prior" in train_on:
         if len(prior_corpus) == 0:
@@ -138,9 +124,9 @@ def base_training_corpus(prior_corpus: ImageSet, source_images: ImageSet, params
     })
 
 
-def _corpus_record(corpus: ImageSet, params: dict[str, Any]) -> dict[str, Any]:
+def _corpus_record(corpus: ImageSet, cfg: BaseTrainingParams) -> dict[str, Any]:
     """What the base was trained on (for its lineage record); refuses a corpus that is not what ``train_on`` says."""
-    train_on = params.get("train_on", "prior")
+    train_on = cfg.train_on
     got = corpus.info.get("train_on", "prior" if corpus.info.get("format") == "prior_corpus" else None)
     if got != train_on:
         raise ValueError(
@@ -160,8 +146,8 @@ def _corpus_record(corpus: ImageSet, params: dict[str, Any]) -> dict[str, Any]:
     else:
         record |= {k: corpus.info.get(k) for k in ("source_version", "prior_corpus_version", "prior_breadth",
                                                      "prior_caption_template") if corpus.info.get(k) is not None}
-    if params.get("source_repeats", 1) != 1 and "source" in train_on:
-        record["source_repeats"] = params["source_repeats"]
+    if cfg.source_repeats != 1 and "source" in train_on:
+        record["source_repeats"] = cfg.source_repeats
     return record
 
 
@@ -196,20 +182,20 @@ def train_base_model(corpus: ImageSet, params: dict[str, Any], caption_template:
     Returns:
         (``BaseModel``: the pipeline and its lineage record as ``info``, per-step history).
     """
-    check_base_training(params)
-    ae_cfg = loop_config(params["autoencoder"], seed, "base_training.autoencoder", AUTOENCODER_KEYS)
-    unet_cfg = loop_config(params["denoiser"], seed + 1, "base_training.denoiser")
-    resolution = params["resolution"]
-    config = deep_update(TINY_CONFIG, params.get("architecture"))
+    cfg = BaseTrainingParams.from_any(params)
+    ae_cfg = loop_config(cfg.autoencoder, seed)
+    unet_cfg = loop_config(cfg.denoiser, seed + 1)
+    resolution = cfg.resolution
+    config = deep_update(TINY_CONFIG, cfg.architecture)
     check_resolution(resolution, 2 ** (len(config["vae"]["block_out_channels"]) - 1), "base_training.resolution")
-    trained_on = _corpus_record(corpus, params)
-    with torch_threads(params.get("torch_threads")) as threads:
+    trained_on = _corpus_record(corpus, cfg)
+    with torch_threads(cfg.torch_threads) as threads:
         torch.manual_seed(seed)
         pipe = build_pipeline_from_config(config, resolution, seed)
         log.info("base_training: %s — %s: %d images at %d px (never target images), %d torch thread(s)",
-                 params.get("name"), trained_on["train_on"], len(corpus), resolution, threads)
+                 cfg.name, trained_on["train_on"], len(corpus), resolution, threads)
         x = resize_images(corpus, resolution)
-        ae_hist = train_autoencoder(pipe.vae, x, ae_cfg, kl_weight=float(params["autoencoder"].get("kl_weight", 1e-6)))
+        ae_hist = train_autoencoder(pipe.vae, x, ae_cfg, kl_weight=cfg.autoencoder.kl_weight)
         pipe.vae.register_to_config(scaling_factor=1.0)  # raw posterior means first...
         latents = encode_to_latents(pipe.vae, x)
         scale = 1.0 / float(latents.std())  # ...then SD's convention: scaled latents have unit spread
@@ -226,12 +212,12 @@ def train_base_model(corpus: ImageSet, params: dict[str, Any], caption_template:
 
     info = {
         "kind": "tiny",
-        "name": params.get("name") or "tiny base",
-        "description": params.get("description") or "",
+        "name": cfg.name,
+        "description": cfg.description,
         "resolution": resolution,
         "seed": int(seed),
         "caption_template": caption_template,
-        "parameters": params,
+        "parameters": as_dict(params),
         "trained_on": trained_on,
         "steps": {"autoencoder": len(ae_hist), "base_denoiser": len(unet_hist)},
         "final_loss": {"autoencoder": _final_loss(ae_hist), "base_denoiser": _final_loss(unet_hist)},

@@ -15,9 +15,7 @@ pipeline registry's ``with_base_training`` runs it between ``ingestion`` and ``l
 """
 from kedro.pipeline import Node, Pipeline
 
-from fu_kedro.data_sources.prior_corpus import make_prior_corpus
-
-from .nodes import base_training_corpus, plot_base_loss_curves, train_base_model
+from .nodes import base_training_corpus, make_prior_corpus, plot_base_loss_curves, train_base_model
 
 
 def _prior_corpus_node() -> Node:

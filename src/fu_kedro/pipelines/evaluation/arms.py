@@ -28,7 +28,8 @@ images, the batch-norm calibration images, seeds) is the same in every arm (see
 
 The string forms (``balanced``, ``all``) are what ``conf/base`` uses, so that an env can replace
 them with a mapping (``{csv: path}``, ``{per_class: 1000}``): the envs merge soft, and a mapping
-merged over a mapping would keep both keys.
+merged over a mapping would keep both keys. The forms are checked by the block's schema
+(:class:`.params.ArmParams`) before any node runs; :func:`parse_arms` only reads them.
 """
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ import numpy as np
 import pandas as pd
 
 from fu_kedro.classifiers import TensorSet
-from fu_kedro.config import UnknownSettingError, check_keys
 
-SYNTHETIC_CLASS_MIXES = ("uniform", "real_prior")
-MOVED_ARM_KEYS = ("training_sets", "synthetic_ratios")
+from .params import ArmParams, BalancedReal, CsvReal, EvaluationParams, PerClassSynthetic
 
 
 @dataclass(frozen=True)
@@ -84,78 +83,39 @@ class Arm:
         return {"arm_label": self.label, "real_rule": self.describe_real(), "synthetic_rule": self.describe_synthetic()}
 
 
-def _arm(name: str, spec: Any) -> Arm:
-    where = f"evaluation.arms.{name}"
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a mapping with keys real and synthetic, got {spec!r}")
-    check_keys(spec, ("real", "synthetic", "label"), where)
-    real, syn = spec.get("real", "all"), spec.get("synthetic", "none")
-    fields: dict[str, Any] = {"name": str(name), "label": str(spec.get("label") or name)}
-    if real == "all":
-        fields["real"] = "all"
-    elif real == "balanced":
-        fields.update(real="balanced", balanced_per_class=None)
-    elif isinstance(real, dict) and set(real) == {"balanced_per_class"}:
-        n = real["balanced_per_class"]
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"{where}.real.balanced_per_class must be null or an integer >= 1, got {n!r}")
-        fields.update(real="balanced", balanced_per_class=n)
-    elif isinstance(real, dict) and set(real) == {"csv"} and isinstance(real["csv"], str) and real["csv"]:
-        fields.update(real="csv", csv=real["csv"])
-    else:
-        raise ValueError(f"{where}.real must be all, balanced, {{balanced_per_class: N}} or {{csv: path}}, got {real!r}")
+def _arm(name: str, spec: ArmParams) -> Arm:
+    """The :class:`Arm` an arm's validated block describes."""
+    fields: dict[str, Any] = {"name": str(name), "label": spec.label or str(name)}
+    real, syn = spec.real, spec.synthetic
+    if isinstance(real, BalancedReal):
+        fields.update(real="balanced", balanced_per_class=real.balanced_per_class)
+    elif isinstance(real, CsvReal):
+        fields.update(real="csv", csv=real.csv)
+    else:  # all | balanced (= {balanced_per_class: null})
+        fields.update(real=real, balanced_per_class=None)
     if syn in ("none", None):
         fields["synthetic"] = "none"
     elif syn == "all":
         fields.update(synthetic="per_class", synthetic_value=None)
-    elif isinstance(syn, dict) and set(syn) == {"per_class"}:
-        n = syn["per_class"]
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"{where}.synthetic.per_class must be null or an integer >= 1, got {n!r}")
-        fields.update(synthetic="per_class", synthetic_value=n)
-    elif isinstance(syn, dict) and set(syn) == {"ratio"}:
-        r = syn["ratio"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0:
-            raise ValueError(f"{where}.synthetic.ratio must be a number > 0, got {r!r}")
-        fields.update(synthetic="ratio", synthetic_value=float(r))
+    elif isinstance(syn, PerClassSynthetic):
+        fields.update(synthetic="per_class", synthetic_value=syn.per_class)
     else:
-        raise ValueError(f"{where}.synthetic must be none, all, {{per_class: N}} or {{ratio: r}}, got {syn!r}")
+        fields.update(synthetic="ratio", synthetic_value=float(syn.ratio))
     return Arm(**fields)
 
 
-def parse_arms(params: dict) -> list[Arm]:
-    """``evaluation.arms`` checked, in their order; an old ``training_sets``/``synthetic_ratios`` key says where it went."""
-    old = [k for k in MOVED_ARM_KEYS if k in params]
-    if old:
-        raise UnknownSettingError(
-            f"evaluation.{', evaluation.'.join(old)}: the training sets are now arms in evaluation.arms "
-            "(name -> real: all | {balanced_per_class: N} | {csv: path}; synthetic: none | {per_class: N} | "
-            "{ratio: r}), e.g. baseline: {real: all, synthetic: none}, hybrid: {real: all, synthetic: "
-            "{per_class: null}} (docs/evaluation.md#arms)")
-    arms = params.get("arms")
-    if not isinstance(arms, dict) or not arms:
-        raise ValueError(f"evaluation.arms must name at least one arm, got {arms!r}")
-    mix = params.get("synthetic_class_mix", "uniform")
-    if mix not in SYNTHETIC_CLASS_MIXES:
-        raise ValueError(f"evaluation.synthetic_class_mix must be one of {list(SYNTHETIC_CLASS_MIXES)}, got {mix!r}")
-    return [_arm(name, spec) for name, spec in arms.items()]
+def parse_arms(params: dict | EvaluationParams) -> list[Arm]:
+    """``evaluation.arms``, in their order (``params``: the ``evaluation`` block)."""
+    return [_arm(name, spec) for name, spec in EvaluationParams.from_any(params).arms.items()]
 
 
-def parse_comparisons(params: dict, arms: list[Arm]) -> list[tuple[str, str]]:
-    """``evaluation.comparisons``: ``[arm, minus arm]`` pairs of named arms (default: every arm minus the first)."""
-    names = [a.name for a in arms]
-    raw = params.get("comparisons")
-    if raw is None:
+def parse_comparisons(params: dict | EvaluationParams) -> list[tuple[str, str]]:
+    """``evaluation.comparisons``: ``[arm, minus arm]`` pairs of named arms (null: every arm minus the first)."""
+    cfg = EvaluationParams.from_any(params)
+    if cfg.comparisons is None:
+        names = list(cfg.arms)
         return [(n, names[0]) for n in names[1:]]
-    out = []
-    for pair in raw:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] == pair[1]:
-            raise ValueError(f"evaluation.comparisons: each entry is [arm, minus arm] of two different arms, got {pair!r}")
-        unknown = [p for p in pair if p not in names]
-        if unknown:
-            raise ValueError(f"evaluation.comparisons {list(pair)}: {unknown} not in evaluation.arms {names}")
-        out.append((str(pair[0]), str(pair[1])))
-    return out
+    return [(str(a), str(b)) for a, b in cfg.comparisons]
 
 
 # --------------------------------------------------------------------------- real images

@@ -5,6 +5,10 @@ Data flow (see ``pipeline.py``): image sets -> tensors once -> a validated exper
 -> one trained classifier per (training set, backbone, augmentation, seed) -> target
 predictions -> metrics; the baseline classifiers and a synthetic-only (CAS) classifier
 judge the synthetic batch; everything ends in one report.
+
+Each node reads the ``evaluation`` block through its schema,
+``cfg = EvaluationParams.from_any(params)`` (:mod:`fu_kedro.schema`); the classifiers'
+augmentation and the quality report get the block's dicts as given.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 
 from fu_kedro.classifiers import (
     TensorSet,
@@ -30,66 +33,40 @@ from fu_kedro.classifiers import (
     prepare_tensors,
 )
 from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
-from fu_kedro.classifiers.sampling import batching as sampling_rule
-from fu_kedro.classifiers.train import curve_metrics, train_config
-from fu_kedro.config import check_keys
+from fu_kedro.classifiers.sampling import Batching
+from fu_kedro.classifiers.train import curve_metrics
 from fu_kedro.datasets import ImageSet
 from fu_kedro.devices import resolve_device
 from fu_kedro.launch import distributed_state
 from fu_kedro.lineage import to_jsonable
 from fu_kedro.models.generation import cpu_threads
+from fu_kedro.schema import as_dict
 
 from . import arms as arm_defs
 from . import quality
 from .metrics import experiment_key, prob_columns, summarise_zero_shot
+from .params import EvaluationParams
 
 log = logging.getLogger(__name__)
 
-# every key the evaluation block and its sub-blocks accept: a misspelt key stops the run
-PARAMETER_KEYS = {
-    "evaluation": ("image_size", "arms", "comparisons", "synthetic_class_mix", "batching", "backbones", "augmentation",
-                   "n_seeds", "weights", "torch_threads", "workers", "min_fidelity", "on_low_fidelity",
-                   "train", "augment", "metrics", "quality", "report"),
-    "evaluation.augment": ("rotation_degrees", "crop_scale", "crop_ratio", "hflip_p",  # + the optional ultrasound DA:
-                           "gain", "gamma", "speckle", "speckle_grain", "sector_p", "sector_half_angle", "sector_depth"),
-    "evaluation.metrics": ("n_bootstrap", "ci"),
-    "evaluation.quality": ("scorer_arm", "cas_holdout_fraction", "memorisation_threshold", "memorisation_size",
-                           "memorisation_controls", "memorisation_space", "tsne_perplexity", "max_points_per_class"),
-    "evaluation.report": ("samples_per_class", "paper_table"),
-}
-ON_LOW_FIDELITY = ("warn", "fail")
-MEMORISATION_SPACES = ("decoder", "pixels")  # quality.memorisation_space (absent: decoder)
+
+def train_config(cfg: EvaluationParams) -> TrainConfig:
+    """The classifiers' schedule, ``evaluation.train``, as a :class:`TrainConfig`."""
+    return TrainConfig(**cfg.train.model_dump())
 
 
-def check_parameters(params: dict) -> None:
-    """Unknown keys anywhere in ``evaluation`` (``train`` included), bad arms and bad gate settings stop the run."""
-    arm_defs.parse_comparisons(params, arm_defs.parse_arms(params))
-    sampling_rule(params.get("batching"))
-    check_keys(params, PARAMETER_KEYS["evaluation"], "evaluation")
-    for block, allowed in PARAMETER_KEYS.items():
-        if block != "evaluation":
-            check_keys(params.get(block.split(".")[1]) or {}, allowed, block)
-    train_config(params.get("train"))
-    read_paper_table((params.get("report") or {}).get("paper_table"))  # a missing file stops the run now, not at the report
-    if params.get("on_low_fidelity", "warn") not in ON_LOW_FIDELITY:
-        raise ValueError(f"evaluation.on_low_fidelity must be one of {list(ON_LOW_FIDELITY)}, "
-                         f"got {params.get('on_low_fidelity')!r}")
-    space = (params.get("quality") or {}).get("memorisation_space", "decoder")
-    if space not in MEMORISATION_SPACES:
-        raise ValueError(f"evaluation.quality.memorisation_space must be one of {list(MEMORISATION_SPACES)}, "
-                         f"got {space!r}")
-    threads = params.get("torch_threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"evaluation.torch_threads must be null or an integer >= 1, got {threads!r}")
-    effective_workers(params.get("workers", 1), torch.device("cpu"), 1)  # an integer >= 1, or it says so
+def batching(cfg: EvaluationParams) -> Batching:
+    """Where each step's images come from, ``evaluation.batching``."""
+    return Batching(**cfg.batching.model_dump())
 
 
 @contextmanager
-def stage_threads(params: dict):
+def stage_threads(params: dict | EvaluationParams | None):
     """``evaluation.torch_threads`` for torch *and* for the BLAS/OpenMP pools numpy, scipy and
     scikit-learn use (``threadpoolctl``): with more threads than free cores they thrash on a
-    busy machine (a 512-feature Fréchet distance took 17 s instead of 0.2 s under load)."""
-    with cpu_threads(params.get("torch_threads")) as used:
+    busy machine (a 512-feature Fréchet distance took 17 s instead of 0.2 s under load).
+    ``params`` ``None``: as set."""
+    with cpu_threads(None if params is None else EvaluationParams.from_any(params).torch_threads) as used:
         yield used
 
 
@@ -99,8 +76,7 @@ def in_stage_threads(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        params = signature.bind(*args, **kwargs).arguments.get("params") or {}
-        with stage_threads(params):
+        with stage_threads(signature.bind(*args, **kwargs).arguments.get("params")):
             return func(*args, **kwargs)
 
     return wrapper
@@ -137,9 +113,10 @@ def prepare_classifier_data(
         ValueError: a label outside ``classes`` (naming set and labels), a source without
             train/val patients, a target without patient/center columns.
     """
-    check_parameters(params)
+    cfg = EvaluationParams.from_any(params)
+    read_paper_table(cfg.report.paper_table)  # a missing file stops the run now, not at the report
     classes = list(classes)
-    size = int(params["image_size"])
+    size = cfg.image_size
     splits = _check_real_sets(source_images, target_images, classes)
     source = prepare_tensors(source_images, classes, size, "source_images")
     target = prepare_tensors(target_images, classes, size, "target_images")
@@ -155,7 +132,7 @@ def prepare_classifier_data(
         "synthetic": synthetic,
     }
     batch = synthetic_batch if synthetic is not None else None
-    mem_size, data["memorisation_images"] = _memorisation_images(source_images, splits, batch, classes, size, params)
+    mem_size, data["memorisation_images"] = _memorisation_images(source_images, splits, batch, classes, size, cfg)
     if synthetic is not None:
         meta = synthetic.meta
         meta["replicate"] = (pd.to_numeric(meta["replicate"]).astype(int) if "replicate" in meta.columns
@@ -208,15 +185,15 @@ def _check_real_sets(source_images: ImageSet, target_images: ImageSet, classes: 
 
 
 def _memorisation_images(source_images: ImageSet, splits: pd.Series, synthetic_batch: ImageSet | None,
-                         classes: list[str], size: int, params: dict) -> tuple[int, dict[str, np.ndarray]]:
+                         classes: list[str], size: int, cfg: EvaluationParams) -> tuple[int, dict[str, np.ndarray]]:
     """(resolution, uint8 arrays) for the copy check: source train/val and the synthetic batch.
 
     The copy check compares pixels at the generator's resolution (the synthetic images' own
     size unless quality.memorisation_size is a number), both sides through the same resize:
     a training image that the generator reproduced exactly then correlates 1.0 with it.
     """
-    mem_size = params["quality"].get("memorisation_size", "auto")
-    if mem_size in (None, "auto"):
+    mem_size = cfg.quality.memorisation_size
+    if mem_size == "auto":
         mem_size = int(synthetic_batch.images.shape[1]) if synthetic_batch is not None else size
     mem = {"source_train": source_images.select((splits == "train").to_numpy()),
            "source_val": source_images.select((splits == "val").to_numpy())}
@@ -253,23 +230,21 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
             smallest class, a CSV naming no source-train image, a backbone torchvision lacks,
             a weights file that does not fit its backbone.
     """
+    params = EvaluationParams.from_any(params)
     arms = arm_defs.parse_arms(params)
-    arm_defs.parse_comparisons(params, arms)  # checked now, used by the metrics
-    rule = sampling_rule(params.get("batching"))
-    mix = params.get("synthetic_class_mix", "uniform")
+    rule = batching(params)
+    mix = params.synthetic_class_mix
     n_syn = classifier_data["info"]["n_synthetic"]
     if any(a.has_synthetic for a in arms) and n_syn == 0:
         raise ValueError(
             f"arms {[a.name for a in arms if a.has_synthetic]} need synthetic images, but synthetic_batch has none; "
             "run the synthesis pipeline first or keep only arms with synthetic: none in evaluation.arms")
-    backbones = list(params["backbones"])
-    weights_files = dict(params.get("weights") or {})
+    backbones = list(params.backbones)
+    weights_files = dict(params.weights)
     descriptions = _check_backbones(backbones, weights_files, classifier_data)
-    n_seeds = int(params["n_seeds"])
-    if n_seeds < 1:
-        raise ValueError(f"evaluation.n_seeds must be >= 1, got {n_seeds}")
-    augmentations = [bool(a) for a in params["augmentation"]]
-    cfg = train_config(params["train"])
+    n_seeds = params.n_seeds
+    augmentations = list(params.augmentation)
+    cfg = train_config(params)
     plan = []
     for arm in arms:
         real = _arm_real(classifier_data, arm, int(seed))
@@ -286,7 +261,7 @@ def plan_experiments(classifier_data: dict, params: dict, seed: int) -> list[dic
                         "synthetic_ratio": arm.synthetic_value if arm.synthetic == "ratio" else None,
                         "arm_seed": int(seed),
                     }
-                    plan.extend(_seeded_runs(config, cfg, rule, int(seed), n_seeds, params.get("torch_threads")))
+                    plan.extend(_seeded_runs(config, cfg, rule, int(seed), n_seeds, params.torch_threads))
     fits = _replicate_fits(classifier_data)
     if fits:  # synthesis.adapter_per_replicate: the LoRA fit each synthetic arm's replicate was made with
         for run in plan:
@@ -428,16 +403,16 @@ def _job(name: str, run: dict, train, val, classifier_data: dict, cfg, params: d
     return ClassifierJob(
         name=name, backbone=run["backbone"], n_classes=len(classifier_data["classes"]),
         image_size=classifier_data["image_size"], weights_file=run["weights_file"], seed=int(run["seed"]),
-        train=train, val=val, cfg=cfg, augmentation=params["augment"] if run["augmentation"] else None,
-        threads=params.get("torch_threads"), synthetic=synthetic,
+        train=train, val=val, cfg=cfg, augmentation=as_dict(params)["augment"] if run["augmentation"] else None,
+        threads=EvaluationParams.from_any(params).torch_threads, synthetic=synthetic,
         batching=batching, calibration=calibration,
     )
 
 
 def _workers(params: dict, cfg, state) -> int:
     """``evaluation.workers`` as it applies here (1 on a CUDA device or under several launcher processes)."""
-    return effective_workers(params.get("workers", 1), resolve_device(cfg.device, "evaluation.train.device"),
-                             state.num_processes)
+    return effective_workers(EvaluationParams.from_any(params).workers,
+                             resolve_device(cfg.device, "evaluation.train.device"), state.num_processes)
 
 
 def train_experiments(
@@ -463,7 +438,7 @@ def train_experiments(
     results are gathered so that every process returns all of them, in plan order — the
     same classifiers and table as one process.
     """
-    cfg = train_config(params["train"])
+    cfg = train_config(EvaluationParams.from_any(params))
     chosen = [
         run for run in experiment_plan
         if arms == "all" or (arms == "baseline") == (int(run["n_synthetic"]) == 0)
@@ -479,7 +454,7 @@ def train_experiments(
         log.info("classifier %d/%d (%s arms): %s (%s)", i + 1, len(chosen), arms, run_key(run), run["weights"])
         real, synthetic = arm_images(classifier_data, run, params)
         jobs.append(_job(curve_run_name(run_key(run)), run, real, classifier_data["source_val"], classifier_data,
-                         cfg, params, synthetic, calibration, sampling_rule(params.get("batching"))))
+                         cfg, params, synthetic, calibration, batching(EvaluationParams.from_any(params))))
     with stage_threads(params):
         fitted = fit_all(jobs, _workers(params, cfg, state))
     for i, (result, _) in zip(mine, fitted):
@@ -605,8 +580,8 @@ def check_synthetic_fidelity(
         fidelity_ci, fidelity_per_seed, fidelity_per_replicate, per_class, scorer
         (run keys), scorer_accuracy_source_val (+ ci, per seed), note, message.
     """
-    threshold = float(params.get("min_fidelity", 0.8))
-    action = params.get("on_low_fidelity", "warn")
+    cfg = EvaluationParams.from_any(params)
+    threshold, action = cfg.min_fidelity, cfg.on_low_fidelity
     synthetic = classifier_data["synthetic"]
     gate: dict[str, Any] = {"threshold": threshold, "action": action}
     if synthetic is None:
@@ -617,8 +592,8 @@ def check_synthetic_fidelity(
         raise ValueError("the fidelity gate needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
     models = [baseline_classifiers[run_key(r)].model for r in scorers]
     val = classifier_data["source_val"]
-    n_boot = max(int(params["metrics"]["n_bootstrap"]), 1)
-    with stage_threads(params):
+    n_boot = max(cfg.metrics.n_bootstrap, 1)
+    with stage_threads(cfg):
         syn_correct = _correct_matrix(models, synthetic, synthetic.labels.numpy())
         val_correct = _correct_matrix(models, val, val.labels.numpy())
     val_groups = val.meta["patient_id"].astype(str).to_numpy() if "patient_id" in val.meta else None
@@ -674,7 +649,7 @@ def predict_target(
     classes = classifier_data["classes"]
     target = classifier_data["target"]
     frames = []
-    with stage_threads(params or {}):
+    with stage_threads(params):
         for run in experiment_plan:
             proba = predict_proba(trained_classifiers[run_key(run)].model, target)
             frame = pd.DataFrame(
@@ -713,24 +688,25 @@ def compute_zero_shot_metrics(
         The ``zero_shot_metrics.json`` content (see ``fu_kedro.metrics.summarise_zero_shot``),
         each experiment also carrying ``n_real``, ``n_synthetic`` and ``weights``.
     """
+    cfg = EvaluationParams.from_any(params)
     result = summarise_zero_shot(
         zero_shot_predictions,
         list(classes),
-        n_bootstrap=int(params["metrics"]["n_bootstrap"]),
-        ci=float(params["metrics"]["ci"]),
+        n_bootstrap=cfg.metrics.n_bootstrap,
+        ci=cfg.metrics.ci,
         seed=int(seed),
         replicate_fits=len({run["adapter_content_hash"] for run in experiment_plan if "adapter_content_hash" in run}) > 1,
-        comparisons=arm_defs.parse_comparisons(params, arm_defs.parse_arms(params)),
+        comparisons=arm_defs.parse_comparisons(cfg),
     )
     for run in experiment_plan:
         entry = result["experiments"].get(experiment_key(run["experiment"], run["backbone"], run["augmentation"]))
         if entry is not None:
             entry.update({k: run.get(k) for k in PLAN_FIELDS_IN_METRICS})
     result["arms"] = {
-        "batching": sampling_rule(params.get("batching")).rule,
-        "synthetic_class_mix": params.get("synthetic_class_mix", "uniform"),
+        "batching": cfg.batching.rule,
+        "synthetic_class_mix": cfg.synthetic_class_mix,
         "order": list(dict.fromkeys(run["experiment"] for run in experiment_plan)),
-        "comparisons": [list(c) for c in arm_defs.parse_comparisons(params, arm_defs.parse_arms(params))],
+        "comparisons": [list(c) for c in arm_defs.parse_comparisons(cfg)],
     }
     return to_jsonable(result, finite=True)
 
@@ -758,7 +734,7 @@ def zero_shot_mlflow_metrics(zero_shot_metrics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- synthetic quality
-def _reference_arm(experiment_plan: list[dict], params: dict) -> str | None:
+def _reference_arm(experiment_plan: list[dict], params: dict | EvaluationParams) -> str | None:
     """The real-only arm whose classifiers score the synthetic batch (fidelity gate, CAS schedule,
     feature space): ``evaluation.quality.scorer_arm``, or with ``null`` the first arm of
     ``evaluation.arms`` without synthetic images.
@@ -767,7 +743,7 @@ def _reference_arm(experiment_plan: list[dict], params: dict) -> str | None:
     its own merits, where ES's scorers carry ES's class prior (Other 42 %, abdomen 6 %) into the
     fidelity and read a faithful abdomen image as Other.
     """
-    name = params["quality"]["scorer_arm"]
+    name = EvaluationParams.from_any(params).quality.scorer_arm
     real_only = [r["experiment"] for r in experiment_plan if int(r["n_synthetic"]) == 0]
     if name is None:
         return real_only[0] if real_only else None
@@ -806,8 +782,8 @@ def train_cas_classifier(
         return None
     runs = _first_config_runs(experiment_plan, _reference_arm(experiment_plan, params)) or [experiment_plan[0]]
     labels = synthetic.labels.numpy()
-    frac = float(params["quality"]["cas_holdout_fraction"])
-    cfg = train_config(params["train"])
+    frac = EvaluationParams.from_any(params).quality.cas_holdout_fraction
+    cfg = train_config(EvaluationParams.from_any(params))
     jobs = []
     for run in runs:
         rng = np.random.default_rng(run["seed"])
@@ -835,11 +811,11 @@ def make_vae_round_trip_controls(base_model, classifier_data: dict, params: dict
     training images' VAE round trips, a positive control (what a generator that memorised
     them would output). ``quality.memorisation_space: pixels``: nothing (``{}``; the check runs on
     the pixels, without the VAE's cost: one encode + decode per image, ~48 CPU-s each at 512 px)."""
-    q = params.get("quality") or {}
-    if q.get("memorisation_space", "decoder") == "pixels":
+    q = EvaluationParams.from_any(params).quality
+    if q.memorisation_space == "pixels":
         return {}
-    n = int(q.get("memorisation_controls", 20))
-    return quality.decoder_space_images(base_model.pipe.vae, classifier_data["memorisation_images"], n, seed)
+    return quality.decoder_space_images(base_model.pipe.vae, classifier_data["memorisation_images"],
+                                        q.memorisation_controls, seed)
 
 
 @in_stage_threads  # t-SNE, Fréchet and KID too: sklearn/scipy's OpenMP/BLAS pools spin-wait on a busy machine
@@ -881,15 +857,16 @@ def assess_synthetic_quality(
     baselines = _first_config_runs(experiment_plan, _reference_arm(experiment_plan, params))
     if not baselines:
         raise ValueError("synthetic quality needs baseline runs (evaluation.arms must include an arm with synthetic: none)")
+    cfg = EvaluationParams.from_any(params)
     gate = fidelity_gate or check_synthetic_fidelity(
-        classifier_data, trained_classifiers, experiment_plan, dict(params, on_low_fidelity="warn"), seed)
+        classifier_data, trained_classifiers, experiment_plan, cfg.model_copy(update={"on_low_fidelity": "warn"}), seed)
     base_models = [trained_classifiers[run_key(r)].model for r in baselines]
     views = _classifier_views(classifier_data, [c.model for c in cas_classifier], base_models, base_models[0])
-    copies = _memorisation(classifier_data, params["quality"], seed, vae_controls)
+    copies = _memorisation(classifier_data, cfg, seed, vae_controls)
     scorer = {"run": run_key(baselines[0]), "backbone": baselines[0]["backbone"], "weights": baselines[0]["weights"]}
     cas_info = [dict(c.info, best_step=c.best_step) for c in cas_classifier]
     report, embedding = quality.synthetic_quality_report(classifier_data, views, gate, copies, cas_info, scorer,
-                                                         params, seed)
+                                                         as_dict(params), seed)
     log.info(
         "synthetic quality: fidelity %.3f (scorers on real val %.3f), CAS %.3f (real-only %.3f) on source val, "
         "%d flagged copies (threshold %.3f)",
@@ -917,12 +894,12 @@ def _classifier_views(classifier_data: dict, cas_models: list, base_models: list
     }
 
 
-def _memorisation(classifier_data: dict, q: dict, seed: int, vae_controls) -> dict:
+def _memorisation(classifier_data: dict, cfg: EvaluationParams, seed: int, vae_controls) -> dict:
     """The copy check at the generator's resolution, its threshold calibrated on controls."""
     mem = classifier_data["memorisation_images"]
     copies = quality.memorisation_check(mem["synthetic"], mem["source_train"], mem["source_val"],
-                                        int(q.get("memorisation_controls", 20)), seed,
-                                        q.get("memorisation_threshold", "auto"), vae_controls)
+                                        cfg.quality.memorisation_controls, seed,
+                                        cfg.quality.memorisation_threshold, vae_controls)
     calibration = copies["controls"]
     if not calibration["separable"]:
         log.warning("memorisation check (%s space): at %d px a real validation image correlates %.3f with a training "
@@ -966,10 +943,10 @@ def build_report(
     """
     from . import report  # matplotlib: only when the report is built
 
+    cfg = EvaluationParams.from_any(params).report
     return report.evaluation_report(classifier_data, experiment_plan, training_history, zero_shot_metrics,
-                                    synthetic_quality, synthetic_embedding,
-                                    int(params["report"]["samples_per_class"]), seed,
-                                    read_paper_table(params["report"].get("paper_table")))
+                                    synthetic_quality, synthetic_embedding, cfg.samples_per_class, seed,
+                                    read_paper_table(cfg.paper_table))
 
 
 def read_paper_table(path: str | None) -> pd.DataFrame | None:

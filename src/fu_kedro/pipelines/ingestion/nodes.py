@@ -1,6 +1,10 @@
 """Nodes of the ``ingestion`` pipeline: read + validate + preprocess both domains, split the
 source by patient, draw the LoRA subset, report what was skipped, count, and draw a preview.
-Source and target are checked not to overlap (files, pixels, patients) before the split."""
+Source and target are checked not to overlap (files, pixels, patients) before the split.
+
+Each node takes the ``ingestion`` block as Kedro passes it and reads it through its schema,
+``cfg = IngestionParams.from_any(ingestion)`` (:mod:`fu_kedro.schema`); the readers of
+:mod:`fu_kedro.data_sources` get the dict."""
 from __future__ import annotations
 
 import hashlib
@@ -11,32 +15,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fu_kedro.config import check_keys
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.readers import read_domain
 from fu_kedro.data_sources.separation import check_domain_separation
 from fu_kedro.data_sources.validation import REPORT_COLUMNS
 from fu_kedro.datasets import ImageSet
+from fu_kedro.schema import as_dict
+
+from .params import IngestionParams
 
 logger = logging.getLogger(__name__)
-
-
-def _required_classes(ingestion: dict[str, Any]) -> dict[str, Any]:
-    """``ingestion.required_classes``; its old ``source`` list stops the run, saying where it went
-    (``check_keys`` names a moved class list as such)."""
-    required = dict(ingestion.get("required_classes") or {})
-    check_keys(required, ("target",), "ingestion.required_classes")
-    return required
-
-
-def lora_per_class(ingestion: dict[str, Any]) -> int:
-    """``ingestion.lora_per_class``: a positive whole number (0 would publish an empty LoRA subset
-    and train the adapter on nothing); checked before any image is read, and again by the draw."""
-    value = ingestion.get("lora_per_class")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ingestion.lora_per_class must be a whole number >= 1 (images per class in the LoRA "
-                         f"subset; the paper: 20), got {value!r}")
-    return value
 
 
 def read_source_images(source_format: str, source_path: str | None, seed: int,
@@ -56,9 +44,8 @@ def read_source_images(source_format: str, source_path: str | None, seed: int,
         patient_id, label, domain="source", center, machine, source_file) without a split
         yet, and its quarantine rows (``file, reason, domain``).
     """
-    _required_classes(ingestion)
-    lora_per_class(ingestion)
-    return read_domain(source_format, source_path, "source", seed, ingestion, required=list(classes))
+    IngestionParams.from_any(ingestion)  # every key, before any image is read
+    return read_domain(source_format, source_path, "source", seed, as_dict(ingestion), required=list(classes))
 
 
 def read_target_images(target_format: str, target_path: str | None, seed: int,
@@ -67,11 +54,11 @@ def read_target_images(target_format: str, target_path: str | None, seed: int,
 
     Returns the target ``ImageSet`` with ``domain="target"`` and ``split="test"`` on
     every row (the target is never split or trained on), and its quarantine rows. Classes
-    it must have: ``ingestion.required_classes.target`` (default none: a target center may
+    it must have: ``ingestion.required_classes.target`` (conf/base: none, as a target center may
     lack a class, and the African set has no 'other').
     """
-    required = _required_classes(ingestion).get("target") or []
-    images, report = read_domain(target_format, target_path, "target", seed, ingestion, required=list(required))
+    required = IngestionParams.from_any(ingestion).required_classes.target
+    images, report = read_domain(target_format, target_path, "target", seed, as_dict(ingestion), required=list(required))
     images.meta["split"] = "test"
     return images, report
 
@@ -83,7 +70,7 @@ def check_source_target_separation(source_images: ImageSet, target_images: Image
     ``ingestion.near_duplicate_max_distance`` bits, flips included), or a shared patient id under
     the same patient numbering (always fatal; the error names a few examples and the count).
     Returns the source set unchanged, so the split waits for this check."""
-    check_domain_separation(source_images, target_images, ingestion["near_duplicate_max_distance"])
+    check_domain_separation(source_images, target_images, IngestionParams.from_any(ingestion).near_duplicate_max_distance)
     return source_images
 
 
@@ -103,9 +90,7 @@ def split_source_by_patient(source: ImageSet, seed: int, ingestion: dict[str, An
     log shows them and a class with no val (or no train) image is warned about.
     ``val_fraction: 0`` puts everything in train.
     """
-    val_fraction = float(ingestion["val_fraction"])
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"ingestion.val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = IngestionParams.from_any(ingestion).val_fraction  # in [0, 1)
     meta = source.meta.copy()
     meta["split"] = "train"
     if val_fraction > 0:
@@ -143,8 +128,8 @@ def draw_lora_subset(source_images: ImageSet, seed: int, ingestion: dict[str, An
     counts; images of other labels are not drawn) and adds ``caption`` from
     ``ingestion.caption_template`` (``{plane}`` = the label word).
     """
-    per_class = lora_per_class(ingestion)
-    template = str(ingestion["caption_template"])
+    cfg = IngestionParams.from_any(ingestion)
+    per_class, template = cfg.lora_per_class, cfg.caption_template
     rng = np.random.default_rng([int(seed), 2])
     train = np.flatnonzero(source_images.meta["split"].to_numpy() == "train")
     labels = source_images.meta["label"].to_numpy()
@@ -203,7 +188,7 @@ def plot_preview_grid(source_images: ImageSet, target_images: ImageSet,
     """A grid, one row per class: ``preview.per_class`` source images (left, spread over
     machines) and as many target images (right, spread over centers), titled with their
     machine/center. Returns the matplotlib ``Figure`` (versioned PNG, also logged to MLflow)."""
-    n = int(ingestion["preview"]["per_class"])
+    n = IngestionParams.from_any(ingestion).preview.per_class
     fig = Figure(figsize=(1.6 * 2 * n + 0.6, 1.75 * len(CLASSES) + 0.6), dpi=100)
     axes = fig.subplots(len(CLASSES), 2 * n, squeeze=False)
     for r, c in enumerate(CLASSES):

@@ -15,7 +15,9 @@ kohya-ss format, e.g. the published FU-LoRA adapters; the catalog entry
 ``imported_lora_adapter`` reads it) through the same catalog entry.
 
 No node opens a file: the base and the imported adapter come in as catalog entries whose
-path is a parameter (``conf/base/catalog_lora_training.yml``).
+path is a parameter (``conf/base/catalog_lora_training.yml``). Each node reads the
+``lora_training`` block through its schema, ``cfg = LoraTrainingParams.from_any(params)``
+(:mod:`fu_kedro.schema`); the adapter's metadata records the block's ``lora`` as it was given.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fu_kedro.config import UnknownSettingError, check_keys  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.models.base_model import BaseModel  # noqa: E402
 from fu_kedro.models.diffusion import check_resolution as _check_resolution  # noqa: E402
@@ -60,6 +61,9 @@ from fu_kedro.models.training import (  # noqa: E402
     train_denoiser,
 )
 from fu_kedro.pipelines.base_training.nodes import loop_config  # noqa: E402
+from fu_kedro.schema import as_dict  # noqa: E402
+
+from .params import LoraTrainingParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +80,9 @@ def _captions(image_set: ImageSet, template: str) -> list[str]:
     return [str(c) if isinstance(c, str) and c else template.format(plane=label) for c, label in zip(own, labels)]
 
 
-# Keys of a training block that are not loop knobs but are read by the node itself.
-BASE_MODEL_KEYS = ("pretrained_path",)
-MOVED_BASE_MODEL_KEYS = ("kind", "tiny")  # until the base_training pipeline: the tiny base trained inside lora_training
-LORA_KEYS = ("rank", "alpha", "unet_targets", "train_text_encoder", "clip_skip", "loss_check_repeats", "fits")
-
-
-def _loop(cfg: dict, seed: int, where: str, node_keys: tuple[str, ...] = ()) -> LoopConfig:
-    """:func:`fu_kedro.pipelines.base_training.nodes.loop_config`: a block's loop settings, strictly."""
-    return loop_config(cfg, seed, where, node_keys)
-
-
 def _capped(stage: str, history: list[dict]) -> dict[str, int]:
     step = time_capped_at(history)
     return {} if step is None else {stage: step}
-
-
-def check_base_model_block(cfg: dict[str, Any]) -> None:
-    """``lora_training.base_model`` has only ``pretrained_path``; the old tiny-base keys say where they went."""
-    moved = [f"lora_training.base_model.{k}" for k in MOVED_BASE_MODEL_KEYS if k in (cfg or {})]
-    if moved:
-        raise UnknownSettingError(
-            f"{', '.join(moved)}: the tiny base is no longer trained inside lora_training. It is a diffusers folder "
-            "made by the base_training pipeline (its settings: the `base_training` block, "
-            "conf/base/parameters_base_training.yml) and loaded like SD v1.5 from "
-            "lora_training.base_model.pretrained_path (default: the shipped models/tiny-phantom-sd). "
-            "Remove the old key(s); see docs/lora_training.md.")
-    check_keys(cfg or {}, BASE_MODEL_KEYS, "lora_training.base_model")
 
 
 def load_base_model(pretrained_base: BaseModel | None, params: dict[str, Any]) -> BaseModel:
@@ -119,12 +99,12 @@ def load_base_model(pretrained_base: BaseModel | None, params: dict[str, Any]) -
     Returns:
         ``BaseModel``: the pipeline, and ``info`` with ``resolution`` and the weights' content hash.
     """
-    check_base_model_block(params.get("base_model"))
+    cfg = LoraTrainingParams.from_any(params)
     if pretrained_base is None:
         raise ValueError("lora_training.base_model.pretrained_path is not set: name a diffusers folder "
                          "(models/tiny-phantom-sd, the shipped tiny base; or SD v1.5, models/stable-diffusion-v1-5)")
-    resolution = params["resolution"]
-    with torch_threads(params.get("torch_threads")):
+    resolution = cfg.resolution
+    with torch_threads(cfg.torch_threads):
         pipe = pretrained_base.pipe  # the weights are read here (datasets.PretrainedBaseDataset)
         check_resolution(resolution, pipe.vae_scale_factor)
         content_hash = pipeline_hash(pipe)
@@ -152,23 +132,9 @@ def fit_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dict[
         (adapter, per-step history, summary dict with the denoising loss on the LoRA images
         with and without the adapter).
     """
-    source = params.get("adapter_source", "train")
-    if source == "file":
+    if LoraTrainingParams.from_any(params).adapter_source == "file":
         return use_imported_adapter(base_model, imported_lora_adapter)
-    if source == "train":
-        return train_lora_adapter(base_model, lora_subset, params, seed)
-    raise ValueError(f"lora_training.adapter_source must be 'train' or 'file', got {source!r}")
-
-
-def lora_fits(params: dict[str, Any]) -> int:
-    """``lora_training.lora.fits`` (K, default 1), checked: K independent fits need ``adapter_source: train``."""
-    fits = (params.get("lora") or {}).get("fits", 1)
-    if not isinstance(fits, int) or isinstance(fits, bool) or fits < 1:
-        raise ValueError(f"lora_training.lora.fits must be a positive integer, got {fits!r}")
-    if fits > 1 and params.get("adapter_source", "train") != "train":
-        raise ValueError(f"lora_training.lora.fits={fits} needs lora_training.adapter_source: train (an adapter read "
-                         "from a file cannot be fitted again); set lora_training.lora.fits=1")
-    return fits
+    return train_lora_adapter(base_model, lora_subset, params, seed)
 
 
 def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_adapter: LoraAdapter,
@@ -179,7 +145,7 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
     the same LoRA subset and parameters — with its own seed, :func:`~fu_kedro.models.lora.lora_fit_seed`
     ``(seed, r)`` (fit 0's is the project seed): LoRA init, batch order, noise and caption
     dropout all differ. Synthesis uses fit r for replicate r with
-    ``synthesis.adapter_per_replicate``. K = 1 (the default) trains nothing and does not load
+    ``synthesis.adapter_per_replicate``. K = 1 (conf/base) trains nothing and does not load
     the base's weights.
 
     Returns:
@@ -187,7 +153,7 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
         ``info``: K, the fit-0 adapter they belong to, one summary per fit (seed, content
         hash, steps, denoising loss without/with the adapter).
     """
-    fits = lora_fits(params)
+    fits = LoraTrainingParams.from_any(params).lora.fits  # > 1 only with adapter_source: train
     fit_of = {"content_hash": lora_adapter.content_hash, "catalog_version": lora_adapter.metadata.get("catalog_version")}
     info: dict[str, Any] = {"fits": fits, "fit_of": fit_of, "seed": int(seed), "fits_summary": []}
     if fits == 1:
@@ -240,29 +206,27 @@ def train_lora_adapter(base_model: BaseModel, lora_subset: ImageSet, params: dic
         (adapter, per-step history, summary dict with the denoising loss on the LoRA images
         with and without the adapter).
     """
-    lora = params["lora"]
-    resolution = params["resolution"]
+    cfg = LoraTrainingParams.from_any(params)
     base_info = dict(base_model.info)
-    loop_cfg = _loop(lora, seed + 2, "lora_training.lora", LORA_KEYS)
-    rank = lora["rank"]
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"lora_training.lora.rank must be a positive integer, got {rank!r}")
+    loop_cfg = loop_config(cfg.lora, seed + 2)
     if len(lora_subset) == 0:
         raise ValueError("lora_training: the LoRA subset is empty — check ingestion.lora_per_class and the source data")
-    check_resolution(resolution, base_model.pipe.vae_scale_factor)
+    check_resolution(cfg.resolution, base_model.pipe.vae_scale_factor)
 
     from fu_kedro.launch import distributed_state
 
-    with torch_threads(params.get("torch_threads")) as threads:
-        return _train_lora(base_model.pipe, lora_subset, params, loop_cfg, base_info, seed, threads, distributed_state().device)
+    with torch_threads(cfg.torch_threads) as threads:
+        return _train_lora(base_model.pipe, lora_subset, cfg, as_dict(params)["lora"], loop_cfg, base_info, seed,
+                           threads, distributed_state().device)
 
 
-def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: LoopConfig, base_info: dict,
-                seed: int, threads: int, device):
-    """Fit the peft LoRA on the LoRA subset (the loop of :func:`train_lora_adapter`)."""
-    lora = params["lora"]
-    rank = lora["rank"]
-    resolution = params["resolution"]
+def _train_lora(pipe, lora_subset: ImageSet, cfg: LoraTrainingParams, lora_given: dict[str, Any], loop_cfg: LoopConfig,
+                base_info: dict, seed: int, threads: int, device):
+    """Fit the peft LoRA on the LoRA subset (the loop of :func:`train_lora_adapter`); ``lora_given``:
+    the ``lora`` block as given, recorded in the adapter's metadata."""
+    lora = cfg.lora
+    rank = lora.rank
+    resolution = cfg.resolution
     # VAE and text encoder on this process's device beside the UNet that accelerate moves
     # there (GPU: latents are encoded on the GPU; the validation grid runs on one device).
     # CPU: a no-op. Not run on a GPU here.
@@ -271,18 +235,18 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
     latents = encode_to_latents(pipe.vae, x)  # cached once; the VAE is frozen
     captions = _captions(lora_subset, "{plane}")
     ids = tokenize(pipe, captions)
-    clip_skip = lora.get("clip_skip")
-    # the before/after check on fixed noise: passes over the subset (4 = the recorded default;
-    # at 512 px each pass is a UNet call per 32 images, so the paper rehearsal on CPU uses 1)
-    repeats = int(lora.get("loss_check_repeats", 4))
+    clip_skip = lora.clip_skip
+    # the before/after check on fixed noise: passes over the subset (conf/base: 4; at 512 px each
+    # pass is a UNet call per 32 images, so the paper rehearsal on CPU uses 1)
+    repeats = lora.loss_check_repeats
     before = denoising_loss(pipe, latents, ids, seed=seed, repeats=repeats, clip_skip=clip_skip)
-    alpha = float(lora.get("alpha") or rank)
+    alpha = float(lora.alpha or rank)
     attach_lora(
         pipe,
         rank=rank,
         alpha=alpha,
-        unet_targets=tuple(lora["unet_targets"]),
-        train_text_encoder=bool(lora.get("train_text_encoder")),
+        unet_targets=tuple(lora.unet_targets),
+        train_text_encoder=lora.train_text_encoder,
         seed=seed,
     )
     hist = train_denoiser(pipe, latents, ids, loop_cfg, clip_skip=clip_skip)
@@ -299,7 +263,7 @@ def _train_lora(pipe, lora_subset: ImageSet, params: dict[str, Any], loop_cfg: L
             "base_content_hash": base_info.get("content_hash"),
             "base_catalog_version": base_info.get("catalog_version"),
             "resolution": resolution,
-            "lora_params": lora,
+            "lora_params": lora_given,
             "torch_threads": threads,
             "steps": len(hist),
             "time_capped": _capped("lora", hist),
@@ -372,17 +336,18 @@ def generate(
 
 def validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, params: dict[str, Any], classes: list[str], caption_template: str, seed: int) -> Figure:
     """A few images per class from fixed seeds, without (left) and with (right) the adapter."""
-    cfg = params["validation"]
-    resolution = params["resolution"]
-    per_class = int(cfg["per_class"])
+    block = LoraTrainingParams.from_any(params)
+    cfg = block.validation
+    resolution = block.resolution
+    per_class = cfg.per_class
     prompts = [caption_template.format(plane=c) for c in classes for _ in range(per_class)]
     seeds = [seed + i for i in range(per_class)] * len(classes)
-    clip_skip = params.get("lora", {}).get("clip_skip")  # as the adapter was trained
+    clip_skip = block.lora.clip_skip  # as the adapter was trained
     pipe = base_model.pipe
     pipe.set_progress_bar_config(disable=True)
-    without = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"], clip_skip)
-    apply_lora(pipe, lora_adapter, float(cfg.get("lora_scale", 1.0)))
-    with_lora = generate(pipe, prompts, seeds, resolution, cfg["steps"], cfg["guidance_scale"], clip_skip)
+    without = generate(pipe, prompts, seeds, resolution, cfg.steps, cfg.guidance_scale, clip_skip)
+    apply_lora(pipe, lora_adapter, cfg.lora_scale)
+    with_lora = generate(pipe, prompts, seeds, resolution, cfg.steps, cfg.guidance_scale, clip_skip)
     fig, axes = plt.subplots(
         len(classes), 2, figsize=(2 * 0.9 * per_class + 0.5, 0.95 * len(classes) + 0.6), squeeze=False
     )
@@ -438,7 +403,7 @@ def render_validation_grid(base_model: BaseModel, lora_adapter: LoraAdapter, par
                            caption_template: str, seed: int) -> Figure:
     """The validation grid: per class, fixed seeds, base (left) vs base + LoRA (right), under
     ``lora_training.torch_threads``."""
-    with torch_threads(params.get("torch_threads")):
+    with torch_threads(LoraTrainingParams.from_any(params).torch_threads):
         return validation_grid(base_model, lora_adapter, params, classes, caption_template, seed)
 
 

@@ -11,7 +11,9 @@
 * :func:`summarize_synthetic_batch` — preview grid per class and counts for MLflow.
 
 Pixel-reproducibility (batch vs shard vs process vs one image alone) is the business of
-:mod:`fu_kedro.models.generation`; see docs/synthesis.md.
+:mod:`fu_kedro.models.generation`; see docs/synthesis.md. Each node reads the ``synthesis`` block
+through its schema, ``cfg = SynthesisParams.from_any(params)`` (:mod:`fu_kedro.schema`); the
+batch's lineage records the block as it was given.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import hashlib
 import logging
 import json
 import time
-from numbers import Integral, Real
 from typing import Any, Callable
 
 import matplotlib
@@ -31,13 +32,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fu_kedro.config import UnknownSettingError, moved_class_list_message  # noqa: E402
 from fu_kedro.datasets.image_set import ImageSet  # noqa: E402
 from fu_kedro.datasets.image_set_shards import shard_name  # noqa: E402
 from fu_kedro.launch import distributed_state  # noqa: E402
 from fu_kedro.models.base_model import BaseModel, describe_base  # noqa: E402
 from fu_kedro.models.generation import (  # noqa: E402
-    SCHEDULERS,
     device_and_dtype,
     file_sha256,
     generate_images,
@@ -48,6 +47,9 @@ from fu_kedro.models.generation import (  # noqa: E402
     torch_threads,
 )
 from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits  # noqa: E402
+from fu_kedro.schema import as_dict  # noqa: E402
+
+from .params import SynthesisParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +58,11 @@ PLAN_CHECK_COLUMNS = ("index", "image_id", "label", "prompt", "seed", "batch_key
 
 
 # --------------------------------------------------------------------------- checks
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _clip_skip(params: dict[str, Any], lora_adapter: LoraAdapter) -> int:
+def _clip_skip(cfg: SynthesisParams, lora_adapter: LoraAdapter) -> int:
     """``synthesis.clip_skip``; ``auto`` = the adapter's training value (``lora_params.clip_skip``
     in its metadata), 0 for an adapter that does not record it (e.g. an imported file)."""
-    value = params.get("clip_skip", "auto")
-    if value in ("auto", None):
+    value = cfg.clip_skip
+    if value == "auto":
         trained = lora_adapter.metadata.get("lora_params") or "{}"
         try:
             value = (trained if isinstance(trained, dict) else json.loads(trained)).get("clip_skip")
@@ -77,69 +71,20 @@ def _clip_skip(params: dict[str, Any], lora_adapter: LoraAdapter) -> int:
     return int(value or 0)
 
 
-def check_parameters(params: dict[str, Any], classes: list[str], known_classes: list[str]) -> None:
-    """Every ``synthesis`` parameter (and the top-level ``classes``) in range; one error naming each bad one.
+def check_parameters(cfg: SynthesisParams, classes: list[str], known_classes: list[str]) -> None:
+    """What the block's schema cannot check alone: the top-level ``classes`` are known class names
+    (``ingestion.plane_labels``), and the batch has at least ``num_shards`` images.
 
     Raises:
-        UnknownSettingError: the old ``synthesis.classes`` is set (it moved to the top-level ``classes``).
-        ValueError: zero/negative counts, unknown or repeated class names, an unknown
-            sampler, a shard outside ``[0, num_shards)``, a bad resolution, precision or device.
+        ValueError: naming the unknown classes, or the shards and the batch's size.
     """
-    if "classes" in params:
-        raise UnknownSettingError(moved_class_list_message(["synthesis.classes"]))
-    problems = []
-    n = params.get("images_per_class")
-    if not _is_int(n) or n < 1:
-        problems.append(f"images_per_class must be a positive integer, got {n!r}")
-    if not isinstance(classes, (list, tuple)) or not classes:
-        problems.append(f"classes must be a non-empty list of class names, got {classes!r}")
-    else:
-        unknown = [c for c in classes if c not in known_classes]
-        if unknown:
-            problems.append(f"classes {unknown} are unknown; known classes (ingestion.plane_labels): {sorted(set(known_classes))}")
-        repeated = sorted({c for c in classes if list(classes).count(c) > 1})
-        if repeated:
-            problems.append(f"classes {repeated} are listed more than once")
-    for key in ("steps", "batch_size", "num_shards"):
-        value = params.get(key)
-        if not _is_int(value) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
-    shard, shards = params.get("shard_index"), params.get("num_shards")
-    if not _is_int(shard) or shard < 0 or (_is_int(shards) and shard >= shards):
-        problems.append(f"shard_index must be an integer in [0, num_shards={shards}), got {shard!r}")
-    elif _is_int(shards) and _is_int(n) and isinstance(classes, (list, tuple)) and shards > n * max(1, len(classes)) * (
-        params.get("replicates", 1) if _is_int(params.get("replicates", 1)) else 1
-    ):
-        problems.append(f"num_shards={shards} is more than the {n * len(classes) * (params.get('replicates', 1) if _is_int(params.get('replicates', 1)) else 1)} images of the batch")
-    if not _is_number(params.get("guidance_scale")) or params["guidance_scale"] < 0:
-        problems.append(f"guidance_scale must be a number >= 0, got {params.get('guidance_scale')!r}")
-    if not _is_number(params.get("lora_scale")):
-        problems.append(f"lora_scale must be a number, got {params.get('lora_scale')!r}")
-    if params.get("scheduler") not in SCHEDULERS:
-        problems.append(f"scheduler must be one of {sorted(SCHEDULERS)}, got {params.get('scheduler')!r}")
-    resolution = params.get("resolution")
-    if resolution is not None and (not _is_int(resolution) or resolution < 8 or resolution % 8):
-        problems.append(f"resolution must be null (the base model's) or a positive multiple of 8, got {resolution!r}")
-    base_seed = params.get("base_seed")
-    if base_seed is not None and (not _is_int(base_seed) or base_seed < 0):
-        problems.append(f"base_seed must be null (the project seed) or an integer >= 0, got {base_seed!r}")
-    negative = params.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        problems.append(f"negative_prompt must be a string or null, got {negative!r}")
-    if params.get("precision", "auto") not in ("auto", "fp32", "fp16", "bf16"):
-        problems.append(f"precision must be auto, fp32, fp16 or bf16, got {params.get('precision')!r}")
-    if params.get("fuse_lora", "auto") not in ("auto", True, False):
-        problems.append(f"fuse_lora must be auto, true or false, got {params.get('fuse_lora')!r}")
-    threads = params.get("torch_threads")
-    if threads is not None and (not _is_int(threads) or threads < 1):
-        problems.append(f"torch_threads must be null or a positive integer, got {threads!r}")
-    replicates = params.get("replicates", 1)
-    if not _is_int(replicates) or replicates < 1:
-        problems.append(f"replicates must be a positive integer, got {replicates!r}")
-    if params.get("adapter_per_replicate", False) not in (True, False):
-        problems.append(f"adapter_per_replicate must be true or false, got {params.get('adapter_per_replicate')!r}")
-    if problems:
-        raise ValueError("synthesis parameters: " + "; ".join(problems))
+    unknown = [c for c in classes if c not in known_classes]
+    if unknown:
+        raise ValueError(f"synthesis: classes {unknown} are unknown; known classes (ingestion.plane_labels): "
+                         f"{sorted(set(known_classes))}")
+    images = cfg.images_per_class * len(classes) * cfg.replicates
+    if cfg.num_shards > images:
+        raise ValueError(f"synthesis.num_shards={cfg.num_shards} is more than the {images} images of the batch")
 
 
 def _adapter_identity(adapter: LoraAdapter) -> dict[str, str]:
@@ -154,7 +99,7 @@ def _adapter_identity(adapter: LoraAdapter) -> dict[str, str]:
 
 
 def replicate_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapterFits | None,
-                       params: dict[str, Any]) -> list[LoraAdapter] | None:
+                       params: dict[str, Any] | SynthesisParams) -> list[LoraAdapter] | None:
     """The adapter of each replicate with ``synthesis.adapter_per_replicate``: fit r
     (``lora_adapter`` for r = 0, ``lora_adapter_fits`` for r >= 1); None when the option is off
     (every replicate uses ``lora_adapter``).
@@ -163,9 +108,10 @@ def replicate_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapter
         ValueError: fewer fits than ``synthesis.replicates`` (naming both parameters and the
             command that makes more), or fits that belong to another ``lora_adapter``.
     """
-    if not params.get("adapter_per_replicate", False):
+    cfg = SynthesisParams.from_any(params)
+    if not cfg.adapter_per_replicate:
         return None
-    replicates = int(params.get("replicates", 1))
+    replicates = cfg.replicates
     fits = lora_adapter_fits if lora_adapter_fits is not None else LoraAdapterFits([], {"fits": 1}, "not given")
     if fits.fits < replicates:
         where = (f"no lora_adapter_fits is saved ({fits.missing})" if fits.missing else
@@ -198,9 +144,9 @@ def _fit_identity(adapter: LoraAdapter, fit: int) -> dict[str, Any]:
     }
 
 
-def _resolution(params: dict[str, Any], base: dict, base_model: BaseModel) -> int:
+def _resolution(cfg: SynthesisParams, base: dict, base_model: BaseModel) -> int:
     """``synthesis.resolution`` (null: the base model's), checked against the VAE's downsampling factor."""
-    resolution = params.get("resolution") or base.get("resolution") or base_model.pipe.vae.config.sample_size
+    resolution = cfg.resolution or base.get("resolution") or base_model.pipe.vae.config.sample_size
     factor = base_model.pipe.vae_scale_factor  # diffusers: 2 ** (VAE levels - 1)
     if int(resolution) % factor:
         raise ValueError(f"synthesis.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
@@ -248,30 +194,29 @@ def plan_synthetic_batch(
         ValueError: bad parameters (see :func:`check_parameters`), a resolution the VAE
             cannot take, an adapter trained on another base model.
     """
-    known = sorted(set(plane_labels.values()) | set(plane_labels))
-    check_parameters(params, classes, known)
-    classes = list(classes)
+    cfg, classes = SynthesisParams.from_any(params), list(classes)
+    check_parameters(cfg, classes, sorted(set(plane_labels.values()) | set(plane_labels)))
     base = describe_base(base_model)
     adapter = _adapter_identity(lora_adapter)
     _check_adapter_fits_base(lora_adapter, adapter, base)
-    per_replicate_adapters = replicate_adapters(lora_adapter, lora_adapter_fits, params)
-    resolution = _resolution(params, base, base_model)
-    base_seed = int(seed if params.get("base_seed") is None else params["base_seed"])
-    n = int(params["images_per_class"])
-    replicates = int(params.get("replicates", 1))
+    per_replicate_adapters = replicate_adapters(lora_adapter, lora_adapter_fits, cfg)
+    resolution = _resolution(cfg, base, base_model)
+    base_seed = int(seed if cfg.base_seed is None else cfg.base_seed)
+    n = cfg.images_per_class
+    replicates = cfg.replicates
     per_replicate = n * len(classes)
     plan = _image_rows(classes, caption_template, n, replicates, base_seed)
     replicate = plan["index"] // per_replicate
     plan = plan.assign(
-        negative_prompt=params.get("negative_prompt") or "",
+        negative_prompt=cfg.negative_prompt or "",
         base_seed=base_seed + replicate,
-        scheduler=params["scheduler"],
-        steps=int(params["steps"]),
-        guidance=float(params["guidance_scale"]),
-        lora_scale=float(params["lora_scale"]),
-        clip_skip=_clip_skip(params, lora_adapter),
+        scheduler=cfg.scheduler,
+        steps=cfg.steps,
+        guidance=float(cfg.guidance_scale),
+        lora_scale=float(cfg.lora_scale),
+        clip_skip=_clip_skip(cfg, lora_adapter),
         resolution=int(resolution),
-        batch_size=int(params["batch_size"]),
+        batch_size=cfg.batch_size,
         base_model_name=str(base.get("name", "")),
         base_model_kind=str(base.get("kind", "")),
         base_model_hash=base["content_hash"],
@@ -280,23 +225,23 @@ def plan_synthetic_batch(
         replicate=replicate,
     )
     if per_replicate_adapters is not None:  # replicate r made with LoRA fit r: its own adapter columns
-        plan = _with_fit_columns(plan, per_replicate_adapters, params, base)
+        plan = _with_fit_columns(plan, per_replicate_adapters, cfg, base)
     plan["batch_key"] = hashlib.sha256(plan.to_csv(index=False).encode()).hexdigest()[:16]
     log.info(
         "synthesis plan %s: %d images (%d per class: %s) at %d px, %s %d steps, guidance %g, LoRA scale %g, base seed %d",
         plan["batch_key"].iloc[0], len(plan), n, ", ".join(classes), resolution,
-        params["scheduler"], params["steps"], params["guidance_scale"], params["lora_scale"], base_seed,
+        cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.lora_scale, base_seed,
     )
     return plan
 
 
-def _with_fit_columns(plan: pd.DataFrame, adapters: list[LoraAdapter], params: dict[str, Any], base: dict) -> pd.DataFrame:
+def _with_fit_columns(plan: pd.DataFrame, adapters: list[LoraAdapter], cfg: SynthesisParams, base: dict) -> pd.DataFrame:
     """The plan with each row's adapter columns set to its replicate's LoRA fit's (each checked
     against the base), plus ``adapter_fit``, ``adapter_seed``, ``adapter_dataset``."""
     fits = []
     for r, fit_adapter in enumerate(adapters):
         _check_adapter_fits_base(fit_adapter, _adapter_identity(fit_adapter), base)
-        fits.append(_fit_identity(fit_adapter, r) | {"clip_skip": _clip_skip(params, fit_adapter)})
+        fits.append(_fit_identity(fit_adapter, r) | {"clip_skip": _clip_skip(cfg, fit_adapter)})
     by_replicate = pd.DataFrame(fits)
     for column in by_replicate.columns:
         plan[column] = by_replicate[column].to_numpy()[plan["replicate"].to_numpy()]
@@ -352,14 +297,14 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
         ``{"<batch_key>/shard-KKKKK-of-NNNNN": ImageSet}``: the shard's images, ``meta`` = its
         plan rows plus how they were made (device, dtype, fused, threads, library versions).
     """
-    shard, shards = int(params["shard_index"]), int(params["num_shards"])
+    cfg = SynthesisParams.from_any(params)
+    shard, shards = cfg.shard_index, cfg.num_shards
     indices = list(shard_indices(len(plan), shard, shards))
     state = distributed_state()
-    device, dtype = device_and_dtype(params.get("device", "auto"), params.get("precision", "auto"), state)
-    fuse = params.get("fuse_lora", "auto")
-    fuse = device.type == "cuda" if fuse == "auto" else bool(fuse)
+    device, dtype = device_and_dtype(cfg.device, cfg.precision, state)
+    fuse = device.type == "cuda" if cfg.fuse_lora == "auto" else cfg.fuse_lora
     first = plan.iloc[0]
-    adapters = _row_adapters(lora_adapter, lora_adapter_fits, plan, params)
+    adapters = _row_adapters(lora_adapter, lora_adapter_fits, plan, cfg)
     pristine, pipes = base_model.pipe, {}
     if len(adapters) == 1:  # one adapter for every row (synthesis.adapter_per_replicate: false): the base itself
         pipes = {fit: prepare_pipeline(pristine, adapter, float(first["lora_scale"]), device, dtype, fuse,
@@ -371,7 +316,7 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
             copy.deepcopy(pristine), adapters[fit], float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
 
     started = time.perf_counter()
-    with state.split_between_processes(indices) as mine, torch_threads(params.get("torch_threads")) as threads:
+    with state.split_between_processes(indices) as mine, torch_threads(cfg.torch_threads) as threads:
         desc = f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else "")
         images = _generate_rows(plan, list(mine), pipe_for, progress=state.is_main_process, desc=desc,
                                 name_fits=len(adapters) > 1)
@@ -438,12 +383,12 @@ def _generate_rows(plan: pd.DataFrame, mine: list[int], pipe_for: Callable[[int]
 
 
 def _row_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapterFits | None, plan: pd.DataFrame,
-                  params: dict[str, Any]) -> dict[int, LoraAdapter]:
+                  cfg: SynthesisParams) -> dict[int, LoraAdapter]:
     """fit -> adapter for the plan's rows (``{0: lora_adapter}`` unless ``adapter_per_replicate``),
     each checked against the content hash the plan recorded for its rows."""
     if "adapter_fit" not in plan.columns:
         return {0: lora_adapter}
-    needed = dict(params, adapter_per_replicate=True, replicates=int(plan["adapter_fit"].max()) + 1)  # as planned
+    needed = cfg.model_copy(update={"adapter_per_replicate": True, "replicates": int(plan["adapter_fit"].max()) + 1})  # as planned
     adapters = replicate_adapters(lora_adapter, lora_adapter_fits, needed)
     for fit, recorded in plan.groupby("adapter_fit")["adapter_content_hash"].first().items():
         if adapters[int(fit)].content_hash != recorded:
@@ -481,7 +426,7 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
             shard's rows are not the plan's rows for its indices.
     """
     key = str(plan["batch_key"].iloc[0])
-    shards = int(params["num_shards"])
+    shards = SynthesisParams.from_any(params).num_shards
     names = [shard_name(key, k, shards) for k in range(shards)]
     missing = [k for k, name in enumerate(names) if name not in synthetic_shards]
     if missing:
@@ -523,7 +468,7 @@ def merge_synthetic_shards(synthetic_shards: dict[str, Any], plan: pd.DataFrame,
             for r, row in plan.groupby("replicate").first().iterrows()]} if "adapter_fit" in plan.columns else {}),
         "shards": [{k: v for k, v in p.info.items()} for p in parts],
         "generation_seconds": round(sum(float(p.info.get("seconds", 0)) for p in parts), 3),
-        "parameters": params,
+        "parameters": as_dict(params),
     }
     capped = {loop: step for p in parts for loop, step in (p.info.get("time_capped") or {}).items()}
     if capped:  # a wall-clock cap stopped a loop behind these images: the report says so
@@ -567,7 +512,7 @@ def summarize_synthetic_batch(synthetic_batch: ImageSet, params: dict[str, Any],
         generation seconds and images/second).
     """
     classes = list(classes)
-    per_class = int((params.get("preview") or {}).get("per_class", 8))
+    per_class = SynthesisParams.from_any(params).preview.per_class
     fig = preview_grid(synthetic_batch, classes, per_class)
     labels = synthetic_batch.meta["label"].astype(str)
     metrics = {"images": {"value": float(len(synthetic_batch)), "step": 0}}
