@@ -647,7 +647,7 @@ def test_misspelt_policy_and_hidden_csv_in_the_prerequisite_check(tmp_path, afri
 
     from fu_kedro.params import check_parameters
     from fu_kedro.prerequisites import find_missing_prerequisites
-    from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.pipelines.ingestion.pipeline import create_pipeline
     from fu_kedro.schema import ParameterError
 
     root = _african_copy(african_planes_dev, tmp_path / "african")
@@ -664,7 +664,7 @@ def test_layout_and_setting_problems_give_no_download_advice(tmp_path, african_p
     """Issue #27: a two-CSV folder and a policy typo were answered with "download it from zenodo";
     the data are there, so the message says what to fix instead (a missing folder still gets the advice;
     a policy typo is the parameters' schema's, before this check)."""
-    from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.pipelines.ingestion.pipeline import create_pipeline
     from fu_kedro.prerequisites import find_missing_prerequisites, format_problems
 
     root = _african_copy(african_planes_dev, tmp_path / "african")
@@ -683,7 +683,7 @@ def test_layout_and_setting_problems_give_no_download_advice(tmp_path, african_p
 def test_pinning_an_output_of_the_run_is_named_before_any_node_runs(tmp_path):
     """Issue #27: `--load-versions source_images:<v>` on an ingestion run ended in an internal
     `.staging/...` path after the readers had run; now the pre-run check names the dataset."""
-    from fu_kedro.pipelines.ingestion import create_pipeline
+    from fu_kedro.pipelines.ingestion.pipeline import create_pipeline
     from fu_kedro.prerequisites import find_missing_prerequisites, format_problems
 
     params = {"source_format": "phantom", "target_format": "phantom", "ingestion": {"on_bad_input": "fail"}}

@@ -21,7 +21,7 @@ from fu_kedro.datasets import ImageSet
 from fu_kedro.models.base_model import BaseModel
 from fu_kedro.schema import ParameterError
 from fu_kedro.models.diffusion import TINY_CONFIG, build_pipeline_from_config
-from fu_kedro.pipelines.evaluation import create_pipeline
+from fu_kedro.pipelines.evaluation.pipeline import create_pipeline
 from fu_kedro.pipelines.evaluation import nodes, quality
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

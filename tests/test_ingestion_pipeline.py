@@ -15,7 +15,7 @@ from conftest import base_params
 from fu_kedro.data_sources import CLASSES
 from fu_kedro.data_sources.preprocess import content_box
 from fu_kedro.data_sources.readers import read_domain
-from fu_kedro.pipelines.ingestion import create_pipeline
+from fu_kedro.pipelines.ingestion.pipeline import create_pipeline
 from fu_kedro.pipelines.ingestion.nodes import draw_lora_subset, split_source_by_patient
 
 CONTRACT_COLUMNS = ["image_id", "patient_id", "label", "domain", "center", "machine", "source_file", "split"]

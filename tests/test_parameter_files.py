@@ -129,7 +129,7 @@ def test_the_pre_run_check_names_the_files_and_not_the_entries_as_missing_output
     reported as outputs of another pipeline (no pipeline makes them)."""
     from kedro.io import DataCatalog
 
-    from fu_kedro.pipelines.lora_training import create_pipeline
+    from fu_kedro.pipelines.lora_training.pipeline import create_pipeline
     from fu_kedro.prerequisites import find_missing_prerequisites
 
     absent = str(tmp_path / "absent.safetensors")

@@ -8,7 +8,7 @@ from conftest import base_params
 
 from fu_kedro.data_sources.phantom import DEFAULT_TARGET_CENTERS
 from fu_kedro.data_sources.prior_corpus import STYLE_KEYS, make_prior_corpus
-from fu_kedro.pipelines.base_training import create_pipeline, create_pipeline_with_source
+from fu_kedro.pipelines.base_training.pipeline import create_pipeline, create_pipeline_with_source
 from fu_kedro.pipelines.base_training.nodes import base_training_corpus as _corpus
 from fu_kedro.pipelines.base_training.nodes import make_prior_corpus as prior_corpus_node
 from fu_kedro.schema import ParameterError

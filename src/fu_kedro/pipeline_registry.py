@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, pipeline
 
-from fu_kedro.pipelines import base_training, evaluation, ingestion, lora_training, synthesis
+from fu_kedro.pipelines.base_training import pipeline as base_training
+from fu_kedro.pipelines.evaluation import pipeline as evaluation
+from fu_kedro.pipelines.ingestion import pipeline as ingestion
+from fu_kedro.pipelines.lora_training import pipeline as lora_training
+from fu_kedro.pipelines.synthesis import pipeline as synthesis
 
 PIPELINE_ORDER = ("ingestion", "lora_training", "synthesis", "evaluation")
 

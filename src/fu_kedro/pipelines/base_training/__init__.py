@@ -1,15 +1,5 @@
 """``base_training``: the phantom prior corpus -> a tiny SD-architecture base, saved as a diffusers folder.
 
-The pipeline (and its nodes, which import torch) load on first use of ``create_pipeline`` or
-``create_pipeline_with_source``, so that ``params`` (the block's schema) imports without them.
+The pipeline is ``.pipeline.create_pipeline``; the block's schema is ``.params`` (it imports
+without the nodes, which import torch).
 """
-
-__all__ = ["create_pipeline", "create_pipeline_with_source"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from . import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
