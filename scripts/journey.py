@@ -430,7 +430,9 @@ def find_compare_pair(tracking_uri: str) -> tuple[list[dict] | None, str]:
     preferred): what a researcher puts side by side in MLflow's compare view."""
     runs = [r for r in _all_runs(tracking_uri) if r.info.status == "FINISHED" and HEADLINE[0] in r.data.metrics]
     pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if a.info.run_name != b.info.run_name]
-    ranked = [p for p in pairs if p[0].data.params.get(RANK_PARAM) != p[1].data.params.get(RANK_PARAM)]
+    ranks = [(a.data.params.get(RANK_PARAM), b.data.params.get(RANK_PARAM)) for a, b in pairs]
+    # two runs that both trained a LoRA, with different ranks (a run without lora_training has no rank)
+    ranked = [p for p, (ra, rb) in zip(pairs, ranks) if ra is not None and rb is not None and ra != rb]
     if not pairs:
         return None, (f"no two finished runs in {tracking_uri} with '{HEADLINE[0]}' and different names "
                       "(e.g. `kedro run --params lora_training.lora.rank=4` and `=8`)")
