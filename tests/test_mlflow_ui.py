@@ -47,6 +47,23 @@ def test_summary_figure_draws_headline_metrics_or_lists_the_others(tmp_path):
     assert "ingestion.source.read = 60" in fig.axes[0].texts[0].get_text()
 
 
+def test_a_one_seed_run_logs_its_headline_differences_without_an_interval():
+    from fu_kedro.tracking.mlflow_run import _headline_metrics
+
+    def experiment(name, acc):
+        return {"experiment": name, "backbone": "resnet18", "augmentation": True,
+                "all_classes": {"mean": {"accuracy": acc, "f1_macro": acc}}}
+
+    metrics = {"experiments": {"ES/r": experiment("ES", 0.4), "HB/r": experiment("HB", 0.7)},
+               "differences": {"HB/r - ES/r": {"experiment": "HB/r", "baseline": "ES/r", "all_classes": {
+                   "accuracy": {"mean": 0.3, "ci": [None, None]}}}}}  # one seed: no interval
+    out = _headline_metrics(metrics)
+    assert out == {"accuracy_ES": 0.4, "f1_macro_ES": 0.4, "accuracy_HB": 0.7, "f1_macro_HB": 0.7,
+                   "HB_minus_ES_accuracy": 0.3}
+    metrics["differences"]["HB/r - ES/r"]["all_classes"]["accuracy"]["ci"] = [0.1, 0.5]
+    assert _headline_metrics(metrics)["HB_minus_ES_accuracy_ci_high"] == 0.5
+
+
 def _use_own_store(project: Path) -> None:
     """conf/local/mlflow.yml of a test copy: the store in the copy (conf/base's ${fu_project_root:}
     is where this package is imported from, not the copy)."""

@@ -112,7 +112,8 @@ def _headline_metrics(data: dict) -> dict[str, float]:
             if isinstance(block.get("mean"), (int, float)):
                 out[f"{name}_accuracy"] = float(block["mean"])
             ci = block.get("ci")
-            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
+                # one classifier seed: no interval ([None, None]); the estimate is still logged
                 out[f"{name}_accuracy_ci_low"], out[f"{name}_accuracy_ci_high"] = float(ci[0]), float(ci[1])
     return {k: v for k, v in out.items() if v == v}  # NaN (undefined) left out
 
