@@ -81,3 +81,19 @@ def test_every_image_set_and_model_preview_is_typed():
     for cls, kind in expected.items():
         annotation = inspect.signature(cls.preview).return_annotation
         assert getattr(annotation, "__name__", str(annotation)) == kind, cls.__name__
+
+
+def test_a_pretrained_base_card_reads_its_architecture_from_the_folder(tmp_path):
+    """The card of a loaded pretrained base (no ``architecture`` in its reference) shows the
+    UNet's channels and the text encoder's size from the diffusers folder it names."""
+    import json
+
+    from conftest import PROJECT_ROOT
+
+    from fu_kedro.datasets.previews import _folder_architecture
+
+    folder = PROJECT_ROOT / "models" / "tiny-phantom-sd"
+    arch = _folder_architecture(str(folder))
+    assert arch["unet"]["block_out_channels"] == json.loads((folder / "unet/config.json").read_text())["block_out_channels"]
+    assert arch["text_encoder"]["num_hidden_layers"] >= 1
+    assert _folder_architecture(str(tmp_path / "nowhere")) == {} and _folder_architecture(None) == {}

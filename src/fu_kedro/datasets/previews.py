@@ -108,6 +108,19 @@ def _short(value: Any, n: int = 16) -> str:
     return str(value)[:n] if value else "-"
 
 
+def _folder_architecture(model: str | None) -> dict:
+    """The UNet's and the text encoder's ``config.json`` of a diffusers folder (a pretrained base's
+    reference names its folder, relative to the project or absolute); ``{}`` where it is absent."""
+    from pathlib import Path
+
+    out = {}
+    for part in ("unet", "text_encoder"):
+        config = Path(model) / part / "config.json" if model else None
+        if config is not None and config.is_file():
+            out[part] = json.loads(config.read_text())
+    return out
+
+
 def base_model_card(folder, load_pipe, steps: int, guidance_scale: float, seed: int,
                     caption_template: str) -> ImagePreview:
     """The card of a saved base model (``<version>/base_model``: ``reference.json`` [+ ``model/``])."""
@@ -115,8 +128,8 @@ def base_model_card(folder, load_pipe, steps: int, guidance_scale: float, seed: 
 
     ref = json.loads((Path(folder) / "reference.json").read_text())
     made = ref.get("trained_by") or {}  # a folder made by base_training (the shipped tiny base): its lineage
-    unet = (ref.get("architecture") or {}).get("unet") or {}
-    text = (ref.get("architecture") or {}).get("text_encoder") or {}
+    arch = ref.get("architecture") or _folder_architecture(ref.get("model"))
+    unet, text = arch.get("unet") or {}, arch.get("text_encoder") or {}
     trained = ref.get("trained_on") or made.get("trained_on") or {}
     classes = sorted(trained.get("per_class") or {})
     facts = [("kind", ref.get("kind")), ("name", ref.get("name")), *([("model", ref["model"])] if ref.get("model") else []),
