@@ -23,6 +23,12 @@ def test_software_record_names_this_environment():
     assert record["python"] == platform.python_version()
     assert record["torch"] == torch.__version__
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["cpu_capability"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: the model name the kernel reports
+        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text(errors="replace").splitlines()
+                 if l.lower().startswith("model name")]
+        assert not names or record["cpu_model"] == names[0]
+    assert record["cpu_model"]
     assert record["torch_threads"] == torch.get_num_threads() >= 1
     assert record["torch_interop_threads"] == torch.get_num_interop_threads() >= 1
     for name in ("torch", "kedro", "pluggy", "mlflow", "kedro-mlflow", "diffusers", "numpy"):
@@ -50,6 +56,7 @@ def test_a_run_records_its_software_in_lineage_and_mlflow(project_copy: Path, tm
     (run,) = client.search_runs([client.get_experiment_by_name("fu_kedro").experiment_id])
     tags = run.data.tags
     assert tags["fu.software.cpu_capability"] == software["cpu_capability"]
+    assert tags["fu.software.cpu_model"] == software["cpu_model"]  # which CPU: the capability alone does not pin the bits
     assert tags["fu.software.python"] == software["python"] and tags["fu.software.torch"] == software["torch"]
     assert tags["fu.software.torch_threads"] == str(software["torch_threads"])
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "software.json", str(tmp_path))).read_text())

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 # the fields that become MLflow tags fu.software.<key> (short values)
-TAGGED = ("python", "torch", "cpu_capability", "torch_threads", "torch_interop_threads", "platform")
+TAGGED = ("python", "torch", "cpu_model", "cpu_capability", "torch_threads", "torch_interop_threads", "platform")
 
 
 def _packages() -> dict[str, str]:
@@ -26,6 +26,19 @@ def _packages() -> dict[str, str]:
         if name:
             found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
     return dict(sorted(found.items()))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``). Two CPUs with the same
+    torch capability (e.g. AVX512) can still take other float paths: this says which CPU it was."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _blas() -> list[dict[str, Any]]:
@@ -39,7 +52,7 @@ def _blas() -> list[dict[str, Any]]:
 
 
 def software_record() -> dict[str, Any]:
-    """Python, platform, torch (version, CPU capability, thread counts), the BLAS libraries and
+    """Python, platform, the CPU model, torch (version, CPU capability, thread counts), the BLAS libraries and
     every installed package with its version."""
     import torch
 
@@ -49,6 +62,7 @@ def software_record() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "torch": torch.__version__,
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

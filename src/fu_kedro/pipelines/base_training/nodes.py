@@ -7,7 +7,7 @@ phantom prior corpus (FU-LoRA's structure: a broad prior, then a LoRA on 20 imag
 or on the prior plus the source-train images (``train_on: prior+source``, the ``real_cpu``
 profile). First the VAE, then the UNet on cached latents with caption dropout (for
 classifier-free guidance) and EMA weights, each a fixed number of steps on a fixed number of
-threads: same parameters, same bits (on a CPU with the same ``torch.backends.cpu.get_cpu_capability()``).
+threads: same parameters, same bits on the same CPU model (recorded: ``cpu_model``, ``cpu_capability``).
 
 The result is the catalog entry ``trained_base``: a diffusers folder (``save_pretrained``) with
 ``base_lineage.json`` (parameters, corpus hash, final losses, threads, CPU capability, and the
@@ -46,6 +46,7 @@ from fu_kedro.models.training import (  # noqa: E402
     train_denoiser,
 )
 from fu_kedro.schema import as_dict  # noqa: E402
+from fu_kedro.software import cpu_model  # noqa: E402
 
 from .params import BaseTrainingParams, LoopParams, PriorParams  # noqa: E402
 
@@ -224,7 +225,8 @@ def train_base_model(corpus: ImageSet, params: dict[str, Any], caption_template:
         "seconds": {"autoencoder": round(ae_hist[-1]["seconds"], 1), "base_denoiser": round(unet_hist[-1]["seconds"], 1)},
         "time_capped": _capped("autoencoder", ae_hist) | _capped("base_denoiser", unet_hist),
         "torch_threads": threads,
-        # bits are the same on a machine whose torch picks the same CPU kernels (same capability)
+        # bits repeat on the same CPU model (the capability alone does not pin the float paths)
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
         "torch": torch.__version__,
