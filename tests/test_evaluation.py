@@ -39,6 +39,8 @@ def _params(**over):
         report={**params["report"], "samples_per_class": 2},
     )
     params.update(over)
+    if "BAL" not in params["arms"]:  # arms without conf/base's scorer arm: the first real-only arm scores
+        params["quality"] = {**params["quality"], "scorer_arm": None}
     return params
 
 

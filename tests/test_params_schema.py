@@ -146,6 +146,7 @@ def base() -> dict:
     ("evaluation.arms.HB.real", {"balanced_per_class": 0}, "evaluation.arms.HB.real.balanced_per_class: 0 in "
                                                            "evaluation.arms.HB.real: Input should be greater than"),
     ("evaluation.comparisons", [["HB", "XX"]], "evaluation: comparisons ['HB', 'XX']: ['XX'] not in evaluation.arms"),
+    ("evaluation.quality.scorer_arm", "HB", "evaluation.quality.scorer_arm: 'HB' is not a real-only arm of evaluation.arms"),
     ("evaluation.classes", ["brain"], "evaluation.classes: unknown key in evaluation; allowed keys: image_size, arms,"),
 ])
 def test_a_bad_key_or_value_is_named_with_its_block_and_what_it_allows(base, dotted, value, said):

@@ -186,4 +186,9 @@ class EvaluationParams(Block):
             unknown = [p for p in pair if p not in self.arms]
             if unknown:
                 raise ValueError(f"comparisons {list(pair)}: {unknown} not in evaluation.arms {list(self.arms)}")
+        name = self.quality.scorer_arm
+        real_only = [arm for arm, spec in self.arms.items() if spec.synthetic in ("none", None)]
+        if name is not None and name not in real_only:
+            raise ValueError(f"evaluation.quality.scorer_arm: {name!r} is not a real-only arm of evaluation.arms "
+                             f"(real-only arms: {sorted(real_only)}; all arms: {sorted(self.arms)}); name one of them or null")
         return self
