@@ -143,6 +143,10 @@ TINY_RUN_PARAMS = [
     "synthesis.steps=2",
     "synthesis.batch_size=2",
     "synthesis.preview.per_class=1",
+    # one generator replicate (conf/base: K = 3 LoRA fits, one per replicate); tests of K >= 2 set their own
+    "lora_training.lora.fits=1",
+    "synthesis.replicates=1",
+    "synthesis.adapter_per_replicate=false",
 ]
 
 # `kedro run --pipeline base_training --params` at shrunk sizes (seconds)
