@@ -46,7 +46,7 @@ def _threads():
 def params() -> dict:
     """conf/base's lora_training block with CPU-test budgets (tiny step counts)."""
     p = base_params("lora_training")
-    p["lora"].update(max_steps=60, batch_size=16, caption_dropout=0.0)
+    p["lora"].update(max_steps=60, batch_size=16, caption_dropout=0.0, fits=1)  # one fit (conf/base: 3); the fits tests set theirs
     p["validation"].update(per_class=2, steps=4)
     return p
 
@@ -289,7 +289,7 @@ def test_one_lora_fit_trains_nothing_and_bad_fits_stop(params, lora_subset, tmp_
 
     fit0 = LoraAdapter({"unet.a.to_q.lora.down.weight": torch.ones(1, 2)}, {"catalog_version": "v0"})
     never = BaseModel(info={"kind": "tiny", "content_hash": "x"}, load=lambda: pytest.fail("the base's weights were read"))
-    fits = fit_lora_adapter_refits(never, lora_subset, fit0, params, 42)  # lora_training.lora.fits: 1 (default)
+    fits = fit_lora_adapter_refits(never, lora_subset, fit0, params, 42)  # lora_training.lora.fits: 1 (the fixture's)
     assert len(fits) == 0 and fits.fits == 1
     assert fits.info["fit_of"] == {"content_hash": fit0.content_hash, "catalog_version": "v0"}
     # the catalog entry: nothing saved yet loads as an empty set that says so; an empty set round-trips

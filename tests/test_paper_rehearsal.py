@@ -177,7 +177,8 @@ def _tiny_lora_case(project_root):
     from fu_kedro.models.base_model import BaseModel
 
     params = base_params("lora_training")  # resolved through Kedro's config loader, not the raw YAML
-    params["lora"].update(max_steps=1, batch_size=2, loss_check_repeats=1, rank=4, train_text_encoder=True)
+    params["lora"].update(max_steps=1, batch_size=2, loss_check_repeats=1, rank=4, train_text_encoder=True,
+                          fits=1)  # one fit (conf/base: 3), as the paper profile and an imported file have
     subset = generate_phantoms("source", 1, 64, seed=11)
     subset.meta["caption"] = [f"a photo of fetal {p}" for p in subset.meta["label"]]
     pipe = build_pipeline_from_config(TINY_CONFIG, 32, seed=0)

@@ -166,7 +166,10 @@ def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db
     from fu_kedro.datasets.image_set import read_image_set
 
     synthetic = read_image_set(batches[0])
-    assert len(synthetic) == 2 * 5 and synthetic.images.shape[1:] == (size, size)  # generated at the classifier's size
+    replicates = _real_cpu_params()["synthesis"]["replicates"]  # K = 2 generator replicates, one LoRA fit each
+    assert replicates >= 2 and _real_cpu_params()["lora_training"]["lora"]["fits"] >= replicates
+    assert len(synthetic) == 2 * 5 * replicates and synthetic.images.shape[1:] == (size, size)  # at the classifier's size
+    assert sorted(set(synthetic.meta["replicate"])) == list(range(replicates))
     metrics = json.loads(next((reporting / "zero_shot_metrics.json").glob("*/zero_shot_metrics.json")).read_text())
     assert metrics
     quality = json.loads(next((reporting / "synthetic_quality.json").glob("*/synthetic_quality.json")).read_text())

@@ -105,9 +105,10 @@ def conf():
 
 @pytest.fixture
 def params(conf) -> dict:
-    """conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch)."""
+    """conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch),
+    one replicate (conf/base's K = 3 replicates from 3 LoRA fits: tests of replicates set their own)."""
     p = dict(conf[0])
-    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1)
+    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1, replicates=1, adapter_per_replicate=False)
     return p
 
 
@@ -125,7 +126,7 @@ def make_batch(params, adapter, conf, classes=CLASSES) -> ImageSet:
 @pytest.fixture(scope="module")
 def batch(conf, adapter) -> ImageSet:
     p = dict(conf[0])
-    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1)
+    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1, replicates=1, adapter_per_replicate=False)
     torch.set_num_threads(1)
     return make_batch(p, adapter, conf)
 
@@ -402,7 +403,8 @@ def test_write_error_in_a_shard_keeps_the_old_shard_whole(batch, tmp_path, monke
 # --------------------------------------------------------------------------- the Kedro run
 # Nested, not dotted: KedroSession.create(runtime_params=...) does not split "a.b" keys (the CLI's --params does)
 RUN_PARAMS = {"classes": ["femur", "thorax"],
-              "synthesis": {"images_per_class": 2, "steps": 3, "batch_size": 4, "torch_threads": 1}}
+              "synthesis": {"images_per_class": 2, "steps": 3, "batch_size": 4, "torch_threads": 1,
+                            "replicates": 1, "adapter_per_replicate": False}}  # one replicate (conf/base: 3 from 3 fits)
 
 
 def _seed_models(project: Path, adapter) -> tuple[str, str]:
