@@ -231,7 +231,10 @@ def plot_confusion_matrices(metrics: dict) -> Figure:
         ax.set_yticks(range(len(target)), target)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{key}\n({len(e['seeds'])} seeds summed)", fontsize=9)
+        reps = len(e.get("replicates") or [])
+        summed = f"{len(e['seeds'])} seeds × {reps} replicates = {e['n_classifiers']} classifiers" if reps > 1 else \
+            f"{len(e['seeds'])} seeds"
+        ax.set_title(f"{key}\n({summed} summed)", fontsize=9)
     fig.tight_layout()
     return fig
 
