@@ -117,6 +117,9 @@ def test_real_cpu_profile_matches_resolution_end_to_end():
     assert p["synthesis"]["resolution"] in (None, size)
     assert p["evaluation"]["quality"]["memorisation_size"] in ("auto", size)
     assert p["evaluation"]["n_seeds"] >= 5
+    # K = 2 generator replicates, each its own LoRA fit
+    assert p["synthesis"]["replicates"] >= 2 and p["synthesis"]["adapter_per_replicate"]
+    assert p["lora_training"]["lora"]["fits"] >= p["synthesis"]["replicates"]
     assert p["base_training"]["train_on"] == "prior+source" and p["base_training"]["resolution"] == size
     # the LoRA reads the base this profile trains (with_base_training), also in a later lora_training-only run
     assert p["lora_training"]["base_model"]["pretrained_path"] == p["base_training"]["output_path"]
@@ -159,15 +162,14 @@ def test_real_cpu_profile_runs_on_the_real_shared_data(tmp_path, fetal_planes_db
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    size = _real_cpu_params()["evaluation"]["image_size"]
+    profile = _real_cpu_params()
+    size, replicates = profile["evaluation"]["image_size"], profile["synthesis"]["replicates"]
     reporting = project / "data" / "08_reporting"
     batches = list((project / "data" / "07_model_output" / "synthetic_batch").glob("*/synthetic_batch"))
     assert len(batches) == 1
     from fu_kedro.datasets.image_set import read_image_set
 
     synthetic = read_image_set(batches[0])
-    replicates = _real_cpu_params()["synthesis"]["replicates"]  # K = 2 generator replicates, one LoRA fit each
-    assert replicates >= 2 and _real_cpu_params()["lora_training"]["lora"]["fits"] >= replicates
     assert len(synthetic) == 2 * 5 * replicates and synthetic.images.shape[1:] == (size, size)  # at the classifier's size
     assert sorted(set(synthetic.meta["replicate"])) == list(range(replicates))
     metrics = json.loads(next((reporting / "zero_shot_metrics.json").glob("*/zero_shot_metrics.json")).read_text())

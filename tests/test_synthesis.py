@@ -103,13 +103,16 @@ def conf():
     return base, ingestion
 
 
+# conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch),
+# one replicate (conf/base's K = 3 replicates from 3 LoRA fits: tests of replicates set their own)
+TEST_SIZED = {"images_per_class": 3, "steps": 4, "batch_size": 4, "torch_threads": 1, "replicates": 1,
+              "adapter_per_replicate": False}
+
+
 @pytest.fixture
 def params(conf) -> dict:
-    """conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch),
-    one replicate (conf/base's K = 3 replicates from 3 LoRA fits: tests of replicates set their own)."""
-    p = dict(conf[0])
-    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1, replicates=1, adapter_per_replicate=False)
-    return p
+    """conf/base's synthesis block with :data:`TEST_SIZED`."""
+    return dict(conf[0], **TEST_SIZED)
 
 
 def plan_for(params, adapter, conf, seed=42, base=None, fits=None, classes=CLASSES):
@@ -125,10 +128,8 @@ def make_batch(params, adapter, conf, classes=CLASSES) -> ImageSet:
 
 @pytest.fixture(scope="module")
 def batch(conf, adapter) -> ImageSet:
-    p = dict(conf[0])
-    p.update(images_per_class=3, steps=4, batch_size=4, torch_threads=1, replicates=1, adapter_per_replicate=False)
     torch.set_num_threads(1)
-    return make_batch(p, adapter, conf)
+    return make_batch(dict(conf[0], **TEST_SIZED), adapter, conf)
 
 
 # --------------------------------------------------------------------------- reproducibility
