@@ -13,7 +13,7 @@ choose).
     python benchmarks/bench_seed_noise.py --old weight_averaging=none,selection_metric=val_loss --new ''
 
 ``--old`` / ``--new``: ``evaluation.train`` keys set on top of the project's conf (``--new ''`` =
-the conf as it is). Defaults: old = the recipe before weight averaging
+the conf as it is), and ``backbone=<torchvision name>`` for another classifier backbone. Defaults: old = the recipe before weight averaging
 (:data:`OLD_RECIPE`), new = the conf.
 """
 from __future__ import annotations
@@ -60,6 +60,9 @@ def recipe_noise(source, target, synthetic, params: dict, classes: list[str], se
     p.update(arms={a: params["arms"][a] for a in (arm, minus)}, comparisons=[[arm, minus]], n_seeds=n_seeds)
     p["backbones"], p["augmentation"] = p["backbones"][:1], p["augmentation"][:1]
     p["quality"] = {**p["quality"], "scorer_arm": None}  # the first real-only arm of the pair
+    recipe = dict(recipe)
+    if "backbone" in recipe:  # not a train key: the classifier's torchvision backbone
+        p["backbones"] = [recipe.pop("backbone")]
     p["train"] = {**p["train"], **recipe}
     data = nodes.prepare_classifier_data(source, target, synthetic, p, classes)
     plan = [run for run in nodes.plan_experiments(data, p, seed) if int(run.get("replicate", 0)) <= 0]

@@ -1,4 +1,6 @@
 """Metric code against scikit-learn on hand-made cases; the bootstrap resamples patients."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -126,6 +128,16 @@ def test_interval_depends_on_patients_not_images():
         assert four["experiments"][key]["all_classes"]["ci"][m] == pytest.approx(one["experiments"][key]["all_classes"]["ci"][m])
         lo, hi = one["experiments"][key]["all_classes"]["ci"][m]
         assert lo < hi
+
+
+def test_bootstrap_in_two_worker_processes_gives_the_same_numbers():
+    # evaluation.workers: 2 scores the patient resamples of the classifiers in two processes
+    pred = _predictions()
+    one = summarise_zero_shot(pred, CLASSES, n_bootstrap=30, ci=0.95, seed=3)
+    two = summarise_zero_shot(pred, CLASSES, n_bootstrap=30, ci=0.95, seed=3, workers=2)
+    assert json.dumps(one, sort_keys=True, default=str) == json.dumps(two, sort_keys=True, default=str)
+    lo, hi = one["experiments"]["hybrid/resnet18/aug"]["all_classes"]["ci"]["accuracy"]
+    assert lo < hi
 
 
 def test_summary_means_sd_and_differences():

@@ -45,6 +45,7 @@ from fu_kedro.pipelines.synthesis.nodes import (
     merge_synthetic_shards,
     plan_synthetic_batch,
     summarize_synthetic_batch,
+    _worker_chunks,
     time_capped_loops,
 )
 
@@ -56,7 +57,7 @@ MANIFEST_COLUMNS = {
     "image_id", "label", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "lora_scale",
     "resolution", "batch_size", "adapter_content_hash", "adapter_file_sha256", "adapter_catalog_version",
     "base_model_name", "base_model_hash", "base_catalog_version", "torch_version", "diffusers_version",
-    "peft_version", "torch_threads", "device", "dtype",
+    "peft_version", "torch_threads", "workers", "device", "dtype",
 }
 
 
@@ -106,7 +107,7 @@ def conf():
 # conf/base's synthesis block, test-sized: 3 classes x 3 images, 4 steps, batch 4 (a padded last batch),
 # one replicate (conf/base's K = 3 replicates from 3 LoRA fits: tests of replicates set their own)
 TEST_SIZED = {"images_per_class": 3, "steps": 4, "batch_size": 4, "torch_threads": 1, "replicates": 1,
-              "adapter_per_replicate": False}
+              "adapter_per_replicate": False, "workers": 1}
 
 
 @pytest.fixture
@@ -253,6 +254,24 @@ def test_two_gloo_processes_each_return_the_one_process_batch(batch, params, tmp
         assert meta["image_id"].tolist() == batch.meta["image_id"].tolist()
         assert np.array_equal(images, batch.images), f"rank {rank}: pixels differ from the 1-process batch"
         assert meta["process_index"].tolist() == [0] * 5 + [1] * 4 and set(meta["num_processes"]) == {2}
+
+
+def test_two_worker_processes_make_the_one_process_batch_with_each_rows_fit(params, adapter, conf):
+    """synthesis.workers: 2 (one kedro process, the CPU default) cuts each fit's rows into runs of whole
+    pipeline calls for two loky workers: the same pixels and manifest as one process."""
+    params.update(replicates=3, images_per_class=3, adapter_per_replicate=True)
+    two = ["brain", "femur"]
+    fits = random_fits(adapter, 3)
+    plan = plan_for(params, adapter, conf, fits=fits, classes=two)
+    # 6 rows per fit, calls of 4: each fit's rows as one call of 4 and one (padded) of 2
+    assert _worker_chunks(plan, list(range(18)), 4, 2) == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11],
+                                                           [12, 13, 14, 15], [16, 17]]
+    (one,) = generate_synthetic_shard(random_base(), adapter, plan, params, fits).values()
+    (pooled,) = generate_synthetic_shard(random_base(), adapter, plan, dict(params, workers=2), fits).values()
+    assert np.array_equal(pooled.images, one.images)
+    assert len({img.tobytes() for img in pooled.images}) == 18
+    assert set(pooled.meta["workers"]) == {2} and set(one.meta["workers"]) == {1} and pooled.info["workers"] == 2
+    assert pooled.meta.drop(columns="workers").equals(one.meta.drop(columns="workers"))
 
 
 def test_lora_training_generate_is_unchanged_by_the_delegation():

@@ -15,7 +15,7 @@ same weights, histories and predictions as ``workers: 1``, bit for bit (pinned b
 ``tests/test_classifier.py``), only sooner; the results come back in job order. On a
 loaded machine two single-threaded processes slow down without spin-waiting.
 
-Workers are loky processes (joblib's reusable executor, what scikit-learn uses): started
+Workers are loky processes (:mod:`fu_kedro.workers`, joblib's reusable executor): started
 once per run and reused by every evaluation node. ``workers`` is 1 (in this process) when
 training runs on a CUDA device (one GPU is shared by processes through ``fu_kedro.launch``
 instead) or under that launcher with several processes.
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fu_kedro.workers import map_in_workers
 
 from .backbones import build_classifier
 from .data import TensorSet
@@ -69,23 +71,13 @@ def fit(job: ClassifierJob) -> tuple[TrainedClassifier, str]:
     return result, weights
 
 
-def _start_worker(level: int) -> None:
-    # a worker's INFO lines (each classifier's summary) go to its stderr, as in the main process
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-8s %(message)s", datefmt="[%X]")
-
-
 def fit_all(jobs: list[ClassifierJob], workers: int) -> list[tuple[TrainedClassifier, str]]:
     """Train ``jobs`` on ``workers`` processes (1: here, one after the other); results in job order."""
     workers = max(1, min(int(workers), len(jobs)))
-    if workers == 1:
-        return [fit(job) for job in jobs]
-    from joblib.externals.loky import get_reusable_executor
-
-    log.info("training %d classifiers on %d worker processes (%s threads each)", len(jobs), workers,
-             jobs[0].threads or "default")
-    executor = get_reusable_executor(max_workers=workers, initializer=_start_worker,
-                                     initargs=(logging.INFO,))
-    return list(executor.map(fit, jobs))
+    if workers > 1:
+        log.info("training %d classifiers on %d worker processes (%s threads each)", len(jobs), workers,
+                 jobs[0].threads or "default")
+    return map_in_workers(fit, jobs, workers)
 
 
 def effective_workers(requested: Any, device: torch.device, num_processes: int) -> int:

@@ -276,6 +276,7 @@ def summarise_zero_shot(
     baseline: str = "baseline",
     replicate_fits: bool = False,
     comparisons: list[tuple[str, str]] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """All zero-shot metrics of every experiment, with intervals and differences to the baseline.
 
@@ -294,6 +295,8 @@ def summarise_zero_shot(
         replicate_fits: the synthetic replicates come from independent LoRA fits
             (``synthesis.adapter_per_replicate``), not only independent sampling seeds of one
             adapter: ``bootstrap.conditional_on`` says the interval covers the fits too.
+        workers: processes that score the patient resamples (``evaluation.workers``); the
+            numbers do not depend on it.
 
     Returns:
         JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed`` (mean over
@@ -324,7 +327,7 @@ def summarise_zero_shot(
     cubes: dict[tuple[str, str], np.ndarray] = {}  # (key, metric) -> (B, K, S)
     for (experiment, backbone, aug), key in _experiment_names(pred):
         entry, cube = _experiment_entry(experiment, backbone, aug, runs[key], classes, target_classes,
-                                        boot_idx, n_bootstrap, alpha, seed)
+                                        boot_idx, n_bootstrap, alpha, seed, workers)
         cubes.update({(key, m): c for m, c in cube.items()})
         result["experiments"][key] = entry
     if comparisons is None:
@@ -490,7 +493,8 @@ def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int, 
     return out
 
 
-def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed):
+def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed,
+                      workers: int = 1):
     """One experiment's entry (every protocol) and its bootstrap cubes (metric -> (B, K, S))."""
     key = experiment_key(experiment, backbone, aug)
     reps = sorted({r for r, _, _ in runs})
@@ -513,7 +517,7 @@ def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, 
     for protocol in PROTOCOLS:
         block, prepared = _protocol_block(cell, reps, seeds, classes, target_classes, protocol)
         if boot_idx and protocol == "all_classes":
-            flat = _bootstrap(prepared, boot_idx, target_classes)  # metric -> (B, n_classifiers)
+            flat = _bootstrap(prepared, boot_idx, target_classes, workers)  # metric -> (B, n_classifiers)
             column = {rs: j for j, rs in enumerate(cell)}
             order = [[column[(r, s)] for s in seeds] for r in reps]
             cubes = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
@@ -758,12 +762,25 @@ def power_plan(components: dict[str, Any], delta: float = POWER_DELTA) -> dict[s
     }
 
 
-def _bootstrap(prepared, boot_idx, target_classes) -> dict[str, np.ndarray]:
-    """Each ``BOOTSTRAP_METRICS`` entry of every classifier on every patient resample: ``(B, n_classifiers)``."""
+def _bootstrap(prepared, boot_idx, target_classes, workers: int = 1) -> dict[str, np.ndarray]:
+    """Each ``BOOTSTRAP_METRICS`` entry of every classifier on every patient resample: ``(B, n_classifiers)``.
+
+    ``workers`` > 1 scores the classifiers in that many processes (:mod:`fu_kedro.workers`),
+    a contiguous share each; every number is computed exactly as in one process."""
     coded = []
     for y_true, y_pred, proba, pcls in prepared:
         space = list(dict.fromkeys(list(pcls) + sorted(set(map(str, y_pred)))))
         coded.append((_codes(y_true, space), _codes(y_pred, space), proba, [space.index(c) for c in target_classes]))
+    from fu_kedro.workers import map_in_workers
+
+    shares = [part for part in np.array_split(np.arange(len(coded)), max(1, min(int(workers), len(coded)))) if len(part)]
+    parts = map_in_workers(_bootstrap_share, [([coded[j] for j in part], boot_idx) for part in shares], len(shares))
+    return {m: np.concatenate([part[m] for part in parts], axis=1) for m in BOOTSTRAP_METRICS}
+
+
+def _bootstrap_share(job) -> dict[str, np.ndarray]:
+    """:func:`_bootstrap` for one share of the classifiers (a worker's job)."""
+    coded, boot_idx = job
     values = {m: np.empty((len(boot_idx), len(coded))) for m in BOOTSTRAP_METRICS}
     # inputs were validated once above; skipping sklearn's per-call checks makes resampling ~2x faster
     with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):

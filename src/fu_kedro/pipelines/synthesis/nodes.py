@@ -48,6 +48,7 @@ from fu_kedro.models.generation import (  # noqa: E402
 )
 from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits  # noqa: E402
 from fu_kedro.schema import as_dict  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from .params import SynthesisParams  # noqa: E402
 
@@ -306,7 +307,8 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
     first = plan.iloc[0]
     adapters = _row_adapters(lora_adapter, lora_adapter_fits, plan, cfg)
     pristine, pipes = base_model.pipe, {}
-    if len(adapters) == 1:  # one adapter for every row (synthesis.adapter_per_replicate: false): the base itself
+    workers = cfg.workers if device.type == "cpu" and state.num_processes == 1 else 1
+    if len(adapters) == 1 and workers == 1:  # one adapter for every row (synthesis.adapter_per_replicate: false): the base itself
         pipes = {fit: prepare_pipeline(pristine, adapter, float(first["lora_scale"]), device, dtype, fuse,
                                        str(first["scheduler"])) for fit, adapter in adapters.items()}
     # else a copy of the untouched base per fit, prepared when a row needs it (fusing changes the weights)
@@ -316,11 +318,15 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
             copy.deepcopy(pristine), adapters[fit], float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
 
     started = time.perf_counter()
-    with state.split_between_processes(indices) as mine, torch_threads(cfg.torch_threads) as threads:
-        desc = f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else "")
-        images = _generate_rows(plan, list(mine), pipe_for, progress=state.is_main_process, desc=desc,
-                                name_fits=len(adapters) > 1)
-        made = [(i, img, threads, state.process_index) for i, img in zip(mine, images)]
+    if workers > 1:  # worker processes on this machine's cores, whole pipeline calls each
+        made = _generate_in_workers(plan, indices, pristine, adapters, device, dtype, fuse, cfg, workers,
+                                    desc=f"synthesis shard {shard}/{shards}")
+    else:
+        with state.split_between_processes(indices) as mine, torch_threads(cfg.torch_threads) as threads:
+            desc = f"synthesis shard {shard}/{shards}" + (f" (process {state.process_index})" if state.num_processes > 1 else "")
+            images = _generate_rows(plan, list(mine), pipe_for, progress=state.is_main_process, desc=desc,
+                                    name_fits=len(adapters) > 1)
+            made = [(i, img, threads, state.process_index) for i, img in zip(mine, images)]
     seconds = time.perf_counter() - started
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -334,6 +340,7 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
         dtype=str(dtype).removeprefix("torch."),
         lora_fused=fuse,
         torch_threads=[m[2] for m in made],
+        workers=workers,
         **library_versions(),
     )
     resolution = int(first["resolution"])
@@ -345,6 +352,7 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
         "n_images": len(made),
         "seconds": round(seconds, 3),
         "num_processes": state.num_processes,
+        "workers": workers,
     }
     capped = {loop: step for adapter in adapters.values() for loop, step in time_capped_loops(base_model, adapter).items()}
     if capped:  # only then: an uncapped run's batch is unchanged
@@ -380,6 +388,49 @@ def _generate_rows(plan: pd.DataFrame, mine: list[int], pipe_for: Callable[[int]
         )
         del pipe  # a fit's rows are contiguous (replicate-major plan): its copy is not needed again
     return images
+
+
+def _worker_chunks(plan: pd.DataFrame, indices: list[int], batch_size: int, workers: int) -> list[list[int]]:
+    """``indices`` cut into jobs for ``workers`` processes: each LoRA fit's rows (contiguous, in
+    order) in ``workers`` runs of whole ``batch_size`` calls, so every pipeline call holds the
+    rows it holds in one process."""
+    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    chunks = []
+    for fit in dict.fromkeys(fit_of_row[indices].tolist()):
+        rows = [i for i in indices if fit_of_row[i] == fit]
+        calls = -(-len(rows) // batch_size)
+        per = -(-calls // workers) * batch_size
+        chunks += [rows[at:at + per] for at in range(0, len(rows), per)]
+    return chunks
+
+
+def _generate_chunk(job) -> tuple[np.ndarray, int]:
+    """A worker's job: one chunk of one fit's rows on its own copy of the base; (images, threads)."""
+    pristine, adapter, rows, device, dtype, fuse, torch_threads_n = job
+    first = rows.iloc[0]
+    with torch_threads(torch_threads_n) as threads:
+        pipe = prepare_pipeline(pristine, adapter, float(first["lora_scale"]), device, dtype, fuse, str(first["scheduler"]))
+        images = _generate_rows(rows, list(range(len(rows))), lambda fit: pipe, progress=False, desc="", name_fits=False)
+    return images, threads
+
+
+def _generate_in_workers(plan: pd.DataFrame, indices: list[int], pristine, adapters: dict, device, dtype, fuse: bool,
+                         cfg: SynthesisParams, workers: int, desc: str) -> list[tuple]:
+    """The rows ``indices`` made in ``workers`` processes (:mod:`fu_kedro.workers`); the same
+    ``(index, image, threads, process)`` tuples, in the same order, as one process makes."""
+    from fu_kedro.workers import imap_in_workers
+
+    chunks = _worker_chunks(plan, indices, int(plan.iloc[0]["batch_size"]), workers)
+    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    jobs = [(pristine, adapters[int(fit_of_row[c[0]])], plan.iloc[c], device, dtype, fuse, cfg.torch_threads) for c in chunks]
+    log.info("synthesis: %d images on %d worker processes (%s threads each), %d jobs", len(indices), workers,
+             cfg.torch_threads or "default", len(jobs))
+    made = []
+    with tqdm(total=len(indices), desc=f"{desc} ({workers} workers)", unit="img", leave=False) as bar:
+        for chunk, (images, threads) in zip(chunks, imap_in_workers(_generate_chunk, jobs, workers)):
+            made += [(i, img, threads, 0) for i, img in zip(chunk, images)]
+            bar.update(len(chunk))
+    return made
 
 
 def _row_adapters(lora_adapter: LoraAdapter, lora_adapter_fits: LoraAdapterFits | None, plan: pd.DataFrame,

@@ -43,6 +43,7 @@ class SynthesisParams(Block):
     precision: Literal["auto", "fp32", "fp16", "bf16"]
     fuse_lora: Literal["auto"] | Bool
     torch_threads: PosInt | None  # null = torch's default
+    workers: PosInt  # CPU, one process: generating processes side by side (same pixels as 1)
     preview: Preview
 
     @model_validator(mode="after")
