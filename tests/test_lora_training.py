@@ -307,6 +307,24 @@ def test_one_lora_fit_trains_nothing_and_bad_fits_stop(params, lora_subset, tmp_
 
 
 @pytest.mark.slow
+def test_lora_fits_in_two_worker_processes_have_the_weights_of_one_process(params, lora_subset):
+    # lora_training.workers: 2 (the CPU default) trains fits 2 and 3 side by side in loky workers
+    from fu_kedro.pipelines.lora_training.nodes import fit_lora_adapter_refits
+
+    params["lora"].update(max_steps=6, fits=3, loss_check_repeats=1)
+    fit0 = LoraAdapter({"unet.a.to_q.lora.down.weight": torch.ones(1, 2)}, {"catalog_version": "v0"})
+    one = fit_lora_adapter_refits(_random_base(), lora_subset, fit0, dict(params, workers=1), 42)
+    two = fit_lora_adapter_refits(_random_base(), lora_subset, fit0, dict(params, workers=2), 42)
+    assert len(one) == len(two) == 2
+    fits_one, fits_two = [one.adapter(r) for r in (1, 2)], [two.adapter(r) for r in (1, 2)]
+    assert len({a.content_hash for a in fits_one}) == 2  # two different fits ...
+    for a, b in zip(fits_one, fits_two):  # ... each the same, tensor for tensor
+        assert a.state_dict.keys() == b.state_dict.keys()
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+        assert a.metadata == b.metadata
+    assert one.info == two.info
+
+
 def test_kedro_run_with_two_lora_fits_makes_each_replicate_with_its_fit(project_copy):
     import pandas as pd
 

@@ -1,8 +1,7 @@
 """Worker processes shared by every stage that does independent CPU jobs side by side.
 
-The evaluation's classifiers (:mod:`fu_kedro.classifiers.pool`), the synthetic images of
-one ``kedro run`` (``synthesis.workers``) and the metrics' patient bootstrap
-(``evaluation.workers``) each split their work into jobs whose results do not depend on
+The evaluation's classifiers (:mod:`fu_kedro.classifiers.pool`) and the synthetic images of
+one ``kedro run`` (``synthesis.workers``) each split their work into jobs whose results do not depend on
 which process computes them: a job carries everything it needs, runs the same CPU kernels
 on the same thread count, and the results come back in job order. So ``workers: 2`` gives
 the same bits as ``workers: 1``, only sooner on an idle 2-core machine (pinned by the tests).

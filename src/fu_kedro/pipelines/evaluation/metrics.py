@@ -4,7 +4,9 @@ Everything here works from a predictions table alone (one row per experiment, se
 target image, with ``label``, ``prediction`` and one ``prob_<class>`` column per source
 class), so every figure in ``zero_shot_metrics.json`` can be recomputed from
 ``zero_shot_predictions.csv``. The arithmetic is scikit-learn's; this module only decides
-which labels, which rows and which columns go in.
+which labels, which rows and which columns go in. The patient bootstrap computes the same
+metrics from weighted counts, every resample at once (:func:`_bootstrap`; checked against
+scikit-learn on resampled rows).
 
 Every resampling (patients, seeds, replicates) is :mod:`.bootstrap`'s.
 
@@ -23,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sklearn
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -126,8 +127,7 @@ def classification_metrics(
 def _core_metrics(t: np.ndarray, p: np.ndarray, proba_present: np.ndarray, present: list[int], full: bool) -> dict:
     """The metrics on integer codes; ``proba_present`` holds the columns of the ``present`` classes.
 
-    ``full=False`` (bootstrap) skips balanced accuracy (equal to macro recall when every
-    class is present) and the weighted averages, to keep resampling affordable.
+    ``full=False`` skips balanced accuracy and the weighted averages.
     """
     out = {"accuracy": float(accuracy_score(t, p))}
     if full:
@@ -276,7 +276,6 @@ def summarise_zero_shot(
     baseline: str = "baseline",
     replicate_fits: bool = False,
     comparisons: list[tuple[str, str]] | None = None,
-    workers: int = 1,
 ) -> dict[str, Any]:
     """All zero-shot metrics of every experiment, with intervals and differences to the baseline.
 
@@ -295,8 +294,6 @@ def summarise_zero_shot(
         replicate_fits: the synthetic replicates come from independent LoRA fits
             (``synthesis.adapter_per_replicate``), not only independent sampling seeds of one
             adapter: ``bootstrap.conditional_on`` says the interval covers the fits too.
-        workers: processes that score the patient resamples (``evaluation.workers``); the
-            numbers do not depend on it.
 
     Returns:
         JSON-ready dict: ``experiments[<key>]`` with, per protocol, ``per_seed`` (mean over
@@ -327,7 +324,7 @@ def summarise_zero_shot(
     cubes: dict[tuple[str, str], np.ndarray] = {}  # (key, metric) -> (B, K, S)
     for (experiment, backbone, aug), key in _experiment_names(pred):
         entry, cube = _experiment_entry(experiment, backbone, aug, runs[key], classes, target_classes,
-                                        boot_idx, n_bootstrap, alpha, seed, workers)
+                                        boot_idx, n_bootstrap, alpha, seed)
         cubes.update({(key, m): c for m, c in cube.items()})
         result["experiments"][key] = entry
     if comparisons is None:
@@ -493,8 +490,7 @@ def _bootstrap_description(n_bootstrap: int, ci: float, seed: int, n_reps: int, 
     return out
 
 
-def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed,
-                      workers: int = 1):
+def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, boot_idx, n_bootstrap, alpha, seed):
     """One experiment's entry (every protocol) and its bootstrap cubes (metric -> (B, K, S))."""
     key = experiment_key(experiment, backbone, aug)
     reps = sorted({r for r, _, _ in runs})
@@ -517,7 +513,7 @@ def _experiment_entry(experiment, backbone, aug, runs, classes, target_classes, 
     for protocol in PROTOCOLS:
         block, prepared = _protocol_block(cell, reps, seeds, classes, target_classes, protocol)
         if boot_idx and protocol == "all_classes":
-            flat = _bootstrap(prepared, boot_idx, target_classes, workers)  # metric -> (B, n_classifiers)
+            flat = _bootstrap(prepared, boot_idx, target_classes)  # metric -> (B, n_classifiers)
             column = {rs: j for j, rs in enumerate(cell)}
             order = [[column[(r, s)] for s in seeds] for r in reps]
             cubes = {m: v[:, order] for m, v in flat.items()}  # metric -> (B, K, S)
@@ -762,38 +758,65 @@ def power_plan(components: dict[str, Any], delta: float = POWER_DELTA) -> dict[s
     }
 
 
-def _bootstrap(prepared, boot_idx, target_classes, workers: int = 1) -> dict[str, np.ndarray]:
+def _bootstrap(prepared, boot_idx, target_classes) -> dict[str, np.ndarray]:
     """Each ``BOOTSTRAP_METRICS`` entry of every classifier on every patient resample: ``(B, n_classifiers)``.
 
-    ``workers`` > 1 scores the classifiers in that many processes (:mod:`fu_kedro.workers`),
-    a contiguous share each; every number is computed exactly as in one process."""
-    coded = []
-    for y_true, y_pred, proba, pcls in prepared:
+    The metrics of one resample are functions of how often each image is drawn, so every
+    resample is a row of weights ``W`` (``B x images``) and each metric comes from weighted
+    counts, all resamples at once: accuracy, and per class the true positives, true and
+    predicted counts (precision, recall, F1 as scikit-learn computes them from the same counts,
+    macro-averaged over the classes present in the resample, ``zero_division=0``); ROC-AUC one
+    class against the rest as the weighted Mann-Whitney statistic (ties count one half),
+    which is what ``roc_auc_score`` computes on the resampled rows, equal to it up to float
+    rounding (``tests/test_metrics.py``); ``auc_hard_label`` the same on one-hot predictions.
+    """
+    n = len(prepared[0][0]) if prepared else 0
+    weights = np.stack([np.bincount(idx, minlength=n) for idx in boot_idx]).astype(float)  # (B, N)
+    values = {m: np.empty((len(boot_idx), len(prepared))) for m in BOOTSTRAP_METRICS}
+    for j, (y_true, y_pred, proba, pcls) in enumerate(prepared):
         space = list(dict.fromkeys(list(pcls) + sorted(set(map(str, y_pred)))))
-        coded.append((_codes(y_true, space), _codes(y_pred, space), proba, [space.index(c) for c in target_classes]))
-    from fu_kedro.workers import map_in_workers
-
-    shares = [part for part in np.array_split(np.arange(len(coded)), max(1, min(int(workers), len(coded)))) if len(part)]
-    parts = map_in_workers(_bootstrap_share, [([coded[j] for j in part], boot_idx) for part in shares], len(shares))
-    return {m: np.concatenate([part[m] for part in parts], axis=1) for m in BOOTSTRAP_METRICS}
-
-
-def _bootstrap_share(job) -> dict[str, np.ndarray]:
-    """:func:`_bootstrap` for one share of the classifiers (a worker's job)."""
-    coded, boot_idx = job
-    values = {m: np.empty((len(boot_idx), len(coded))) for m in BOOTSTRAP_METRICS}
-    # inputs were validated once above; skipping sklearn's per-call checks makes resampling ~2x faster
-    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        # resamples often predict a class absent from their labels (``other``): expected here
-        warnings.simplefilter("ignore", UserWarning)
-        for b, idx in enumerate(boot_idx):
-            for j, (t, p, proba, eval_codes) in enumerate(coded):
-                tb = t[idx]
-                present = [c for c in eval_codes if np.any(tb == c)]
-                scores = _core_metrics(tb, p[idx], proba[idx][:, present], present, full=False)
-                for m in BOOTSTRAP_METRICS:
-                    values[m][b, j] = scores[m]
+        t, p = _codes(y_true, space), _codes(y_pred, space)
+        codes = np.array([space.index(c) for c in target_classes])
+        scores = _weighted_scores(weights, t, p, np.asarray(proba, dtype=float)[:, codes], codes)
+        for m in BOOTSTRAP_METRICS:
+            values[m][:, j] = scores[m]
     return values
+
+
+def _weighted_scores(w: np.ndarray, t: np.ndarray, p: np.ndarray, proba: np.ndarray, codes: np.ndarray) -> dict:
+    """:data:`BOOTSTRAP_METRICS` for every row of image weights ``w`` (``B x N``); ``proba``
+    holds the columns of the classes ``codes``."""
+    is_true = (t[:, None] == codes[None, :]).astype(float)  # (N, C)
+    is_pred = (p[:, None] == codes[None, :]).astype(float)
+    tp, true, pred = w @ (is_true * is_pred), w @ is_true, w @ is_pred  # (B, C) weighted counts
+    present = true > 0
+    n_present = present.sum(axis=1)
+
+    def macro(per_class):  # mean over the classes present in each resample
+        return np.where(present, per_class, 0.0).sum(axis=1) / n_present
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "accuracy": (w @ (t == p).astype(float)) / w.sum(axis=1),
+            "precision_macro": macro(np.where(pred > 0, tp / pred, 0.0)),
+            "recall_macro": macro(np.where(present, tp / true, 0.0)),
+            "f1_macro": macro(np.where(true + pred > 0, 2.0 * tp / (true + pred), 0.0)),
+        }
+        for name, score in (("roc_auc_macro", proba), ("auc_hard_label", is_pred)):
+            auc = np.stack([_weighted_auc(w, score[:, c], is_true[:, c]) for c in range(len(codes))], axis=1)
+            out[name] = np.where(n_present >= 2, macro(np.where(present, auc, 0.0)), np.nan)
+    return out
+
+
+def _weighted_auc(w: np.ndarray, score: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC-AUC of ``score`` for the ``positive`` images under each row of weights ``w``: the
+    weighted share of (positive, negative) pairs ranked right, ties one half."""
+    _, group = np.unique(score, return_inverse=True)  # tie groups, ascending score
+    member = np.zeros((len(score), group.max() + 1))
+    member[np.arange(len(score)), group] = 1.0
+    pos, neg = w @ (member * positive[:, None]), w @ (member * (1.0 - positive)[:, None])  # (B, groups)
+    below = np.cumsum(neg, axis=1) - neg
+    return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
 def _per_center(seed_tables, classes, target_classes, protocol) -> dict[str, Any]:

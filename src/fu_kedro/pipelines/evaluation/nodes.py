@@ -680,8 +680,7 @@ def compute_zero_shot_metrics(
     Args:
         zero_shot_predictions: output of ``predict_target`` (or the CSV read back).
         experiment_plan: adds #real, #synthetic and the weights to each experiment.
-        params: ``evaluation`` parameters (``metrics.n_bootstrap``, ``metrics.ci``; ``workers``:
-            processes that score the patient resamples, same numbers as one).
+        params: ``evaluation`` parameters (``metrics.n_bootstrap``, ``metrics.ci``).
         classes: the top-level ``classes`` (the label space, in order).
         seed: bootstrap seed.
 
@@ -698,7 +697,6 @@ def compute_zero_shot_metrics(
         seed=int(seed),
         replicate_fits=len({run["adapter_content_hash"] for run in experiment_plan if "adapter_content_hash" in run}) > 1,
         comparisons=arm_defs.parse_comparisons(cfg),
-        workers=1 if distributed_state().num_processes > 1 else cfg.workers,  # CPU work: a GPU does not change it
     )
     for run in experiment_plan:
         entry = result["experiments"].get(experiment_key(run["experiment"], run["backbone"], run["augmentation"]))

@@ -146,7 +146,9 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
     ``(seed, r)`` (fit 0's is the project seed): LoRA init, batch order, noise and caption
     dropout all differ. Synthesis uses fit r for replicate r with
     ``synthesis.adapter_per_replicate``. K = 1 (conf/base) trains nothing and does not load
-    the base's weights.
+    the base's weights. ``lora_training.workers`` (CPU, one process) trains that many fits side
+    by side in worker processes (:mod:`fu_kedro.workers`), each on ``torch_threads``: the same
+    weights as one after the other.
 
     Returns:
         ``LoraAdapterFits``: the adapters (metadata as fit 0's, plus ``fit``, ``fit_of``) and
@@ -158,20 +160,32 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
     info: dict[str, Any] = {"fits": fits, "fit_of": fit_of, "seed": int(seed), "fits_summary": []}
     if fits == 1:
         return LoraAdapterFits([], info)
-    pristine = base_model.pipe
+    from fu_kedro.launch import distributed_state
+    from fu_kedro.workers import imap_in_workers
+
+    state = distributed_state()
+    workers = LoraTrainingParams.from_any(params).workers if state.device.type == "cpu" and state.num_processes == 1 else 1
+    jobs = [(base_model.pipe, dict(base_model.info), lora_subset, params, lora_fit_seed(seed, r), r + 1, fits)
+            for r in range(1, fits)]
+    if workers > 1:
+        log.info("LoRA fits 2..%d on %d worker processes", fits, min(workers, len(jobs)))
     adapters = []
-    for r in range(1, fits):
+    for r, (adapter, history, summary) in zip(range(1, fits), imap_in_workers(_refit, jobs, workers)):
         fit_seed = lora_fit_seed(seed, r)
-        base = BaseModel(copy.deepcopy(pristine), dict(base_model.info))  # attach_lora adds layers to the pipe it gets
-        log.info("LoRA fit %d of %d (seed %d)", r + 1, fits, fit_seed)
-        adapter, history, summary = train_lora_adapter(base, lora_subset, params, fit_seed)
-        del base
         adapter.metadata.update({"fit": str(r), "fits": str(fits), "fit_of": json.dumps(fit_of, default=str)})
         adapters.append(adapter)
         info["fits_summary"].append({"fit": r, "seed": fit_seed, "content_hash": adapter.content_hash,
                                      "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
                                      **{k: v for k, v in summary.items() if k != "ran_on"}})
     return LoraAdapterFits(adapters, json.loads(json.dumps(info, default=str)))
+
+
+def _refit(job):
+    """One LoRA fit of :func:`fit_lora_adapter_refits` (a worker's job, or in this process)."""
+    pristine, info, lora_subset, params, fit_seed, number, fits = job
+    log.info("LoRA fit %d of %d (seed %d)", number, fits, fit_seed)
+    base = BaseModel(copy.deepcopy(pristine), info)  # attach_lora adds layers to the pipe it gets
+    return train_lora_adapter(base, lora_subset, params, fit_seed)
 
 
 def use_imported_adapter(base_model: BaseModel, imported: ImportedAdapter | None):

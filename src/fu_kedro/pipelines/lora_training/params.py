@@ -65,6 +65,7 @@ class LoraTrainingParams(Block):
 
     resolution: PosInt
     torch_threads: PosInt | None
+    workers: PosInt  # CPU, one process: LoRA fits 2..K side by side (same weights as 1)
     base_model: BaseModelParams
     adapter_source: Literal["train", "file"]
     adapter_file: Str | None
