@@ -77,6 +77,7 @@ def recipe_noise(source, target, synthetic, params: dict, classes: list[str], se
     for where in ("val", "target"):
         out[f"difference_{where}"] = out[f"hybrid_{where}"] - out[f"baseline_{where}"]
     out.attrs["comparison"] = f"{arm} - {minus}"
+    out.attrs["backbone"] = p["backbones"][0]
     return out
 
 
@@ -104,7 +105,8 @@ def report(results: dict, recipes: dict[str, dict]) -> str:
     """The printed comparison: recipe, then per-seed sd of the difference on source val and target."""
     lines = []
     for name, (table, s, seconds) in results.items():
-        lines.append(f"== {name} recipe {recipes[name] or '(conf as is)'}: {table.attrs.get('comparison')} "
+        lines.append(f"== {name} recipe {recipes[name] or '(conf as is)'}: {table.attrs.get('comparison')} on "
+                     f"{table.attrs.get('backbone')} "
                      f"('hybrid' = the first arm, 'baseline' = the second), {len(table)} seeds, {seconds:.0f} s")
         lines.append(table.round(3).to_string(index=False))
         lines.append(

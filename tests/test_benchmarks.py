@@ -62,8 +62,11 @@ def test_bench_classifier_data_path(capsys, monkeypatch, fetal_planes_db_sample)
 
 
 def test_bench_seed_noise(capsys, monkeypatch):
-    """Both recipes (old: no weight averaging, val_loss; new: the conf) on tiny phantom sets, 2 seeds, 2 steps."""
+    """Three recipes (old: no weight averaging, val_loss; new: EMA; another backbone) on tiny phantom sets, 2 seeds, 2 steps."""
     out = _run("bench_seed_noise.py", ["--project", str(PROJECT_ROOT), "--tiny", "4", "--seeds", "2", "--steps", "2",
-                                       "--new", "weight_averaging=ema"], capsys, monkeypatch)
+                                       "--new", "weight_averaging=ema", "--extra", "small:backbone=shufflenet_v2_x0_5"],
+               capsys, monkeypatch)
     assert "== old recipe {'weight_averaging': 'none'" in out and "== new recipe {'weight_averaging': 'ema'}" in out
-    assert out.count("per-seed sd of the difference: source val") == 2
+    assert "== small recipe {'backbone': 'shufflenet_v2_x0_5'}: HB - ES on shufflenet_v2_x0_5 " in out
+    assert "== old recipe {'weight_averaging': 'none', 'selection_metric': 'val_loss', 'lr_schedule': 'cosine'}: HB - ES on resnet18 " in out
+    assert out.count("per-seed sd of the difference: source val") == 3
