@@ -584,7 +584,7 @@ def _tag_what_ran(manifest: pd.DataFrame) -> None:
 
     if mlflow.active_run() is None:
         return
-    keys = ("device", "dtype", "lora_fused", "torch_threads", "batch_size", "num_processes", "replicate")
+    keys = ("device", "dtype", "lora_fused", "torch_threads", "batch_size", "num_processes", "workers", "replicate")
     tags = {}
     for key in keys:
         if key in manifest.columns:
