@@ -265,7 +265,8 @@ def test_same_thread_count_same_bits_idle_or_loaded(one_thread):
 def test_worker_processes_give_the_same_weights_as_one_by_one(one_thread):
     # evaluation.workers: classifiers trained side by side in loky worker processes come back in
     # job order with the weights, histories and predictions of the sequential loop, bit for bit
-    from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
+    from fu_kedro.classifiers.pool import ClassifierJob, fit_all
+    from fu_kedro.workers import effective_workers
 
     data = prepare_tensors(_bright_dark(n=32), ["brain", "femur"], 24, "toy")
     train, val = data.subset(np.arange(24)), data.subset(np.arange(24, 32))

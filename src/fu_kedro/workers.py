@@ -17,6 +17,14 @@ from typing import Any, Callable, Iterable, Iterator
 log = logging.getLogger(__name__)
 
 
+def effective_workers(requested: Any, device, num_processes: int) -> int:
+    """A stage's ``workers`` (an integer >= 1, its schema says) as it applies: 1 on a CUDA device
+    (``device.type != "cpu"``) or under several launcher processes, which already split the work."""
+    if device.type != "cpu" or num_processes > 1:
+        return 1
+    return requested
+
+
 def _start_worker(level: int) -> None:
     # a worker's INFO lines go to its stderr, as in the main process
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-8s %(message)s", datefmt="[%X]")

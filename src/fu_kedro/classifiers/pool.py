@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -78,11 +77,3 @@ def fit_all(jobs: list[ClassifierJob], workers: int) -> list[tuple[TrainedClassi
         log.info("training %d classifiers on %d worker processes (%s threads each)", len(jobs), workers,
                  jobs[0].threads or "default")
     return map_in_workers(fit, jobs, workers)
-
-
-def effective_workers(requested: Any, device: torch.device, num_processes: int) -> int:
-    """``evaluation.workers`` (an integer >= 1, its schema says) as it applies: 1 on a CUDA device or
-    under several launcher processes."""
-    if device.type != "cpu" or num_processes > 1:
-        return 1
-    return requested

@@ -32,7 +32,7 @@ from fu_kedro.classifiers import (
     predict_proba,
     prepare_tensors,
 )
-from fu_kedro.classifiers.pool import ClassifierJob, effective_workers, fit_all
+from fu_kedro.classifiers.pool import ClassifierJob, fit_all
 from fu_kedro.classifiers.sampling import Batching
 from fu_kedro.classifiers.train import curve_metrics
 from fu_kedro.datasets import ImageSet
@@ -41,6 +41,7 @@ from fu_kedro.launch import distributed_state
 from fu_kedro.lineage import to_jsonable
 from fu_kedro.models.generation import cpu_threads
 from fu_kedro.schema import as_dict
+from fu_kedro.workers import effective_workers
 
 from . import arms as arm_defs
 from . import quality

@@ -161,10 +161,10 @@ def fit_lora_adapter_refits(base_model: BaseModel, lora_subset: ImageSet, lora_a
     if fits == 1:
         return LoraAdapterFits([], info)
     from fu_kedro.launch import distributed_state
-    from fu_kedro.workers import imap_in_workers
+    from fu_kedro.workers import effective_workers, imap_in_workers
 
     state = distributed_state()
-    workers = LoraTrainingParams.from_any(params).workers if state.device.type == "cpu" and state.num_processes == 1 else 1
+    workers = effective_workers(LoraTrainingParams.from_any(params).workers, state.device, state.num_processes)
     jobs = [(base_model.pipe, dict(base_model.info), lora_subset, params, lora_fit_seed(seed, r), r + 1, fits)
             for r in range(1, fits)]
     if workers > 1:

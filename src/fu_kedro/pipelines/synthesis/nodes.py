@@ -48,6 +48,7 @@ from fu_kedro.models.generation import (  # noqa: E402
 )
 from fu_kedro.models.lora import LoraAdapter, LoraAdapterFits  # noqa: E402
 from fu_kedro.schema import as_dict  # noqa: E402
+from fu_kedro.workers import effective_workers, imap_in_workers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .params import SynthesisParams  # noqa: E402
@@ -307,7 +308,7 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
     first = plan.iloc[0]
     adapters = _row_adapters(lora_adapter, lora_adapter_fits, plan, cfg)
     pristine, pipes = base_model.pipe, {}
-    workers = cfg.workers if device.type == "cpu" and state.num_processes == 1 else 1
+    workers = effective_workers(cfg.workers, device, state.num_processes)
     if len(adapters) == 1 and workers == 1:  # one adapter for every row (synthesis.adapter_per_replicate: false): the base itself
         pipes = {fit: prepare_pipeline(pristine, adapter, float(first["lora_scale"]), device, dtype, fuse,
                                        str(first["scheduler"])) for fit, adapter in adapters.items()}
@@ -362,12 +363,17 @@ def generate_synthetic_shard(base_model: BaseModel, lora_adapter: LoraAdapter, p
     return {shard_name(info["batch_key"], shard, shards): ImageSet(stack, meta, info)}
 
 
+def _fit_of_row(plan: pd.DataFrame) -> np.ndarray:
+    """Each plan row's LoRA fit (``adapter_fit``; all fit 0 without it)."""
+    return plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+
+
 def _generate_rows(plan: pd.DataFrame, mine: list[int], pipe_for: Callable[[int], Any], progress: bool, desc: str,
                    name_fits: bool) -> np.ndarray:
     """The images of plan rows ``mine``, the rows of each LoRA fit (``adapter_fit``; all fit 0
     without it) in one ``generate_images`` call on ``pipe_for(fit)``, in row order."""
     first = plan.iloc[0]
-    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    fit_of_row = _fit_of_row(plan)
     images = np.zeros((len(mine), int(first["resolution"]), int(first["resolution"])), np.uint8)
     for fit in dict.fromkeys(fit_of_row[mine].tolist()):  # the fits of these rows, in row order
         at = [j for j, i in enumerate(mine) if fit_of_row[i] == fit]
@@ -394,7 +400,7 @@ def _worker_chunks(plan: pd.DataFrame, indices: list[int], batch_size: int, work
     """``indices`` cut into jobs for ``workers`` processes: each LoRA fit's rows (contiguous, in
     order) in ``workers`` runs of whole ``batch_size`` calls, so every pipeline call holds the
     rows it holds in one process."""
-    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    fit_of_row = _fit_of_row(plan)
     chunks = []
     for fit in dict.fromkeys(fit_of_row[indices].tolist()):
         rows = [i for i in indices if fit_of_row[i] == fit]
@@ -418,10 +424,8 @@ def _generate_in_workers(plan: pd.DataFrame, indices: list[int], pristine, adapt
                          cfg: SynthesisParams, workers: int, desc: str) -> list[tuple]:
     """The rows ``indices`` made in ``workers`` processes (:mod:`fu_kedro.workers`); the same
     ``(index, image, threads, process)`` tuples, in the same order, as one process makes."""
-    from fu_kedro.workers import imap_in_workers
-
     chunks = _worker_chunks(plan, indices, int(plan.iloc[0]["batch_size"]), workers)
-    fit_of_row = plan["adapter_fit"].to_numpy() if "adapter_fit" in plan.columns else np.zeros(len(plan), int)
+    fit_of_row = _fit_of_row(plan)
     jobs = [(pristine, adapters[int(fit_of_row[c[0]])], plan.iloc[c], device, dtype, fuse, cfg.torch_threads) for c in chunks]
     log.info("synthesis: %d images on %d worker processes (%s threads each), %d jobs", len(indices), workers,
              cfg.torch_threads or "default", len(jobs))
